@@ -1,0 +1,81 @@
+"""A small synchronous client for the smcserve gRPC API."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import grpc
+
+from protos import smcserve_pb2 as pb
+from protos import smcserve_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+@dataclass
+class Completion:
+    request_id: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    usage: pb.Usage | None = None
+
+
+def build_request(prompt: str | None = None, messages: Sequence[dict] | None = None, *, request_id: str = "",
+                  model: str = "", temperature: float | None = None, top_p: float | None = None, top_k: int = 0,
+                  max_tokens: int | None = None, stop: Sequence[str] = (), seed: int | None = None,
+                  ignore_eos: bool = False) -> pb.GenerateRequest:
+    """A GenerateRequest from a raw ``prompt`` or chat ``messages`` ([{"role", "content"}, ...])."""
+    sampling = pb.SamplingParams(top_k=top_k, stop=list(stop), ignore_eos=ignore_eos)
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if seed is not None:
+        sampling.seed = seed
+    req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling)
+    if messages is not None:
+        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    else:
+        req.prompt = prompt or ""
+    return req
+
+
+class Client:
+    def __init__(self, address: str = DEFAULT_ADDRESS):
+        self.channel = grpc.insecure_channel(address)
+        self.stub = smcserve_pb2_grpc.SmcServeStub(self.channel)
+
+    def stream(self, prompt: str | None = None, messages: Sequence[dict] | None = None, **kw) -> Iterator[pb.GenerateResponse]:
+        """Stream the responses; the last one has ``finish_reason`` and ``usage`` set."""
+        return self.stub.Generate(build_request(prompt, messages, **kw))
+
+    def generate(self, prompt: str | None = None, messages: Sequence[dict] | None = None, **kw) -> Completion:
+        out = Completion()
+        for r in self.stream(prompt, messages, **kw):
+            out.request_id = r.request_id
+            out.text += r.text
+            out.token_ids.extend(r.token_ids)
+            if r.finish_reason:
+                out.finish_reason, out.usage = r.finish_reason, r.usage
+        return out
+
+    def abort(self, request_id: str) -> bool:
+        return self.stub.Abort(pb.AbortRequest(request_id=request_id)).found
+
+    def info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.ModelInfoRequest())
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

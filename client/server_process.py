@@ -1,0 +1,61 @@
+"""Run ``smcserve serve`` in a subprocess and wait until it listens (tests, benchmarks, load tests)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """``smcserve serve ARGS`` exactly as a user starts it, on a free loopback port."""
+
+    def __init__(self, *args: str, timeout: float = 300, log_path: str | Path | None = None):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = Path(log_path or tempfile.mkstemp(prefix=f"smcserve-{self.port}-", suffix=".log")[1])
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "client.cli", "serve", "--port", str(self.port), *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            cwd=Path(__file__).resolve().parent.parent)
+        deadline = time.time() + timeout
+        while "smcserve listening on" not in self.output():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"smcserve serve exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+            if time.time() > deadline:
+                self.stop()
+                raise TimeoutError(f"smcserve serve did not start in {timeout} s:\n{self.output()[-4000:]}")
+            time.sleep(0.5)
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, as Ctrl-C would; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "ServeProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,104 @@
+"""A decode worker: a Ray actor that serves the internal DecodeWorker gRPC service."""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from concurrent import futures
+
+import grpc
+import ray
+
+from engine.config import WorkerConfig
+from engine.detok import IncrementalDetokenizer
+from engine.model import load_model
+from engine.sampling import SamplingParams
+from kvstore import KVStore
+from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
+
+from decode.engine import DecodeEngine
+from decode.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def sampling_from_proto(p: smcserve_pb2.SamplingParams) -> SamplingParams:
+    """The scheduler sends fully resolved parameters; this only converts them."""
+    return SamplingParams(
+        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens,
+        stop=list(p.stop), seed=p.seed, ignore_eos=p.ignore_eos,
+    )
+
+
+class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, engine: DecodeEngine, worker_id: str, address: str, node_id: str):
+        self.engine = engine
+        self.worker_id = worker_id
+        self.address = address
+        self.node_id = node_id
+
+    def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.ServicerContext):
+        params = sampling_from_proto(request.sampling)
+        seq = Sequence(
+            request_id=request.request_id,
+            prompt_ids=list(request.prompt_token_ids),
+            block_keys=list(request.block_keys),
+            params=params,
+            detok=IncrementalDetokenizer(self.engine.lm.tokenizer, params.stop),
+        )
+        # Client gone (cancel, disconnect, deadline) → stop generating and free the KV.
+        context.add_callback(lambda: self.engine.abort(seq.request_id))
+        self.engine.submit(seq, request.first_token)
+        while True:
+            try:
+                ev = seq.events.get(timeout=1.0)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            yield worker_pb2.DecodeEvent(
+                token_ids=ev.token_ids, text=ev.text, finish_reason=ev.finish_reason,
+                completion_tokens=ev.completion_tokens,
+            )
+            if ev.finish_reason:
+                return
+
+    def Stats(self, request, context) -> smcserve_pb2.WorkerStats:
+        return smcserve_pb2.WorkerStats(
+            worker_id=self.worker_id, role="decode", address=self.address, node_id=self.node_id,
+            **self.engine.stats(),
+        )
+
+
+def _node_ip(node_id: str) -> str:
+    """The address Ray knows this node by (127.0.0.1 on a local cluster)."""
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return node["NodeManagerAddress"]
+    return ray.util.get_node_ip_address()
+
+
+@ray.remote
+class DecodeWorker:
+    """Ray actor: loads the model, runs the decode engine and its gRPC service."""
+
+    def __init__(self, config: WorkerConfig, worker_id: str):
+        self.worker_id = worker_id
+        self.lm = load_model(config.model, config.dtype, threads=config.threads or os.cpu_count())
+        self.engine = DecodeEngine(self.lm, KVStore(config.redis_url), config.block_size)
+        node_id = ray.get_runtime_context().get_node_id()
+        host = config.host or _node_ip(node_id)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=[
+            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+        port = self.server.add_insecure_port(f"{host}:0")
+        self.address = f"{host}:{port}"
+        worker_pb2_grpc.add_DecodeWorkerServicer_to_server(
+            DecodeService(self.engine, worker_id, self.address, node_id), self.server)
+        self.server.start()
+
+    def address_of(self) -> str:
+        return self.address
+
+    def stop(self) -> None:
+        self.server.stop(grace=1)
+        self.engine.close()

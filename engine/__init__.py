@@ -1,0 +1,1 @@
+"""Shared engine code: model loading, the KV block layout, sampling and detokenisation."""

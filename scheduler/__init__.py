@@ -1,0 +1,1 @@
+"""The scheduler (after Mooncake's Conductor): the public gRPC API, placement and admission."""

@@ -1,0 +1,184 @@
+"""The public gRPC service: validates, admits, places prefill and decode, and streams the answer."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+import ray
+
+from engine.sampling import SamplingParams
+from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
+from scheduler.validate import BadUtf8, InvalidRequest, Limits, lenient_deserializer, tokenize_request, validate_sampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillHandle:
+    worker_id: str
+    actor: ray.actor.ActorHandle
+    node_id: str = ""
+    queued: int = 0          # prefill calls sent and not yet answered
+    served: int = 0
+
+
+@dataclass
+class DecodeHandle:
+    worker_id: str
+    actor: ray.actor.ActorHandle
+    address: str
+    stub: worker_pb2_grpc.DecodeWorkerStub
+    active: int = 0          # requests streaming from this worker
+
+
+@dataclass
+class Running:
+    call: grpc.aio.UnaryStreamCall | None = None
+    aborted: bool = False
+
+
+@dataclass
+class ModelSummary:
+    name: str
+    fingerprint: str
+    dtype: str
+    vocab_size: int
+    block_size: int
+
+
+def _sampling_proto(p: SamplingParams) -> smcserve_pb2.SamplingParams:
+    return smcserve_pb2.SamplingParams(
+        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens,
+        stop=p.stop, seed=p.seed, ignore_eos=p.ignore_eos)
+
+
+@dataclass
+class SchedulerService:
+    tokenizer: object
+    limits: Limits
+    model: ModelSummary
+    prefill: list[PrefillHandle]
+    decode: list[DecodeHandle]
+    max_inflight: int = 256
+    running: dict[str, Running] = field(default_factory=dict)
+
+    # --- placement (least loaded for now) --------------------------------------------------------
+    def pick_prefill(self) -> PrefillHandle:
+        return min(self.prefill, key=lambda w: w.queued)
+
+    def pick_decode(self) -> DecodeHandle:
+        return min(self.decode, key=lambda w: w.active)
+
+    # --- RPCs --------------------------------------------------------------------------------------
+    async def Generate(self, request, context: grpc.aio.ServicerContext):
+        t0 = time.perf_counter()
+        if isinstance(request, BadUtf8):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: invalid UTF-8")
+        try:
+            prompt_ids = tokenize_request(request, self.tokenizer, self.limits)
+            params = validate_sampling(request.sampling, self.limits, len(prompt_ids))
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self.running:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {request_id!r} is already running")
+        if len(self.running) >= self.max_inflight:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server busy: {len(self.running)} requests in flight (limit {self.max_inflight})")
+        run = self.running[request_id] = Running()
+        try:
+            pw = self.pick_prefill()
+            pw.queued += 1
+            try:
+                pre = await pw.actor.prefill.remote(prompt_ids, dataclasses.asdict(params))
+            except ray.exceptions.RayError as err:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {pw.worker_id} failed: {err}")
+            finally:
+                pw.queued -= 1
+                pw.served += 1
+            usage = smcserve_pb2.Usage(prompt_tokens=len(prompt_ids), cached_prompt_tokens=pre["cached_tokens"])
+            if run.aborted:
+                yield self._final(request_id, "abort", usage, t0)
+                return
+            dw = self.pick_decode()
+            dw.active += 1
+            run.call = dw.stub.Decode(worker_pb2.DecodeRequest(
+                request_id=request_id, prompt_token_ids=prompt_ids, block_keys=pre["block_keys"],
+                first_token=pre["first_token"], sampling=_sampling_proto(params)))
+            try:
+                async for ev in run.call:
+                    if not usage.ttft_ms and ev.token_ids:
+                        usage.ttft_ms = (time.perf_counter() - t0) * 1e3
+                    usage.completion_tokens = ev.completion_tokens
+                    if ev.finish_reason:
+                        if ev.finish_reason.startswith("error"):
+                            await context.abort(grpc.StatusCode.INTERNAL, f"decode worker {dw.worker_id}: {ev.finish_reason}")
+                        final = self._final(request_id, ev.finish_reason, usage, t0)
+                        final.text, final.token_ids[:] = ev.text, ev.token_ids
+                        yield final
+                        return
+                    yield smcserve_pb2.GenerateResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
+            except asyncio.CancelledError:
+                if not run.aborted:
+                    raise  # the client went away: the finally below cancels the worker's stream
+                yield self._final(request_id, "abort", usage, t0)
+            except grpc.aio.AioRpcError as err:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode worker {dw.worker_id} failed: {err.details()}")
+            finally:
+                dw.active -= 1
+        finally:
+            if run.call is not None:
+                run.call.cancel()  # no-op when finished; otherwise the worker frees the KV
+            self.running.pop(request_id, None)
+
+    def _final(self, request_id: str, reason: str, usage: smcserve_pb2.Usage, t0: float):
+        usage.e2e_ms = (time.perf_counter() - t0) * 1e3
+        return smcserve_pb2.GenerateResponse(request_id=request_id, finish_reason=reason, usage=usage)
+
+    async def Abort(self, request, context):
+        run = self.running.get(request.request_id)
+        if run is None:
+            return smcserve_pb2.AbortResponse(found=False)
+        run.aborted = True
+        if run.call is not None:
+            run.call.cancel()
+        return smcserve_pb2.AbortResponse(found=True)
+
+    async def GetModelInfo(self, request, context):
+        decode = await asyncio.gather(*(w.stub.Stats(worker_pb2.StatsRequest(), timeout=10) for w in self.decode),
+                                      return_exceptions=True)
+        info = smcserve_pb2.ModelInfo(
+            model=self.model.name, fingerprint=self.model.fingerprint, dtype=self.model.dtype,
+            vocab_size=self.model.vocab_size, max_context=self.limits.max_context,
+            block_size=self.model.block_size, max_tokens_limit=self.limits.max_tokens_limit)
+        for w in self.prefill:
+            info.prefill_workers.add(worker_id=w.worker_id, role="prefill", node_id=w.node_id,
+                                     queue_length=w.queued, requests_served=w.served)
+        for w, st in zip(self.decode, decode):
+            if isinstance(st, BaseException):
+                info.decode_workers.add(worker_id=w.worker_id, role="decode", address=w.address)
+            else:
+                info.decode_workers.append(st)
+        return info
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        """RPC handlers whose deserializers report bad UTF-8 as INVALID_ARGUMENT rather than a transport error."""
+        pb = smcserve_pb2
+        return grpc.method_handlers_generic_handler("smcserve.v1.SmcServe", {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate, request_deserializer=lenient_deserializer(pb.GenerateRequest),
+                response_serializer=pb.GenerateResponse.SerializeToString),
+            "Abort": grpc.unary_unary_rpc_method_handler(
+                self.Abort, request_deserializer=pb.AbortRequest.FromString,
+                response_serializer=pb.AbortResponse.SerializeToString),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.GetModelInfo, request_deserializer=pb.ModelInfoRequest.FromString,
+                response_serializer=pb.ModelInfo.SerializeToString),
+        })
+
+

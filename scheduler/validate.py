@@ -1,0 +1,122 @@
+"""Request validation: every bad input becomes an :class:`InvalidRequest` naming the field."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from google.protobuf import descriptor, empty_pb2, message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from engine.sampling import SamplingParams
+from protos import smcserve_pb2
+
+DEFAULT_MAX_TOKENS = 128
+CHAT_ROLES = ("system", "user", "assistant")
+_LENGTH_DELIMITED = 2
+
+
+class InvalidRequest(ValueError):
+    """A request the server refuses; ``str(err)`` starts with the offending field."""
+
+
+@dataclass
+class BadUtf8:
+    """What the lenient deserializer returns for a request with a string field that is not UTF-8."""
+
+    field: str
+
+
+def _find_bad_utf8(desc: descriptor.Descriptor, raw: bytes, prefix: str = "") -> str | None:
+    holder = empty_pb2.Empty()
+    holder.ParseFromString(raw)  # every field lands in the unknown-field set, unchecked
+    counts: dict[int, int] = {}
+    for f in UnknownFieldSet(holder):
+        fd = desc.fields_by_number.get(f.field_number)
+        if fd is None or f.wire_type != _LENGTH_DELIMITED:
+            continue
+        index = counts.get(f.field_number, 0)
+        counts[f.field_number] = index + 1
+        name = prefix + fd.name + (f"[{index}]" if fd.is_repeated else "")
+        if fd.type == fd.TYPE_STRING:
+            try:
+                f.data.decode("utf-8")
+            except UnicodeDecodeError:
+                return name
+        elif fd.type == fd.TYPE_MESSAGE:
+            found = _find_bad_utf8(fd.message_type, f.data, name + ".")
+            if found:
+                return found
+    return None
+
+
+def lenient_deserializer(cls: type[message.Message]):
+    """A gRPC request deserializer that turns bad UTF-8 into :class:`BadUtf8` instead of a transport error."""
+
+    def deserialize(raw: bytes):
+        try:
+            return cls.FromString(raw)
+        except message.DecodeError:
+            field = _find_bad_utf8(cls.DESCRIPTOR, raw)
+            if field is None:
+                raise
+            return BadUtf8(field)
+
+    return deserialize
+
+
+@dataclass
+class Limits:
+    max_context: int
+    max_tokens_limit: int
+    model_name: str
+
+
+def validate_sampling(p: smcserve_pb2.SamplingParams, limits: Limits, prompt_len: int) -> SamplingParams:
+    temperature = p.temperature if p.HasField("temperature") else 1.0
+    if not temperature >= 0.0:  # also catches NaN
+        raise InvalidRequest(f"sampling.temperature: must be >= 0, got {temperature}")
+    top_p = p.top_p if p.HasField("top_p") else 1.0
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidRequest(f"sampling.top_p: must be in (0, 1], got {top_p}")
+    if p.top_k < 0:
+        raise InvalidRequest(f"sampling.top_k: must be >= 0, got {p.top_k}")
+    max_tokens = p.max_tokens if p.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    if max_tokens <= 0:
+        raise InvalidRequest(f"sampling.max_tokens: must be > 0, got {max_tokens}")
+    if max_tokens > limits.max_tokens_limit:
+        raise InvalidRequest(f"sampling.max_tokens: {max_tokens} is above this server's limit of {limits.max_tokens_limit}")
+    if prompt_len + max_tokens > limits.max_context:
+        max_tokens = limits.max_context - prompt_len  # fits the context: generation stops at its end
+    for i, s in enumerate(p.stop):
+        if not s:
+            raise InvalidRequest(f"sampling.stop[{i}]: stop strings must not be empty")
+    seed = p.seed if p.HasField("seed") else random.getrandbits(63)
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=p.top_k, max_tokens=max_tokens,
+                          stop=list(p.stop), seed=seed & ((1 << 63) - 1), ignore_eos=p.ignore_eos)
+
+
+def tokenize_request(req: smcserve_pb2.GenerateRequest, tokenizer, limits: Limits) -> list[int]:
+    """Prompt token ids of a request (chat template for chat input)."""
+    if req.model and req.model != limits.model_name:
+        raise InvalidRequest(f"model: unknown model {req.model!r}; this server serves {limits.model_name!r}")
+    kind = req.WhichOneof("input")
+    if kind == "chat":
+        if not req.chat.messages:
+            raise InvalidRequest("chat.messages: must not be empty")
+        for i, m in enumerate(req.chat.messages):
+            if m.role not in CHAT_ROLES:
+                raise InvalidRequest(f"chat.messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}")
+        if not any(m.content.strip() for m in req.chat.messages):
+            raise InvalidRequest("chat.messages: every message is empty")
+        msgs = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = list(ids)
+    else:
+        if not req.prompt:
+            raise InvalidRequest("prompt: must not be empty")
+        ids = tokenizer.encode(req.prompt, add_special_tokens=False)
+        if not ids:
+            raise InvalidRequest("prompt: tokenises to no tokens")
+    if len(ids) >= limits.max_context:
+        raise InvalidRequest(f"prompt: {len(ids)} tokens leave no room in the model's context of {limits.max_context}")
+    return ids

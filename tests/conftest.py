@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny random Llama for fast unit tests, the real model, real Redis, the real stack."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.server_process import ServeProcess
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama with the real tokenizer (fast; for unit tests only)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from engine.model import resolve_model_path
+
+    real = resolve_model_path(None)
+    tok = AutoTokenizer.from_pretrained(real)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    from engine.model import load_model
+
+    return load_model(None, "float32")
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    from kvstore import EmbeddedRedis
+
+    server = EmbeddedRedis(maxmemory="512mb")
+    yield server.url
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def server():
+    srv = ServeProcess("--dtype", "float32", "--max-inflight", "4", "--redis-maxmemory", "256mb")
+    yield srv
+    code = srv.stop()
+    assert code == 0, f"smcserve serve did not shut down cleanly ({code}):\n{srv.output()[-3000:]}"
+
+
+@pytest.fixture()
+def client(server):
+    from client import Client
+
+    with Client(server.address) as c:
+        yield c
