@@ -1,6 +1,7 @@
 """Starts the whole local stack: Redis (embedded or external), Ray, both pools and the gRPC front."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.config import WorkerConfig
 from engine.kv import DEFAULT_BLOCK_SIZE
-from engine.model import DEFAULT_MODEL, resolve_dtype, resolve_model_path
+from engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype, resolve_model_path
 from kvstore import EmbeddedRedis, start_or_connect
 from protos import smcserve_pb2, worker_pb2_grpc
 from scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
@@ -55,9 +56,10 @@ class Stack:
         self.started_ray = False
 
     async def start(self) -> "Stack":
-        from prefill.worker import PrefillWorker
-        from decode.worker import DecodeWorker
         from transformers import AutoConfig, AutoTokenizer
+
+        from decode.worker import DecodeWorker
+        from prefill.worker import PrefillWorker
 
         cfg = self.config
         model_path = resolve_model_path(cfg.model)  # fetch + convert once, before the workers start
@@ -77,15 +79,13 @@ class Stack:
         opts = {"num_cpus": cfg.worker_cpus}
         prefill = [PrefillWorker.options(**opts).remote(wcfg, f"prefill-{i}") for i in range(cfg.prefill_workers)]
         decode = [DecodeWorker.options(**opts).remote(wcfg, f"decode-{i}") for i in range(cfg.decode_workers)]
-        nodes = await _gather([a.ready.remote() for a in prefill])
-        addresses = await _gather([a.address_of.remote() for a in decode])
+        nodes = await asyncio.gather(*(a.ready.remote() for a in prefill))
+        addresses = await asyncio.gather(*(a.address_of.remote() for a in decode))
         self.prefill = [PrefillHandle(f"prefill-{i}", a, node) for i, (a, node) in enumerate(zip(prefill, nodes))]
         self.decode = [DecodeHandle(f"decode-{i}", a, addr, worker_pb2_grpc.DecodeWorkerStub(grpc.aio.insecure_channel(addr)))
                        for i, (a, addr) in enumerate(zip(decode, addresses))]
 
         hf_config = AutoConfig.from_pretrained(model_path)
-        from engine.model import model_fingerprint
-
         service = SchedulerService(
             tokenizer=AutoTokenizer.from_pretrained(model_path),
             limits=Limits(max_context=int(getattr(hf_config, "max_position_embeddings", 2048)),
@@ -125,8 +125,3 @@ class Stack:
         if self.redis is not None:
             self.redis.close()
 
-
-async def _gather(refs):
-    import asyncio
-
-    return await asyncio.gather(*refs)
