@@ -20,7 +20,8 @@ def _serve(args) -> int:
         model=args.model, dtype=args.dtype, block_size=args.block_size, redis_url=args.redis_url,
         redis_maxmemory=args.redis_maxmemory, ray_address=args.ray_address, prefill_workers=args.prefill_workers,
         decode_workers=args.decode_workers, host=args.host, port=args.port, max_tokens_limit=args.max_tokens_limit,
-        max_inflight=args.max_inflight, threads=args.threads, worker_host=args.worker_host)
+        max_inflight=args.max_inflight, threads=args.threads, worker_host=args.worker_host,
+        kv_cache=args.kv_cache)
 
     async def main() -> None:
         stack = Stack(config)
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens-limit", type=int, default=4096)
     s.add_argument("--max-inflight", type=int, default=256, help="requests in flight before RESOURCE_EXHAUSTED")
     s.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: all cores)")
+    s.add_argument("--kv-cache", default="1gb", help="paged KV pool per decode worker (e.g. 512mb, 2gb)")
     s.add_argument("--worker-host", default=None,
                    help="address decode workers listen on (default: 127.0.0.1 locally, the Ray node IP in a cluster)")
     s.set_defaults(func=_serve)

@@ -1,43 +1,75 @@
-"""The decode loop of one worker: a thread that advances every active sequence one token per step."""
+"""The decode loop of one worker: continuous batching over paged KV.
+
+A thread runs steps; each step advances every active sequence of every request by one token in
+one batched forward. Sequences join (after their prompt KV is loaded from the worker's prefix
+cache, the KV store, or recomputed) and leave at any step.
+"""
 from __future__ import annotations
 
 import logging
 import threading
-import time
 
-from engine.forward import forward
-from engine.kv import KVLayout, blocks_needed, blocks_to_cache, cache_to_blocks
+from decode.block_manager import BlockManager, BlockTable, OutOfBlocks
+from decode.model_runner import ModelRunner, SeqBatchItem
+from decode.sequence import DecodeEvent, Sequence
 from engine.model import LoadedModel
 from engine.sampling import sample_token
 from kvstore import KVStore
 
-from decode.sequence import DecodeEvent, Sequence
-
 log = logging.getLogger(__name__)
 
 
+def append_tokens(bm: BlockManager, runner: ModelRunner, tables: list[BlockTable], tokens: list[int]) -> list[SeqBatchItem]:
+    """Give each table a slot for its next token (allocating, or copying a shared block on write).
+
+    Returns the batch for :meth:`ModelRunner.forward`, which yields one row of next-token logits per table.
+    """
+    items = []
+    for table, token in zip(tables, tokens):
+        start = table.num_tokens
+        _, copy = bm.append_slot(table)
+        if copy is not None:
+            runner.copy_block(*copy)
+        items.append(SeqBatchItem([token], start, table.blocks))
+    return items
+
+
 class DecodeEngine:
-    def __init__(self, lm: LoadedModel, store: KVStore, block_size: int):
+    def __init__(self, lm: LoadedModel, store: KVStore, block_size: int, num_blocks: int):
         self.lm = lm
         self.store = store
-        self.layout = KVLayout.from_config(lm.config, lm.dtype, block_size)
+        self.bm = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(lm, num_blocks, block_size)
+        self.block_size = block_size
         self.active: dict[str, Sequence] = {}
         self.pending: list[Sequence] = []
         self.aborted: set[str] = set()
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
-        self.requests_served = 0
-        self.tokens_generated = 0
-        self.prompt_recomputes = 0
+        self.counters = dict(requests_served=0, tokens_generated=0, prompt_recomputes=0, prompt_blocks_reused=0,
+                             batch_steps=0, batched_tokens=0, max_batch_size=0)
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
         self.thread.start()
 
     # --- called from gRPC threads -------------------------------------------------------------
+    def _blocks_needed(self, seq: Sequence) -> int:
+        """Blocks ``seq`` may still allocate before it finishes (+1 for a copy-on-write)."""
+        total = len(seq.prompt_ids) + seq.params.max_tokens
+        return max(0, self.bm.blocks_for(total) - len(seq.table.blocks)) + 1
+
     def submit(self, seq: Sequence, first_token: int) -> None:
-        """Start decoding ``seq`` whose first completion token (from prefill) is ``first_token``."""
+        """Start decoding ``seq`` whose first completion token (from prefill) is ``first_token``.
+
+        Raises :class:`OutOfBlocks` when the pool cannot hold it next to what is already admitted.
+        """
         with self.lock:
-            self.requests_served += 1
+            reserved = sum(self._blocks_needed(s) for s in [*self.active.values(), *self.pending])
+            need = self._blocks_needed(seq)
+            if need > self.bm.available() - reserved:
+                raise OutOfBlocks(f"out of KV blocks: the request needs up to {need}, "
+                                  f"{max(0, self.bm.available() - reserved)} of {self.bm.num_blocks} are unreserved")
+            self.counters["requests_served"] += 1
             self._emit(seq, first_token)
             if not seq.finish_reason:
                 self.pending.append(seq)
@@ -50,16 +82,11 @@ class DecodeEngine:
 
     def stats(self) -> dict:
         with self.lock:
-            seqs = list(self.active.values())
-            blocks = sum(blocks_needed(s.cached_tokens, self.layout.block_size) for s in seqs)
-            return {
-                "active_sequences": len(seqs) + len(self.pending),
-                "kv_blocks_in_use": blocks,
-                "kv_bytes_in_use": sum(s.cached_tokens for s in seqs) * self.layout.bytes_per_token,
-                "requests_served": self.requests_served,
-                "tokens_generated": self.tokens_generated,
-                "prompt_recomputes": self.prompt_recomputes,
-            }
+            tables = [s.table for s in self.active.values()]
+            st = self.bm.stats(tables)
+            st.update(self.counters, active_sequences=len(self.active) + len(self.pending),
+                      kv_bytes_in_use=st["kv_blocks_in_use"] * self.runner.block_bytes)
+            return st
 
     def close(self) -> None:
         with self.lock:
@@ -71,7 +98,7 @@ class DecodeEngine:
     def _emit(self, seq: Sequence, token: int) -> None:
         """Record a sampled token, decide whether the sequence is finished and queue its event."""
         seq.output_ids.append(token)
-        self.tokens_generated += 1
+        self.counters["tokens_generated"] += 1
         is_eos = token in self.lm.eos_token_ids and not seq.params.ignore_eos
         text = "" if is_eos else seq.detok.push(token)
         if is_eos or seq.detok.stopped:
@@ -82,26 +109,50 @@ class DecodeEngine:
             text += seq.detok.flush()
         seq.events.put(DecodeEvent([token], text, seq.finish_reason, len(seq.output_ids)))
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.finish_reason = reason
-        seq.events.put(DecodeEvent([], "", reason, len(seq.output_ids)))
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """Free the sequence's KV and, unless it already finished, tell its stream why it ended."""
+        with self.lock:
+            self.active.pop(seq.request_id, None)
+            self.bm.free_table(seq.table)
+        if not seq.finish_reason:
+            seq.finish_reason = reason
+            seq.events.put(DecodeEvent([], "", reason, len(seq.output_ids)))
 
     def _load_prompt(self, seq: Sequence) -> None:
-        """Build the sequence's cache from the store; recompute (and re-store) whatever is missing."""
-        blocks = self.store.get_blocks(seq.block_keys)
-        good = blocks.index(None) if None in blocks else len(blocks)
-        seq.cache = blocks_to_cache(blocks[:good], self.lm.config) if good else None
-        start = good * self.layout.block_size
-        if start < len(seq.prompt_ids):
+        """Fill the sequence's block table with its prompt's KV: worker cache, then store, then recompute."""
+        bs, n = self.block_size, len(seq.prompt_ids)
+        keys, table = seq.block_keys, seq.table
+        with self.lock:
+            while len(table.blocks) < len(keys) and (b := self.bm.lookup(keys[len(table.blocks)])) is not None:
+                table.blocks.append(b)
+            self.counters["prompt_blocks_reused"] += len(table.blocks)
+        first_miss = len(table.blocks)
+        if first_miss < len(keys):
+            for i, block in enumerate(self.store.get_blocks(keys[first_miss:]), start=first_miss):
+                want = self.runner.layout.block_shape(min(bs, n - i * bs))
+                if block is None or tuple(block.shape) != want or block.dtype != self.lm.dtype:
+                    break  # a miss (or foreign KV): recompute from here
+                with self.lock:
+                    b = self.bm.allocate()
+                    table.blocks.append(b)
+                self.runner.write_block(b, block)
+                with self.lock:
+                    self.bm.register(keys[i], b)
+        loaded = len(table.blocks)
+        table.num_tokens = min(loaded * bs, n)
+        if table.num_tokens < n:
             with self.lock:
-                self.prompt_recomputes += 1
-            from transformers import DynamicCache
-
-            if seq.cache is None:
-                seq.cache = DynamicCache(config=self.lm.config)
-            forward(self.lm.model, seq.prompt_ids[start:], seq.cache)
-            fresh = cache_to_blocks(seq.cache, self.layout, start, len(seq.prompt_ids))
-            self.store.put_blocks(list(zip(seq.block_keys[good:], fresh)))
+                self.counters["prompt_recomputes"] += 1
+                start = table.num_tokens
+                for _ in range(start, n):
+                    self.bm.append_slot(table)
+            self.runner.forward([SeqBatchItem(seq.prompt_ids[start:], start, table.blocks)])
+            fresh = [(keys[i], self.runner.read_block(table.blocks[i], min(bs, n - i * bs)))
+                     for i in range(loaded, len(keys))]
+            self.store.put_blocks(fresh)
+            with self.lock:
+                for i in range(loaded, len(keys)):
+                    self.bm.register(keys[i], table.blocks[i])
 
     def _loop(self) -> None:
         while True:
@@ -114,32 +165,38 @@ class DecodeEngine:
                 aborted, self.aborted = self.aborted, set()
             for seq in new:
                 if seq.request_id in aborted:
-                    self._finish(seq, "abort")
+                    self._end(seq, "abort")
                     continue
                 try:
                     self._load_prompt(seq)
                 except Exception as err:  # a worker never dies on one request
-                    log.exception("loading prompt of %s failed", seq.request_id)
-                    self._finish(seq, f"error: {err}")
+                    log.exception("loading the prompt of %s failed", seq.request_id)
+                    self._end(seq, f"error: {err}")
                     continue
                 with self.lock:
                     self.active[seq.request_id] = seq
             for rid in aborted:
-                with self.lock:
-                    seq = self.active.pop(rid, None)
-                if seq is not None:
-                    seq.cache = None
-                    self._finish(seq, "abort")
-            for seq in list(self.active.values()):
-                self._step(seq)
+                if rid in self.active:
+                    self._end(self.active[rid], "abort")
+            if self.active:
+                self._step(list(self.active.values()))
 
-    def _step(self, seq: Sequence) -> None:
-        t0 = time.perf_counter()
-        logits = forward(self.lm.model, seq.output_ids[-1:], seq.cache)
-        token = sample_token(logits, seq.params, position=seq.num_tokens)
+    def _step(self, seqs: list[Sequence]) -> None:
+        try:
+            with self.lock:
+                items = append_tokens(self.bm, self.runner, [s.table for s in seqs], [s.output_ids[-1] for s in seqs])
+            logits = self.runner.forward(items)
+        except Exception as err:
+            log.exception("decode step failed")
+            for seq in seqs:
+                self._end(seq, f"error: {err}")
+            return
         with self.lock:
-            self._emit(seq, token)
+            self.counters["batch_steps"] += 1
+            self.counters["batched_tokens"] += len(seqs)
+            self.counters["max_batch_size"] = max(self.counters["max_batch_size"], len(seqs))
+            for seq, row in zip(seqs, logits):
+                self._emit(seq, sample_token(row, seq.params, position=seq.num_tokens))
+        for seq in seqs:
             if seq.finish_reason:
-                del self.active[seq.request_id]
-                seq.cache = None  # frees the KV
-        log.debug("step %s %.1f ms", seq.request_id, (time.perf_counter() - t0) * 1e3)
+                self._end(seq, seq.finish_reason)

@@ -16,7 +16,9 @@ from engine.sampling import SamplingParams
 from kvstore import KVStore
 from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 
+from decode.block_manager import OutOfBlocks
 from decode.engine import DecodeEngine
+from engine.kv import KVLayout
 from decode.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         )
         # Client gone (cancel, disconnect, deadline) → stop generating and free the KV.
         context.add_callback(lambda: self.engine.abort(seq.request_id))
-        self.engine.submit(seq, request.first_token)
+        try:
+            self.engine.submit(seq, request.first_token)
+        except OutOfBlocks as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.worker_id}: {err}")
         while True:
             try:
                 ev = seq.events.get(timeout=1.0)
@@ -85,7 +90,9 @@ class DecodeWorker:
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
         self.lm = load_model(config.model, config.dtype, threads=config.threads or os.cpu_count())
-        self.engine = DecodeEngine(self.lm, KVStore(config.redis_url), config.block_size)
+        block_bytes = KVLayout.from_config(self.lm.config, self.lm.dtype, config.block_size).bytes_per_token * config.block_size
+        num_blocks = max(1, config.kv_cache_bytes // block_bytes)
+        self.engine = DecodeEngine(self.lm, KVStore(config.redis_url), config.block_size, num_blocks)
         node_id = ray.get_runtime_context().get_node_id()
         host = config.host or _node_ip(node_id)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=[

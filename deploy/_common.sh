@@ -40,3 +40,32 @@ is_loopback() {
         *) return 1 ;;
     esac
 }
+
+# Ray (this venv's version) turns on token authentication for a cluster started with `ray start --head`
+# when ~/.ray/auth_token exists (and creates that file when RAY_AUTH_MODE=token), but clients such as
+# `ray status` and smcserve's ray.init() send the token only when RAY_AUTH_MODE=token. Make every
+# piece agree. Nodes on other machines need the same token: copy ~/.ray/auth_token or set
+# RAY_AUTH_TOKEN. RAY_AUTH_MODE=disabled turns it off everywhere (then anyone who can reach the
+# GCS port can run code on the cluster).
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+
+# Ray replaces 127.0.0.1/localhost/::1, given as a node IP or as a cluster address, with this host's
+# routable IP (what a UDP socket "connected" to a public address would use), so a "127.0.0.1"
+# cluster actually runs on that address. Any other 127.x.y.z address is kept as it is.
+warn_if_ray_rewrites() {
+    case "$1" in
+        127.0.0.1|localhost|::1)
+            log "note: Ray replaces $1 with this host's routable IP; for a loopback-only cluster use e.g. 127.0.0.2" ;;
+    esac
+}
+
+# in_new_session SIDFILE CMD...: run CMD (waiting for it) as leader of a new session and write the
+# session id to SIDFILE. Every process `ray start` leaves behind (GCS, raylet, agents, and the
+# raylet's workers, which get process groups of their own) stays in that session, so
+# local-cluster.sh down can stop exactly those processes.
+in_new_session() {
+    local file="$1"
+    shift
+    mkdir -p "$(dirname "$file")"
+    setsid --wait bash -c 'echo $$ >"$0"; exec "$@"' "$file" "$@"
+}

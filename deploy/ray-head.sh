@@ -3,15 +3,22 @@
 #
 # Starts the Ray head node (GCS + raylet) on this machine and prints the address that
 # workers (deploy/ray-worker.sh) and deploy/serve.sh (RAY_ADDRESS) need, HOST:PORT, on stdout;
-# `ray start`'s own output goes to stderr. Stop with `ray stop` (deploy/local-cluster.sh down).
+# `ray start`'s own output goes to stderr. The node's session id is recorded under
+# $SMCSERVE_RUN_DIR so deploy/local-cluster.sh down can stop it (or: `ray stop`, which stops
+# every Ray node of this user on the machine).
 #
 # Environment:
 #   RAY_PORT                 GCS port (default 6380: Ray's default, 6379, is Redis's)
 #   RAY_NODE_IP              this node's address (default 127.0.0.1, a single-machine cluster).
 #                            For several machines set it to an IP the other machines can reach.
+#                            Ray itself swaps 127.0.0.1 for this host's routable IP; another
+#                            127.x address (e.g. 127.0.0.2) keeps a one-machine cluster on loopback.
 #   RAY_NUM_CPUS             CPUs Ray may schedule here (default: nproc). smcserve workers take 1 each.
 #   RAY_OBJECT_STORE_MEMORY  object store size in bytes (default: Ray's, 30% of RAM)
-#   RAY_TEMP_DIR             Ray's temp/session/log root (default: Ray's, /tmp/ray)
+#   RAY_TEMP_DIR             Ray's temp/session/log root (default: Ray's, /tmp/ray); worker nodes
+#                            use the head's unless they set their own
+#   RAY_AUTH_MODE            token (default here) or disabled; see ~/.ray/auth_token
+#   SMCSERVE_RUN_DIR         where the session-id file goes (default /tmp/smcserve-deploy)
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
@@ -20,12 +27,13 @@ case "${1:-}" in -h|--help|help) usage; exit 0 ;; esac
 PORT="${RAY_PORT:-6380}"
 NODE_IP="${RAY_NODE_IP:-127.0.0.1}"
 RAY="$(venv_bin ray)"
+warn_if_ray_rewrites "$NODE_IP"
 
 args=(start --head --port "$PORT" --node-ip-address "$NODE_IP" --num-cpus "${RAY_NUM_CPUS:-$(num_cpus)}"
       --disable-usage-stats --include-dashboard=false)
 [[ -n "${RAY_OBJECT_STORE_MEMORY:-}" ]] && args+=(--object-store-memory "$RAY_OBJECT_STORE_MEMORY")
 [[ -n "${RAY_TEMP_DIR:-}" ]] && args+=(--temp-dir "$RAY_TEMP_DIR")
 
-"$RAY" "${args[@]}" "$@" >&2
+in_new_session "$RUN_DIR/ray-head-$PORT.sid" "$RAY" "${args[@]}" "$@" >&2
 log "Ray head at $NODE_IP:$PORT. Add nodes: deploy/ray-worker.sh $NODE_IP:$PORT; serve: RAY_ADDRESS=$NODE_IP:$PORT deploy/serve.sh"
 echo "$NODE_IP:$PORT"

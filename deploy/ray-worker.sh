@@ -14,6 +14,10 @@
 #                            gRPC on it (smcserve's --worker-host defaults to the Ray node IP).
 #   RAY_NUM_CPUS             CPUs Ray may schedule here (default: nproc)
 #   RAY_OBJECT_STORE_MEMORY  object store size in bytes (default: Ray's)
+#   RAY_TEMP_DIR             Ray's temp root here (default: the head's)
+#   RAY_AUTH_MODE            token (default here) or disabled. With token, this machine needs the
+#                            head's ~/.ray/auth_token (copy it, or set RAY_AUTH_TOKEN).
+#   SMCSERVE_RUN_DIR         where the session-id file goes (default /tmp/smcserve-deploy)
 #
 # A second node on the head's own machine needs its own dashboard-agent port and worker-port
 # range, and no second log monitor; deploy/local-cluster.sh passes those as EXTRA ARGS.
@@ -31,10 +35,14 @@ fi
 [[ -n "$HEAD" ]] || { usage >&2; exit 2; }
 NODE_IP="${RAY_NODE_IP:-127.0.0.1}"
 RAY="$(venv_bin ray)"
+warn_if_ray_rewrites "$NODE_IP"
 
 args=(start --address "$HEAD" --node-ip-address "$NODE_IP" --num-cpus "${RAY_NUM_CPUS:-$(num_cpus)}"
       --disable-usage-stats)
 [[ -n "${RAY_OBJECT_STORE_MEMORY:-}" ]] && args+=(--object-store-memory "$RAY_OBJECT_STORE_MEMORY")
+[[ -n "${RAY_TEMP_DIR:-}" ]] && args+=(--temp-dir "$RAY_TEMP_DIR")
 
-"$RAY" "${args[@]}" "$@" >&2
+mkdir -p "$RUN_DIR"
+sid_file="$(mktemp "$RUN_DIR/ray-worker.XXXXXX.sid")"
+in_new_session "$sid_file" "$RAY" "${args[@]}" "$@" >&2
 log "Ray node $NODE_IP joined $HEAD"

@@ -16,3 +16,16 @@ class WorkerConfig:
     redis_url: str = ""
     threads: int = 0                  # torch threads per worker; 0 → all cores
     host: str = ""                    # decode workers: address to bind and advertise; "" → the Ray node's IP
+    kv_cache_bytes: int = 1 << 30     # decode workers: size of the paged KV pool
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``512mb``, ``2gb`` or ``1048576``."""
+    units = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "b": 1}
+    t = text.strip().lower()
+    for suffix, mult in units.items():
+        if t.endswith(suffix) and t[: -len(suffix)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(suffix)]) * mult)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"not a size: {text!r} (use e.g. 512mb or 2gb)")

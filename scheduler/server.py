@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -71,9 +72,6 @@ class SchedulerService:
     def pick_prefill(self) -> PrefillHandle:
         return min(self.prefill, key=lambda w: w.queued)
 
-    def pick_decode(self) -> DecodeHandle:
-        return min(self.decode, key=lambda w: w.active)
-
     # --- RPCs --------------------------------------------------------------------------------------
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         t0 = time.perf_counter()
@@ -105,36 +103,57 @@ class SchedulerService:
             if run.aborted:
                 yield self._final(request_id, "abort", usage, t0)
                 return
-            dw = self.pick_decode()
-            dw.active += 1
-            run.call = dw.stub.Decode(worker_pb2.DecodeRequest(
+            decode_request = worker_pb2.DecodeRequest(
                 request_id=request_id, prompt_token_ids=prompt_ids, block_keys=pre["block_keys"],
-                first_token=pre["first_token"], sampling=_sampling_proto(params)))
+                first_token=pre["first_token"], sampling=_sampling_proto(params))
             try:
-                async for ev in run.call:
-                    if not usage.ttft_ms and ev.token_ids:
-                        usage.ttft_ms = (time.perf_counter() - t0) * 1e3
-                    usage.completion_tokens = ev.completion_tokens
-                    if ev.finish_reason:
+                async with contextlib.aclosing(self._decode(decode_request, run)) as events:
+                    async for ev in events:
+                        if not usage.ttft_ms and ev.token_ids:
+                            usage.ttft_ms = (time.perf_counter() - t0) * 1e3
+                        usage.completion_tokens = ev.completion_tokens
+                        if not ev.finish_reason:
+                            yield smcserve_pb2.GenerateResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
+                            continue
                         if ev.finish_reason.startswith("error"):
-                            await context.abort(grpc.StatusCode.INTERNAL, f"decode worker {dw.worker_id}: {ev.finish_reason}")
+                            await context.abort(grpc.StatusCode.INTERNAL, f"decode failed: {ev.finish_reason}")
                         final = self._final(request_id, ev.finish_reason, usage, t0)
                         final.text, final.token_ids[:] = ev.text, ev.token_ids
                         yield final
                         return
-                    yield smcserve_pb2.GenerateResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
             except asyncio.CancelledError:
                 if not run.aborted:
                     raise  # the client went away: the finally below cancels the worker's stream
                 yield self._final(request_id, "abort", usage, t0)
             except grpc.aio.AioRpcError as err:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode worker {dw.worker_id} failed: {err.details()}")
-            finally:
-                dw.active -= 1
+                code = err.code()
+                if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    code = grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, err.details() or str(code))
         finally:
             if run.call is not None:
                 run.call.cancel()  # no-op when finished; otherwise the worker frees the KV
             self.running.pop(request_id, None)
+
+    async def _decode(self, request: worker_pb2.DecodeRequest, run: Running):
+        """Stream the request from the least-loaded decode worker that has room for it."""
+        refusal = None
+        for dw in sorted(self.decode, key=lambda w: w.active):
+            run.call = dw.stub.Decode(request)
+            dw.active += 1
+            try:
+                ev = await run.call.read()
+                while ev is not grpc.aio.EOF:
+                    yield ev
+                    ev = await run.call.read()
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                refusal = err  # this worker is full: try the next one
+            finally:
+                dw.active -= 1
+        raise refusal
 
     def _final(self, request_id: str, reason: str, usage: smcserve_pb2.Usage, t0: float):
         usage.e2e_ms = (time.perf_counter() - t0) * 1e3

@@ -11,7 +11,7 @@ import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.config import WorkerConfig
+from engine.config import WorkerConfig, parse_size
 from engine.kv import DEFAULT_BLOCK_SIZE
 from engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype, resolve_model_path
 from kvstore import EmbeddedRedis, start_or_connect
@@ -39,6 +39,7 @@ class ServeConfig:
     max_inflight: int = 256
     threads: int = 0                   # torch threads per worker; 0 → all cores
     worker_cpus: float = 1.0           # Ray CPU resource each worker reserves
+    kv_cache: str = "1gb"              # paged KV pool of each decode worker
     worker_host: str | None = None     # decode workers' gRPC address; None → 127.0.0.1 locally, the node IP in a cluster
 
 
@@ -70,11 +71,12 @@ class Stack:
                 ray.init(address=cfg.ray_address, log_to_driver=True)
             else:
                 n = cfg.prefill_workers + cfg.decode_workers
-                ray.init(num_cpus=max(os.cpu_count() or 1, int(n * cfg.worker_cpus + 0.999)),
-                         include_dashboard=False, _node_ip_address="127.0.0.1")
+                ray.init(address="local",  # a new local cluster, never one left running on this machine
+                         num_cpus=max(os.cpu_count() or 1, int(n * cfg.worker_cpus + 0.999)),
+                         include_dashboard=False)
             self.started_ray = True
         wcfg = WorkerConfig(model=str(model_path), dtype=cfg.dtype, block_size=cfg.block_size,
-                            redis_url=self.redis_url, threads=cfg.threads,
+                            redis_url=self.redis_url, threads=cfg.threads, kv_cache_bytes=parse_size(cfg.kv_cache),
                             host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"))
         opts = {"num_cpus": cfg.worker_cpus}
         prefill = [PrefillWorker.options(**opts).remote(wcfg, f"prefill-{i}") for i in range(cfg.prefill_workers)]

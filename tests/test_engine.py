@@ -73,7 +73,7 @@ def test_blocks_round_trip_cache(tiny_model_dir):
 def _run_disaggregated(lm, store, prompts, max_tokens, evict=False):
     """Prefill each prompt into the store, then decode it on a separate engine reading the store."""
     prefiller = Prefiller(lm, store, 16)
-    engine = DecodeEngine(lm, store, 16)
+    engine = DecodeEngine(lm, store, 16, 512)
     outs = []
     try:
         for prompt in prompts:

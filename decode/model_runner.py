@@ -1,0 +1,155 @@
+"""Batched forward passes over paged KV, with the model's own weights and modules.
+
+The KV cache of a worker is two preallocated tensors per layer of flat token slots
+(``[layers, num_blocks * block_size, kv_heads, head_dim]``); a sequence's KV lives in the slots of
+its block table. One decode step runs every sequence's next token as one batch: projections and
+MLPs are single GEMMs over the batch, and attention gathers each sequence's own slots (padded to
+the longest) for one ``scaled_dot_product_attention`` call per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv import KVLayout
+from engine.model import LoadedModel
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+@dataclass
+class SeqBatchItem:
+    """One sequence's part of a forward: ``len(tokens)`` new tokens after ``start`` cached ones."""
+
+    tokens: list[int]
+    start: int
+    blocks: list[int]
+
+
+class ModelRunner:
+    def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int):
+        if lm.config.model_type not in SUPPORTED:
+            raise ValueError(f"model: architecture {lm.config.model_type!r} is not supported by the paged engine "
+                             f"(supported: {', '.join(SUPPORTED)})")
+        self.lm = lm
+        self.layout = KVLayout.from_config(lm.config, lm.dtype, block_size)
+        inner = lm.model.model
+        self.embed, self.layers, self.norm = inner.embed_tokens, inner.layers, inner.norm
+        self.rotary, self.lm_head = inner.rotary_emb, lm.model.lm_head
+        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+        self.num_heads = lm.config.num_attention_heads
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.k_cache = torch.zeros(L, num_blocks * block_size, H, D, dtype=lm.dtype)
+        self.v_cache = torch.zeros(L, num_blocks * block_size, H, D, dtype=lm.dtype)
+        self.arange_block = torch.arange(block_size)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.layout.bytes_per_token * self.block_size
+
+    # --- block contents ------------------------------------------------------------------------
+    def write_block(self, b: int, block: torch.Tensor) -> None:
+        """Copy a store block ``[L, 2, H, T, D]`` into pool block ``b``."""
+        t = block.shape[3]
+        s = b * self.block_size
+        self.k_cache[:, s : s + t] = block[:, 0].transpose(1, 2)
+        self.v_cache[:, s : s + t] = block[:, 1].transpose(1, 2)
+
+    def read_block(self, b: int, tokens: int) -> torch.Tensor:
+        """Pool block ``b`` (its first ``tokens`` slots) in the store layout ``[L, 2, H, T, D]``."""
+        s = b * self.block_size
+        return torch.stack((self.k_cache[:, s : s + tokens].transpose(1, 2),
+                            self.v_cache[:, s : s + tokens].transpose(1, 2)), dim=1).contiguous()
+
+    def copy_block(self, src: int, dst: int) -> None:
+        bs = self.block_size
+        self.k_cache[:, dst * bs : (dst + 1) * bs] = self.k_cache[:, src * bs : (src + 1) * bs]
+        self.v_cache[:, dst * bs : (dst + 1) * bs] = self.v_cache[:, src * bs : (src + 1) * bs]
+
+    # --- forward -------------------------------------------------------------------------------
+    def _slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat slot ids of token positions ``[start, end)`` of a sequence."""
+        table = torch.tensor(blocks, dtype=torch.long)
+        pos = torch.arange(start, end)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    @torch.inference_mode()
+    def forward(self, items: list[SeqBatchItem]) -> torch.Tensor:
+        """Run every item's new tokens (writing their KV); return the last token's logits per item."""
+        if all(len(it.tokens) == 1 for it in items):
+            return self._decode(items)
+        return torch.cat([self._prefill(it) for it in items])
+
+    def _decode(self, items: list[SeqBatchItem]) -> torch.Tensor:
+        """One new token per sequence, attention over each sequence's own (padded) slots."""
+        lens = [it.start + 1 for it in items]
+        max_len = max(lens)
+        max_blocks = -(-max_len // self.block_size)
+        table = torch.zeros(len(items), max_blocks, dtype=torch.long)
+        for i, it in enumerate(items):
+            n = -(-lens[i] // self.block_size)
+            table[i, :n] = torch.tensor(it.blocks[:n])
+        gather = (table[:, :, None] * self.block_size + self.arange_block).view(len(items), -1)[:, :max_len]
+        valid = torch.arange(max_len)[None, :] < torch.tensor(lens)[:, None]
+        mask = valid[:, None, None, :]  # [B, 1, 1, S]
+        positions = torch.tensor([it.start for it in items])
+        slots = gather[torch.arange(len(items)), positions]
+
+        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [B, Hq, D]
+            k = self.k_cache[layer][gather].transpose(1, 2)  # [B, Hkv, S, D]
+            v = self.v_cache[layer][gather].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
+            return o.reshape(len(items), -1)
+
+        tokens = torch.tensor([it.tokens[0] for it in items])
+        return self._run(tokens, positions, slots, attend, last=None)
+
+    def _prefill(self, it: SeqBatchItem) -> torch.Tensor:
+        """Several new tokens of one sequence (prompt recompute), causal over its cached prefix."""
+        n, end = len(it.tokens), it.start + len(it.tokens)
+        gather = self._slots(it.blocks, 0, end)
+        slots = gather[it.start :]
+        positions = torch.arange(it.start, end)
+        causal = torch.arange(end)[None, :] <= positions[:, None]  # [n, S]
+
+        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [n, Hq, D]
+            k = self.k_cache[layer][gather].transpose(0, 1)[None]  # [1, Hkv, S, D]
+            v = self.v_cache[layer][gather].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=causal, enable_gqa=True)
+            return o[0].transpose(0, 1).reshape(n, -1)
+
+        return self._run(torch.tensor(it.tokens), positions, slots, attend, last=[n - 1])
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+             attend: Callable[[int, torch.Tensor], torch.Tensor], last: list[int] | None) -> torch.Tensor:
+        T = tokens.shape[0]
+        H, D = self.layout.num_kv_heads, self.layout.head_dim
+        x = self.embed(tokens)
+        cos, sin = self.rotary(x, positions[None])
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(T, self.num_heads, D)
+            k = attn.k_proj(h).view(T, H, D)
+            v = attn.v_proj(h).view(T, H, D)
+            if hasattr(attn, "q_norm"):  # qwen3
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k_cache[i][slots] = k
+            self.v_cache[i][slots] = v
+            x = x + attn.o_proj(attend(i, q))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if last is not None:
+            x = x[last]
+        return self.lm_head(self.norm(x)).float()
