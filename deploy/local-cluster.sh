@@ -22,7 +22,7 @@
 #   RAY_NUM_CPUS             CPUs per node (default nproc: each node claims every core, so Ray
 #                            sees (EXTRA_NODES+1)*nproc CPUs; torch threads still share them)
 #   RAY_OBJECT_STORE_MEMORY  per node, bytes (default here 1 GiB; smcserve's KV goes through Redis)
-#   RAY_TEMP_DIR             default $SMCSERVE_RUN_DIR/ray, apart from other clusters' /tmp/ray
+#   RAY_TEMP_DIR             default $SMCSERVE_RUN_DIR/ray (as ray-head.sh), apart from /tmp/ray
 #
 # Nodes on the head's host each get their own dashboard-agent port (52365+i), worker-port range
 # (head 10002-10999, node i 10002+1000i to 10999+1000i) and no second log monitor; Ray picks
@@ -112,6 +112,7 @@ down() {
         rm -f "$f"
     done
     ((found)) || log "no Ray nodes recorded in $RUN_DIR"
+    rm -f "$RAY_TEMP_DIR/ray_current_cluster"  # as `ray stop` does: no stale address for ray.init()
     "$DEPLOY_DIR/redis.sh" stop
 }
 

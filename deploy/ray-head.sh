@@ -15,8 +15,11 @@
 #                            127.x address (e.g. 127.0.0.2) keeps a one-machine cluster on loopback.
 #   RAY_NUM_CPUS             CPUs Ray may schedule here (default: nproc). smcserve workers take 1 each.
 #   RAY_OBJECT_STORE_MEMORY  object store size in bytes (default: Ray's, 30% of RAM)
-#   RAY_TEMP_DIR             Ray's temp/session/log root (default: Ray's, /tmp/ray); worker nodes
-#                            use the head's unless they set their own
+#   RAY_TEMP_DIR             Ray's temp/session/log root; worker nodes use the head's unless they
+#                            set their own (default $SMCSERVE_RUN_DIR/ray, not Ray's /tmp/ray: a
+#                            `ray start` there records the cluster in /tmp/ray/ray_current_cluster,
+#                            and every later plain ray.init() on this machine, such as a plain
+#                            `smcserve serve` without --ray-address, would try to join it)
 #   RAY_AUTH_MODE            token (default here) or disabled; see ~/.ray/auth_token
 #   SMCSERVE_RUN_DIR         where the session-id file goes (default /tmp/smcserve-deploy)
 set -euo pipefail
@@ -32,8 +35,12 @@ warn_if_ray_rewrites "$NODE_IP"
 args=(start --head --port "$PORT" --node-ip-address "$NODE_IP" --num-cpus "${RAY_NUM_CPUS:-$(num_cpus)}"
       --disable-usage-stats --include-dashboard=false)
 [[ -n "${RAY_OBJECT_STORE_MEMORY:-}" ]] && args+=(--object-store-memory "$RAY_OBJECT_STORE_MEMORY")
-[[ -n "${RAY_TEMP_DIR:-}" ]] && args+=(--temp-dir "$RAY_TEMP_DIR")
+args+=(--temp-dir "${RAY_TEMP_DIR:-$RUN_DIR/ray}")
 
 in_new_session "$RUN_DIR/ray-head-$PORT.sid" "$RAY" "${args[@]}" "$@" >&2
-log "Ray head at $NODE_IP:$PORT. Add nodes: deploy/ray-worker.sh $NODE_IP:$PORT; serve: RAY_ADDRESS=$NODE_IP:$PORT deploy/serve.sh"
+log "Ray head at $NODE_IP:$PORT (logs: ${RAY_TEMP_DIR:-$RUN_DIR/ray}/session_latest/logs)."
+log "Add nodes: deploy/ray-worker.sh $NODE_IP:$PORT; serve: RAY_ADDRESS=$NODE_IP:$PORT deploy/serve.sh"
+if [[ "${RAY_AUTH_MODE,,}" == token ]]; then
+    log "Token authentication is on: nodes on other machines need this machine's ~/.ray/auth_token (or RAY_AUTH_TOKEN)"
+fi
 echo "$NODE_IP:$PORT"
