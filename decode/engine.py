@@ -13,7 +13,7 @@ from decode.block_manager import BlockManager, BlockTable, OutOfBlocks
 from decode.model_runner import ModelRunner, SeqBatchItem
 from decode.sequence import DecodeEvent, Sequence
 from engine.model import LoadedModel
-from engine.sampling import sample_token
+from engine.sampling import sample_tokens
 from kvstore import KVStore
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,9 @@ class DecodeEngine:
             self.counters["batch_steps"] += 1
             self.counters["batched_tokens"] += len(seqs)
             self.counters["max_batch_size"] = max(self.counters["max_batch_size"], len(seqs))
-            for seq, row in zip(seqs, logits):
-                self._emit(seq, sample_token(row, seq.params, position=seq.num_tokens))
+            tokens = sample_tokens(logits, [s.params for s in seqs], [s.num_tokens for s in seqs])
+            for seq, token in zip(seqs, tokens):
+                self._emit(seq, token)
         for seq in seqs:
             if seq.finish_reason:
                 self._end(seq, seq.finish_reason)

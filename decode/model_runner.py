@@ -26,6 +26,34 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class FusedWeights:
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+
+
+def _fuse(layer) -> FusedWeights:
+    """One GEMM for Q, K and V and one for gate and up. The modules' weights become views of the
+    fused tensors, so the model is unchanged and no memory is duplicated."""
+
+    def fuse(*linears):
+        weight = torch.cat([m.weight.data for m in linears])
+        bias = torch.cat([m.bias.data for m in linears]) if linears[0].bias is not None else None
+        row = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight.data = weight[row : row + n]
+            if bias is not None:
+                m.bias.data = bias[row : row + n]
+            row += n
+        return weight, bias
+
+    a, m = layer.self_attn, layer.mlp
+    return FusedWeights(*fuse(a.q_proj, a.k_proj, a.v_proj), *fuse(m.gate_proj, m.up_proj))
+
+
+@dataclass
 class SeqBatchItem:
     """One sequence's part of a forward: ``len(tokens)`` new tokens after ``start`` cached ones."""
 
@@ -51,6 +79,7 @@ class ModelRunner:
         self.k_cache = torch.zeros(L, num_blocks * block_size, H, D, dtype=lm.dtype)
         self.v_cache = torch.zeros(L, num_blocks * block_size, H, D, dtype=lm.dtype)
         self.arange_block = torch.arange(block_size)
+        self.fused = [_fuse(layer) for layer in self.layers]
 
     @property
     def block_bytes(self) -> int:
@@ -104,11 +133,18 @@ class ModelRunner:
         positions = torch.tensor([it.start for it in items])
         slots = gather[torch.arange(len(items)), positions]
 
+        B, H, D = len(items), self.layout.num_kv_heads, self.layout.head_dim
+        flat = gather.reshape(-1)
+        k_buf = torch.empty(flat.numel(), H * D, dtype=self.k_cache.dtype)  # reused by every layer
+        v_buf = torch.empty_like(k_buf)
+
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [B, Hq, D]
-            k = self.k_cache[layer][gather].transpose(1, 2)  # [B, Hkv, S, D]
-            v = self.v_cache[layer][gather].transpose(1, 2)
+            torch.index_select(self.k_cache[layer].view(-1, H * D), 0, flat, out=k_buf)
+            torch.index_select(self.v_cache[layer].view(-1, H * D), 0, flat, out=v_buf)
+            k = k_buf.view(B, max_len, H, D).transpose(1, 2)  # [B, Hkv, S, D]
+            v = v_buf.view(B, max_len, H, D).transpose(1, 2)
             o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
-            return o.reshape(len(items), -1)
+            return o.reshape(B, -1)
 
         tokens = torch.tensor([it.tokens[0] for it in items])
         return self._run(tokens, positions, slots, attend, last=None)
@@ -136,12 +172,13 @@ class ModelRunner:
         x = self.embed(tokens)
         cos, sin = self.rotary(x, positions[None])
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
-        for i, layer in enumerate(self.layers):
+        q_size, kv_size = self.num_heads * D, H * D
+        for i, (layer, fused) in enumerate(zip(self.layers, self.fused)):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(T, self.num_heads, D)
-            k = attn.k_proj(h).view(T, H, D)
-            v = attn.v_proj(h).view(T, H, D)
+            qkv = F.linear(layer.input_layernorm(x), fused.qkv_weight, fused.qkv_bias)
+            q = qkv[:, :q_size].view(T, self.num_heads, D)
+            k = qkv[:, q_size : q_size + kv_size].view(T, H, D)
+            v = qkv[:, q_size + kv_size :].view(T, H, D)
             if hasattr(attn, "q_norm"):  # qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
@@ -149,7 +186,8 @@ class ModelRunner:
             self.k_cache[i][slots] = k
             self.v_cache[i][slots] = v
             x = x + attn.o_proj(attend(i, q))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            gate, up = F.linear(layer.post_attention_layernorm(x), fused.gate_up_weight, fused.gate_up_bias).chunk(2, -1)
+            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         if last is not None:
             x = x[last]
         return self.lm_head(self.norm(x)).float()

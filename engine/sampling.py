@@ -29,19 +29,36 @@ def position_generator(seed: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
-    """Draw the token at ``position`` from 1-D ``logits``."""
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to one row of logits."""
+    logits = logits / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
+        probs = torch.softmax(logits, dim=-1)
         sorted_p, order = torch.sort(probs, descending=True)
-        # keep the smallest set whose mass reaches top_p (the first token always stays)
-        drop = (torch.cumsum(sorted_p, 0) - sorted_p) >= params.top_p
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=position_generator(params.seed, position)))
+        drop = (torch.cumsum(sorted_p, 0) - sorted_p) >= params.top_p  # the first token always stays
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter_(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
+    """Draw one token per row of ``logits`` [B, V]: inverse-CDF with one seeded uniform per row."""
+    logits = logits.float()
+    out = torch.argmax(logits, dim=-1)
+    rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    if rows:
+        scaled = torch.stack([
+            _filter(logits[i], params[i]) if params[i].top_k or params[i].top_p < 1.0
+            else logits[i] / params[i].temperature for i in rows])
+        cdf = torch.cumsum(torch.softmax(scaled, dim=-1), dim=-1)
+        u = torch.cat([torch.rand(1, generator=position_generator(params[i].seed, positions[i])) for i in rows])
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        out[rows] = picked.clamp_(max=logits.shape[1] - 1)
+    return out.tolist()
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
+    """Draw the token at ``position`` from 1-D ``logits``."""
+    return sample_tokens(logits[None], [params], [position])[0]

@@ -49,7 +49,8 @@ def redis_url():
 
 @pytest.fixture(scope="session")
 def server():
-    srv = ServeProcess("--dtype", "float32", "--max-inflight", "4", "--redis-maxmemory", "256mb")
+    # a small KV pool (91 blocks of 16 tokens) so that running out of blocks is testable
+    srv = ServeProcess("--dtype", "float32", "--max-inflight", "8", "--redis-maxmemory", "256mb", "--kv-cache", "64mb")
     yield srv
     code = srv.stop()
     assert code == 0, f"smcserve serve did not shut down cleanly ({code}):\n{srv.output()[-3000:]}"
