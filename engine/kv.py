@@ -73,6 +73,3 @@ def blocks_to_cache(blocks: Sequence[torch.Tensor], config) -> DynamicCache:
     kv = torch.cat(list(blocks), dim=3)  # [L, 2, H, T, D]
     return DynamicCache([(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.shape[0])], config=config)
 
-
-def blocks_needed(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
