@@ -74,6 +74,44 @@ def _generate(args) -> int:
     return 0
 
 
+def _steer(args) -> int:
+    from client.client import Client
+
+    pots = [{"kind": "regex", "pattern": r} for r in args.regex]
+    pots += [{"kind": "cfg", "grammar": open(g).read()} for g in args.cfg]
+    pots += [{"kind": "json_schema", "schema": open(j).read() if j.endswith(".json") else j} for j in args.json_schema]
+    if args.max_word_length:
+        pots.append({"kind": "max_word_length", "max_len": args.max_word_length})
+    if args.forbid:
+        pots.append({"kind": "forbidden_chars", "chars": args.forbid})
+    if args.ban:
+        pots.append({"kind": "banned_phrases", "phrases": args.ban})
+    if args.require:
+        pots.append({"kind": "required_phrases", "phrases": args.require})
+    pots += [{"kind": name} for name in args.potential]
+    prompt, messages = (args.prompt, None) if args.raw else (None, [{"role": "user", "content": args.prompt}])
+    kw = dict(particles=args.particles, potentials=pots, scheme=args.scheme, ess_threshold=args.ess_threshold,
+              temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    if args.extensions is not None:
+        kw["extensions"] = args.extensions
+
+    def progress(p):
+        print(f"step {p.step:3d}  ess {p.ess:6.2f}  {'resampled' if p.resampled else '         '}  "
+              f"finished {p.finished:3d}  best: {p.best_text[-60:]!r}", file=sys.stderr)
+
+    with Client(args.address) as client:
+        try:
+            res = client.steer(prompt, messages, on_progress=progress, **kw)
+        except grpc.RpcError as err:
+            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    print(f"log Z = {res.log_z:.4f}   steps {res.steps}   resamples {res.resamples}   status {res.status}")
+    print(f"{'weight':>8}  {'log w':>9}  fin  text")
+    for p in sorted(res.particles, key=lambda p: -p.weight):
+        print(f"{p.weight:8.4f}  {p.log_weight:9.3f}  {'yes' if p.finished else 'no ':3}  {p.text!r}")
+    return 0
+
+
 def _info(args) -> int:
     from google.protobuf.json_format import MessageToDict
 
@@ -123,6 +161,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(func=_generate)
+
+    t = sub.add_parser("steer", help="SMC steering: weighted particles under declarative constraints")
+    t.add_argument("prompt")
+    t.add_argument("--address", default=DEFAULT_ADDRESS)
+    t.add_argument("--raw", action="store_true", help="send the prompt as raw text instead of a chat message")
+    t.add_argument("--particles", type=int, default=16)
+    t.add_argument("--extensions", type=int, default=None, help="K children per particle (without_replacement)")
+    t.add_argument("--scheme", default="without_replacement",
+                   choices=["without_replacement", "multinomial", "stratified", "systematic", "residual"])
+    t.add_argument("--ess-threshold", type=float, default=0.5)
+    t.add_argument("--max-tokens", type=int, default=32)
+    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--regex", action="append", default=[], help="the text must match this regex")
+    t.add_argument("--cfg", action="append", default=[], help="a Lark grammar file the text must match")
+    t.add_argument("--json-schema", action="append", default=[], help="a JSON schema (text or .json file)")
+    t.add_argument("--max-word-length", type=int, default=0)
+    t.add_argument("--forbid", default="", help="characters the text must not contain")
+    t.add_argument("--ban", action="append", default=[], help="a phrase the text must not contain")
+    t.add_argument("--require", action="append", default=[], help="a phrase the text must contain by the end")
+    t.add_argument("--potential", action="append", default=[], help="an operator-installed potential, by name")
+    t.set_defaults(func=_steer)
 
     i = sub.add_parser("info", help="show the served model and the workers' state")
     i.add_argument("--address", default=DEFAULT_ADDRESS)

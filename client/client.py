@@ -24,8 +24,12 @@ class Completion:
 def build_request(prompt: str | None = None, messages: Sequence[dict] | None = None, *, request_id: str = "",
                   model: str = "", temperature: float | None = None, top_p: float | None = None, top_k: int = 0,
                   max_tokens: int | None = None, stop: Sequence[str] = (), seed: int | None = None,
-                  ignore_eos: bool = False) -> pb.GenerateRequest:
-    """A GenerateRequest from a raw ``prompt`` or chat ``messages`` ([{"role", "content"}, ...])."""
+                  ignore_eos: bool = False, steering: dict | None = None) -> pb.GenerateRequest:
+    """A GenerateRequest from a raw ``prompt`` or chat ``messages`` ([{"role", "content"}, ...]).
+
+    ``steering``: {"particles": N, "extensions": K, "scheme": ..., "ess_threshold": ...,
+    "potentials": [{"kind": "regex", "pattern": ...}, ...]} turns on SMC steering.
+    """
     sampling = pb.SamplingParams(top_k=top_k, stop=list(stop), ignore_eos=ignore_eos)
     if temperature is not None:
         sampling.temperature = temperature
@@ -36,6 +40,12 @@ def build_request(prompt: str | None = None, messages: Sequence[dict] | None = N
     if seed is not None:
         sampling.seed = seed
     req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling)
+    if steering is not None:
+        spec = dict(steering)
+        potentials = spec.pop("potentials", [])
+        req.steering.CopyFrom(pb.SteeringSpec(**spec))
+        for pot in potentials:
+            req.steering.potentials.add(**pot)
     if messages is not None:
         req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
     else:
@@ -61,6 +71,22 @@ class Client:
             if r.finish_reason:
                 out.finish_reason, out.usage = r.finish_reason, r.usage
         return out
+
+    def steer(self, prompt: str | None = None, messages: Sequence[dict] | None = None, *, particles: int,
+              potentials: Sequence[dict] = (), on_progress=None, **kw) -> pb.SteeringResult:
+        """Run SMC steering; returns the weighted particles and log Z. Keyword arguments as for ``generate``
+        plus ``extensions``, ``scheme`` and ``ess_threshold``."""
+        steering = {"particles": particles, "potentials": list(potentials)}
+        for key in ("extensions", "scheme", "ess_threshold"):
+            if key in kw:
+                steering[key] = kw.pop(key)
+        result = None
+        for r in self.stub.Generate(build_request(prompt, messages, steering=steering, **kw)):
+            if r.HasField("progress") and on_progress is not None:
+                on_progress(r.progress)
+            if r.HasField("result"):
+                result = r.result
+        return result
 
     def abort(self, request_id: str) -> bool:
         return self.stub.Abort(pb.AbortRequest(request_id=request_id)).found

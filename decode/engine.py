@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from decode.block_manager import BlockManager, BlockTable, OutOfBlocks
 from decode.model_runner import ModelRunner, SeqBatchItem
@@ -34,6 +37,19 @@ def append_tokens(bm: BlockManager, runner: ModelRunner, tables: list[BlockTable
     return items
 
 
+@dataclass
+class ExtendJob:
+    """Sequences outside the plain decode path (SMC particles) that ride in the next batched step.
+
+    ``complete`` receives their next-token logits (one row per table) in the engine thread.
+    """
+
+    tables: list[BlockTable]
+    tokens: list[int]
+    complete: Callable[[Any], Any]
+    future: Future = field(default_factory=Future)
+
+
 class DecodeEngine:
     def __init__(self, lm: LoadedModel, store: KVStore, block_size: int, num_blocks: int):
         self.lm = lm
@@ -44,6 +60,8 @@ class DecodeEngine:
         self.active: dict[str, Sequence] = {}
         self.pending: list[Sequence] = []
         self.aborted: set[str] = set()
+        self.calls: list[tuple[Callable[[], Any], Future]] = []
+        self.jobs: list[ExtendJob] = []
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
         self.counters = dict(requests_served=0, tokens_generated=0, prompt_recomputes=0, prompt_blocks_reused=0,
@@ -74,6 +92,21 @@ class DecodeEngine:
             if not seq.finish_reason:
                 self.pending.append(seq)
                 self.wakeup.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` in the engine thread between steps (for SMC bookkeeping that touches the KV pool)."""
+        fut: Future = Future()
+        with self.lock:
+            self.calls.append((fn, fut))
+            self.wakeup.notify()
+        return fut
+
+    def extend(self, job: ExtendJob) -> Future:
+        """Advance ``job``'s tables by one token in the next batched step; its future gets ``complete``'s result."""
+        with self.lock:
+            self.jobs.append(job)
+            self.wakeup.notify()
+        return job.future
 
     def abort(self, request_id: str) -> None:
         with self.lock:
@@ -118,10 +151,11 @@ class DecodeEngine:
             seq.finish_reason = reason
             seq.events.put(DecodeEvent([], "", reason, len(seq.output_ids)))
 
-    def _load_prompt(self, seq: Sequence) -> None:
-        """Fill the sequence's block table with its prompt's KV: worker cache, then store, then recompute."""
-        bs, n = self.block_size, len(seq.prompt_ids)
-        keys, table = seq.block_keys, seq.table
+    def load_kv(self, token_ids: list[int], keys: list[str]) -> BlockTable:
+        """A block table holding the KV of ``token_ids`` (whose chained keys are ``keys``): blocks come from
+        the worker's prefix cache, else the KV store, else are recomputed (and written back). Engine thread."""
+        bs, n = self.block_size, len(token_ids)
+        table = BlockTable()
         with self.lock:
             while len(table.blocks) < len(keys) and (b := self.bm.lookup(keys[len(table.blocks)])) is not None:
                 table.blocks.append(b)
@@ -146,29 +180,41 @@ class DecodeEngine:
                 start = table.num_tokens
                 for _ in range(start, n):
                     self.bm.append_slot(table)
-            self.runner.forward([SeqBatchItem(seq.prompt_ids[start:], start, table.blocks)])
-            fresh = [(keys[i], self.runner.read_block(table.blocks[i], min(bs, n - i * bs)))
-                     for i in range(loaded, len(keys))]
-            self.store.put_blocks(fresh)
-            with self.lock:
-                for i in range(loaded, len(keys)):
-                    self.bm.register(keys[i], table.blocks[i])
+            self.runner.forward([SeqBatchItem(token_ids[start:], start, table.blocks)])
+            self.save_kv(table, token_ids, keys, first=loaded)
+        return table
+
+    def save_kv(self, table: BlockTable, token_ids: list[int], keys: list[str], first: int = 0) -> None:
+        """Write blocks ``first..`` of a table to the store (those it lacks) and to the worker's prefix cache."""
+        bs, n = self.block_size, len(token_ids)
+        todo = [i for i, present in zip(range(first, len(keys)), self.store.contains(keys[first:])) if not present]
+        self.store.put_blocks([(keys[i], self.runner.read_block(table.blocks[i], min(bs, n - i * bs))) for i in todo])
+        with self.lock:
+            for i in range(first, len(keys)):
+                self.bm.register(keys[i], table.blocks[i])
 
     def _loop(self) -> None:
         while True:
             with self.lock:
-                while self.running and not self.pending and not self.active and not self.aborted:
+                while self.running and not (self.pending or self.active or self.aborted or self.calls or self.jobs):
                     self.wakeup.wait()
                 if not self.running:
                     return
                 new, self.pending = self.pending, []
                 aborted, self.aborted = self.aborted, set()
+                calls, self.calls = self.calls, []
+                jobs, self.jobs = self.jobs, []
+            for fn, fut in calls:
+                try:
+                    fut.set_result(fn())
+                except Exception as err:  # reported to the caller, never fatal to the loop
+                    fut.set_exception(err)
             for seq in new:
                 if seq.request_id in aborted:
                     self._end(seq, "abort")
                     continue
                 try:
-                    self._load_prompt(seq)
+                    seq.table = self.load_kv(seq.prompt_ids, seq.block_keys)
                 except Exception as err:  # a worker never dies on one request
                     log.exception("loading the prompt of %s failed", seq.request_id)
                     self._end(seq, f"error: {err}")
@@ -178,24 +224,44 @@ class DecodeEngine:
             for rid in aborted:
                 if rid in self.active:
                     self._end(self.active[rid], "abort")
-            if self.active:
-                self._step(list(self.active.values()))
+            if self.active or jobs:
+                self._step(list(self.active.values()), jobs)
 
-    def _step(self, seqs: list[Sequence]) -> None:
+    def _step(self, seqs: list[Sequence], jobs: list[ExtendJob]) -> None:
         try:
             with self.lock:
                 items = append_tokens(self.bm, self.runner, [s.table for s in seqs], [s.output_ids[-1] for s in seqs])
-            logits = self.runner.forward(items)
+                ready = []
+                for job in jobs:
+                    try:
+                        job_items = append_tokens(self.bm, self.runner, job.tables, job.tokens)
+                    except OutOfBlocks as err:
+                        job.future.set_exception(err)
+                        continue
+                    ready.append((job, len(items), len(job_items)))
+                    items += job_items
+            logits = self.runner.forward(items) if items else None
         except Exception as err:
             log.exception("decode step failed")
             for seq in seqs:
                 self._end(seq, f"error: {err}")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(err)
             return
+        for job, start, n in ready:
+            try:
+                job.future.set_result(job.complete(logits[start : start + n]))
+            except Exception as err:
+                job.future.set_exception(err)
         with self.lock:
             self.counters["batch_steps"] += 1
-            self.counters["batched_tokens"] += len(seqs)
-            self.counters["max_batch_size"] = max(self.counters["max_batch_size"], len(seqs))
-            tokens = sample_tokens(logits, [s.params for s in seqs], [s.num_tokens for s in seqs])
+            self.counters["batched_tokens"] += len(items)
+            self.counters["max_batch_size"] = max(self.counters["max_batch_size"], len(items))
+        if not seqs:
+            return
+        with self.lock:
+            tokens = sample_tokens(logits[: len(seqs)], [s.params for s in seqs], [s.num_tokens for s in seqs])
             for seq, token in zip(seqs, tokens):
                 self._emit(seq, token)
         for seq in seqs:

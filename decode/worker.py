@@ -18,6 +18,9 @@ from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 
 from decode.block_manager import OutOfBlocks
 from decode.engine import DecodeEngine
+from decode.particles import ParticleGroup
+from smc.potentials import PotentialSpec
+from smc.vocab import get_vocab
 from engine.kv import KVLayout
 from decode.sequence import Sequence
 
@@ -38,6 +41,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.worker_id = worker_id
         self.address = address
         self.node_id = node_id
+        self.groups: dict[str, ParticleGroup] = {}
+        self.vocab = None
 
     def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.ServicerContext):
         params = sampling_from_proto(request.sampling)
@@ -67,6 +72,64 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             )
             if ev.finish_reason:
                 return
+
+    # --- SMC steering --------------------------------------------------------------------------------
+    def _group(self, request_id: str, context) -> ParticleGroup:
+        group = self.groups.get(request_id)
+        if group is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no steering request {request_id!r} on {self.worker_id}")
+        return group
+
+    def _run(self, fn, context):
+        """Run ``fn`` in the engine thread; map its failures to gRPC codes."""
+        try:
+            return self.engine.call(fn).result()
+        except OutOfBlocks as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.worker_id}: {err}")
+        except (KeyError, ValueError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"decode worker {self.worker_id}: {err}")
+
+    def SmcOpen(self, request, context):
+        if self.vocab is None:
+            self.vocab = get_vocab(self.engine.lm.tokenizer, size=self.engine.lm.config.vocab_size,
+                                   eos_ids=sorted(self.engine.lm.eos_token_ids))
+        group = ParticleGroup(request.request_id, list(request.prompt_token_ids), sampling_from_proto(request.sampling),
+                              [PotentialSpec.from_proto(m) for m in request.potentials], self.vocab, self.engine)
+        self.groups[request.request_id] = group
+        self._run(lambda: group.open(list(request.block_keys), list(request.particle_ids)), context)
+        return worker_pb2.SmcAck()
+
+    def SmcExtend(self, request, context):
+        group = self._group(request.request_id, context)
+        items = [(it.particle_id, it.index, it.k) for it in request.items]
+        job = self._run(lambda: group.extend_job(request.step, items), context)
+        try:
+            children = self.engine.extend(job).result()
+        except OutOfBlocks as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.worker_id}: {err}")
+        return worker_pb2.SmcExtendReply(children=[
+            worker_pb2.SmcChild(parent_id=c.parent_id, child_id=c.child_id, token=c.token,
+                                log_increment=c.log_increment, finished=c.finished) for c in children])
+
+    def SmcExport(self, request, context):
+        group = self._group(request.request_id, context)
+        states = self._run(lambda: group.export(list(request.particle_ids)), context)
+        return worker_pb2.SmcExportReply(particles=[
+            worker_pb2.SmcParticleState(particle_id=pid, generated=gen, block_keys=keys, finished=fin)
+            for pid, gen, keys, fin in states])
+
+    def SmcReshape(self, request, context):
+        group = self._group(request.request_id, context)
+        keep = [(k.source_id, list(k.new_ids)) for k in request.keep]
+        imports = [(st.particle_id, list(st.generated), list(st.block_keys), st.finished) for st in request.imports]
+        self._run(lambda: group.reshape(keep, imports), context)
+        return worker_pb2.SmcAck()
+
+    def SmcClose(self, request, context):
+        group = self.groups.pop(request.request_id, None)
+        if group is not None:
+            self._run(group.close, context)
+        return worker_pb2.SmcAck()
 
     def Stats(self, request, context) -> smcserve_pb2.WorkerStats:
         return smcserve_pb2.WorkerStats(

@@ -14,12 +14,14 @@ import ray
 
 from engine.sampling import SamplingParams
 from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
+from scheduler.steering import SteeringConfig, SteeringRun, validate_steering
+from smc.vocab import get_vocab
 from scheduler.validate import BadUtf8, InvalidRequest, Limits, lenient_deserializer, tokenize_request, validate_sampling
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # handles are compared and hashed by identity
 class PrefillHandle:
     worker_id: str
     actor: ray.actor.ActorHandle
@@ -28,7 +30,7 @@ class PrefillHandle:
     served: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class DecodeHandle:
     worker_id: str
     actor: ray.actor.ActorHandle
@@ -66,6 +68,8 @@ class SchedulerService:
     prefill: list[PrefillHandle]
     decode: list[DecodeHandle]
     max_inflight: int = 256
+    max_particles: int = 256
+    _vocab: object = None
     running: dict[str, Running] = field(default_factory=dict)
 
     # --- placement (least loaded for now) --------------------------------------------------------
@@ -77,9 +81,12 @@ class SchedulerService:
         t0 = time.perf_counter()
         if isinstance(request, BadUtf8):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: invalid UTF-8")
+        steering = None
         try:
             prompt_ids = tokenize_request(request, self.tokenizer, self.limits)
             params = validate_sampling(request.sampling, self.limits, len(prompt_ids))
+            if request.HasField("steering"):
+                steering = validate_steering(request.steering, params, self.steering_vocab(), self.max_particles)
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         request_id = request.request_id or uuid.uuid4().hex
@@ -89,6 +96,13 @@ class SchedulerService:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"server busy: {len(self.running)} requests in flight (limit {self.max_inflight})")
         run = self.running[request_id] = Running()
+        if steering is not None:
+            try:
+                async for response in self._steer(request_id, prompt_ids, params, steering, context, t0, run):
+                    yield response
+            finally:
+                self.running.pop(request_id, None)
+            return
         try:
             pw = self.pick_prefill()
             pw.queued += 1
@@ -154,6 +168,45 @@ class SchedulerService:
             finally:
                 dw.active -= 1
         raise refusal
+
+    def steering_vocab(self):
+        if self._vocab is None:
+            self._vocab = get_vocab(self.tokenizer, size=self.model.vocab_size, eos_ids=[self.tokenizer.eos_token_id])
+        return self._vocab
+
+    async def _steer(self, request_id: str, prompt_ids: list[int], params: SamplingParams, cfg: SteeringConfig,
+                     context, t0: float, running: Running):
+        """SMC steering: prefill the prompt into the store, then drive the particles step by step."""
+        usage = smcserve_pb2.Usage(prompt_tokens=len(prompt_ids))
+        keys: list[str] = []
+        if len(prompt_ids) > 1:  # the workers compute the last prompt token: its logits start every particle
+            pw = self.pick_prefill()
+            pw.queued += 1
+            try:
+                pre = await pw.actor.prefill.remote(prompt_ids[:-1], dataclasses.asdict(params))
+            except ray.exceptions.RayError as err:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {pw.worker_id} failed: {err}")
+            finally:
+                pw.queued -= 1
+                pw.served += 1
+            keys, usage.cached_prompt_tokens = pre["block_keys"], pre["cached_tokens"]
+        steer = SteeringRun(request_id, prompt_ids, params, cfg, self.decode, self.tokenizer)
+        try:
+            pop = await steer.open(keys)
+            while not pop.finished.all() and steer.status == "ok" and not running.aborted:
+                resampled = await steer.step(pop)
+                if not usage.ttft_ms:
+                    usage.ttft_ms = (time.perf_counter() - t0) * 1e3
+                yield smcserve_pb2.GenerateResponse(request_id=request_id, progress=steer.progress(pop, resampled))
+            usage.completion_tokens = sum(len(t) for t in pop.tokens)
+            final = self._final(request_id, "abort" if running.aborted else "stop", usage, t0)
+            final.result.CopyFrom(steer.result(pop))
+            yield final
+        except grpc.aio.AioRpcError as err:
+            code = err.code() if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"steering failed: {err.details()}")
+        finally:
+            await steer.close()
 
     def _final(self, request_id: str, reason: str, usage: smcserve_pb2.Usage, t0: float):
         usage.e2e_ms = (time.perf_counter() - t0) * 1e3

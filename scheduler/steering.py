@@ -1,0 +1,231 @@
+"""The SMC coordinator: owns a steering request's particle set and drives the decode workers.
+
+Each step: the workers extend their particles (batched with everything else they run), the
+coordinator updates log weights, resamples (Algorithm 4, or a standard scheme when the ESS falls
+below the threshold), then reshapes the population: offspring stay on their parent's worker and
+only the surplus migrates, its KV going through the KV store. All calls are batched per worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.sampling import SamplingParams
+from protos import smcserve_pb2 as pb
+from protos import worker_pb2
+from smc import SCHEMES, AllWeightsZero, ess, logsumexp, normalize, resample, steer_resample
+from smc.potentials import PotentialError, PotentialSpec, build_potentials
+from scheduler.validate import InvalidRequest
+
+WITHOUT_REPLACEMENT = "without_replacement"
+ALL_VIOLATED = "all particles violated the constraints"
+
+
+@dataclass
+class SteeringConfig:
+    particles: int
+    extensions: int
+    scheme: str
+    ess_threshold: float
+    potentials: list  # smcserve.v1.Potential messages
+
+
+def validate_steering(spec: pb.SteeringSpec, params: SamplingParams, vocab, max_particles: int) -> SteeringConfig:
+    if not 1 <= spec.particles <= max_particles:
+        raise InvalidRequest(f"steering.particles: must be in [1, {max_particles}], got {spec.particles}")
+    k = spec.extensions if spec.HasField("extensions") else 2
+    if not 1 <= k <= 64:
+        raise InvalidRequest(f"steering.extensions: must be in [1, 64], got {k}")
+    scheme = spec.scheme or WITHOUT_REPLACEMENT
+    if scheme not in (WITHOUT_REPLACEMENT, *SCHEMES):
+        raise InvalidRequest(f"steering.scheme: unknown scheme {scheme!r}; use {WITHOUT_REPLACEMENT} or {', '.join(SCHEMES)}")
+    thr = spec.ess_threshold if spec.HasField("ess_threshold") else 0.5
+    if not 0.0 <= thr <= 1.0:
+        raise InvalidRequest(f"steering.ess_threshold: must be in [0, 1], got {thr}")
+    if params.temperature <= 0:
+        raise InvalidRequest("sampling.temperature: must be > 0 for steering (the LM is the proposal)")
+    try:
+        build_potentials([PotentialSpec.from_proto(m) for m in spec.potentials], vocab)
+    except PotentialError as err:
+        raise InvalidRequest(str(err)) from err
+    return SteeringConfig(spec.particles, k if scheme == WITHOUT_REPLACEMENT else 1, scheme, thr, list(spec.potentials))
+
+
+@dataclass
+class _Population:
+    ids: list[str]                      # particle id of each population index
+    where: dict[str, object]            # particle id → decode worker handle
+    tokens: list[list[int]]
+    finished: np.ndarray
+    logw: np.ndarray
+    targets: dict = field(default_factory=dict)  # worker handle → how many particles it holds
+
+
+class SteeringRun:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, cfg: SteeringConfig,
+                 workers: list, tokenizer):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.cfg = cfg
+        self.workers = workers
+        self.tokenizer = tokenizer
+        self.rng = np.random.default_rng(params.seed)
+        self.steps = 0
+        self.resamples = 0
+        self.status = "ok"
+
+    def _sampling(self) -> pb.SamplingParams:
+        p = self.params
+        return pb.SamplingParams(temperature=p.temperature, top_p=1.0, max_tokens=p.max_tokens, seed=p.seed,
+                                 ignore_eos=p.ignore_eos)
+
+    async def open(self, block_keys: list[str]) -> _Population:
+        n, w = self.cfg.particles, len(self.workers)
+        order = sorted(self.workers, key=lambda h: h.active)
+        counts = {h: n // w + (1 if i < n % w else 0) for i, h in enumerate(order)}
+        ids = [f"0.{i}" for i in range(n)]
+        where, start = {}, 0
+        for h in order:
+            for pid in ids[start : start + counts[h]]:
+                where[pid] = h
+            start += counts[h]
+        await asyncio.gather(*(h.stub.SmcOpen(worker_pb2.SmcOpenRequest(
+            request_id=self.request_id, prompt_token_ids=self.prompt_ids, block_keys=block_keys,
+            sampling=self._sampling(), potentials=self.cfg.potentials,
+            particle_ids=[pid for pid in ids if where[pid] is h])) for h in order if counts[h]))
+        return _Population(ids, where, [[] for _ in range(n)], np.zeros(n, bool), np.zeros(n), counts)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(h.stub.SmcClose(worker_pb2.SmcCloseRequest(request_id=self.request_id))
+                               for h in self.workers), return_exceptions=True)
+
+    async def step(self, pop: _Population) -> bool:
+        """One step for every live particle; returns whether the population was resampled."""
+        n, k = self.cfg.particles, self.cfg.extensions
+        live = [i for i in range(n) if not pop.finished[i]]
+        by_worker: dict = {}
+        for i in live:
+            by_worker.setdefault(pop.where[pop.ids[i]], []).append(
+                worker_pb2.SmcExtendRequest.Item(particle_id=pop.ids[i], index=i, k=k))
+        replies = await asyncio.gather(*(h.stub.SmcExtend(worker_pb2.SmcExtendRequest(
+            request_id=self.request_id, step=self.steps, items=items)) for h, items in by_worker.items()))
+        index_of = {pop.ids[i]: i for i in live}
+        incr = np.full((n, k), -math.inf)
+        child: dict[tuple[int, int], worker_pb2.SmcChild] = {}
+        for h, reply in zip(by_worker, replies):
+            for c in reply.children:
+                i, j = index_of[c.parent_id], int(c.child_id.rsplit("/", 1)[1])
+                incr[i, j] = c.log_increment
+                child[i, j] = c
+                pop.where[c.child_id] = h
+        self.steps += 1
+
+        if self.cfg.scheme == WITHOUT_REPLACEMENT:
+            st = steer_resample(pop.logw, pop.finished, incr, self.rng)
+            if st.status != "ok":
+                self.status = ALL_VIOLATED
+            picks = [(int(p), int(c)) for p, c in zip(st.parent, st.child)]
+            new_logw = np.asarray(st.log_weights, dtype=float)
+            resampled = True
+        else:
+            new_logw = pop.logw.copy()
+            for i in live:
+                new_logw[i] += incr[i, 0]
+            live_set = set(live)
+            picks = [(i, 0 if i in live_set else -1) for i in range(n)]
+            resampled = False
+            alive = np.isfinite(new_logw)
+            if not alive.any():
+                self.status = ALL_VIOLATED
+            elif ess(new_logw) < self.cfg.ess_threshold * n or self.cfg.ess_threshold >= 1.0:
+                try:
+                    ancestors, new_logw = resample(self.cfg.scheme, new_logw, n, self.rng)
+                    picks = [picks[a] for a in ancestors]
+                    resampled = True
+                except AllWeightsZero:
+                    self.status = ALL_VIOLATED
+        sources, tokens, done = [], [], []
+        for i, j in picks:
+            if j < 0:  # a carried (finished) particle
+                sources.append(pop.ids[i])
+                tokens.append(list(pop.tokens[i]))
+                done.append(True)
+            else:
+                c = child[i, j]
+                sources.append(c.child_id)
+                tokens.append(pop.tokens[i] + ([c.token] if c.token >= 0 else []))
+                done.append(c.finished)
+        finished = np.array(done, dtype=bool)
+        finished |= ~np.isfinite(new_logw)  # dead particles are never extended again
+        if resampled:
+            self.resamples += 1
+        await self._reshape(pop, sources)
+        pop.tokens, pop.finished, pop.logw = tokens, finished, new_logw
+        return resampled
+
+    async def _reshape(self, pop: _Population, sources: list[str]) -> None:
+        """Offspring stay on their source's worker up to its share; only the surplus migrates."""
+        n = len(sources)
+        new_ids = [f"{self.steps}.{i}" for i in range(n)]
+        assign: dict[int, object] = {}
+        surplus = []
+        kept = {h: 0 for h in self.workers}
+        for i, src in enumerate(sources):
+            h = pop.where[src]
+            if kept[h] < pop.targets.get(h, 0):
+                assign[i] = h
+                kept[h] += 1
+            else:
+                surplus.append(i)
+        for h in self.workers:
+            while kept[h] < pop.targets.get(h, 0) and surplus:
+                assign[surplus.pop()] = h
+                kept[h] += 1
+        migrating = {}
+        for i, src in enumerate(sources):
+            if assign[i] is not pop.where[src]:
+                migrating.setdefault(pop.where[src], set()).add(src)
+        exported = {}
+        if migrating:
+            replies = await asyncio.gather(*(h.stub.SmcExport(worker_pb2.SmcExportRequest(
+                request_id=self.request_id, particle_ids=sorted(ids))) for h, ids in migrating.items()))
+            for reply in replies:
+                for st in reply.particles:
+                    exported[st.particle_id] = st
+        plans = {h: worker_pb2.SmcReshapeRequest(request_id=self.request_id) for h in self.workers}
+        keep: dict = {}
+        for i, src in enumerate(sources):
+            h = assign[i]
+            if h is pop.where[src]:
+                keep.setdefault((h, src), []).append(new_ids[i])
+            else:
+                st = exported[src]
+                plans[h].imports.add(particle_id=new_ids[i], generated=st.generated, block_keys=st.block_keys,
+                                     finished=st.finished)
+        for (h, src), ids in keep.items():
+            plans[h].keep.add(source_id=src, new_ids=ids)
+        await asyncio.gather(*(h.stub.SmcReshape(plan) for h, plan in plans.items()))
+        pop.ids = new_ids
+        pop.where = {new_ids[i]: assign[i] for i in range(n)}
+
+    def progress(self, pop: _Population, resampled: bool) -> pb.SteeringProgress:
+        best = int(np.argmax(pop.logw)) if np.isfinite(pop.logw).any() else 0
+        return pb.SteeringProgress(step=self.steps, ess=float(ess(pop.logw)), resampled=resampled,
+                                   best_text=self.tokenizer.decode(pop.tokens[best], skip_special_tokens=True),
+                                   finished=int(pop.finished.sum()))
+
+    def result(self, pop: _Population) -> pb.SteeringResult:
+        n = self.cfg.particles
+        log_z = logsumexp(pop.logw) - math.log(n) if np.isfinite(pop.logw).any() else -math.inf
+        weights = normalize(pop.logw)
+        res = pb.SteeringResult(log_z=log_z, steps=self.steps, resamples=self.resamples,
+                                status=self.status if math.isfinite(log_z) else ALL_VIOLATED)
+        for i in range(n):
+            res.particles.add(text=self.tokenizer.decode(pop.tokens[i], skip_special_tokens=True),
+                              token_ids=pop.tokens[i], log_weight=float(pop.logw[i]), weight=float(weights[i]),
+                              finished=bool(pop.finished[i]))
+        return res
