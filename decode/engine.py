@@ -65,7 +65,7 @@ class DecodeEngine:
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
         self.counters = dict(requests_served=0, tokens_generated=0, prompt_recomputes=0, prompt_blocks_reused=0,
-                             batch_steps=0, batched_tokens=0, max_batch_size=0)
+                             batch_steps=0, batched_tokens=0, max_batch_size=0, particles_imported=0)
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
         self.thread.start()

@@ -100,6 +100,8 @@ class ParticleGroup:
                         table = bm.fork(p.table) if p.table is not None else None
                     new[nid] = Particle(list(p.generated), [q.clone() for q in p.potentials], table, p.finished)
         self._free(self.particles.values())
+        with self.engine.lock:
+            self.engine.counters["particles_imported"] += len(imports)
         for nid, generated, keys, finished in imports:
             p = Particle(list(generated), self.fresh_potentials(generated), None, finished)
             if not finished:

@@ -78,7 +78,7 @@ class Stack:
         wcfg = WorkerConfig(model=str(model_path), dtype=cfg.dtype, block_size=cfg.block_size,
                             redis_url=self.redis_url, threads=cfg.threads, kv_cache_bytes=parse_size(cfg.kv_cache),
                             host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"))
-        opts = {"num_cpus": cfg.worker_cpus}
+        opts = {"num_cpus": cfg.worker_cpus, "scheduling_strategy": "SPREAD"}  # pools spread over the nodes
         prefill = [PrefillWorker.options(**opts).remote(wcfg, f"prefill-{i}") for i in range(cfg.prefill_workers)]
         decode = [DecodeWorker.options(**opts).remote(wcfg, f"decode-{i}") for i in range(cfg.decode_workers)]
         nodes = await asyncio.gather(*(a.ready.remote() for a in prefill))
