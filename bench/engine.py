@@ -19,6 +19,8 @@ import os
 import time
 
 import torch
+
+from bench.timing import PROMPT, StreamClock
 import torch.nn.functional as F
 
 from decode.block_manager import BlockManager, BlockTable
@@ -28,26 +30,10 @@ from engine.kv import KVLayout
 from engine.model import load_model
 from engine.sampling import SamplingParams, sample_token, sample_tokens
 
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-
-
-class _Clock:
-    """HF streamer recording arrival times (the first put is the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def hf_single_tps(lm, ids: list[int], tokens: int) -> float:
     """Decode tokens/s of HF generate of one sequence (from the first generated token to the end)."""
     x = torch.tensor([ids])
-    clock = _Clock()
+    clock = StreamClock()
     with torch.inference_mode():
         lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
                           do_sample=False, streamer=clock)

@@ -16,21 +16,7 @@ import time
 
 import torch
 
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-
-
-class _Clock:
-    """An HF streamer that records when each batch of tokens arrives (the first put is the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
+from bench.timing import PROMPT, StreamClock
 
 def measure_hf(model_name: str | None, dtype: str, threads: int, tokens: int, runs: int) -> tuple[float, float]:
     from engine.model import load_model
@@ -41,7 +27,7 @@ def measure_hf(model_name: str | None, dtype: str, threads: int, tokens: int, ru
     x = torch.tensor([ids])
     ttfts, tpots = [], []
     for i in range(runs + 1):
-        clock = _Clock()
+        clock = StreamClock()
         t0 = time.perf_counter()
         with torch.inference_mode():
             lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
