@@ -19,16 +19,16 @@ import os
 import time
 
 import torch
-
-from bench.timing import PROMPT, StreamClock
 import torch.nn.functional as F
 
+from bench.timing import PROMPT, StreamClock
 from decode.block_manager import BlockManager, BlockTable
 from decode.engine import append_tokens
 from decode.model_runner import ModelRunner, SeqBatchItem
 from engine.kv import KVLayout
 from engine.model import load_model
 from engine.sampling import SamplingParams, sample_token, sample_tokens
+
 
 def hf_single_tps(lm, ids: list[int], tokens: int) -> float:
     """Decode tokens/s of HF generate of one sequence (from the first generated token to the end)."""
