@@ -88,6 +88,8 @@ def _steer(args) -> int:
         pots.append({"kind": "banned_phrases", "phrases": args.ban})
     if args.require:
         pots.append({"kind": "required_phrases", "phrases": args.require})
+    if args.intersect:
+        pots.append({"kind": "prompt_intersection", "prompts": args.intersect})
     pots += [{"kind": name} for name in args.potential]
     prompt, messages = (args.prompt, None) if args.raw else (None, [{"role": "user", "content": args.prompt}])
     kw = dict(particles=args.particles, potentials=pots, scheme=args.scheme, ess_threshold=args.ess_threshold,
@@ -181,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--forbid", default="", help="characters the text must not contain")
     t.add_argument("--ban", action="append", default=[], help="a phrase the text must not contain")
     t.add_argument("--require", action="append", default=[], help="a phrase the text must contain by the end")
+    t.add_argument("--intersect", action="append", default=[],
+                   help="another prompt whose next-token distribution multiplies the LM's (prompt intersection)")
     t.add_argument("--potential", action="append", default=[], help="an operator-installed potential, by name")
     t.set_defaults(func=_steer)
 

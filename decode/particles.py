@@ -23,9 +23,9 @@ from smc.vocab import Vocab
 
 @dataclass
 class Particle:
-    generated: list[int]                    # the last one is pending: its KV is not computed yet
+    generated: list[int]                      # the last one is pending: its KV is not computed yet
     potentials: list[Potential]
-    table: BlockTable | None = None         # KV of prompt + generated[:-1]; None once finished
+    tables: list[BlockTable] | None = None    # KV of each prompt + generated[:-1]; None once finished
     finished: bool = False
 
 
@@ -45,14 +45,20 @@ def _seed_uniform(seed: int, step: int, index: int, k: int) -> float:
 
 @dataclass
 class ParticleGroup:
-    """The particles of one SMC request on this worker."""
+    """The particles of one SMC request on this worker.
+
+    ``prompts[0]`` is the request's prompt; further prompts are intersected with it: every particle
+    also runs under them (companion sequences that share its generated tokens) and the proposal is
+    the product of the next-token distributions, the others raised to ``intersect_weights``.
+    """
 
     request_id: str
-    prompt_ids: list[int]
+    prompts: list[list[int]]
     params: SamplingParams
     specs: list
     vocab: Vocab
     engine: DecodeEngine
+    intersect_weights: list[float] = field(default_factory=list)  # one per prompt after the first
     particles: dict[str, Particle] = field(default_factory=dict)
 
     def fresh_potentials(self, generated: list[int] = ()) -> list[Potential]:
@@ -62,50 +68,54 @@ class ParticleGroup:
                 p.advance(tok)
         return pots
 
-    def feed_token(self, p: Particle) -> int:
-        return p.generated[-1] if p.generated else self.prompt_ids[-1]
+    def feed_tokens(self, p: Particle) -> list[int]:
+        return [p.generated[-1] if p.generated else prompt[-1] for prompt in self.prompts]
 
-    def kv_tokens(self, p: Particle) -> list[int]:
-        return self.prompt_ids + p.generated[:-1] if p.generated else self.prompt_ids[:-1]
+    def kv_tokens(self, p: Particle, prompt: list[int]) -> list[int]:
+        return prompt + p.generated[:-1] if p.generated else prompt[:-1]
+
+    def keys(self, tokens: list[int]) -> list[str]:
+        return chain_keys(self.engine.lm.fingerprint, tokens, self.engine.block_size)
+
+    def _fork(self, tables: list[BlockTable] | None) -> list[BlockTable] | None:
+        if tables is None:
+            return None
+        with self.engine.lock:
+            return [self.engine.bm.fork(t) for t in tables]
 
     # --- operations (each runs in the engine thread) ----------------------------------------------
     def open(self, block_keys: list[str], particle_ids: list[str]) -> None:
-        root = self.engine.load_kv(self.prompt_ids[:-1], block_keys)
+        roots = [self.engine.load_kv(self.prompts[0][:-1], block_keys)]
+        roots += [self.engine.load_kv(prompt[:-1], self.keys(prompt[:-1])) for prompt in self.prompts[1:]]
         for i, pid in enumerate(particle_ids):
-            table = root if i == 0 else self.engine.bm.fork(root)
-            self.particles[pid] = Particle([], self.fresh_potentials(), table)
+            self.particles[pid] = Particle([], self.fresh_potentials(), roots if i == 0 else self._fork(roots))
 
-    def export(self, ids: list[str]) -> list[tuple[str, list[int], list[str], bool]]:
+    def export(self, ids: list[str]) -> list[tuple[str, list[int], bool]]:
+        """Write the particles' KV to the store (content keys, so the receiver can recompute them)."""
         out = []
         for pid in ids:
             p = self.particles[pid]
-            keys: list[str] = []
             if not p.finished:
-                tokens = self.kv_tokens(p)
-                keys = chain_keys(self.engine.lm.fingerprint, tokens, self.engine.block_size)
-                self.engine.save_kv(p.table, tokens, keys)
-            out.append((pid, list(p.generated), keys, p.finished))
+                for prompt, table in zip(self.prompts, p.tables):
+                    tokens = self.kv_tokens(p, prompt)
+                    self.engine.save_kv(table, tokens, self.keys(tokens))
+            out.append((pid, list(p.generated), p.finished))
         return out
 
-    def reshape(self, keep: list[tuple[str, list[str]]], imports: list[tuple[str, list[int], list[str], bool]]) -> None:
-        bm = self.engine.bm
+    def reshape(self, keep: list[tuple[str, list[str]]], imports: list[tuple[str, list[int], bool]]) -> None:
         new: dict[str, Particle] = {}
         for source, new_ids in keep:
             p = self.particles.pop(source)
             for j, nid in enumerate(new_ids):
-                if j == 0:
-                    new[nid] = p
-                else:
-                    with self.engine.lock:
-                        table = bm.fork(p.table) if p.table is not None else None
-                    new[nid] = Particle(list(p.generated), [q.clone() for q in p.potentials], table, p.finished)
+                new[nid] = p if j == 0 else Particle(list(p.generated), [q.clone() for q in p.potentials],
+                                                     self._fork(p.tables), p.finished)
         self._free(self.particles.values())
         with self.engine.lock:
             self.engine.counters["particles_imported"] += len(imports)
-        for nid, generated, keys, finished in imports:
+        for nid, generated, finished in imports:
             p = Particle(list(generated), self.fresh_potentials(generated), None, finished)
             if not finished:
-                p.table = self.engine.load_kv(self.kv_tokens(p), keys)
+                p.tables = [self.engine.load_kv(t, self.keys(t)) for t in (self.kv_tokens(p, q) for q in self.prompts)]
             new[nid] = p
         self.particles = new
 
@@ -116,9 +126,9 @@ class ParticleGroup:
     def _free(self, particles) -> None:
         with self.engine.lock:
             for p in particles:
-                if p.table is not None:
-                    self.engine.bm.free_table(p.table)
-                    p.table = None
+                for t in p.tables or []:
+                    self.engine.bm.free_table(t)
+                p.tables = None
 
     # --- extension: one batched step ---------------------------------------------------------------
     def extend_job(self, step: int, items: list[tuple[str, int, int]]) -> ExtendJob:
@@ -126,14 +136,17 @@ class ParticleGroup:
         for (pid, _, _), p in zip(items, parents):
             if p.finished:
                 raise ValueError(f"particle {pid} has finished and cannot be extended")
-        return ExtendJob([p.table for p in parents], [self.feed_token(p) for p in parents],
+        return ExtendJob([t for p in parents for t in p.tables], [t for p in parents for t in self.feed_tokens(p)],
                          lambda logits: self._children(step, items, parents, logits))
 
     def _children(self, step: int, items, parents: list[Particle], logits: torch.Tensor) -> list[Child]:
-        temperature = self.params.temperature
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        m = len(self.prompts)
+        logp = torch.log_softmax(logits.float() / self.params.temperature, dim=-1).view(len(parents), m, -1)
+        rows = logp[:, 0]
+        for i, w in enumerate(self.intersect_weights, start=1):
+            rows = rows + w * logp[:, i]
         out: list[Child] = []
-        for (pid, index, k), p, row in zip(items, parents, logp):
+        for (pid, index, k), p, row in zip(items, parents, rows):
             mask = combined_mask(p.potentials)
             if mask is not None:
                 row = row.masked_fill(~mask[: row.numel()], float("-inf"))
@@ -141,25 +154,23 @@ class ParticleGroup:
             cdf = torch.cumsum(torch.exp(row - log_mass), 0) if log_mass > -math.inf else None
             del self.particles[pid]
             for j in range(k):
-                cid = f"{pid}/{j}"
                 last = j == k - 1
-                pots = p.potentials if last else [q.clone() for q in p.potentials]
-                with self.engine.lock:
-                    table = p.table if last else self.engine.bm.fork(p.table)
-                child = Particle(list(p.generated), pots, table)
+                child = Particle(list(p.generated), p.potentials if last else [q.clone() for q in p.potentials],
+                                 p.tables if last else self._fork(p.tables))
+                cid = f"{pid}/{j}"
                 if cdf is None:  # every next token violates a hard constraint: a dead particle
                     out.append(Child(pid, cid, -1, -math.inf, True))
                     child.finished = True
                 else:
                     u = _seed_uniform(self.params.seed, step, index, j) * float(cdf[-1])
                     token = min(int(torch.searchsorted(cdf, torch.tensor([u]), right=True)), cdf.numel() - 1)
-                    inc = log_mass + advance_all(pots, token)
+                    inc = log_mass + advance_all(child.potentials, token)
                     child.generated.append(token)
                     child.finished = (token in self.vocab.eos_ids and not self.params.ignore_eos) or \
                         len(child.generated) >= self.params.max_tokens
                     if child.finished:
-                        inc += finish_all(pots)
-                    out.append(Child(pid, cid, token, inc if inc == inc else -math.inf, child.finished))
+                        inc += finish_all(child.potentials)
+                    out.append(Child(pid, cid, token, inc, child.finished))
                 if child.finished:
                     self._free([child])
                 self.particles[cid] = child

@@ -93,8 +93,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         if self.vocab is None:
             self.vocab = get_vocab(self.engine.lm.tokenizer, size=self.engine.lm.config.vocab_size,
                                    eos_ids=sorted(self.engine.lm.eos_token_ids))
-        group = ParticleGroup(request.request_id, list(request.prompt_token_ids), sampling_from_proto(request.sampling),
-                              [PotentialSpec.from_proto(m) for m in request.potentials], self.vocab, self.engine)
+        prompts = [list(request.prompt_token_ids)] + [list(t.ids) for t in request.intersect_prompts]
+        group = ParticleGroup(request.request_id, prompts, sampling_from_proto(request.sampling),
+                              [PotentialSpec.from_proto(m) for m in request.potentials], self.vocab, self.engine,
+                              list(request.intersect_weights))
         self.groups[request.request_id] = group
         self._run(lambda: group.open(list(request.block_keys), list(request.particle_ids)), context)
         return worker_pb2.SmcAck()
@@ -115,13 +117,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         group = self._group(request.request_id, context)
         states = self._run(lambda: group.export(list(request.particle_ids)), context)
         return worker_pb2.SmcExportReply(particles=[
-            worker_pb2.SmcParticleState(particle_id=pid, generated=gen, block_keys=keys, finished=fin)
-            for pid, gen, keys, fin in states])
+            worker_pb2.SmcParticleState(particle_id=pid, generated=gen, finished=fin) for pid, gen, fin in states])
 
     def SmcReshape(self, request, context):
         group = self._group(request.request_id, context)
         keep = [(k.source_id, list(k.new_ids)) for k in request.keep]
-        imports = [(st.particle_id, list(st.generated), list(st.block_keys), st.finished) for st in request.imports]
+        imports = [(st.particle_id, list(st.generated), st.finished) for st in request.imports]
         self._run(lambda: group.reshape(keep, imports), context)
         return worker_pb2.SmcAck()
 

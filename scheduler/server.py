@@ -86,7 +86,8 @@ class SchedulerService:
             prompt_ids = tokenize_request(request, self.tokenizer, self.limits)
             params = validate_sampling(request.sampling, self.limits, len(prompt_ids))
             if request.HasField("steering"):
-                steering = validate_steering(request.steering, params, self.steering_vocab(), self.max_particles)
+                steering = validate_steering(request.steering, params, self.steering_vocab(), self.max_particles,
+                                             lambda text: self._tokenize_like(request, text))
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         request_id = request.request_id or uuid.uuid4().hex
@@ -169,6 +170,15 @@ class SchedulerService:
                 dw.active -= 1
         raise refusal
 
+    def _tokenize_like(self, request, text: str) -> list[int]:
+        """Token ids of ``text`` in the same form as the request's input (a chat user message, or raw)."""
+        like = smcserve_pb2.GenerateRequest(model=request.model)
+        if request.WhichOneof("input") == "chat":
+            like.chat.messages.add(role="user", content=text)
+        else:
+            like.prompt = text
+        return tokenize_request(like, self.tokenizer, self.limits)
+
     def steering_vocab(self):
         if self._vocab is None:
             self._vocab = get_vocab(self.tokenizer, size=self.model.vocab_size, eos_ids=[self.tokenizer.eos_token_id])
@@ -190,6 +200,9 @@ class SchedulerService:
                 pw.queued -= 1
                 pw.served += 1
             keys, usage.cached_prompt_tokens = pre["block_keys"], pre["cached_tokens"]
+        # the intersected prompts' KV goes to the store too (workers recompute whatever is missing)
+        await asyncio.gather(*(self.pick_prefill().actor.prefill.remote(ids[:-1], dataclasses.asdict(params))
+                               for ids, _ in cfg.intersect if len(ids) > 1), return_exceptions=True)
         steer = SteeringRun(request_id, prompt_ids, params, cfg, self.decode, self.tokenizer)
         try:
             pop = await steer.open(keys)

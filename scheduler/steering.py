@@ -17,7 +17,7 @@ from engine.sampling import SamplingParams
 from protos import smcserve_pb2 as pb
 from protos import worker_pb2
 from smc import SCHEMES, AllWeightsZero, ess, logsumexp, normalize, resample, steer_resample
-from smc.potentials import PotentialError, PotentialSpec, build_potentials
+from smc.potentials import PotentialError, PotentialSpec, build_potential
 from scheduler.validate import InvalidRequest
 
 WITHOUT_REPLACEMENT = "without_replacement"
@@ -30,10 +30,16 @@ class SteeringConfig:
     extensions: int
     scheme: str
     ess_threshold: float
-    potentials: list  # smcserve.v1.Potential messages
+    potentials: list  # smcserve.v1.Potential messages the workers evaluate
+    intersect: list[tuple[list[int], float]] = field(default_factory=list)  # (prompt token ids, exponent)
 
 
-def validate_steering(spec: pb.SteeringSpec, params: SamplingParams, vocab, max_particles: int) -> SteeringConfig:
+INTERSECTION = "prompt_intersection"
+
+
+def validate_steering(spec: pb.SteeringSpec, params: SamplingParams, vocab, max_particles: int,
+                      tokenize) -> SteeringConfig:
+    """``tokenize(text)`` turns a prompt of the request's form (raw or chat) into token ids."""
     if not 1 <= spec.particles <= max_particles:
         raise InvalidRequest(f"steering.particles: must be in [1, {max_particles}], got {spec.particles}")
     k = spec.extensions if spec.HasField("extensions") else 2
@@ -47,11 +53,24 @@ def validate_steering(spec: pb.SteeringSpec, params: SamplingParams, vocab, max_
         raise InvalidRequest(f"steering.ess_threshold: must be in [0, 1], got {thr}")
     if params.temperature <= 0:
         raise InvalidRequest("sampling.temperature: must be > 0 for steering (the LM is the proposal)")
+    intersect, others = [], []
+    for i, m in enumerate(spec.potentials):
+        if m.kind != INTERSECTION:
+            others.append((i, m))
+            continue
+        weight = m.weight if m.HasField("weight") else 1.0
+        if not m.prompts or not all(m.prompts):
+            raise InvalidRequest(f"steering.potentials[{i}].prompts: name at least one non-empty prompt")
+        if not weight >= 0:
+            raise InvalidRequest(f"steering.potentials[{i}].weight: must be >= 0, got {weight}")
+        intersect += [(tokenize(text), weight) for text in m.prompts]
     try:
-        build_potentials([PotentialSpec.from_proto(m) for m in spec.potentials], vocab)
+        for i, m in others:
+            build_potential(PotentialSpec.from_proto(m), vocab, where=f"steering.potentials[{i}]")
     except PotentialError as err:
         raise InvalidRequest(str(err)) from err
-    return SteeringConfig(spec.particles, k if scheme == WITHOUT_REPLACEMENT else 1, scheme, thr, list(spec.potentials))
+    return SteeringConfig(spec.particles, k if scheme == WITHOUT_REPLACEMENT else 1, scheme, thr,
+                          [m for _, m in others], intersect)
 
 
 @dataclass
@@ -96,7 +115,9 @@ class SteeringRun:
         await asyncio.gather(*(h.stub.SmcOpen(worker_pb2.SmcOpenRequest(
             request_id=self.request_id, prompt_token_ids=self.prompt_ids, block_keys=block_keys,
             sampling=self._sampling(), potentials=self.cfg.potentials,
-            particle_ids=[pid for pid in ids if where[pid] is h])) for h in order if counts[h]))
+            particle_ids=[pid for pid in ids if where[pid] is h],
+            intersect_prompts=[worker_pb2.TokenIds(ids=t) for t, _ in self.cfg.intersect],
+            intersect_weights=[w for _, w in self.cfg.intersect])) for h in order if counts[h]))
         return _Population(ids, where, [[] for _ in range(n)], np.zeros(n, bool), np.zeros(n), counts)
 
     async def close(self) -> None:
@@ -204,8 +225,7 @@ class SteeringRun:
                 keep.setdefault((h, src), []).append(new_ids[i])
             else:
                 st = exported[src]
-                plans[h].imports.add(particle_id=new_ids[i], generated=st.generated, block_keys=st.block_keys,
-                                     finished=st.finished)
+                plans[h].imports.add(particle_id=new_ids[i], generated=st.generated, finished=st.finished)
         for (h, src), ids in keep.items():
             plans[h].keep.add(source_id=src, new_ids=ids)
         await asyncio.gather(*(h.stub.SmcReshape(plan) for h, plan in plans.items()))

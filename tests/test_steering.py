@@ -82,6 +82,28 @@ def test_impossible_constraints_give_log_z_minus_inf(client):
     assert all(p.weight == 0 for p in res.particles)
 
 
+def test_prompt_intersection_weights_are_the_product_normalisers(client, real_model):
+    """With no resampling, each particle's log weight is Σ_t log Σ_x p1(x | prompt1, y<t) p2(x | prompt2, y<t)."""
+    import torch
+
+    q1, q2 = "Name a fruit.", "Name something red."
+    res = client.steer(messages=chat(q1), particles=2, max_tokens=5, seed=8, scheme="multinomial",
+                       ess_threshold=0.0, potentials=[{"kind": "prompt_intersection", "prompts": [q2]}])
+    check_result(res, 2)
+    tok = real_model.tokenizer
+    p1, p2 = (tok.apply_chat_template(chat(q), add_generation_prompt=True, tokenize=True, return_dict=False)
+              for q in (q1, q2))
+    with torch.inference_mode():
+        for particle in res.particles:
+            y = list(particle.token_ids)
+            expected = 0.0
+            for t in range(len(y)):
+                l1 = torch.log_softmax(real_model.model(torch.tensor([p1 + y[:t]])).logits[0, -1], -1)
+                l2 = torch.log_softmax(real_model.model(torch.tensor([p2 + y[:t]])).logits[0, -1], -1)
+                expected += float(torch.logsumexp(l1 + l2, 0))
+            assert particle.log_weight == pytest.approx(expected, abs=2e-3)
+
+
 @pytest.mark.parametrize("steering, field", [
     ({"particles": 0}, "steering.particles"),
     ({"particles": 100000}, "steering.particles"),
@@ -93,6 +115,7 @@ def test_impossible_constraints_give_log_z_minus_inf(client):
     ({"particles": 4, "potentials": [{"kind": "cfg", "grammar": "start: (("}]}, "steering.potentials[0].grammar"),
     ({"particles": 4, "potentials": [{"kind": "max_word_length", "max_len": 3},
                                      {"kind": "no_such_potential"}]}, "steering.potentials[1].kind"),
+    ({"particles": 4, "potentials": [{"kind": "prompt_intersection"}]}, "steering.potentials[0].prompts"),
 ])
 def test_bad_steering_specs(client, steering, field):
     from client.client import build_request
