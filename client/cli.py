@@ -21,7 +21,8 @@ def _serve(args) -> int:
         redis_maxmemory=args.redis_maxmemory, ray_address=args.ray_address, prefill_workers=args.prefill_workers,
         decode_workers=args.decode_workers, host=args.host, port=args.port, max_tokens_limit=args.max_tokens_limit,
         max_inflight=args.max_inflight, threads=args.threads, worker_host=args.worker_host,
-        kv_cache=args.kv_cache)
+        kv_cache=args.kv_cache, prefix_cache=not args.no_prefix_cache, policy=args.policy,
+        slo_ttft_ms=args.slo_ttft_ms, slo_tbt_ms=args.slo_tbt_ms)
 
     async def main() -> None:
         stack = Stack(config)
@@ -146,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens-limit", type=int, default=4096)
     s.add_argument("--max-inflight", type=int, default=256, help="requests in flight before RESOURCE_EXHAUSTED")
     s.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: all cores)")
+    s.add_argument("--no-prefix-cache", action="store_true", help="prefill recomputes every prompt in full")
+    s.add_argument("--policy", default="cache_global",
+                   choices=["random", "round_robin", "load", "cache_local", "cache_global"])
+    s.add_argument("--slo-ttft-ms", type=float, default=0.0, help="reject requests predicted to miss this TTFT")
+    s.add_argument("--slo-tbt-ms", type=float, default=0.0, help="reject requests predicted to miss this TBT")
     s.add_argument("--kv-cache", default="1gb", help="paged KV pool per decode worker (e.g. 512mb, 2gb)")
     s.add_argument("--worker-host", default=None,
                    help="address decode workers listen on (default: 127.0.0.1 locally, the Ray node IP in a cluster)")

@@ -17,6 +17,7 @@ class WorkerConfig:
     threads: int = 0                  # torch threads per worker; 0 → all cores
     host: str = ""                    # decode workers: address to bind and advertise; "" → the Ray node's IP
     kv_cache_bytes: int = 1 << 30     # decode workers: size of the paged KV pool
+    prefix_cache: bool = True         # prefill workers: reuse prompt blocks already in the KV store
 
 
 def parse_size(text: str) -> int:

@@ -30,18 +30,19 @@ class PrefillResult:
 class Prefiller:
     """Computes prompts' KV; reuses the longest prefix of blocks already in the store."""
 
-    def __init__(self, lm: LoadedModel, store: KVStore, block_size: int):
+    def __init__(self, lm: LoadedModel, store: KVStore, block_size: int, prefix_cache: bool = True):
         self.lm = lm
         self.store = store
         self.layout = KVLayout.from_config(lm.config, lm.dtype, block_size)
+        self.prefix_cache = prefix_cache
 
     def prefill(self, token_ids: list[int], params: SamplingParams) -> PrefillResult:
         t0 = time.perf_counter()
         bs = self.layout.block_size
         keys = chain_keys(self.lm.fingerprint, token_ids, bs)
         # Reuse cached full blocks, but always compute at least the last token (we need its logits).
-        reusable = (len(token_ids) - 1) // bs
-        hit = self.store.cached_prefix_len(keys[:reusable])
+        reusable = (len(token_ids) - 1) // bs if self.prefix_cache else 0
+        hit = self.store.cached_prefix_len(keys[:reusable]) if reusable else 0
         cached = self.store.get_blocks(keys[:hit]) if hit else []
         if None in cached:  # evicted or corrupt between the two reads: reuse what is left
             cached = cached[: cached.index(None)]
@@ -63,7 +64,7 @@ class PrefillWorker:
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
         self.lm = load_model(config.model, config.dtype, threads=config.threads or os.cpu_count())
-        self.prefiller = Prefiller(self.lm, KVStore(config.redis_url), config.block_size)
+        self.prefiller = Prefiller(self.lm, KVStore(config.redis_url), config.block_size, config.prefix_cache)
         self.served = 0
         self.tokens = 0
 

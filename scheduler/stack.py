@@ -40,6 +40,10 @@ class ServeConfig:
     threads: int = 0                   # torch threads per worker; 0 → all cores
     worker_cpus: float = 1.0           # Ray CPU resource each worker reserves
     kv_cache: str = "1gb"              # paged KV pool of each decode worker
+    prefix_cache: bool = True          # prefill reuses prompt blocks already in the KV store
+    policy: str = "cache_global"       # placement policy (scheduler/policies.py)
+    slo_ttft_ms: float = 0.0           # reject at admission when the predicted TTFT exceeds it (0: off)
+    slo_tbt_ms: float = 0.0            # ... or the predicted time between tokens (0: off)
     worker_host: str | None = None     # decode workers' gRPC address; None → 127.0.0.1 locally, the node IP in a cluster
 
 
@@ -77,6 +81,7 @@ class Stack:
             self.started_ray = True
         wcfg = WorkerConfig(model=str(model_path), dtype=cfg.dtype, block_size=cfg.block_size,
                             redis_url=self.redis_url, threads=cfg.threads, kv_cache_bytes=parse_size(cfg.kv_cache),
+                            prefix_cache=cfg.prefix_cache,
                             host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"))
         opts = {"num_cpus": cfg.worker_cpus, "scheduling_strategy": "SPREAD"}  # pools spread over the nodes
         prefill = [PrefillWorker.options(**opts).remote(wcfg, f"prefill-{i}") for i in range(cfg.prefill_workers)]

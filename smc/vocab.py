@@ -167,19 +167,19 @@ class Vocab:
     @functools.cached_property
     def eos_mask(self) -> torch.Tensor:
         """Only EOS allowed (read-only; shared)."""
-        m = torch.zeros(self.size, dtype=torch.bool)
-        if self.eos_ids:
-            m[list(self.eos_ids)] = True
-        return m
+        m = np.zeros(self.size, dtype=np.bool_)
+        m[list(self.eos_ids)] = True
+        return torch.from_numpy(m)
 
     @functools.cached_property
-    def eos_index(self) -> torch.Tensor:
-        return torch.tensor(self.eos_ids, dtype=torch.long)
+    def not_eos_mask(self) -> torch.Tensor:
+        """Anything but EOS (read-only; shared)."""
+        return torch.from_numpy(~self.eos_mask.numpy())
 
     @functools.cached_property
     def empty_mask(self) -> torch.Tensor:
         """Tokens that add no text (special tokens, ids past the tokenizer)."""
-        return torch.tensor([not b for b in self.token_bytes], dtype=torch.bool)
+        return torch.from_numpy(np.array([not b for b in self.token_bytes], dtype=np.bool_))
 
     # ---- llguidance ---------------------------------------------------------------------------
     @functools.cached_property
