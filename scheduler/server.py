@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections import OrderedDict
 import logging
 import time
 import uuid
@@ -14,6 +15,10 @@ import ray
 
 from engine.sampling import SamplingParams
 from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
+from engine.kv import chain_keys
+from kvstore import KVStore
+from scheduler.policies import (CostRecorder, DecodeInstance, Placement, Policy, PrefillInstance, RequestInfo,
+                                make_policy, place)
 from scheduler.steering import SteeringConfig, SteeringRun, validate_steering
 from smc.vocab import get_vocab
 from scheduler.validate import BadUtf8, InvalidRequest, Limits, lenient_deserializer, tokenize_request, validate_sampling
@@ -28,6 +33,15 @@ class PrefillHandle:
     node_id: str = ""
     queued: int = 0          # prefill calls sent and not yet answered
     served: int = 0
+    queue_ms: float = 0.0    # predicted time to finish what it was sent
+    local_blocks: OrderedDict = field(default_factory=OrderedDict)  # blocks it computed or read (LRU)
+
+    def remember(self, keys: list[str], limit: int = 1 << 16) -> None:
+        for k in keys:
+            self.local_blocks[k] = None
+            self.local_blocks.move_to_end(k)
+        while len(self.local_blocks) > limit:
+            self.local_blocks.popitem(last=False)
 
 
 @dataclass(eq=False)
@@ -37,6 +51,7 @@ class DecodeHandle:
     address: str
     stub: worker_pb2_grpc.DecodeWorkerStub
     active: int = 0          # requests streaming from this worker
+    incoming: int = 0        # admitted requests still in prefill that will decode here (predicted load)
 
 
 @dataclass
@@ -69,12 +84,47 @@ class SchedulerService:
     decode: list[DecodeHandle]
     max_inflight: int = 256
     max_particles: int = 256
+    store: KVStore | None = None       # the global prefix cache (None: prefix cache off)
+    policy: Policy = field(default_factory=lambda: make_policy("cache_global"))
+    cost: CostRecorder = field(default_factory=CostRecorder)
+    slo_ttft_ms: float = 0.0           # 0: no SLO
+    slo_tbt_ms: float = 0.0
     _vocab: object = None
     running: dict[str, Running] = field(default_factory=dict)
 
-    # --- placement (least loaded for now) --------------------------------------------------------
-    def pick_prefill(self) -> PrefillHandle:
-        return min(self.prefill, key=lambda w: w.queued)
+    # --- placement (the Conductor) -----------------------------------------------------------------
+    async def place(self, prompt_ids: list[int], max_tokens: int) -> tuple[Placement, list[str]]:
+        """Choose the prefill and decode workers and decide admission from predicted TTFT and TBT."""
+        bs = self.model.block_size
+        keys = chain_keys(self.model.fingerprint, prompt_ids, bs)
+        reusable = keys[: (len(prompt_ids) - 1) // bs] if self.store is not None else []
+        global_hits = await asyncio.to_thread(self.store.cached_prefix_len, reusable) if reusable else 0
+        req = RequestInfo(reusable, len(prompt_ids), bs, max_tokens)
+        prefill = [PrefillInstance(w.worker_id, w.queue_ms, w.local_blocks if self.store is not None else set())
+                   for w in self.prefill]
+        decode = [DecodeInstance(w.worker_id, batch=w.active + w.incoming) for w in self.decode]
+        return place(self.policy, req, prefill, global_hits, decode, self.cost.model,
+                     self.slo_ttft_ms or None, self.slo_tbt_ms or None), keys
+
+    async def _prefill(self, placement: Placement, keys: list[str], token_ids: list[int], params: SamplingParams,
+                       context) -> dict:
+        """Run the prefill on the chosen worker; feed the measured time to the cost model."""
+        pw = next(w for w in self.prefill if w.worker_id == placement.prefill.instance.id)
+        cached = placement.prefill.cached_tokens
+        predicted = self.cost.model.prefill_ms(len(token_ids) - cached, cached)
+        pw.queued += 1
+        pw.queue_ms += predicted
+        try:
+            pre = await pw.actor.prefill.remote(token_ids, dataclasses.asdict(params))
+        except ray.exceptions.RayError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {pw.worker_id} failed: {err}")
+        finally:
+            pw.queued -= 1
+            pw.served += 1
+            pw.queue_ms = max(0.0, pw.queue_ms - predicted)
+        self.cost.add_prefill(len(token_ids) - pre["cached_tokens"], pre["cached_tokens"], pre["compute_ms"])
+        pw.remember(keys[: len(pre["block_keys"])])
+        return pre
 
     # --- RPCs --------------------------------------------------------------------------------------
     async def Generate(self, request, context: grpc.aio.ServicerContext):
@@ -96,24 +146,25 @@ class SchedulerService:
         if len(self.running) >= self.max_inflight:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"server busy: {len(self.running)} requests in flight (limit {self.max_inflight})")
+        placement, keys = await self.place(prompt_ids, params.max_tokens)
+        if not placement.admitted:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rejected at admission: {placement.reject_reason}")
         run = self.running[request_id] = Running()
         if steering is not None:
             try:
-                async for response in self._steer(request_id, prompt_ids, params, steering, context, t0, run):
+                async for response in self._steer(request_id, prompt_ids, params, steering, context, t0, run,
+                                                  placement):
                     yield response
             finally:
                 self.running.pop(request_id, None)
             return
+        dw = next(w for w in self.decode if w.worker_id == placement.decode.id)
+        dw.incoming += 1
         try:
-            pw = self.pick_prefill()
-            pw.queued += 1
             try:
-                pre = await pw.actor.prefill.remote(prompt_ids, dataclasses.asdict(params))
-            except ray.exceptions.RayError as err:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {pw.worker_id} failed: {err}")
+                pre = await self._prefill(placement, keys, prompt_ids, params, context)
             finally:
-                pw.queued -= 1
-                pw.served += 1
+                dw.incoming -= 1
             usage = smcserve_pb2.Usage(prompt_tokens=len(prompt_ids), cached_prompt_tokens=pre["cached_tokens"])
             if run.aborted:
                 yield self._final(request_id, "abort", usage, t0)
@@ -122,10 +173,15 @@ class SchedulerService:
                 request_id=request_id, prompt_token_ids=prompt_ids, block_keys=pre["block_keys"],
                 first_token=pre["first_token"], sampling=_sampling_proto(params))
             try:
-                async with contextlib.aclosing(self._decode(decode_request, run)) as events:
+                last = None
+                async with contextlib.aclosing(self._decode(decode_request, run, dw)) as events:
                     async for ev in events:
+                        now = time.perf_counter()
                         if not usage.ttft_ms and ev.token_ids:
-                            usage.ttft_ms = (time.perf_counter() - t0) * 1e3
+                            usage.ttft_ms = (now - t0) * 1e3
+                        elif last is not None:
+                            self.cost.add_tbt(dw.active, (now - last) * 1e3)
+                        last = now
                         usage.completion_tokens = ev.completion_tokens
                         if not ev.finish_reason:
                             yield smcserve_pb2.GenerateResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
@@ -150,10 +206,10 @@ class SchedulerService:
                 run.call.cancel()  # no-op when finished; otherwise the worker frees the KV
             self.running.pop(request_id, None)
 
-    async def _decode(self, request: worker_pb2.DecodeRequest, run: Running):
-        """Stream the request from the least-loaded decode worker that has room for it."""
+    async def _decode(self, request: worker_pb2.DecodeRequest, run: Running, preferred: DecodeHandle):
+        """Stream the request from the chosen decode worker, or the least loaded other one with room for it."""
         refusal = None
-        for dw in sorted(self.decode, key=lambda w: w.active):
+        for dw in [preferred] + sorted((w for w in self.decode if w is not preferred), key=lambda w: w.active):
             run.call = dw.stub.Decode(request)
             dw.active += 1
             try:
@@ -185,24 +241,16 @@ class SchedulerService:
         return self._vocab
 
     async def _steer(self, request_id: str, prompt_ids: list[int], params: SamplingParams, cfg: SteeringConfig,
-                     context, t0: float, running: Running):
+                     context, t0: float, running: Running, placement: Placement):
         """SMC steering: prefill the prompt into the store, then drive the particles step by step."""
         usage = smcserve_pb2.Usage(prompt_tokens=len(prompt_ids))
-        keys: list[str] = []
+        keys = chain_keys(self.model.fingerprint, prompt_ids[:-1], self.model.block_size)
         if len(prompt_ids) > 1:  # the workers compute the last prompt token: its logits start every particle
-            pw = self.pick_prefill()
-            pw.queued += 1
-            try:
-                pre = await pw.actor.prefill.remote(prompt_ids[:-1], dataclasses.asdict(params))
-            except ray.exceptions.RayError as err:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {pw.worker_id} failed: {err}")
-            finally:
-                pw.queued -= 1
-                pw.served += 1
+            pre = await self._prefill(placement, keys, prompt_ids[:-1], params, context)
             keys, usage.cached_prompt_tokens = pre["block_keys"], pre["cached_tokens"]
         # the intersected prompts' KV goes to the store too (workers recompute whatever is missing)
-        await asyncio.gather(*(self.pick_prefill().actor.prefill.remote(ids[:-1], dataclasses.asdict(params))
-                               for ids, _ in cfg.intersect if len(ids) > 1), return_exceptions=True)
+        await asyncio.gather(*(min(self.prefill, key=lambda w: w.queue_ms).actor.prefill.remote(
+            ids[:-1], dataclasses.asdict(params)) for ids, _ in cfg.intersect if len(ids) > 1), return_exceptions=True)
         steer = SteeringRun(request_id, prompt_ids, params, cfg, self.decode, self.tokenizer)
         try:
             pop = await steer.open(keys)

@@ -14,8 +14,9 @@ from grpc_reflection.v1alpha import reflection
 from engine.config import WorkerConfig, parse_size
 from engine.kv import DEFAULT_BLOCK_SIZE
 from engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype, resolve_model_path
-from kvstore import EmbeddedRedis, start_or_connect
+from kvstore import EmbeddedRedis, KVStore, start_or_connect
 from protos import smcserve_pb2, worker_pb2_grpc
+from scheduler.policies import make_policy
 from scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
 from scheduler.validate import Limits
 
@@ -100,7 +101,9 @@ class Stack:
             model=ModelSummary(name=cfg.model or DEFAULT_MODEL, fingerprint=model_fingerprint(model_path, dtype),
                                dtype=str(dtype).removeprefix("torch."), vocab_size=hf_config.vocab_size,
                                block_size=cfg.block_size),
-            prefill=self.prefill, decode=self.decode, max_inflight=cfg.max_inflight)
+            prefill=self.prefill, decode=self.decode, max_inflight=cfg.max_inflight,
+            store=KVStore(self.redis_url) if cfg.prefix_cache else None, policy=make_policy(cfg.policy),
+            slo_ttft_ms=cfg.slo_ttft_ms, slo_tbt_ms=cfg.slo_tbt_ms)
         self.server = grpc.aio.server()
         self.server.add_generic_rpc_handlers((service.handlers(),))
         health_servicer = health.aio.HealthServicer()
