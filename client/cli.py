@@ -1,4 +1,4 @@
-"""The ``smcserve`` command: ``serve`` the local stack, ``generate`` text, show ``info``."""
+"""The ``smcserve`` command: ``serve`` the local stack, ``generate`` text, show ``info``, ``bench`` a server."""
 from __future__ import annotations
 
 import argparse
@@ -129,6 +129,12 @@ def _info(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from loadtest.runner import bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smcserve", description="Disaggregated LLM serving with SMC steering.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -197,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="show the served model and the workers' state")
     i.add_argument("--address", default=DEFAULT_ADDRESS)
     i.set_defaults(func=_info)
+
+    from loadtest.runner import add_arguments as add_bench_arguments
+
+    b = sub.add_parser("bench", help="load-test a running server (vLLM-style metrics, JSON, plots)")
+    add_bench_arguments(b)
+    b.set_defaults(func=_bench)
     return p
 
 

@@ -1,0 +1,19 @@
+"""Load testing for smcserve (``smcserve bench``) and the cluster simulator.
+
+- :mod:`loadtest.workloads`: Poisson / gamma / fixed-concurrency / rate-sweep workloads and prompt text;
+- :mod:`loadtest.trace`: Mooncake JSONL trace replay, scaled down;
+- :mod:`loadtest.metrics`: per-request records and vLLM-style aggregate metrics;
+- :mod:`loadtest.runner`: drives a workload over gRPC (``grpc.aio``) and implements ``smcserve bench``;
+- :mod:`loadtest.report`: the terminal summary, JSON, JSONL records and PNG plots.
+
+Examples (a server on the default loopback address)::
+
+    smcserve bench --rate 2 --num-requests 50 --max-tokens 32 --slo ttft=2000,tpot=200 --out r.json --plots plots/
+    smcserve bench --workload gamma --rate 4 --burstiness 0.5 --num-requests 100
+    smcserve bench --workload concurrency --concurrency 8 --num-requests 64 --smc-ratio 0.1 --smc-particles 8
+    smcserve bench --rates 0.5,1,2,4 --num-requests 40 --out sweep.json --plots plots/
+    smcserve bench --trace ../shared/traces/synthetic_trace.jsonl --block-tokens 16 --time-scale 0.01 \
+        --output-scale 0.05 --slice 200 --max-blocks 80 --records records.jsonl
+
+Nothing is imported here, so ``import loadtest.simulator`` stays light.
+"""

@@ -1,0 +1,440 @@
+"""Drive a workload against a running server over the public gRPC API (``grpc.aio``), and ``smcserve bench``.
+
+Each request is sent at its scheduled time (and, with ``max_concurrency``, once a slot is free) on one
+shared channel and streamed to the end; every token-bearing response is timestamped on arrival. A run
+is bounded in count (``num_requests``) and time (``max_duration``: no request is sent after it, and
+requests still in flight ``drain_s`` later are cancelled and counted as incomplete); Ctrl-C stops it the
+same way and keeps what was measured. Only loopback addresses are accepted unless ``allow_remote``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as _dt
+import ipaddress
+import signal
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from loadtest.metrics import DEFAULT_PERCENTILES, RequestRecord, compute_metrics, parse_slo
+from loadtest.workloads import Workload
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DECODE_COUNTERS = ("requests_served", "tokens_generated", "prompt_recomputes", "prompt_blocks_reused", "batch_steps",
+                   "batched_tokens", "particles_imported")
+
+
+# --- target address -----------------------------------------------------------------------------------
+def address_host(address: str) -> str | None:
+    """The host part of a gRPC target (``None`` for a unix socket)."""
+    a = address.strip()
+    if a.startswith(("unix:", "unix-abstract:")):
+        return None
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if a.startswith(scheme):
+            a = a[len(scheme):]
+            break
+    if a.startswith("["):
+        return a[1:a.index("]")] if "]" in a else a[1:]
+    if a.count(":") == 1:
+        return a.split(":", 1)[0]
+    return a  # bare host, or a bare IPv6 address
+
+
+def is_loopback(address: str) -> bool:
+    host = address_host(address)
+    if host is None:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    addrs = {info[4][0].split("%")[0] for info in infos}
+    return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
+
+
+def check_address(address: str, allow_remote: bool = False) -> None:
+    if not allow_remote and not is_loopback(address):
+        raise ValueError(f"refusing to load-test {address!r}: not a loopback address (pass --allow-remote "
+                         "to benchmark a server you are allowed to load)")
+
+
+# --- one run ------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    label: str
+    records: list[RequestRecord]
+    duration_s: float
+    stopped_by: str                      # "done", "num_requests", "max_duration" or "interrupted"
+    config: dict = field(default_factory=dict)
+    server: dict = field(default_factory=dict)
+    started_at: str = ""
+
+    def metrics(self, slo: dict | None = None, percentiles=DEFAULT_PERCENTILES) -> dict:
+        m = compute_metrics(self.records, self.duration_s, slo, percentiles)
+        return {"label": self.label, "date": self.started_at, "stopped_by": self.stopped_by, **m,
+                "workload": self.config, "server": self.server}
+
+
+def _server_summary(info) -> dict:
+    out = {"model": info.model, "fingerprint": info.fingerprint, "dtype": info.dtype, "block_size": info.block_size,
+           "max_context": info.max_context, "prefill_workers": len(info.prefill_workers),
+           "decode_workers": len(info.decode_workers)}
+    out["decode_counters"] = {k: sum(getattr(w, k) for w in info.decode_workers) for k in DECODE_COUNTERS}
+    return out
+
+
+async def _model_info(stub, timeout: float = 10.0) -> dict:
+    from protos import smcserve_pb2 as pb
+
+    try:
+        return _server_summary(await stub.GetModelInfo(pb.ModelInfoRequest(), timeout=timeout))
+    except grpc.aio.AioRpcError as err:
+        return {"error": f"{err.code().name}: {err.details()}"}
+
+
+async def run_workload_async(address: str, workload: Workload, *, num_requests: int | None = None,
+                             max_duration: float | None = None, drain_s: float = 30.0,
+                             request_timeout: float | None = None, progress: bool = True, label: str = "",
+                             allow_remote: bool = False, connect_timeout: float = 15.0,
+                             stop: asyncio.Event | None = None) -> RunResult:
+    from client.client import build_request
+    from protos import smcserve_pb2_grpc
+
+    check_address(address, allow_remote)
+    stop = stop or asyncio.Event()
+    run_id = uuid.uuid4().hex[:8]
+    records: list[RequestRecord] = []
+    total = workload.num_requests
+    if num_requests is not None:
+        total = num_requests if total is None else min(total, num_requests)
+    bar = _progress_bar(total, label or workload.name, progress)
+    counts = {"ok": 0, "rejected": 0, "error": 0, "incomplete": 0}
+    sem = asyncio.Semaphore(workload.max_concurrency) if workload.max_concurrency else None
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), connect_timeout)
+        except asyncio.TimeoutError:
+            bar.close()
+            raise ConnectionError(f"no server at {address} (waited {connect_timeout:.0f} s)") from None
+        stub = smcserve_pb2_grpc.SmcServeStub(channel)
+        server_before = await _model_info(stub)
+
+        async def one(index: int, sched: float, spec) -> None:
+            rec = RequestRecord(index=index, kind=spec.kind, run=label, scheduled_s=sched,
+                                intended_prompt_tokens=spec.prompt_len, max_tokens=spec.max_tokens)
+            records.append(rec)
+            req = build_request(spec.prompt, request_id=f"bench-{run_id}-{index}", max_tokens=spec.max_tokens,
+                                temperature=spec.temperature, seed=spec.seed, ignore_eos=spec.ignore_eos,
+                                steering=spec.steering)
+            t0 = time.perf_counter()
+            rec.send_s = t0 - start
+            call = stub.Generate(req, timeout=request_timeout)
+            final = False
+            steps = None
+            try:
+                async for r in call:
+                    now = time.perf_counter() - t0
+                    n = len(r.token_ids) or (1 if r.HasField("progress") else 0)
+                    if n:
+                        rec.chunk_s.append(now)
+                        rec.chunk_tokens.append(n)
+                    if r.HasField("result"):
+                        steps = r.result.steps
+                    if r.finish_reason:
+                        final = True
+                        rec.end_s = now
+                        rec.finish_reason = r.finish_reason
+                        u = r.usage
+                        rec.prompt_tokens, rec.cached_prompt_tokens = u.prompt_tokens, u.cached_prompt_tokens
+                        rec.completion_tokens = u.completion_tokens
+                        rec.server_ttft_ms, rec.server_e2e_ms = u.ttft_ms, u.e2e_ms
+                if final:
+                    rec.status = "ok"
+                    if spec.steering:
+                        rec.output_tokens = steps if steps is not None else len(rec.chunk_s)
+                    else:
+                        rec.output_tokens = rec.completion_tokens or sum(rec.chunk_tokens)
+                else:
+                    rec.end_s = time.perf_counter() - t0
+                    rec.status, rec.code, rec.message = "error", "INCOMPLETE", "stream ended without a final message"
+            except grpc.aio.AioRpcError as err:
+                rec.end_s = time.perf_counter() - t0
+                rec.code, rec.message = err.code().name, err.details() or ""
+                rec.status = "rejected" if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "error"
+            except asyncio.CancelledError:
+                call.cancel()
+                rec.end_s = time.perf_counter() - t0
+                rec.status, rec.code = "incomplete", "CANCELLED"
+                rec.message = "cut off when the run stopped (time limit or Ctrl-C)"
+                raise
+            finally:
+                if sem is not None:
+                    sem.release()
+                counts[rec.status] = counts.get(rec.status, 0) + 1
+                bar.update(1)
+                bar.set_postfix(ok=counts["ok"], rej=counts["rejected"], err=counts["error"], refresh=False)
+
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        send_deadline = start + max_duration if max_duration is not None else None
+        hard_deadline = send_deadline + drain_s if send_deadline is not None else None
+        stopped_by = "done"
+        tasks: set[asyncio.Task] = set()
+
+        async def wait_until(deadline: float | None) -> bool:
+            """Sleep until ``deadline`` (perf_counter); False when stopped first."""
+            if stop.is_set():
+                return False
+            if deadline is None:
+                return True
+            delay = deadline - time.perf_counter()
+            if delay > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+            return not stop.is_set()
+
+        for index, (sched, spec) in enumerate(workload):
+            if num_requests is not None and index >= num_requests:
+                stopped_by = "num_requests"
+                break
+            if send_deadline is not None and start + sched >= send_deadline:
+                stopped_by = "max_duration"
+                break
+            if not await wait_until(start + sched):
+                stopped_by = "interrupted"
+                break
+            if sem is not None:
+                acquired = False
+                waiter = loop.create_task(sem.acquire())
+                stopper = loop.create_task(stop.wait())
+                timeout = None if send_deadline is None else max(0.0, send_deadline - time.perf_counter())
+                done, _ = await asyncio.wait({waiter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if waiter in done:
+                    acquired = True
+                else:
+                    waiter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiter
+                    if waiter.done() and not waiter.cancelled():
+                        sem.release()  # acquired while being cancelled
+                if not acquired:
+                    stopped_by = "interrupted" if stop.is_set() else "max_duration"
+                    break
+            task = loop.create_task(one(index, sched, spec))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        pending = set(tasks)
+        while pending and not stop.is_set():
+            timeout = None if hard_deadline is None else hard_deadline - time.perf_counter()
+            if timeout is not None and timeout <= 0:
+                break
+            stopper = loop.create_task(stop.wait())
+            done, _ = await asyncio.wait(pending | {stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            pending -= done
+        if stop.is_set() and stopped_by != "interrupted":
+            stopped_by = "interrupted"
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        duration = time.perf_counter() - start
+        bar.close()
+        server_after = await _model_info(stub)
+
+    records.sort(key=lambda r: r.index)
+    server = dict(server_after)
+    if "decode_counters" in server_before and "decode_counters" in server_after:
+        server["decode_counters"] = {k: server_after["decode_counters"][k] - server_before["decode_counters"][k]
+                                     for k in DECODE_COUNTERS}
+    return RunResult(label or workload.name, records, duration, stopped_by, dict(workload.config), server,
+                     _dt.datetime.now().isoformat(timespec="seconds"))
+
+
+def run_workload(address: str, workload: Workload, **kw) -> RunResult:
+    """Synchronous :func:`run_workload_async` (its own event loop; Ctrl-C ends the run early, results kept)."""
+
+    async def main() -> RunResult:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        installed = False
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            installed = True
+        try:
+            return await run_workload_async(address, workload, stop=stop, **kw)
+        finally:
+            if installed:
+                loop.remove_signal_handler(signal.SIGINT)
+
+    return asyncio.run(main())
+
+
+def _progress_bar(total: int | None, desc: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        enabled = False
+    if not enabled:
+        class _Null:
+            def update(self, n=1): pass
+            def set_postfix(self, **kw): pass
+            def close(self): pass
+        return _Null()
+    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
+# --- smcserve bench -----------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="server address (loopback only unless --allow-remote)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback address")
+    p.add_argument("--workload", choices=["poisson", "gamma", "concurrency", "sweep", "trace"], default=None,
+                   help="default: trace with --trace, sweep with --rates, else poisson")
+    p.add_argument("--rate", type=float, default=1.0, help="requests/s (poisson, gamma); inf: all at once")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape k (1 = Poisson; < 1 burstier)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="concurrency workload: requests kept in flight; other workloads: a cap on those in flight")
+    p.add_argument("--rates", default=None, help="sweep: comma-separated rates, one run each (e.g. 0.5,1,2)")
+    p.add_argument("--input-len", type=int, default=64, help="synthetic prompts: words (= tokens on SmolLM2)")
+    p.add_argument("--trace", default=None, help="Mooncake JSONL trace to replay")
+    p.add_argument("--block-tokens", type=int, default=16, help="trace: words per 512-token hash block")
+    p.add_argument("--time-scale", type=float, default=1.0, help="trace: multiply inter-arrival times")
+    p.add_argument("--output-scale", type=float, default=1.0, help="trace: multiply output lengths (min 1)")
+    p.add_argument("--slice", default=None, help="trace rows: N (first N), START:STOP, or t=T0:T1 (trace seconds)")
+    p.add_argument("--max-blocks", type=int, default=None,
+                   help="trace: skip rows of more hash blocks than this (prompts too long for the server)")
+    p.add_argument("--salt", default=None, help="trace: block-text salt (default: the seed); a new salt = cold cache")
+    p.add_argument("--num-requests", type=int, default=None, help="at most this many (default: 100; trace: all rows)")
+    p.add_argument("--max-duration", type=float, default=600.0, help="send nothing after this many seconds")
+    p.add_argument("--drain", type=float, default=30.0, help="then wait this long for requests in flight")
+    p.add_argument("--request-timeout", type=float, default=None, help="per-request deadline (s)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="output tokens per request (synthetic: default 16; trace: a cap on the scaled lengths)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS (lengths vary)")
+    p.add_argument("--smc-ratio", type=float, default=0.0, help="fraction of requests sent as SMC steering")
+    p.add_argument("--smc-particles", type=int, default=8)
+    p.add_argument("--smc-max-word-length", type=int, default=8, help="SMC requests' potential: max_word_length")
+    p.add_argument("--smc-max-tokens", type=int, default=16, help="cap on SMC requests' output length")
+    p.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft=2000,tpot=200 (also e2el=)")
+    p.add_argument("--percentiles", default=",".join(str(p) for p in DEFAULT_PERCENTILES),
+                   help="latency percentiles to report (default 90,99)")
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    p.add_argument("--records", default=None, help="write per-request records (JSONL) here")
+    p.add_argument("--plots", default=None, help="write PNG plots into this directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def workload_kind(args) -> str:
+    return args.workload or ("trace" if args.trace else "sweep" if args.rates else "poisson")
+
+
+def build_workloads(args) -> list[Workload]:
+    from loadtest import trace as tr
+    from loadtest.workloads import SmcMix, concurrency_workload, rate_workload, sweep_workloads
+
+    kind = workload_kind(args)
+    smc = SmcMix(args.smc_ratio, args.smc_particles, args.smc_max_word_length, args.smc_max_tokens)
+    common = dict(seed=args.seed, smc=smc, temperature=args.temperature, ignore_eos=not args.no_ignore_eos)
+    num = args.num_requests
+    if kind == "trace":
+        if not args.trace:
+            raise ValueError("--workload trace needs --trace PATH")
+        rows = tr.load_trace(args.trace)
+        if args.slice or args.max_blocks is not None:
+            sel = tr.parse_slice(args.slice) if args.slice else {}
+            rows = tr.select_rows(rows, max_blocks=args.max_blocks, **sel)
+        if num is not None:
+            rows = rows[:num]
+        scaling = tr.TraceScaling(block_tokens=args.block_tokens, time_scale=args.time_scale,
+                                  output_scale=args.output_scale, max_output=args.max_tokens)
+        salt = args.salt if args.salt is not None else args.seed
+        wl = tr.trace_workload(rows, scaling, salt=salt, max_concurrency=args.concurrency, source=args.trace, **common)
+        wl.config.update(slice=args.slice, max_blocks=args.max_blocks)
+        return [wl]
+    synth = dict(common, input_len=args.input_len, max_tokens=args.max_tokens or 16,
+                 num_requests=num if num is not None else 100)
+    if kind == "concurrency":
+        if not args.concurrency:
+            raise ValueError("--workload concurrency needs --concurrency N")
+        return [concurrency_workload(args.concurrency, **synth)]
+    if kind == "sweep":
+        if not args.rates:
+            raise ValueError("--workload sweep needs --rates R1,R2,...")
+        return sweep_workloads(_floats(args.rates), burstiness=args.burstiness, max_concurrency=args.concurrency,
+                               **synth)
+    burstiness = 1.0 if kind == "poisson" else args.burstiness
+    return [rate_workload(args.rate, burstiness=burstiness, max_concurrency=args.concurrency, **synth)]
+
+
+def bench_main(args) -> int:
+    """``smcserve bench``: run, print the summary, write JSON / records / plots as asked."""
+    from loadtest import report
+
+    try:
+        slo = parse_slo(args.slo)
+        percentiles = _floats(args.percentiles)
+        check_address(args.address, args.allow_remote)
+        workloads = build_workloads(args)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sweep = workload_kind(args) == "sweep"
+    results: list[RunResult] = []
+    for wl in workloads:
+        label = f"rate={wl.config.get('request_rate'):g}" if sweep else wl.name
+        try:
+            res = run_workload(args.address, wl, num_requests=args.num_requests if wl.name == "trace" else None,
+                               max_duration=args.max_duration, drain_s=args.drain,
+                               request_timeout=args.request_timeout, progress=not args.no_progress, label=label,
+                               allow_remote=args.allow_remote)
+        except ConnectionError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        results.append(res)
+        print(report.format_summary(res.metrics(slo, percentiles), title=label))
+        if res.stopped_by == "interrupted":
+            break
+    runs = [r.metrics(slo, percentiles) for r in results]
+    if sweep:
+        print(report.format_sweep_table(runs))
+    if args.out:
+        doc = report.sweep_document(runs) if sweep else runs[0]
+        report.write_json(args.out, doc)
+        print(f"results: {args.out}", file=sys.stderr)
+    if args.records:
+        report.write_records(args.records, [rec for r in results for rec in r.records])
+        print(f"records: {args.records}", file=sys.stderr)
+    if args.plots:
+        paths = report.write_plots(args.plots, results, runs, sweep=sweep)
+        print("plots: " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.runner", description="Load-test a running smcserve server.")
+    add_arguments(p)
+    return bench_main(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
