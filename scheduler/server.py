@@ -86,7 +86,7 @@ class SchedulerService:
     max_particles: int = 256
     store: KVStore | None = None       # the global prefix cache (None: prefix cache off)
     policy: Policy = field(default_factory=lambda: make_policy("cache_global"))
-    cost: CostRecorder = field(default_factory=CostRecorder)
+    cost: CostRecorder = field(default_factory=lambda: CostRecorder(refit_every=4))
     slo_ttft_ms: float = 0.0           # 0: no SLO
     slo_tbt_ms: float = 0.0
     _vocab: object = None
