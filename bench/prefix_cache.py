@@ -1,7 +1,7 @@
 """Prefix-cache benchmark: a scaled slice of the Mooncake trace through the real stack, with the
 global prefix cache (``cache_global``) and with the prefix cache off, side by side.
 
-    python -m bench.prefix_cache [--rows 40] [--start 1970] [--block-tokens 16]
+    python -m bench.prefix_cache [--rows 60] [--start 1960] [--block-tokens 24] [--concurrency 1]
 
 Rows are those of at most ``--max-blocks`` 512-token blocks (the CPU keeps prompts short), taken from
 ``--start``; each trace block becomes ``--block-tokens`` words (one token each with SmolLM2's
@@ -34,12 +34,12 @@ def replay(rows, scaling, concurrency: int, *serve_args: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", default=str(TRACE))
-    p.add_argument("--rows", type=int, default=40)
-    p.add_argument("--start", type=int, default=1970)
+    p.add_argument("--rows", type=int, default=60)
+    p.add_argument("--start", type=int, default=1960)
     p.add_argument("--max-blocks", type=int, default=24)
-    p.add_argument("--block-tokens", type=int, default=16)
+    p.add_argument("--block-tokens", type=int, default=24)
     p.add_argument("--max-output", type=int, default=4)
-    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=1)
     args = p.parse_args()
     rows = select_rows(load_trace(args.trace), max_blocks=args.max_blocks)[args.start : args.start + args.rows]
     scaling = TraceScaling(block_tokens=args.block_tokens, time_scale=0.0, output_scale=1.0,
