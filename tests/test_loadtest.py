@@ -24,9 +24,7 @@ from loadtest.workloads import (WORDS, SmcMix, Workload, concurrency_workload, g
 from protos import smcserve_pb2 as pb
 from protos import smcserve_pb2_grpc
 
-TRACE = Path("/work/shared/traces/synthetic_trace.jsonl")
-if not TRACE.exists():
-    TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "traces" / "synthetic_trace.jsonl"
+TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "traces" / "synthetic_trace.jsonl"  # ../shared
 
 
 # --- metrics ------------------------------------------------------------------------------------------
