@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 
 import ray
-import torch
 from transformers import DynamicCache
 
 from engine.config import WorkerConfig
