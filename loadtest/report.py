@@ -133,6 +133,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_cdfs(runs: dict[str, Sequence[RequestRecord]], path: str | Path) -> Path:
     """Empirical CDFs of TTFT, TPOT and E2E latency (completed requests), one line per run."""
     import numpy as np
@@ -153,12 +162,7 @@ def plot_cdfs(runs: dict[str, Sequence[RequestRecord]], path: str | Path) -> Pat
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweep(runs: Sequence[dict], path: str | Path) -> Path:
@@ -201,12 +205,7 @@ def plot_sweep(runs: Sequence[dict], path: str | Path) -> Path:
         if len(finite) < len(rates):
             ticks = [t for t in ax.get_xticks() if 0 <= t <= max(finite or [0])]
             ax.set_xticks(ticks + [inf_x], [f"{t:g}" for t in ticks] + ["inf"])
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_plots(directory: str | Path, results: Sequence, runs: Sequence[dict], sweep: bool = False) -> list[Path]:

@@ -41,9 +41,8 @@ class Prefiller:
         keys = chain_keys(self.lm.fingerprint, token_ids, bs)
         # Reuse cached full blocks, but always compute at least the last token (we need its logits).
         reusable = (len(token_ids) - 1) // bs if self.prefix_cache else 0
-        hit = self.store.cached_prefix_len(keys[:reusable]) if reusable else 0
-        cached = self.store.get_blocks(keys[:hit]) if hit else []
-        if None in cached:  # evicted or corrupt between the two reads: reuse what is left
+        cached = self.store.get_blocks(keys[:reusable]) if reusable else []  # one MGET; misses are None
+        if None in cached:  # the cached prefix ends at the first miss
             cached = cached[: cached.index(None)]
         cache = blocks_to_cache(cached, self.lm.config) if cached else DynamicCache(config=self.lm.config)
         start = len(cached) * bs

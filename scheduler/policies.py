@@ -327,22 +327,6 @@ class LoadPolicy(_DecodeByLoad):
         return _no_cache_choice(req, inst, cost)
 
 
-class CacheLocalPolicy(_DecodeByLoad):
-    """Prefix hits in each instance's own cache only; min of queue + prefill(uncached, cached)."""
-
-    name = "cache_local"
-
-    def choose_prefill(self, req, instances, global_hit_blocks, cost):
-        _require(instances)
-        best = None
-        for inst in instances:
-            hits = prefix_hits(req.block_keys, inst.local_blocks)
-            ttft, cached = predict_ttft_ms(req, inst, hits, 0, cost)
-            if best is None or ttft < best.ttft_ms:
-                best = PrefillChoice(inst, ttft, cached, local_hit_blocks=hits, load_blocks=0)
-        return best
-
-
 class CacheGlobalPolicy(_DecodeByLoad):
     """The Conductor: local hits L_i, global hits G; blocks [L_i, G) are fetched at load_ms(G − L_i);
     TTFT_i = queue_i + prefill(beyond G, cached) + load. Pick the minimum."""
@@ -359,6 +343,15 @@ class CacheGlobalPolicy(_DecodeByLoad):
             if best is None or ttft < best.ttft_ms:
                 best = PrefillChoice(inst, ttft, cached, local_hit_blocks=local, load_blocks=g - local)
         return best
+
+
+class CacheLocalPolicy(CacheGlobalPolicy):
+    """Prefix hits in each instance's own cache only: the Conductor's rule with no global hits."""
+
+    name = "cache_local"
+
+    def choose_prefill(self, req, instances, global_hit_blocks, cost):
+        return super().choose_prefill(req, instances, 0, cost)
 
 
 _POLICIES = {
