@@ -21,6 +21,8 @@ from kvstore import KVStore
 
 log = logging.getLogger(__name__)
 
+ERROR = "error"  # a sequence's finish reason when the worker failed it (DecodeEvent.error says how)
+
 
 def append_tokens(bm: BlockManager, runner: ModelRunner, tables: list[BlockTable], tokens: list[int]) -> list[SeqBatchItem]:
     """Give each table a slot for its next token (allocating, or copying a shared block on write).
@@ -142,20 +144,28 @@ class DecodeEngine:
             text += seq.detok.flush()
         seq.events.put(DecodeEvent([token], text, seq.finish_reason, len(seq.output_ids)))
 
-    def _end(self, seq: Sequence, reason: str) -> None:
+    def _end(self, seq: Sequence, reason: str, error: str = "") -> None:
         """Free the sequence's KV and, unless it already finished, tell its stream why it ended."""
         with self.lock:
             self.active.pop(seq.request_id, None)
             self.bm.free_table(seq.table)
         if not seq.finish_reason:
             seq.finish_reason = reason
-            seq.events.put(DecodeEvent([], "", reason, len(seq.output_ids)))
+            seq.events.put(DecodeEvent([], "", reason, len(seq.output_ids), error))
 
     def load_kv(self, token_ids: list[int], keys: list[str]) -> BlockTable:
         """A block table holding the KV of ``token_ids`` (whose chained keys are ``keys``): blocks come from
         the worker's prefix cache, else the KV store, else are recomputed (and written back). Engine thread."""
-        bs, n = self.block_size, len(token_ids)
         table = BlockTable()
+        try:
+            return self._load_into(table, token_ids, keys)
+        except BaseException:
+            with self.lock:
+                self.bm.free_table(table)
+            raise
+
+    def _load_into(self, table: BlockTable, token_ids: list[int], keys: list[str]) -> BlockTable:
+        bs, n = self.block_size, len(token_ids)
         with self.lock:
             while len(table.blocks) < len(keys) and (b := self.bm.lookup(keys[len(table.blocks)])) is not None:
                 table.blocks.append(b)
@@ -217,7 +227,7 @@ class DecodeEngine:
                     seq.table = self.load_kv(seq.prompt_ids, seq.block_keys)
                 except Exception as err:  # a worker never dies on one request
                     log.exception("loading the prompt of %s failed", seq.request_id)
-                    self._end(seq, f"error: {err}")
+                    self._end(seq, ERROR, f"loading the prompt failed: {type(err).__name__}")
                     continue
                 with self.lock:
                     self.active[seq.request_id] = seq
@@ -244,7 +254,7 @@ class DecodeEngine:
         except Exception as err:
             log.exception("decode step failed")
             for seq in seqs:
-                self._end(seq, f"error: {err}")
+                self._end(seq, ERROR, f"the decode step failed: {type(err).__name__}")
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(err)

@@ -2,9 +2,10 @@
 
 The scheduler owns the particle set (weights, resampling); a worker owns its particles' KV. Each
 step the scheduler asks the worker to extend particles; every particle's next-token distribution
-comes out of the worker's shared batched forward step, hard constraints mask it (the proposal is
-the masked, renormalised LM; the weight gets the allowed mass), and each child's draw is seeded by
-(request seed, step, population index, child) so it does not depend on placement or batching.
+comes out of the worker's shared batched forward step and goes through ``smc.proposal`` (the LM
+masked by the hard constraints and renormalised; the weight gets the allowed mass), the same code the
+reference driver runs. Each child's uniform is a hash of (request seed, step, population index,
+child), so it does not depend on placement or batching.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import torch
 from decode.block_manager import BlockTable
 from decode.engine import DecodeEngine, ExtendJob
 from engine.kv import chain_keys
-from engine.sampling import SamplingParams, position_generator
-from smc.potentials import Potential, advance_all, build_potentials, combined_mask, finish_all
+from engine.sampling import SamplingParams, seeded_uniform
+from smc.potentials import Potential, advance_all, build_potentials, clone_all, combined_mask, finish_all
+from smc.proposal import Proposal, propose
+from smc.step import LENGTH, STOP, VIOLATED
 from smc.vocab import Vocab
 
 
@@ -35,12 +38,8 @@ class Child:
     child_id: str
     token: int
     log_increment: float
-    finished: bool
-
-
-def _seed_uniform(seed: int, step: int, index: int, k: int) -> float:
-    mixed = (seed * 1_000_003 + step) * 1_000_033 + index
-    return float(torch.rand(1, generator=position_generator(mixed, k)))
+    finished: bool           # finished or dead: never extended again
+    finish_reason: str = ""  # STOP, LENGTH or VIOLATED once finished
 
 
 @dataclass
@@ -85,10 +84,17 @@ class ParticleGroup:
 
     # --- operations (each runs in the engine thread) ----------------------------------------------
     def open(self, block_keys: list[str], particle_ids: list[str]) -> None:
-        roots = [self.engine.load_kv(self.prompts[0][:-1], block_keys)]
-        roots += [self.engine.load_kv(prompt[:-1], self.keys(prompt[:-1])) for prompt in self.prompts[1:]]
+        pots = [self.fresh_potentials() for _ in particle_ids]  # before any KV is held
+        roots: list[BlockTable] = []
+        try:
+            roots.append(self.engine.load_kv(self.prompts[0][:-1], block_keys))
+            for prompt in self.prompts[1:]:
+                roots.append(self.engine.load_kv(prompt[:-1], self.keys(prompt[:-1])))
+        except BaseException:
+            self._free([Particle([], [], roots)])
+            raise
         for i, pid in enumerate(particle_ids):
-            self.particles[pid] = Particle([], self.fresh_potentials(), roots if i == 0 else self._fork(roots))
+            self.particles[pid] = Particle([], pots[i], roots if i == 0 else self._fork(roots))
 
     def export(self, ids: list[str]) -> list[tuple[str, list[int], bool]]:
         """Write the particles' KV to the store (content keys, so the receiver can recompute them)."""
@@ -103,21 +109,29 @@ class ParticleGroup:
         return out
 
     def reshape(self, keep: list[tuple[str, list[str]]], imports: list[tuple[str, list[int], bool]]) -> None:
+        """The new population: ``keep`` maps a particle here to its offspring ids (the first takes the
+        particle itself, the others fork its KV); ``imports`` are particles migrating in (their KV is
+        read from the store under its content keys, else recomputed); everything else is freed.
+        On failure every particle stays reachable, so closing the request frees all of it."""
         new: dict[str, Particle] = {}
-        for source, new_ids in keep:
-            p = self.particles.pop(source)
-            for j, nid in enumerate(new_ids):
-                new[nid] = p if j == 0 else Particle(list(p.generated), [q.clone() for q in p.potentials],
-                                                     self._fork(p.tables), p.finished)
+        try:
+            for source, new_ids in keep:
+                p = self.particles.pop(source)
+                for j, nid in enumerate(new_ids):
+                    new[nid] = p if j == 0 else Particle(list(p.generated), clone_all(p.potentials),
+                                                         self._fork(p.tables), p.finished)
+            for nid, generated, finished in imports:
+                p = Particle(list(generated), self.fresh_potentials(generated), None, finished)
+                if not finished:
+                    p.tables = [self.engine.load_kv(t, self.keys(t)) for t in (self.kv_tokens(p, q) for q in self.prompts)]
+                new[nid] = p
+        except BaseException:
+            self.particles.update(new)
+            raise
         self._free(self.particles.values())
+        self.particles = new
         with self.engine.lock:
             self.engine.counters["particles_imported"] += len(imports)
-        for nid, generated, finished in imports:
-            p = Particle(list(generated), self.fresh_potentials(generated), None, finished)
-            if not finished:
-                p.tables = [self.engine.load_kv(t, self.keys(t)) for t in (self.kv_tokens(p, q) for q in self.prompts)]
-            new[nid] = p
-        self.particles = new
 
     def close(self) -> None:
         self._free(self.particles.values())
@@ -140,38 +154,60 @@ class ParticleGroup:
                          lambda logits: self._children(step, items, parents, logits))
 
     def _children(self, step: int, items, parents: list[Particle], logits: torch.Tensor) -> list[Child]:
+        """Propose every listed particle's children (``smc.proposal``), advance their potentials.
+
+        Children are built aside and swapped in only when all exist, so a failure half-way leaves
+        the parents as they were and frees what was made (no KV referenced by nothing).
+        """
         m = len(self.prompts)
-        logp = torch.log_softmax(logits.float() / self.params.temperature, dim=-1).view(len(parents), m, -1)
+        logp = torch.log_softmax(logits.double() / self.params.temperature, dim=-1).view(len(parents), m, -1)
         rows = logp[:, 0]
         for i, w in enumerate(self.intersect_weights, start=1):
             rows = rows + w * logp[:, i]
+        masks = [combined_mask(p.potentials) for p in parents]
+        allowed = None
+        if any(mask is not None for mask in masks):
+            every = torch.ones(rows.shape[1], dtype=torch.bool)
+            allowed = torch.stack([every if mask is None else mask[: rows.shape[1]] for mask in masks])
+        k_max = max(k for _, _, k in items)
+        u = torch.tensor([[seeded_uniform(self.params.seed, step, index, j) for j in range(k_max)]
+                          for _, index, _ in items], dtype=torch.float64)
+        prop = propose(rows, allowed, u)
+        made: dict[str, Particle] = {}
         out: list[Child] = []
-        for (pid, index, k), p, row in zip(items, parents, rows):
-            mask = combined_mask(p.potentials)
-            if mask is not None:
-                row = row.masked_fill(~mask[: row.numel()], float("-inf"))
-            log_mass = float(torch.logsumexp(row, 0))
-            cdf = torch.cumsum(torch.exp(row - log_mass), 0) if log_mass > -math.inf else None
-            del self.particles[pid]
-            for j in range(k):
-                last = j == k - 1
-                child = Particle(list(p.generated), p.potentials if last else [q.clone() for q in p.potentials],
-                                 p.tables if last else self._fork(p.tables))
-                cid = f"{pid}/{j}"
-                if cdf is None:  # every next token violates a hard constraint: a dead particle
-                    out.append(Child(pid, cid, -1, -math.inf, True))
-                    child.finished = True
-                else:
-                    u = _seed_uniform(self.params.seed, step, index, j) * float(cdf[-1])
-                    token = min(int(torch.searchsorted(cdf, torch.tensor([u]), right=True)), cdf.numel() - 1)
-                    inc = log_mass + advance_all(child.potentials, token)
-                    child.generated.append(token)
-                    child.finished = (token in self.vocab.eos_ids and not self.params.ignore_eos) or \
-                        len(child.generated) >= self.params.max_tokens
+        try:
+            for row, ((pid, _, k), p) in enumerate(zip(items, parents)):
+                for j in range(k):
+                    cid = f"{pid}/{j}"
+                    child = made[cid] = Particle(list(p.generated), clone_all(p.potentials), self._fork(p.tables))
+                    out.append(self._advance(child, pid, cid, int(prop.tokens[row, j]), prop, row))
                     if child.finished:
-                        inc += finish_all(child.potentials)
-                    out.append(Child(pid, cid, token, inc, child.finished))
-                if child.finished:
-                    self._free([child])
-                self.particles[cid] = child
+                        self._free([child])
+        except BaseException:
+            self._free(made.values())
+            raise
+        for (pid, _, _), p in zip(items, parents):
+            self._free([p])
+            del self.particles[pid]
+        self.particles.update(made)
         return out
+
+    def _advance(self, child: Particle, pid: str, cid: str, token: int, prop: Proposal, row: int) -> Child:
+        """Append ``token`` to ``child`` and return its log-weight increment and how it ended, if it did."""
+        if token < 0:  # every next token violates a hard constraint: a dead particle
+            child.finished = True
+            return Child(pid, cid, -1, -math.inf, True, VIOLATED)
+        log_g = advance_all(child.potentials, token)
+        child.generated.append(token)
+        reason = ""
+        if token in self.vocab.eos_ids and not self.params.ignore_eos:
+            reason = STOP
+        elif len(child.generated) >= self.params.max_tokens:
+            reason = LENGTH
+        if reason:
+            log_g += finish_all(child.potentials)
+        inc = prop.increment(row, log_g)
+        if inc == -math.inf and reason != LENGTH:
+            reason = VIOLATED  # a potential ruled it out (at EOS: the text is incomplete for it)
+        child.finished = bool(reason)
+        return Child(pid, cid, token, inc, child.finished, reason)

@@ -13,8 +13,9 @@ from engine.sampling import SamplingParams
 class DecodeEvent:
     token_ids: list[int]
     text: str
-    finish_reason: str = ""   # "" while running; then "stop", "length", "abort" or "error: ..."
+    finish_reason: str = ""   # "" while running; then "stop", "length", "abort" or "error"
     completion_tokens: int = 0
+    error: str = ""           # with "error": what failed (the traceback is in the worker's log)
 
 
 @dataclass

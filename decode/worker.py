@@ -17,7 +17,7 @@ from kvstore import KVStore
 from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 
 from decode.block_manager import OutOfBlocks
-from decode.engine import DecodeEngine
+from decode.engine import ERROR, DecodeEngine
 from decode.particles import ParticleGroup
 from smc.potentials import PotentialSpec
 from smc.vocab import get_vocab
@@ -59,6 +59,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             self.engine.submit(seq, request.first_token)
         except OutOfBlocks as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.worker_id}: {err}")
+        except Exception:
+            self._internal(context, f"submitting {request.request_id}")
         while True:
             try:
                 ev = seq.events.get(timeout=1.0)
@@ -66,6 +68,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 if not context.is_active():
                     return
                 continue
+            if ev.finish_reason == ERROR:  # logged with its traceback where it happened
+                context.abort(grpc.StatusCode.INTERNAL, f"decode worker {self.worker_id}: {ev.error}")
             yield worker_pb2.DecodeEvent(
                 token_ids=ev.token_ids, text=ev.text, finish_reason=ev.finish_reason,
                 completion_tokens=ev.completion_tokens,
@@ -80,14 +84,23 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no steering request {request_id!r} on {self.worker_id}")
         return group
 
-    def _run(self, fn, context):
-        """Run ``fn`` in the engine thread; map its failures to gRPC codes."""
+    def _internal(self, context, what: str) -> None:
+        """Our own bug (the scheduler validated the request): INTERNAL, traceback in this worker's log."""
+        log.exception("decode worker %s: %s failed", self.worker_id, what)
+        context.abort(grpc.StatusCode.INTERNAL, f"decode worker {self.worker_id}: {what} failed (see the server log)")
+
+    def _wait(self, future, context, what: str):
+        """The result of work done in the engine thread; its failures mapped to gRPC codes."""
         try:
-            return self.engine.call(fn).result()
+            return future.result()
         except OutOfBlocks as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.worker_id}: {err}")
-        except (KeyError, ValueError) as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"decode worker {self.worker_id}: {err}")
+        except Exception:
+            self._internal(context, what)
+
+    def _run(self, fn, context, what: str):
+        """Run ``fn`` in the engine thread (between steps)."""
+        return self._wait(self.engine.call(fn), context, what)
 
     def SmcOpen(self, request, context):
         if self.vocab is None:
@@ -98,24 +111,22 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                               [PotentialSpec.from_proto(m) for m in request.potentials], self.vocab, self.engine,
                               list(request.intersect_weights))
         self.groups[request.request_id] = group
-        self._run(lambda: group.open(list(request.block_keys), list(request.particle_ids)), context)
+        self._run(lambda: group.open(list(request.block_keys), list(request.particle_ids)), context, "SmcOpen")
         return worker_pb2.SmcAck()
 
     def SmcExtend(self, request, context):
         group = self._group(request.request_id, context)
         items = [(it.particle_id, it.index, it.k) for it in request.items]
-        job = self._run(lambda: group.extend_job(request.step, items), context)
-        try:
-            children = self.engine.extend(job).result()
-        except OutOfBlocks as err:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.worker_id}: {err}")
+        job = self._run(lambda: group.extend_job(request.step, items), context, "SmcExtend")
+        children = self._wait(self.engine.extend(job), context, "SmcExtend")
         return worker_pb2.SmcExtendReply(children=[
             worker_pb2.SmcChild(parent_id=c.parent_id, child_id=c.child_id, token=c.token,
-                                log_increment=c.log_increment, finished=c.finished) for c in children])
+                                log_increment=c.log_increment, finished=c.finished,
+                                finish_reason=c.finish_reason) for c in children])
 
     def SmcExport(self, request, context):
         group = self._group(request.request_id, context)
-        states = self._run(lambda: group.export(list(request.particle_ids)), context)
+        states = self._run(lambda: group.export(list(request.particle_ids)), context, "SmcExport")
         return worker_pb2.SmcExportReply(particles=[
             worker_pb2.SmcParticleState(particle_id=pid, generated=gen, finished=fin) for pid, gen, fin in states])
 
@@ -123,13 +134,13 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         group = self._group(request.request_id, context)
         keep = [(k.source_id, list(k.new_ids)) for k in request.keep]
         imports = [(st.particle_id, list(st.generated), st.finished) for st in request.imports]
-        self._run(lambda: group.reshape(keep, imports), context)
+        self._run(lambda: group.reshape(keep, imports), context, "SmcReshape")
         return worker_pb2.SmcAck()
 
     def SmcClose(self, request, context):
         group = self.groups.pop(request.request_id, None)
         if group is not None:
-            self._run(group.close, context)
+            self._run(group.close, context, "SmcClose")
         return worker_pb2.SmcAck()
 
     def Stats(self, request, context) -> smcserve_pb2.WorkerStats:

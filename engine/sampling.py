@@ -1,13 +1,13 @@
 """Sampling parameters and seeded, position-keyed token sampling.
 
-Each draw uses a generator seeded from (request seed, position), so a token depends only on the
-request's seed and where it is in the sequence — not on which worker drew it or what it was
-batched with.
+Each draw's uniform is a hash of a tuple of integers — (request seed, position) for plain decoding,
+(request seed, step, particle index, child) for SMC — so a token depends only on the request's seed
+and where it is, not on which worker drew it or what it was batched with. Any integers (a 64-bit
+seed included) hash without overflow.
 """
 from __future__ import annotations
 
 import hashlib
-import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -24,9 +24,11 @@ class SamplingParams:
     ignore_eos: bool = False
 
 
-def position_generator(seed: int, position: int) -> torch.Generator:
-    digest = hashlib.blake2b(struct.pack("<qq", seed, position), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+def seeded_uniform(*key: int) -> float:
+    """A uniform in [0, 1) determined by the tuple of integers ``key`` alone (53 random bits)."""
+    data = b"".join(int(k).to_bytes(17, "little", signed=True) for k in key)  # any |k| < 2**135
+    digest = hashlib.blake2b(data, digest_size=8, person=b"smcserve-u").digest()
+    return (int.from_bytes(digest, "little") >> 11) * 2.0**-53
 
 
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -44,7 +46,7 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
-    """Draw one token per row of ``logits`` [B, V]: inverse-CDF with one seeded uniform per row."""
+    """Draw one token per row of ``logits`` [B, V]: inverse CDF (float64) with one seeded uniform per row."""
     logits = logits.float()
     out = torch.argmax(logits, dim=-1)
     rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
@@ -52,11 +54,22 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], positions:
         scaled = torch.stack([
             _filter(logits[i], params[i]) if params[i].top_k or params[i].top_p < 1.0
             else logits[i] / params[i].temperature for i in rows])
-        cdf = torch.cumsum(torch.softmax(scaled, dim=-1), dim=-1)
-        u = torch.cat([torch.rand(1, generator=position_generator(params[i].seed, positions[i])) for i in rows])
-        picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-        out[rows] = picked.clamp_(max=logits.shape[1] - 1)
+        u = torch.tensor([seeded_uniform(params[i].seed, positions[i]) for i in rows], dtype=torch.float64)
+        out[rows] = inverse_cdf(torch.softmax(scaled.double(), dim=-1), u.unsqueeze(1)).squeeze(1)
     return out.tolist()
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index i per (row, column) of ``u`` [B, K] with cdf[i-1] <= u·total < cdf[i], from ``probs`` [B, V].
+
+    Float64 throughout: a float32 running sum over a 50k vocabulary drifts by ~1e-4 and leaves
+    tokens of small probability undrawable. Zero-probability indices are never returned.
+    """
+    probs = probs.double()
+    cdf = torch.cumsum(probs, dim=-1)
+    idx = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True)
+    last_positive = probs.shape[-1] - 1 - torch.argmax((probs.flip(-1) > 0).to(torch.int8), dim=-1)
+    return torch.minimum(idx, last_positive.unsqueeze(1))
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, position: int) -> int:

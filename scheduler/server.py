@@ -69,6 +69,19 @@ class ModelSummary:
     block_size: int
 
 
+def worker_status(err: grpc.aio.AioRpcError) -> grpc.StatusCode:
+    """The status a client gets for a decode worker's error: out of KV stays RESOURCE_EXHAUSTED, an
+    unreachable worker is UNAVAILABLE, and anything else (the worker rejecting what the scheduler sent,
+    or failing) is our bug: INTERNAL, logged here (the worker logged its traceback)."""
+    code = err.code()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return code
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return grpc.StatusCode.UNAVAILABLE
+    log.error("decode worker call failed: %s: %s", code.name, err.details())
+    return grpc.StatusCode.INTERNAL
+
+
 def _sampling_proto(p: SamplingParams) -> smcserve_pb2.SamplingParams:
     return smcserve_pb2.SamplingParams(
         temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens,
@@ -116,8 +129,12 @@ class SchedulerService:
         pw.queue_ms += predicted
         try:
             pre = await pw.actor.prefill.remote(token_ids, dataclasses.asdict(params))
-        except ray.exceptions.RayError as err:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {pw.worker_id} failed: {err}")
+        except ray.exceptions.RayTaskError:  # prefill raised: our bug (the request was validated)
+            log.exception("prefill worker %s failed", pw.worker_id)
+            await context.abort(grpc.StatusCode.INTERNAL, "prefill failed (see the server log)")
+        except ray.exceptions.RayError as err:  # the worker is gone
+            log.warning("prefill worker %s unavailable: %s", pw.worker_id, err)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {pw.worker_id} is unavailable")
         finally:
             pw.queued -= 1
             pw.served += 1
@@ -128,6 +145,18 @@ class SchedulerService:
 
     # --- RPCs --------------------------------------------------------------------------------------
     async def Generate(self, request, context: grpc.aio.ServicerContext):
+        """Client mistakes are INVALID_ARGUMENT (raised where they are found); anything unexpected here
+        is our bug: INTERNAL, with the traceback in the server log."""
+        try:
+            async for response in self._generate(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("request %s failed", getattr(request, "request_id", "") or "(unnamed)")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+
+    async def _generate(self, request, context: grpc.aio.ServicerContext):
         t0 = time.perf_counter()
         if isinstance(request, BadUtf8):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: invalid UTF-8")
@@ -186,8 +215,6 @@ class SchedulerService:
                         if not ev.finish_reason:
                             yield smcserve_pb2.GenerateResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
                             continue
-                        if ev.finish_reason.startswith("error"):
-                            await context.abort(grpc.StatusCode.INTERNAL, f"decode failed: {ev.finish_reason}")
                         final = self._final(request_id, ev.finish_reason, usage, t0)
                         final.text, final.token_ids[:] = ev.text, ev.token_ids
                         yield final
@@ -197,10 +224,7 @@ class SchedulerService:
                     raise  # the client went away: the finally below cancels the worker's stream
                 yield self._final(request_id, "abort", usage, t0)
             except grpc.aio.AioRpcError as err:
-                code = err.code()
-                if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    code = grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, err.details() or str(code))
+                await context.abort(worker_status(err), f"decode failed: {err.details() or err.code().name}")
         finally:
             if run.call is not None:
                 run.call.cancel()  # no-op when finished; otherwise the worker frees the KV
@@ -264,8 +288,7 @@ class SchedulerService:
             final.result.CopyFrom(steer.result(pop))
             yield final
         except grpc.aio.AioRpcError as err:
-            code = err.code() if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"steering failed: {err.details()}")
+            await context.abort(worker_status(err), f"steering failed: {err.details() or err.code().name}")
         finally:
             await steer.close()
 

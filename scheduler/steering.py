@@ -16,12 +16,12 @@ import numpy as np
 from engine.sampling import SamplingParams
 from protos import smcserve_pb2 as pb
 from protos import worker_pb2
-from smc import SCHEMES, AllWeightsZero, ess, logsumexp, normalize, resample, steer_resample
+from smc import SCHEMES, ess, logsumexp, normalize
+from smc.step import LENGTH, OK, smc_step
 from smc.potentials import PotentialError, PotentialSpec, build_potential
 from scheduler.validate import InvalidRequest
 
 WITHOUT_REPLACEMENT = "without_replacement"
-ALL_VIOLATED = "all particles violated the constraints"
 
 
 @dataclass
@@ -80,6 +80,7 @@ class _Population:
     tokens: list[list[int]]
     finished: np.ndarray
     logw: np.ndarray
+    reasons: list[str]                  # how each particle ended ("" while running): stop, length, violated
     targets: dict = field(default_factory=dict)  # worker handle → how many particles it holds
 
 
@@ -118,75 +119,61 @@ class SteeringRun:
             particle_ids=[pid for pid in ids if where[pid] is h],
             intersect_prompts=[worker_pb2.TokenIds(ids=t) for t, _ in self.cfg.intersect],
             intersect_weights=[w for _, w in self.cfg.intersect])) for h in order if counts[h]))
-        return _Population(ids, where, [[] for _ in range(n)], np.zeros(n, bool), np.zeros(n), counts)
+        return _Population(ids, where, [[] for _ in range(n)], np.zeros(n, bool), np.zeros(n), [""] * n, counts)
 
     async def close(self) -> None:
         await asyncio.gather(*(h.stub.SmcClose(worker_pb2.SmcCloseRequest(request_id=self.request_id))
                                for h in self.workers), return_exceptions=True)
 
     async def step(self, pop: _Population) -> bool:
-        """One step for every live particle; returns whether the population was resampled."""
+        """One step for every live particle (``smc.step.smc_step``); returns whether it resampled."""
         n, k = self.cfg.particles, self.cfg.extensions
-        live = [i for i in range(n) if not pop.finished[i]]
         by_worker: dict = {}
-        for i in live:
+        for i in np.flatnonzero(~pop.finished):
             by_worker.setdefault(pop.where[pop.ids[i]], []).append(
-                worker_pb2.SmcExtendRequest.Item(particle_id=pop.ids[i], index=i, k=k))
+                worker_pb2.SmcExtendRequest.Item(particle_id=pop.ids[i], index=int(i), k=k))
         replies = await asyncio.gather(*(h.stub.SmcExtend(worker_pb2.SmcExtendRequest(
             request_id=self.request_id, step=self.steps, items=items)) for h, items in by_worker.items()))
-        index_of = {pop.ids[i]: i for i in live}
+        index_of = {pop.ids[i]: i for i in range(n)}
         incr = np.full((n, k), -math.inf)
+        child_done = np.ones((n, k), dtype=bool)
         child: dict[tuple[int, int], worker_pb2.SmcChild] = {}
         for h, reply in zip(by_worker, replies):
             for c in reply.children:
                 i, j = index_of[c.parent_id], int(c.child_id.rsplit("/", 1)[1])
-                incr[i, j] = c.log_increment
-                child[i, j] = c
+                incr[i, j], child_done[i, j], child[i, j] = c.log_increment, c.finished, c
                 pop.where[c.child_id] = h
         self.steps += 1
-
-        if self.cfg.scheme == WITHOUT_REPLACEMENT:
-            st = steer_resample(pop.logw, pop.finished, incr, self.rng)
-            if st.status != "ok":
-                self.status = ALL_VIOLATED
-            picks = [(int(p), int(c)) for p, c in zip(st.parent, st.child)]
-            new_logw = np.asarray(st.log_weights, dtype=float)
-            resampled = True
-        else:
-            new_logw = pop.logw.copy()
-            for i in live:
-                new_logw[i] += incr[i, 0]
-            live_set = set(live)
-            picks = [(i, 0 if i in live_set else -1) for i in range(n)]
-            resampled = False
-            alive = np.isfinite(new_logw)
-            if not alive.any():
-                self.status = ALL_VIOLATED
-            elif ess(new_logw) < self.cfg.ess_threshold * n or self.cfg.ess_threshold >= 1.0:
-                try:
-                    ancestors, new_logw = resample(self.cfg.scheme, new_logw, n, self.rng)
-                    picks = [picks[a] for a in ancestors]
-                    resampled = True
-                except AllWeightsZero:
-                    self.status = ALL_VIOLATED
-        sources, tokens, done = [], [], []
-        for i, j in picks:
-            if j < 0:  # a carried (finished) particle
+        out = smc_step(pop.logw, pop.finished, incr, child_done, self.cfg.scheme, self.cfg.ess_threshold, self.rng)
+        sources, tokens, reasons = [], [], []
+        for i, j in zip(out.parent, out.child):
+            if j < 0:  # carried unchanged (finished or dead)
                 sources.append(pop.ids[i])
                 tokens.append(list(pop.tokens[i]))
-                done.append(True)
+                reasons.append(pop.reasons[i])
             else:
                 c = child[i, j]
                 sources.append(c.child_id)
                 tokens.append(pop.tokens[i] + ([c.token] if c.token >= 0 else []))
-                done.append(c.finished)
-        finished = np.array(done, dtype=bool)
-        finished |= ~np.isfinite(new_logw)  # dead particles are never extended again
-        if resampled:
-            self.resamples += 1
+                reasons.append(c.finish_reason)
+        self.resamples += out.resampled
         await self._reshape(pop, sources)
-        pop.tokens, pop.finished, pop.logw = tokens, finished, new_logw
-        return resampled
+        pop.tokens, pop.finished, pop.logw, pop.reasons = tokens, out.finished, out.log_weights, reasons
+        if out.status != OK:
+            self.status = self.why_all_dead(pop)
+        return out.resampled
+
+    def why_all_dead(self, pop: _Population) -> str:
+        """Why every particle has zero weight, in the words a user can act on."""
+        cut = sum(r == LENGTH for r in pop.reasons)
+        ruled_out = len(pop.reasons) - cut
+        parts = []
+        if cut:
+            parts.append(f"{cut} reached max_tokens ({self.params.max_tokens}) before the constraints could be "
+                         f"satisfied (raise sampling.max_tokens)")
+        if ruled_out:
+            parts.append(f"{ruled_out} violated the constraints")
+        return "every particle has zero weight: " + "; ".join(parts)
 
     async def _reshape(self, pop: _Population, sources: list[str]) -> None:
         """Offspring stay on their source's worker up to its share; only the surplus migrates."""
@@ -243,9 +230,9 @@ class SteeringRun:
         log_z = logsumexp(pop.logw) - math.log(n) if np.isfinite(pop.logw).any() else -math.inf
         weights = normalize(pop.logw)
         res = pb.SteeringResult(log_z=log_z, steps=self.steps, resamples=self.resamples,
-                                status=self.status if math.isfinite(log_z) else ALL_VIOLATED)
+                                status=self.status if math.isfinite(log_z) else self.why_all_dead(pop))
         for i in range(n):
             res.particles.add(text=self.tokenizer.decode(pop.tokens[i], skip_special_tokens=True),
                               token_ids=pop.tokens[i], log_weight=float(pop.logw[i]), weight=float(weights[i]),
-                              finished=bool(pop.finished[i]))
+                              finished=bool(pop.finished[i]), finish_reason=pop.reasons[i])
         return res

@@ -90,9 +90,9 @@ def validate_sampling(p: smcserve_pb2.SamplingParams, limits: Limits, prompt_len
     for i, s in enumerate(p.stop):
         if not s:
             raise InvalidRequest(f"sampling.stop[{i}]: stop strings must not be empty")
-    seed = p.seed if p.HasField("seed") else random.getrandbits(63)
+    seed = p.seed if p.HasField("seed") else random.getrandbits(64)  # any uint64: draws hash it, never overflow
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=p.top_k, max_tokens=max_tokens,
-                          stop=list(p.stop), seed=seed & ((1 << 63) - 1), ignore_eos=p.ignore_eos)
+                          stop=list(p.stop), seed=seed, ignore_eos=p.ignore_eos)
 
 
 def tokenize_request(req: smcserve_pb2.GenerateRequest, tokenizer, limits: Limits) -> list[int]:

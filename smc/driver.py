@@ -22,16 +22,16 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
+import torch
 
 from .model import FeynmanKacModel, State
-from .resampling import IntArray, Scheme, resample
-from .weights import FloatArray, as_log_weights, ess, log_mean_exp
-from .without_replacement import ALL_ZERO, steer_resample
+from .proposal import propose as propose_tokens
+from .resampling import IntArray, Scheme
+from .step import ALL_VIOLATED, OK, WITHOUT_REPLACEMENT, smc_step
+from .weights import FloatArray, as_log_weights, log_mean_exp
 
 Proposal = Literal["prior", "masked"]
-OK = "ok"
-ALL_VIOLATED = "all particles violated the constraints"
-WITHOUT_REPLACEMENT = "without_replacement"
+__all__ = ["ALL_VIOLATED", "OK", "SMCResult", "propose", "run_smc", "run_smc_steer"]
 
 
 @dataclass(frozen=True)
@@ -56,25 +56,14 @@ class SMCResult:
         return out
 
 
-def sample_rows(p: FloatArray, u: FloatArray) -> IntArray:
-    """Row-wise inverse CDF: index i with cdf[r, i-1] <= u[r, j] < cdf[r, i], shape u.shape.
-
-    Rows of ``p`` are non-negative with some positive entry; zero-probability indices are never returned.
-    """
-    cdf = np.cumsum(p, axis=1)
-    cdf /= cdf[:, -1:]
-    idx = (cdf[:, None, :] <= u[:, :, None]).sum(axis=2)
-    last_positive = p.shape[1] - 1 - np.argmax(p[:, ::-1] > 0, axis=1)
-    return np.minimum(idx, last_positive[:, None]).astype(np.int64)
-
-
 def propose(
     model: FeynmanKacModel, states: Sequence[State], k: int, rng: np.random.Generator, proposal: Proposal = "prior"
 ) -> tuple[IntArray, FloatArray]:
     """K next tokens per state and their log-weight increments, shapes (len(states), k).
 
-    Draws ``rng.random((len(states), k))`` once. A token of −1 marks a state with no allowed
-    continuation (masked proposal; increment −inf).
+    Draws ``rng.random((len(states), k))`` once and hands it to ``smc.proposal.propose``, the same
+    proposal the decode workers run. A token of −1 marks a state with no allowed continuation
+    (masked proposal; increment −inf).
     """
     if proposal not in ("prior", "masked"):
         raise ValueError(f"unknown proposal {proposal!r}")
@@ -84,24 +73,15 @@ def propose(
     lp = as_log_weights(np.stack([model.proposal_logprobs(s) for s in states]))
     if not (lp > -math.inf).any(axis=1).all():
         raise ValueError("proposal_logprobs gave a state no possible next token")
-    if proposal == "prior":
-        tokens = sample_rows(np.exp(lp), u)
-        incr = as_log_weights([[model.potential(s, int(t)) for t in row] for s, row in zip(states, tokens)])
-        return tokens, incr.reshape(len(states), k)
-    lg = as_log_weights(np.stack([model.log_potentials(s) for s in states]))
-    allowed = (lg > -math.inf) & (lp > -math.inf)
-    ok = allowed.any(axis=1)
-    masked = np.where(allowed, lp, -math.inf)
-    top = np.where(ok, masked.max(axis=1), 0.0)
-    with np.errstate(divide="ignore"):  # −inf where nothing is allowed
-        log_mass = top + np.log(np.exp(masked - top[:, None]).sum(axis=1))
-    tokens = np.full((len(states), k), -1, dtype=np.int64)
-    incr = np.full((len(states), k), -math.inf)
-    if ok.any():
-        p = np.where(allowed[ok], np.exp(masked[ok] - log_mass[ok, None]), 0.0)
-        tokens[ok] = sample_rows(p, u[ok])
-        incr[ok] = log_mass[ok, None] + np.take_along_axis(lg[ok], tokens[ok], axis=1)
-    return tokens, incr
+    allowed = None
+    if proposal == "masked":
+        lg = as_log_weights(np.stack([model.log_potentials(s) for s in states]))
+        allowed = torch.from_numpy(lg > -math.inf)
+    prop = propose_tokens(torch.from_numpy(lp), allowed, torch.from_numpy(u))
+    tokens = prop.tokens.numpy()
+    incr = as_log_weights([[prop.increment(i, model.potential(s, int(t))) if t >= 0 else -math.inf for t in row]
+                           for i, (s, row) in enumerate(zip(states, tokens))])
+    return tokens, incr.reshape(len(states), k)
 
 
 def _finish(states: list[State], logw: FloatArray, steps: int, n_res: int) -> SMCResult:
@@ -119,38 +99,42 @@ def run_smc(
     k: int = 2,
     max_steps: int = 100_000,
 ) -> SMCResult:
-    """Standard SMC; resamples when ESS < ess_threshold·N (always when ess_threshold ≥ 1, never at 0).
+    """SMC with ``smc.step.smc_step``, the step the served coordinator runs.
 
-    No resampling once every live particle is finished (it would not change Ẑ). With
-    ``scheme="without_replacement"`` this delegates to ``run_smc_steer`` with ``k``.
+    Standard schemes extend each live particle once and resample when ESS < ess_threshold·N (always
+    when ess_threshold ≥ 1, never at 0, never once every live particle is finished). With
+    ``scheme="without_replacement"``: Algorithm 4 with ``k`` children per particle.
     """
-    if scheme == WITHOUT_REPLACEMENT:
-        return run_smc_steer(model, n, k, rng, proposal=proposal, max_steps=max_steps)
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    k = k if scheme == WITHOUT_REPLACEMENT else 1
     states: list[State] = [model.initial_state()] * n
     logw = np.zeros(n)
     done = np.array([model.is_finished(s) for s in states], dtype=bool)
     steps = n_res = 0
     while True:
-        active = np.flatnonzero(~done & (logw > -math.inf))
-        if active.size == 0:
+        carried = done | (logw == -math.inf)
+        if carried.all():
             break
         if steps >= max_steps:
             raise RuntimeError(f"SMC did not finish within {max_steps} steps")
         steps += 1
-        tokens, incr = propose(model, [states[i] for i in active], 1, rng, proposal)
-        for i, t, g in zip(active, tokens[:, 0], incr[:, 0]):
-            logw[i] += g
-            if t >= 0:
-                states[i] = states[i] + (int(t),)
-                done[i] = model.is_finished(states[i])
-        alive = logw > -math.inf
-        if not alive.any() or not (~done & alive).any():
-            continue
-        if ess_threshold >= 1.0 or ess(logw) < ess_threshold * n:
-            anc, logw = resample(scheme, logw, n, rng)
-            states = [states[a] for a in anc]
-            done = done[anc]
-            n_res += 1
+        active = np.flatnonzero(~carried)
+        tokens = np.full((n, k), -1, dtype=np.int64)
+        incr = np.full((n, k), -math.inf)
+        tokens[active], incr[active] = propose(model, [states[i] for i in active], k, rng, proposal)
+        child_done = np.ones((n, k), dtype=bool)
+        for i in active:
+            for j in range(k):
+                if tokens[i, j] >= 0:
+                    child_done[i, j] = model.is_finished(states[i] + (int(tokens[i, j]),))
+        out = smc_step(logw, carried, incr, child_done, scheme, ess_threshold, rng)
+        states = [states[p] + ((int(tokens[p, c]),) if c >= 0 and tokens[p, c] >= 0 else ())
+                  for p, c in zip(out.parent, out.child)]
+        logw, done = out.log_weights, out.finished
+        n_res += out.resampled
+        if out.status != OK:
+            break
     return _finish(states, logw, steps, n_res)
 
 
@@ -163,37 +147,4 @@ def run_smc_steer(
     max_steps: int = 100_000,
 ) -> SMCResult:
     """SMC steering (Algorithm 4): K children per unfinished particle, N survivors without replacement."""
-    if k < 1:
-        raise ValueError("k must be >= 1")
-    states: list[State] = [model.initial_state()] * n
-    logw = np.zeros(n)
-    done = np.array([model.is_finished(s) for s in states], dtype=bool)
-    steps = n_res = 0
-    while True:
-        carried = done | (logw == -math.inf)
-        if carried.all():
-            break
-        if steps >= max_steps:
-            raise RuntimeError(f"SMC steering did not finish within {max_steps} steps")
-        steps += 1
-        active = np.flatnonzero(~carried)
-        tokens = np.full((n, k), -1, dtype=np.int64)
-        incr = np.full((n, k), -math.inf)
-        tokens[active], incr[active] = propose(model, [states[i] for i in active], k, rng, proposal)
-        step = steer_resample(logw, carried, incr, rng)
-        n_res += 1
-        if step.status == ALL_ZERO:
-            logw = np.full(n, -math.inf)
-            break
-        new_states: list[State] = []
-        new_done = np.zeros(n, dtype=bool)
-        for j, (p, c) in enumerate(zip(step.parent, step.child)):
-            s = states[p]
-            if c >= 0 and tokens[p, c] >= 0:
-                s = s + (int(tokens[p, c]),)
-                new_done[j] = model.is_finished(s)
-            else:
-                new_done[j] = done[p]
-            new_states.append(s)
-        states, done, logw = new_states, new_done, step.log_weights
-    return _finish(states, logw, steps, n_res)
+    return run_smc(model, n, rng, WITHOUT_REPLACEMENT, proposal=proposal, k=k, max_steps=max_steps)

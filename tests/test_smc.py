@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import smc.driver as driver
+import smc.step as smc_step_module
 from smc import (
     ALL_VIOLATED,
     OK,
@@ -290,7 +291,7 @@ def test_control_llamppl_c_biases_z(monkeypatch):
     """llamppl's c inflates Ẑ (here ≈ +20 %, z ≈ 30) and skews the posterior (TV ≈ 0.08–0.09);
     exact c* passes the same checks (``steer-k2-masked``). With the prior proposal the bias is ≈ +6 %,
     z ≈ 7 at 2000 runs, as ARCHITECTURE.md reports (1.06, z = +6.5)."""
-    monkeypatch.setattr(driver, "steer_resample", llamppl_steer_resample)
+    monkeypatch.setattr(smc_step_module, "steer_resample", llamppl_steer_resample)
     b = run_batch(TOY, 1500, seed=11, **CONFIGS["steer-k2-masked"])
     assert b.z_score() > 3.0 and b.z.mean() > 1.1 * Z_EXACT and b.tv() > TV_BOUND
 
