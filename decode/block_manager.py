@@ -126,12 +126,17 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # --- observability ---------------------------------------------------------------------------
-    def stats(self, tables: list[BlockTable]) -> dict:
-        in_use = {b for t in tables for b in t.blocks}
+    def holders(self, b: int) -> int:
+        """References to block ``b`` other than the prefix cache's: sequences and particles."""
+        return self.ref[b] - (b in self.cached_key)
+
+    def stats(self) -> dict:
+        """Counts from the reference counts themselves, so every holder (sequence or SMC particle) counts."""
+        in_use = [b for b in range(self.num_blocks) if self.holders(b) > 0]
         return {
             "kv_blocks_total": self.num_blocks,
             "kv_blocks_used": self.num_blocks - self.num_free,
             "kv_blocks_in_use": len(in_use),
-            "kv_blocks_shared": sum(1 for b in in_use if self.ref[b] > 1),
+            "kv_blocks_shared": sum(1 for b in in_use if self.holders(b) > 1),
             "kv_blocks_cached": len(self.cache),
         }

@@ -117,8 +117,7 @@ class DecodeEngine:
 
     def stats(self) -> dict:
         with self.lock:
-            tables = [s.table for s in self.active.values()]
-            st = self.bm.stats(tables)
+            st = self.bm.stats()
             st.update(self.counters, active_sequences=len(self.active) + len(self.pending),
                       kv_bytes_in_use=st["kv_blocks_in_use"] * self.runner.block_bytes)
             return st

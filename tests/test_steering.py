@@ -130,3 +130,28 @@ def test_steering_frees_all_kv(client):
 
     client.steer(messages=chat("Count to three."), particles=4, max_tokens=6, seed=2)
     assert all(w.kv_blocks_in_use == 0 for w in wait_for_idle_workers(client))
+
+
+@pytest.mark.parametrize("seed", [0, 2**31, 2**63 - 1, 2**64 - 1, None])
+def test_any_seed_or_none_steers_and_generates(client, seed):
+    """Seeds used to be mixed by arithmetic that overflowed a signed 64-bit pack above ~9.2 million."""
+    kw = {} if seed is None else {"seed": seed}
+    res = client.steer(messages=chat("Name a colour."), particles=4, max_tokens=4,
+                       potentials=[{"kind": "max_word_length", "max_len": 6}], **kw)
+    check_result(res, 4)
+    out = client.generate(messages=chat("Name a colour."), max_tokens=4, temperature=1.0, **kw)
+    assert out.finish_reason in ("stop", "length") and out.token_ids
+
+
+def test_particles_say_why_they_ended(client):
+    """Out of tokens inside an unfinished JSON value is not 'violated the constraints'."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
+              "required": ["name"], "additionalProperties": False}
+    res = client.steer(messages=chat("Give a person as JSON."), particles=4, max_tokens=3, seed=3,
+                       potentials=[{"kind": "json_schema", "schema": json.dumps(schema)}])
+    assert res.log_z == -math.inf and all(p.weight == 0 for p in res.particles)
+    assert {p.finish_reason for p in res.particles} == {"length"}
+    assert "reached max_tokens (3)" in res.status and "violated" not in res.status, res.status
+    ok = client.steer(messages=chat("Name an animal."), particles=4, max_tokens=4, seed=3)
+    assert {p.finish_reason for p in ok.particles} <= {"stop", "length"}
+    assert all(p.finish_reason == "stop" for p in ok.particles if len(p.token_ids) < 4)
