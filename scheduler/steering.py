@@ -53,6 +53,13 @@ def validate_steering(spec: pb.SteeringSpec, params: SamplingParams, vocab, max_
         raise InvalidRequest(f"steering.ess_threshold: must be in [0, 1], got {thr}")
     if params.temperature <= 0:
         raise InvalidRequest("sampling.temperature: must be > 0 for steering (the LM is the proposal)")
+    # the proposal is the whole (masked) LM: truncation or stop strings would change the target silently
+    if params.top_p < 1.0:
+        raise InvalidRequest(f"sampling.top_p: not supported with steering (got {params.top_p:g}); use a potential")
+    if params.top_k:
+        raise InvalidRequest(f"sampling.top_k: not supported with steering (got {params.top_k}); use a potential")
+    if params.stop:
+        raise InvalidRequest("sampling.stop: not supported with steering; use a regex or banned_phrases potential")
     intersect, others = [], []
     for i, m in enumerate(spec.potentials):
         if m.kind != INTERSECTION:

@@ -155,3 +155,14 @@ def test_particles_say_why_they_ended(client):
     ok = client.steer(messages=chat("Name an animal."), particles=4, max_tokens=4, seed=3)
     assert {p.finish_reason for p in ok.particles} <= {"stop", "length"}
     assert all(p.finish_reason == "stop" for p in ok.particles if len(p.token_ids) < 4)
+
+
+@pytest.mark.parametrize("sampling, field", [({"top_p": 0.5}, "sampling.top_p"), ({"top_k": 5}, "sampling.top_k"),
+                                             ({"stop": ["."]}, "sampling.stop")])
+def test_sampling_options_steering_cannot_honour_are_refused(client, sampling, field):
+    """The proposal is the whole masked LM: truncating it would change the target without a word."""
+    from client.client import build_request
+
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.stub.Generate(build_request(messages=chat("hi"), steering={"particles": 2}, **sampling)))
+    assert err.value.code() == INVALID and err.value.details().startswith(field), err.value.details()
