@@ -51,6 +51,7 @@ import numpy as np
 import pytest
 
 from client import Client
+from test_smc import llamppl_find_c
 from tiny_vocab import EOS_ID, PIECES, TEXTS, build_tiny_llama, exact_z, hard_ok, next_token_logprobs
 
 pytestmark = pytest.mark.e2e
@@ -247,18 +248,6 @@ def test_served_smc_is_unbiased(client, tables, scheme):
                                           f"particles_imported={w.particles_imported}" for w in workers))
     assert all(w.batch_steps > 0 for w in workers)
     assert imported(client) > before, "resampling never moved a particle between the two decode workers"
-
-
-def llamppl_find_c(weights: np.ndarray, n: int) -> float:
-    """llamppl's ``find_c``: undershoots c* whenever a candidate is kept deterministically."""
-    s = np.sort(weights)
-    b_val, a_val = 0.0, len(weights)
-    for chi in s:
-        a_val -= 1
-        b_val += chi
-        if chi > 0 and b_val / chi + a_val - n <= 1e-12:
-            return (n - a_val) / b_val
-    return float(n)
 
 
 def test_control_biased_c_star_is_detected(client, tables, monkeypatch):
