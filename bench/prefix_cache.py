@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from client.server_process import ServeProcess
 from loadtest.runner import run_workload
-from loadtest.trace import (TraceScaling, load_trace, scaled_token_hit_rate, select_rows, trace_workload,
-                            unbounded_hit_rate)
+from loadtest.trace import (DEFAULT_TRACE, TraceScaling, load_trace, scaled_token_hit_rate, select_rows,
+                            trace_workload, unbounded_hit_rate)
 
-TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "synthetic_trace.jsonl"
+TRACE = DEFAULT_TRACE  # data/traces/synthetic_trace.jsonl, shipped in the repository
 
 
 def replay(rows, scaling, concurrency: int, *serve_args: str) -> dict:

@@ -1,6 +1,6 @@
 """Replay the Mooncake synthetic trace through the simulator under the five placement policies.
 
-    python -m bench.simulate [--trace ../shared/traces/synthetic_trace.jsonl] [--prefill 8] [--decode 8]
+    python -m bench.simulate [--trace data/traces/synthetic_trace.jsonl] [--prefill 8] [--decode 8]
                              [--cache-blocks 4096] [--slo-ttft-s 30] [--slo-tbt-ms 100] [--no-sweep]
 
 The policies are the real ``scheduler.policies`` objects; the costs come from a stated, ASSUMED
@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from loadtest.simulator import DEFAULT_PROFILE, SimConfig, load_trace, simulate, trace_hit_rate
+from loadtest.trace import DEFAULT_TRACE
 from scheduler.policies import POLICY_NAMES, cached_tokens_for, RequestInfo
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[1].parent / "shared/traces/synthetic_trace.jsonl"
 MOONCAKE_MEAN_TTFT_S = {"random": 19.65, "load": 5.27, "cache_local": 3.58, "cache_global": 3.07}
 ORDER = ("random", "load", "cache_local", "cache_global")
 

@@ -1,8 +1,9 @@
 """A small synchronous client for the smcserve gRPC API."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import grpc
 
@@ -21,6 +22,42 @@ class Completion:
     usage: pb.Usage | None = None
 
 
+def potential_message(pot: dict | pb.Potential) -> pb.Potential:
+    """A ``Potential`` message from a dict such as ``{"kind": "regex", "pattern": "[0-9]+"}``.
+
+    Keys are the message's fields (``kind``, ``weight``, ``pattern``, ``grammar``, ``format``, ``schema``,
+    ``max_len``, ``chars``, ``case_sensitive``, ``phrases``, ``n``, ``prompts``) plus ``options``: a
+    JSON-like dict for an operator-installed (plugin) kind, sent as a ``google.protobuf.Struct``
+    (numbers travel as doubles; the server hands integral ones to the plugin as int).
+    ``case_insensitive`` is accepted too (the server-side name) and sent as ``case_sensitive``;
+    ``schema`` may be a dict (sent as JSON text). A ``Potential`` message is passed through.
+    """
+    if isinstance(pot, pb.Potential):
+        return pot
+    d = dict(pot)
+    options = d.pop("options", None)
+    if "case_insensitive" in d:
+        ci = d.pop("case_insensitive")
+        if ci is not None:
+            d["case_sensitive"] = not ci
+    if isinstance(d.get("schema"), (dict, bool)):
+        d["schema"] = json.dumps(d["schema"])
+    if d.get("weight") is None:
+        d.pop("weight", None)
+    try:
+        msg = pb.Potential(**d)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"potential {pot!r}: {err}") from None
+    if options:
+        if not isinstance(options, Mapping):
+            raise ValueError(f"potential {pot.get('kind')!r}: options must be a dict, got {type(options).__name__}")
+        try:
+            msg.options.update(options)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"potential {pot.get('kind')!r}: options are not JSON-like: {err}") from None
+    return msg
+
+
 def build_request(prompt: str | None = None, messages: Sequence[dict] | None = None, *, request_id: str = "",
                   model: str = "", temperature: float | None = None, top_p: float | None = None, top_k: int = 0,
                   max_tokens: int | None = None, stop: Sequence[str] = (), seed: int | None = None,
@@ -28,7 +65,8 @@ def build_request(prompt: str | None = None, messages: Sequence[dict] | None = N
     """A GenerateRequest from a raw ``prompt`` or chat ``messages`` ([{"role", "content"}, ...]).
 
     ``steering``: {"particles": N, "extensions": K, "scheme": ..., "ess_threshold": ...,
-    "potentials": [{"kind": "regex", "pattern": ...}, ...]} turns on SMC steering.
+    "potentials": [{"kind": "regex", "pattern": ...}, ...]} turns on SMC steering (each potential a
+    dict as :func:`potential_message` takes it, plugin ``options`` included, or a ``Potential`` message).
     """
     sampling = pb.SamplingParams(top_k=top_k, stop=list(stop), ignore_eos=ignore_eos)
     if temperature is not None:
@@ -44,8 +82,7 @@ def build_request(prompt: str | None = None, messages: Sequence[dict] | None = N
         spec = dict(steering)
         potentials = spec.pop("potentials", [])
         req.steering.CopyFrom(pb.SteeringSpec(**spec))
-        for pot in potentials:
-            req.steering.potentials.add(**pot)
+        req.steering.potentials.extend(potential_message(pot) for pot in potentials)
     if messages is not None:
         req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
     else:
@@ -75,7 +112,9 @@ class Client:
     def steer(self, prompt: str | None = None, messages: Sequence[dict] | None = None, *, particles: int,
               potentials: Sequence[dict] = (), on_progress=None, **kw) -> pb.SteeringResult:
         """Run SMC steering; returns the weighted particles and log Z. Keyword arguments as for ``generate``
-        plus ``extensions``, ``scheme`` and ``ess_threshold``."""
+        plus ``extensions``, ``scheme`` and ``ess_threshold``. ``potentials``: dicts such as
+        ``{"kind": "max_word_length", "max_len": 5, "weight": 1.0}`` or, for a plugin,
+        ``{"kind": "max_bytes", "options": {"limit": 40}}`` (see :func:`potential_message`)."""
         steering = {"particles": particles, "potentials": list(potentials)}
         for key in ("extensions", "scheme", "ess_threshold"):
             if key in kw:

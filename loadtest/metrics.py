@@ -12,9 +12,12 @@ Aggregates over the completed requests (percentiles by ``numpy.percentile``, lin
 empty list gives 0, as in vLLM): mean/median/std/pXX of TTFT, TPOT, ITL (all gaps of all requests
 pooled) and E2E, in ms; request and output-token throughput over the benchmark duration; goodput =
 completed requests meeting every given SLO (``ttft``, ``tpot``, ``e2el`` in ms; a request with one
-output token has TPOT 0 here, as in vLLM) per second. Failures are counted by gRPC status code and
-message prefix (:func:`reason_prefix`): RESOURCE_EXHAUSTED under ``rejected``, anything else under
-``errors``. ``cache_hit_rate`` = Σ usage.cached_prompt_tokens / Σ usage.prompt_tokens (server-reported,
+output token has TPOT 0 here, as in vLLM) per second. Failures (``failed`` = ``num_rejected`` +
+``num_errors`` + ``num_incomplete``) are counted by gRPC status code and message prefix
+(:func:`reason_prefix`): RESOURCE_EXHAUSTED under ``rejected``, requests cut off (cancelled by the
+client) when the run stopped — time limit or Ctrl-C; on an overloaded server, typically most of them —
+under ``incomplete``, anything else (including a CANCELLED status from the server) under ``errors``.
+``cache_hit_rate`` = Σ usage.cached_prompt_tokens / Σ usage.prompt_tokens (server-reported,
 completed requests).
 """
 from __future__ import annotations
@@ -152,13 +155,15 @@ def compute_metrics(records: Iterable[RequestRecord], duration_s: float, slo: di
     cached = sum(r.cached_prompt_tokens for r in done)
     dur = max(duration_s, 1e-9)
     rejected = Counter(reason_prefix(r.message) for r in records if r.status == "rejected")
-    errors = Counter(f"{r.code}: {reason_prefix(r.message)}" for r in records if r.status in ("error", "incomplete"))
+    errors = Counter(f"{r.code}: {reason_prefix(r.message)}" for r in records if r.status == "error")
+    incomplete = Counter(f"{r.code}: {reason_prefix(r.message)}" for r in records if r.status == "incomplete")
     m = {
         "num_requests": len(records),
         "completed": len(done),
         "failed": len(records) - len(done),
         "num_rejected": sum(rejected.values()),
         "num_errors": sum(errors.values()),
+        "num_incomplete": sum(incomplete.values()),
         "duration": duration_s,
         "total_input_tokens": in_tokens,
         "total_output_tokens": out_tokens,
@@ -176,6 +181,7 @@ def compute_metrics(records: Iterable[RequestRecord], duration_s: float, slo: di
     m["total_cached_prompt_tokens"] = cached
     m["rejected"] = dict(sorted(rejected.items()))
     m["errors"] = dict(sorted(errors.items()))
+    m["incomplete"] = dict(sorted(incomplete.items()))
     kinds = Counter(r.kind for r in records)
     if len(kinds) > 1 or "smc" in kinds:
         m["by_kind"] = {k: {"requests": n, "completed": sum(r.ok for r in records if r.kind == k),

@@ -28,6 +28,10 @@ def format_summary(m: dict, title: str = "") -> str:
     out = [head.center(_W, "=")]
     out.append(_line("Successful requests:", m["completed"]))
     out.append(_line("Failed requests:", m["failed"]))
+    if m["failed"]:
+        out.append(_line("  rejected (RESOURCE_EXHAUSTED):", m.get("num_rejected", 0)))
+        out.append(_line("  errors:", m.get("num_errors", 0)))
+        out.append(_line("  incomplete (cancelled at the end):", m.get("num_incomplete", 0)))
     if m.get("stopped_by") and m["stopped_by"] != "done":
         out.append(_line("Stopped by:", m["stopped_by"]))
     out.append(_line("Benchmark duration (s):", m["duration"]))
@@ -59,12 +63,26 @@ def format_summary(m: dict, title: str = "") -> str:
     if m.get("errors"):
         out.append("Errors".center(_W, "-"))
         out.extend(f"{n:>6}  {reason}" for reason, n in m["errors"].items())
+    if m.get("incomplete"):
+        out.append("Incomplete (cut off when the run stopped)".center(_W, "-"))
+        out.extend(f"{n:>6}  {reason}" for reason, n in m["incomplete"].items())
+    if m.get("machine"):
+        out.append("Machine (client side)".center(_W, "-"))
+        out.extend(format_machine(m["machine"]))
     out.append("=" * _W)
     return "\n".join(out)
 
 
+def format_machine(mc: dict) -> list[str]:
+    """The machine record's lines: cores and CPU model, load average at the start and at the end."""
+    def la(v):
+        return "/".join(f"{x:.2f}" for x in v) if v else "n/a"
+    return [f"{mc.get('cpu_count')} cores, {mc.get('cpu_model') or 'unknown CPU'}",
+            f"load average (1/5/15 min): start {la(mc.get('loadavg_start'))}, end {la(mc.get('loadavg_end'))}"]
+
+
 SWEEP_COLUMNS = (("rate", "workload.request_rate", "{:g}"), ("done", "completed", "{:d}"),
-                 ("fail", "failed", "{:d}"), ("req/s", "request_throughput", "{:.2f}"),
+                 ("fail", "failed", "{:d}"), ("cut", "num_incomplete", "{:d}"), ("req/s", "request_throughput", "{:.2f}"),
                  ("goodput", "goodput", "{:.2f}"), ("tok/s", "output_throughput", "{:.1f}"),
                  ("TTFT p50", "median_ttft_ms", "{:.0f}"), ("TTFT p99", "p99_ttft_ms", "{:.0f}"),
                  ("TPOT p50", "median_tpot_ms", "{:.1f}"), ("TPOT p99", "p99_tpot_ms", "{:.1f}"),

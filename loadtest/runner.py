@@ -5,6 +5,11 @@ shared channel and streamed to the end; every token-bearing response is timestam
 is bounded in count (``num_requests``) and time (``max_duration``: no request is sent after it, and
 requests still in flight ``drain_s`` later are cancelled and counted as incomplete); Ctrl-C stops it the
 same way and keeps what was measured. Only loopback addresses are accepted unless ``allow_remote``.
+
+The progress bar counts every outcome as it happens: ``ok``, ``rej`` (RESOURCE_EXHAUSTED), ``err`` (any
+other failure) and ``cut`` (incomplete: cancelled when the run stopped), plus ``run`` (in flight). The
+result records the client machine (:func:`machine_info`: cores, CPU model, load average at the start and
+at the end) — on loopback it is the server's machine too, shared with whatever else runs there.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import asyncio
 import contextlib
 import datetime as _dt
 import ipaddress
+import os
+import platform
 import signal
 import socket
 import sys
@@ -69,21 +76,60 @@ def check_address(address: str, allow_remote: bool = False) -> None:
                          "to benchmark a server you are allowed to load)")
 
 
+# --- the machine ---------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``sysctl`` on macOS, else ``platform``), or ""."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() in ("model name", "Model", "Hardware", "cpu model"):
+                    return value.strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                 timeout=2)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float] | None:
+    """``os.getloadavg()`` (1, 5, 15 min), or None where the platform has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_info() -> dict:
+    """The client machine: cores, CPU model, platform; ``loadavg_start`` now (``loadavg_end`` is added
+    when the run ends)."""
+    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
+            "python": platform.python_version(), "loadavg_start": load_average(), "loadavg_end": None}
+
+
 # --- one run ------------------------------------------------------------------------------------------
 @dataclass
 class RunResult:
     label: str
     records: list[RequestRecord]
     duration_s: float
-    stopped_by: str                      # "done", "num_requests", "max_duration" or "interrupted"
+    stopped_by: str                      # "done", "num_requests", "max_duration" (no sends after it, or
+                                         # requests cut off at max_duration + drain) or "interrupted"
     config: dict = field(default_factory=dict)
     server: dict = field(default_factory=dict)
     started_at: str = ""
+    machine: dict = field(default_factory=dict)   # machine_info() with loadavg_start / loadavg_end
 
     def metrics(self, slo: dict | None = None, percentiles=DEFAULT_PERCENTILES) -> dict:
         m = compute_metrics(self.records, self.duration_s, slo, percentiles)
         return {"label": self.label, "date": self.started_at, "stopped_by": self.stopped_by, **m,
-                "workload": self.config, "server": self.server}
+                "workload": self.config, "server": self.server, "machine": self.machine}
 
 
 def _server_summary(info) -> dict:
@@ -114,12 +160,15 @@ async def run_workload_async(address: str, workload: Workload, *, num_requests: 
     check_address(address, allow_remote)
     stop = stop or asyncio.Event()
     run_id = uuid.uuid4().hex[:8]
+    machine = machine_info()
+    started_at = _dt.datetime.now().isoformat(timespec="seconds")
     records: list[RequestRecord] = []
     total = workload.num_requests
     if num_requests is not None:
         total = num_requests if total is None else min(total, num_requests)
     bar = _progress_bar(total, label or workload.name, progress)
     counts = {"ok": 0, "rejected": 0, "error": 0, "incomplete": 0}
+    in_flight = 0
     sem = asyncio.Semaphore(workload.max_concurrency) if workload.max_concurrency else None
 
     async with grpc.aio.insecure_channel(address) as channel:
@@ -132,6 +181,7 @@ async def run_workload_async(address: str, workload: Workload, *, num_requests: 
         server_before = await _model_info(stub)
 
         async def one(index: int, sched: float, spec) -> None:
+            nonlocal in_flight
             rec = RequestRecord(index=index, kind=spec.kind, run=label, scheduled_s=sched,
                                 intended_prompt_tokens=spec.prompt_len, max_tokens=spec.max_tokens)
             records.append(rec)
@@ -140,6 +190,7 @@ async def run_workload_async(address: str, workload: Workload, *, num_requests: 
                                 steering=spec.steering)
             t0 = time.perf_counter()
             rec.send_s = t0 - start
+            in_flight += 1
             call = stub.Generate(req, timeout=request_timeout)
             final = False
             steps = None
@@ -179,12 +230,16 @@ async def run_workload_async(address: str, workload: Workload, *, num_requests: 
                 rec.status, rec.code = "incomplete", "CANCELLED"
                 rec.message = "cut off when the run stopped (time limit or Ctrl-C)"
                 raise
+            except Exception as err:  # anything else still ends the request as a counted error
+                rec.end_s = time.perf_counter() - t0
+                rec.status, rec.code, rec.message = "error", type(err).__name__, str(err)
             finally:
+                in_flight -= 1
                 if sem is not None:
                     sem.release()
                 counts[rec.status] = counts.get(rec.status, 0) + 1
                 bar.update(1)
-                bar.set_postfix(ok=counts["ok"], rej=counts["rejected"], err=counts["error"], refresh=False)
+                bar.set_postfix(progress_postfix(counts, in_flight), refresh=False)
 
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
@@ -248,6 +303,8 @@ async def run_workload_async(address: str, workload: Workload, *, num_requests: 
             pending -= done
         if stop.is_set() and stopped_by != "interrupted":
             stopped_by = "interrupted"
+        elif pending and stopped_by != "interrupted":
+            stopped_by = "max_duration"   # still running at max_duration + drain: cut off
         for t in pending:
             t.cancel()
         if pending:
@@ -261,8 +318,9 @@ async def run_workload_async(address: str, workload: Workload, *, num_requests: 
     if "decode_counters" in server_before and "decode_counters" in server_after:
         server["decode_counters"] = {k: server_after["decode_counters"][k] - server_before["decode_counters"][k]
                                      for k in DECODE_COUNTERS}
+    machine["loadavg_end"] = load_average()
     return RunResult(label or workload.name, records, duration, stopped_by, dict(workload.config), server,
-                     _dt.datetime.now().isoformat(timespec="seconds"))
+                     started_at, machine)
 
 
 def run_workload(address: str, workload: Workload, **kw) -> RunResult:
@@ -282,6 +340,12 @@ def run_workload(address: str, workload: Workload, **kw) -> RunResult:
                 loop.remove_signal_handler(signal.SIGINT)
 
     return asyncio.run(main())
+
+
+def progress_postfix(counts: dict, in_flight: int = 0) -> dict:
+    """The progress bar's counters: ok, rejected, failed, cut off (cancelled when the run stopped), in flight."""
+    return {"ok": counts.get("ok", 0), "rej": counts.get("rejected", 0), "err": counts.get("error", 0),
+            "cut": counts.get("incomplete", 0), "run": in_flight}
 
 
 def _progress_bar(total: int | None, desc: str, enabled: bool):
@@ -321,13 +385,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=None, help="at most this many (default: 100; trace: all rows)")
     p.add_argument("--max-duration", type=float, default=600.0, help="send nothing after this many seconds")
     p.add_argument("--drain", type=float, default=30.0, help="then wait this long for requests in flight")
-    p.add_argument("--request-timeout", type=float, default=None, help="per-request deadline (s)")
+    p.add_argument("--request-timeout", type=float, default=None, help="per-request deadline in s (default: none)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="output tokens per request (synthetic: default 16; trace: a cap on the scaled lengths)")
-    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the server's, 1)")
     p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS (lengths vary)")
-    p.add_argument("--smc-ratio", type=float, default=0.0, help="fraction of requests sent as SMC steering")
-    p.add_argument("--smc-particles", type=int, default=8)
+    p.add_argument("--smc-ratio", type=float, default=0.0, help="fraction of requests sent as SMC steering (0: none)")
+    p.add_argument("--smc-particles", type=int, default=8, help="SMC requests' particles")
     p.add_argument("--smc-max-word-length", type=int, default=8, help="SMC requests' potential: max_word_length")
     p.add_argument("--smc-max-tokens", type=int, default=16, help="cap on SMC requests' output length")
     p.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft=2000,tpot=200 (also e2el=)")
@@ -336,7 +400,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the results JSON here")
     p.add_argument("--records", default=None, help="write per-request records (JSONL) here")
     p.add_argument("--plots", default=None, help="write PNG plots into this directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrivals, prompts and sampling")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -386,6 +450,24 @@ def build_workloads(args) -> list[Workload]:
     return [rate_workload(args.rate, burstiness=burstiness, max_concurrency=args.concurrency, **synth)]
 
 
+def overload_hint(m: dict) -> str:
+    """A warning when requests were cut off or failed (empty when every request completed)."""
+    if not m.get("failed"):
+        return ""
+    parts = []
+    if m.get("num_incomplete"):
+        parts.append(f"{m['num_incomplete']} of {m['num_requests']} requests were still running when the run "
+                     f"stopped ({m.get('stopped_by', '')}) and were cancelled: the server could not keep up with "
+                     "the offered load. Offer less: fewer requests (--num-requests, --slice), more time between "
+                     "them (lower --rate, larger --time-scale), shorter prompts (--block-tokens, --max-blocks, "
+                     "--input-len), or allow more time (--drain).")
+    if m.get("num_rejected"):
+        parts.append(f"{m['num_rejected']} requests were rejected (RESOURCE_EXHAUSTED): see 'Rejected' above.")
+    if m.get("num_errors"):
+        parts.append(f"{m['num_errors']} requests failed: see 'Errors' above.")
+    return "warning: " + " ".join(parts)
+
+
 def bench_main(args) -> int:
     """``smcserve bench``: run, print the summary, write JSON / records / plots as asked."""
     from loadtest import report
@@ -411,7 +493,11 @@ def bench_main(args) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         results.append(res)
-        print(report.format_summary(res.metrics(slo, percentiles), title=label))
+        m = res.metrics(slo, percentiles)
+        print(report.format_summary(m, title=label))
+        hint = overload_hint(m)
+        if hint:
+            print(hint, file=sys.stderr)
         if res.stopped_by == "interrupted":
             break
     runs = [r.metrics(slo, percentiles) for r in results]

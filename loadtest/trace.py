@@ -17,6 +17,9 @@ Words are tokens on the default model (see :mod:`loadtest.workloads`), so with `
 the server's KV block size the trace's blocks line up with the server's. The salt defaults to 0: a
 second replay against the same server finds the first one's blocks in its prefix cache unless it uses
 another salt.
+
+:data:`DEFAULT_TRACE` is the Mooncake synthetic trace shipped in the repository
+(``data/traces/synthetic_trace.jsonl``; source, license and checksum in ``data/traces/README.md``).
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from typing import Iterable, Sequence
 from loadtest.workloads import RequestSpec, SmcMix, Workload, ids_to_text, request_seed, word_block
 
 TRACE_BLOCK_TOKENS = 512
+# the Mooncake synthetic trace, shipped with the repository (read relative to it: an editable install)
+DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "synthetic_trace.jsonl"
 
 
 @dataclass(frozen=True)

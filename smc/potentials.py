@@ -47,7 +47,8 @@ case_insensitive=True), banned_phrases(phrases, case_insensitive=False),
 required_phrases(phrases, case_insensitive=False), max_tokens(n: EOS counts as one of the n).
 Operators add kinds through the entry-point group ``smcserve.potentials``: each entry point is a
 callable ``(spec, vocab) -> Potential`` (it reads its parameters from the spec, ``spec.options``
-included, and applies ``spec.weight`` itself); clients only name it. Built-in names cannot be
+included — the request's ``Potential.options`` Struct as a plain dict, see ``options_from_struct`` —
+and applies ``spec.weight`` itself); clients only name it (and pass options). Built-in names cannot be
 overridden; a plugin that fails to load is logged and reported when a request names it.
 """
 from __future__ import annotations
@@ -235,7 +236,8 @@ class PotentialSpec:
     def from_proto(cls, msg: Any) -> "PotentialSpec":
         """From a ``smcserve.v1.Potential`` message (proto3: "" / 0 mean unset, except for the
         parameters the named built-in kind requires, which are kept so that a 0 or "" is reported
-        as invalid). ``case_sensitive`` maps to ``case_insensitive`` for forbidden_chars only."""
+        as invalid). ``case_sensitive`` maps to ``case_insensitive`` for forbidden_chars only.
+        ``options`` (a ``google.protobuf.Struct``) becomes a plain dict (:func:`options_from_struct`)."""
         kind = msg.kind
         has = getattr(msg, "HasField", None)
         weight = msg.weight if (has is None or has("weight")) else 1.0
@@ -256,7 +258,32 @@ class PotentialSpec:
             kw["case_insensitive"] = not bool(getattr(msg, "case_sensitive", False))
         elif own is None and getattr(msg, "case_sensitive", False):
             kw["case_insensitive"] = False
+        options = getattr(msg, "options", None)
+        if options is not None and (has is None or has("options")):
+            kw["options"] = options_from_struct(options)
         return cls(kind=kind, weight=weight, **kw)
+
+
+def _plain(v: Any) -> Any:
+    """A Struct value as plain Python: integral numbers as int (Struct numbers are doubles)."""
+    if isinstance(v, float):
+        return int(v) if v.is_integer() and abs(v) <= 2 ** 53 else v
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def options_from_struct(struct: Any) -> dict[str, Any]:
+    """``Potential.options`` (a ``google.protobuf.Struct`` or a mapping) as a JSON-like dict for
+    ``PotentialSpec.options``: objects → dict, lists → list, strings, bools, None, and numbers — int
+    when integral (a Struct stores every number as a double, so 3 and 3.0 both arrive as 3), else float."""
+    if hasattr(struct, "DESCRIPTOR"):  # a Struct (registered as a Mapping, but its lists are ListValues)
+        from google.protobuf.json_format import MessageToDict
+
+        return _plain(MessageToDict(struct))
+    return _plain(dict(struct))
 
 
 _SPEC_PARAMS = ("pattern", "grammar", "format", "schema", "max_len", "chars", "case_insensitive", "phrases", "n")

@@ -17,14 +17,14 @@ import pytest
 from loadtest import report
 from loadtest.metrics import RequestRecord, compute_metrics, parse_slo, reason_prefix
 from loadtest.runner import check_address, is_loopback, run_workload
-from loadtest.trace import (TraceRow, TraceScaling, load_trace, parse_slice, row_prompt_ids, scaled_token_hit_rate,
-                            select_rows, trace_requests, trace_workload, unbounded_hit_rate)
+from loadtest.trace import (DEFAULT_TRACE, TraceRow, TraceScaling, load_trace, parse_slice, row_prompt_ids,
+                            scaled_token_hit_rate, select_rows, trace_requests, trace_workload, unbounded_hit_rate)
 from loadtest.workloads import (WORDS, SmcMix, Workload, concurrency_workload, gamma_arrivals, ids_to_text,
-                                poisson_arrivals, rate_workload, sweep_workloads, word_block)
+                                RequestSpec, poisson_arrivals, rate_workload, sweep_workloads, word_block)
 from protos import smcserve_pb2 as pb
 from protos import smcserve_pb2_grpc
 
-TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "traces" / "synthetic_trace.jsonl"  # ../shared
+TRACE = DEFAULT_TRACE  # data/traces/synthetic_trace.jsonl, shipped in the repository
 
 
 # --- metrics ------------------------------------------------------------------------------------------
@@ -189,7 +189,21 @@ def test_trace_parsing_slicing_and_hit_rate(tmp_path):
     assert wl.config["trace_unbounded_hit_rate"] == pytest.approx(0.5)
 
 
-@pytest.mark.skipif(not TRACE.exists(), reason="the shared Mooncake trace is not here")
+def test_trace_ships_with_the_repository():
+    # data/traces/ holds the trace with its provenance; nothing reads ../shared
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    assert TRACE == root / "data" / "traces" / "synthetic_trace.jsonl" and TRACE.is_file()
+    digest = hashlib.sha256(TRACE.read_bytes()).hexdigest()
+    readme = (TRACE.parent / "README.md").read_text()
+    assert digest == "bd070915a98fc0ed264d7cfef2ce746002eb3076a695ec31ba2674c0111ec131" and digest in readme
+    assert "Apache" in readme and "kvcache-ai/Mooncake" in readme
+    for path in ["README.md", "bench/simulate.py", "bench/prefix_cache.py", *map(str, root.glob("loadtest/*.py")),
+                 "tests/test_simulator.py"]:
+        assert "shared/traces" not in (root / path).read_text(), path
+
+
 def test_real_trace_unbounded_hit_rate():
     rows = load_trace(TRACE)
     assert len(rows) == 3993
@@ -294,8 +308,6 @@ def fake_server():
 
 
 def test_runner_against_fake_server(fake_server):
-    from loadtest.workloads import RequestSpec
-
     specs = [(0.01 * i, RequestSpec(("reject " if i == 2 else "") + "a b c d", max_tokens=4)) for i in range(6)]
     res = run_workload(fake_server.address, Workload("unit", specs, max_concurrency=2, num_requests=6), progress=False)
     assert res.stopped_by == "done" and len(res.records) == 6
@@ -322,6 +334,78 @@ def test_runner_against_fake_server(fake_server):
     assert all(r.send_s < 0.35 for r in res.records)
 
 
+def test_cut_off_requests_are_counted_in_the_bar_the_table_and_the_json(fake_server, monkeypatch, tmp_path):
+    # An overloaded run: requests still streaming when the run stops are cancelled. The progress bar, the
+    # table and the JSON must all count them (the bar used to show err=0 while every request was CANCELLED).
+    import os
+
+    from loadtest import runner
+
+    postfixes = []
+
+    class Bar:
+        def update(self, n=1): pass
+        def set_postfix(self, ordered_dict=None, refresh=True, **kw): postfixes.append(dict(ordered_dict or kw))
+        def close(self): pass
+
+    monkeypatch.setattr(runner, "_progress_bar", lambda total, desc, enabled: Bar())
+    specs = [(0.0, RequestSpec("reject a b", max_tokens=2)), (0.0, RequestSpec("a b", max_tokens=2))]
+    specs += [(0.05, RequestSpec(f"a b {i}", max_tokens=500)) for i in range(3)]
+    res = run_workload(fake_server.address, Workload("overload", specs, num_requests=5), max_duration=0.3,
+                       drain_s=0.2)
+    m = res.metrics()
+    assert [r.status for r in res.records] == ["rejected", "ok", "incomplete", "incomplete", "incomplete"]
+    assert res.stopped_by == "max_duration"   # everything was sent, but the time limit cut requests off
+    assert m["failed"] == 4 and m["num_rejected"] == 1 and m["num_errors"] == 0 and m["num_incomplete"] == 3
+    assert m["num_rejected"] + m["num_errors"] + m["num_incomplete"] == m["failed"]
+    assert m["incomplete"] == {"CANCELLED: cut off when the run stopped (time limit or Ctrl-C)": 3}
+    assert m["errors"] == {}
+    assert postfixes[-1] == {"ok": 1, "rej": 1, "err": 0, "cut": 3, "run": 0}
+    assert max(p["run"] for p in postfixes) >= 3
+    text = report.format_summary(m)
+    assert "incomplete (cancelled at the end):" in text and "Incomplete (cut off when the run stopped)" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("  incomplete"))
+    assert line.split()[-1] == "3"
+    doc = json.loads(report.write_json(tmp_path / "r.json", m).read_text())
+    assert doc["num_incomplete"] == 3 and doc["failed"] == 4
+    hint = runner.overload_hint(m)
+    assert "3 of 5 requests" in hint and "--time-scale" in hint and "rejected" in hint
+    assert runner.overload_hint(compute_metrics(_hand_records()[:2], 1.0)) == ""
+    # a failed (not cut off) request is an error, not incomplete
+    e = RequestRecord(0, status="error", code="CANCELLED", message="server cancelled")
+    me = compute_metrics([e], 1.0)
+    assert me["num_errors"] == 1 and me["num_incomplete"] == 0 and me["errors"] == {"CANCELLED: server cancelled": 1}
+
+    # the machine record: cores, CPU model, load average at the start and at the end
+    mc = doc["machine"]
+    assert mc["cpu_count"] == os.cpu_count() and isinstance(mc["cpu_model"], str) and mc["cpu_model"]
+    for key in ("loadavg_start", "loadavg_end"):
+        assert len(mc[key]) == 3 and all(isinstance(x, (int, float)) and x >= 0 for x in mc[key])
+    assert "cores" in text and "load average" in text
+
+
+def test_machine_info(monkeypatch):
+    import os
+
+    from loadtest import runner
+
+    mc = runner.machine_info()
+    assert mc["cpu_count"] == os.cpu_count() and mc["loadavg_end"] is None
+    if Path("/proc/cpuinfo").exists() and "model name" in Path("/proc/cpuinfo").read_text():
+        assert mc["cpu_model"] in Path("/proc/cpuinfo").read_text()
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (1.234, 0.5, 0.25))
+    assert runner.load_average() == [1.23, 0.5, 0.25]
+
+    def boom():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(runner.os, "getloadavg", boom)
+    assert runner.load_average() is None
+    assert report.format_machine({"cpu_count": 2, "cpu_model": "X", "loadavg_start": None,
+                                  "loadavg_end": [1, 2, 3]}) == \
+        ["2 cores, X", "load average (1/5/15 min): start n/a, end 1.00/2.00/3.00"]
+
+
 def test_runner_refuses_remote():
     with pytest.raises(ValueError, match="loopback"):
         run_workload("10.0.0.1:50051", concurrency_workload(1, num_requests=1), progress=False)
@@ -329,7 +413,6 @@ def test_runner_refuses_remote():
 
 # --- end to end: a slice of the real trace against the real stack -------------------------------------
 @pytest.mark.e2e
-@pytest.mark.skipif(not TRACE.exists(), reason="the shared Mooncake trace is not here")
 def test_trace_replay_against_server(server):
     # Trace seconds 1010.9-1022, rows of at most 24 blocks (≤ 384 words), the first 12: six of them share
     # 5-12 leading blocks with an earlier one (five different prefixes), 39.5 % of the blocks repeat.

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -10,9 +9,10 @@ from loadtest.simulator import (
     DEFAULT_PROFILE, HardwareProfile, SimConfig, TraceRequest, load_trace, rows_to_requests, simulate,
     trace_hit_rate,
 )
+from loadtest.trace import DEFAULT_TRACE
 from scheduler.policies import POLICY_NAMES, CostModel
 
-TRACE = Path(__file__).resolve().parents[1].parent / "shared/traces/synthetic_trace.jsonl"
+TRACE = DEFAULT_TRACE  # data/traces/synthetic_trace.jsonl, shipped in the repository
 
 # 1 ms per new token, 2 ms per fetched block, TBT = 20 + batch ms; 4-token blocks.
 COST = CostModel(a=0.0, b=1.0, c=0.0, d=2.0, e=20.0, f=1.0)
@@ -134,8 +134,6 @@ def test_default_profile_is_stated_and_plausible():
 
 @pytest.fixture(scope="module")
 def trace_slice():
-    if not TRACE.exists():
-        pytest.skip(f"no trace at {TRACE}")
     return load_trace(TRACE)[3500:3900]   # late in the trace, where prefixes repeat (~60% of blocks)
 
 
