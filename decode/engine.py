@@ -49,6 +49,7 @@ class ExtendJob:
     tables: list[BlockTable]
     tokens: list[int]
     complete: Callable[[Any], Any]
+    live: Callable[[], bool] = lambda: True  # False once its request was closed: the job is dropped
     future: Future = field(default_factory=Future)
 
 
@@ -143,14 +144,14 @@ class DecodeEngine:
             text += seq.detok.flush()
         seq.events.put(DecodeEvent([token], text, seq.finish_reason, len(seq.output_ids)))
 
-    def _end(self, seq: Sequence, reason: str, error: str = "") -> None:
+    def _end(self, seq: Sequence, reason: str, error: str = "", out_of_kv: bool = False) -> None:
         """Free the sequence's KV and, unless it already finished, tell its stream why it ended."""
         with self.lock:
             self.active.pop(seq.request_id, None)
             self.bm.free_table(seq.table)
         if not seq.finish_reason:
             seq.finish_reason = reason
-            seq.events.put(DecodeEvent([], "", reason, len(seq.output_ids), error))
+            seq.events.put(DecodeEvent([], "", reason, len(seq.output_ids), error, out_of_kv))
 
     def load_kv(self, token_ids: list[int], keys: list[str]) -> BlockTable:
         """A block table holding the KV of ``token_ids`` (whose chained keys are ``keys``): blocks come from
@@ -224,6 +225,9 @@ class DecodeEngine:
                     continue
                 try:
                     seq.table = self.load_kv(seq.prompt_ids, seq.block_keys)
+                except OutOfBlocks as err:
+                    self._end(seq, ERROR, str(err), out_of_kv=True)
+                    continue
                 except Exception as err:  # a worker never dies on one request
                     log.exception("loading the prompt of %s failed", seq.request_id)
                     self._end(seq, ERROR, f"loading the prompt failed: {type(err).__name__}")
@@ -237,11 +241,22 @@ class DecodeEngine:
                 self._step(list(self.active.values()), jobs)
 
     def _step(self, seqs: list[Sequence], jobs: list[ExtendJob]) -> None:
+        full: list[tuple[Sequence, OutOfBlocks]] = []  # out of blocks: only these sequences fail
         try:
             with self.lock:
-                items = append_tokens(self.bm, self.runner, [s.table for s in seqs], [s.output_ids[-1] for s in seqs])
+                items, running = [], []
+                for seq in seqs:
+                    try:
+                        items += append_tokens(self.bm, self.runner, [seq.table], [seq.output_ids[-1]])
+                        running.append(seq)
+                    except OutOfBlocks as err:
+                        full.append((seq, err))
+                seqs = running
                 ready = []
                 for job in jobs:
+                    if not job.live():
+                        job.future.set_exception(RuntimeError("the steering request was closed"))
+                        continue
                     try:
                         job_items = append_tokens(self.bm, self.runner, job.tables, job.tokens)
                     except OutOfBlocks as err:
@@ -249,6 +264,8 @@ class DecodeEngine:
                         continue
                     ready.append((job, len(items), len(job_items)))
                     items += job_items
+            for seq, err in full:
+                self._end(seq, ERROR, str(err), out_of_kv=True)
             logits = self.runner.forward(items) if items else None
         except Exception as err:
             log.exception("decode step failed")

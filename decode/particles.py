@@ -59,6 +59,7 @@ class ParticleGroup:
     engine: DecodeEngine
     intersect_weights: list[float] = field(default_factory=list)  # one per prompt after the first
     particles: dict[str, Particle] = field(default_factory=dict)
+    closed: bool = False
 
     def fresh_potentials(self, generated: list[int] = ()) -> list[Potential]:
         pots = build_potentials(self.specs, self.vocab)
@@ -121,10 +122,12 @@ class ParticleGroup:
                     new[nid] = p if j == 0 else Particle(list(p.generated), clone_all(p.potentials),
                                                          self._fork(p.tables), p.finished)
             for nid, generated, finished in imports:
-                p = Particle(list(generated), self.fresh_potentials(generated), None, finished)
+                p = new[nid] = Particle(list(generated), self.fresh_potentials(generated), None, finished)
                 if not finished:
-                    p.tables = [self.engine.load_kv(t, self.keys(t)) for t in (self.kv_tokens(p, q) for q in self.prompts)]
-                new[nid] = p
+                    p.tables = []  # filled one by one: a failure half-way still frees what was loaded
+                    for prompt in self.prompts:
+                        tokens = self.kv_tokens(p, prompt)
+                        p.tables.append(self.engine.load_kv(tokens, self.keys(tokens)))
         except BaseException:
             self.particles.update(new)
             raise
@@ -134,6 +137,8 @@ class ParticleGroup:
             self.engine.counters["particles_imported"] += len(imports)
 
     def close(self) -> None:
+        """Free every particle; a step still queued for this request is dropped (``ExtendJob.live``)."""
+        self.closed = True
         self._free(self.particles.values())
         self.particles = {}
 
@@ -151,13 +156,14 @@ class ParticleGroup:
             if p.finished:
                 raise ValueError(f"particle {pid} has finished and cannot be extended")
         return ExtendJob([t for p in parents for t in p.tables], [t for p in parents for t in self.feed_tokens(p)],
-                         lambda logits: self._children(step, items, parents, logits))
+                         lambda logits: self._children(step, items, parents, logits), live=lambda: not self.closed)
 
     def _children(self, step: int, items, parents: list[Particle], logits: torch.Tensor) -> list[Child]:
         """Propose every listed particle's children (``smc.proposal``), advance their potentials.
 
-        Children are built aside and swapped in only when all exist, so a failure half-way leaves
-        the parents as they were and frees what was made (no KV referenced by nothing).
+        Children are built aside and swapped in only when all exist, so a failure half-way frees what
+        was made and leaves the parents (with this step's slot appended) for closing the request to
+        free: no KV is ever referenced by nothing.
         """
         m = len(self.prompts)
         logp = torch.log_softmax(logits.double() / self.params.temperature, dim=-1).view(len(parents), m, -1)

@@ -16,6 +16,7 @@ class DecodeEvent:
     finish_reason: str = ""   # "" while running; then "stop", "length", "abort" or "error"
     completion_tokens: int = 0
     error: str = ""           # with "error": what failed (the traceback is in the worker's log)
+    out_of_kv: bool = False   # with "error": the pool ran out of blocks (RESOURCE_EXHAUSTED, not a bug)
 
 
 @dataclass

@@ -69,7 +69,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                     return
                 continue
             if ev.finish_reason == ERROR:  # logged with its traceback where it happened
-                context.abort(grpc.StatusCode.INTERNAL, f"decode worker {self.worker_id}: {ev.error}")
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED if ev.out_of_kv else grpc.StatusCode.INTERNAL
+                context.abort(code, f"decode worker {self.worker_id}: {ev.error}")
             yield worker_pb2.DecodeEvent(
                 token_ids=ev.token_ids, text=ev.text, finish_reason=ev.finish_reason,
                 completion_tokens=ev.completion_tokens,

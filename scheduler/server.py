@@ -148,8 +148,9 @@ class SchedulerService:
         """Client mistakes are INVALID_ARGUMENT (raised where they are found); anything unexpected here
         is our bug: INTERNAL, with the traceback in the server log."""
         try:
-            async for response in self._generate(request, context):
-                yield response
+            async with contextlib.aclosing(self._generate(request, context)) as responses:
+                async for response in responses:
+                    yield response
         except grpc.aio.AbortError:
             raise
         except Exception:
@@ -231,21 +232,24 @@ class SchedulerService:
             self.running.pop(request_id, None)
 
     async def _decode(self, request: worker_pb2.DecodeRequest, run: Running, preferred: DecodeHandle):
-        """Stream the request from the chosen decode worker, or the least loaded other one with room for it."""
+        """Stream the request from the chosen decode worker, or the least loaded other one that can take
+        it: a worker that is full, or unreachable before it streamed anything, passes it on."""
         refusal = None
         for dw in [preferred] + sorted((w for w in self.decode if w is not preferred), key=lambda w: w.active):
             run.call = dw.stub.Decode(request)
             dw.active += 1
+            streamed = False
             try:
                 ev = await run.call.read()
                 while ev is not grpc.aio.EOF:
+                    streamed = True
                     yield ev
                     ev = await run.call.read()
                 return
             except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-                refusal = err  # this worker is full: try the next one
+                if streamed or err.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                    raise  # after the first token another worker would repeat it
+                refusal = err  # this worker is full or gone: try the next one
             finally:
                 dw.active -= 1
         raise refusal

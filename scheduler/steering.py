@@ -17,11 +17,20 @@ from engine.sampling import SamplingParams
 from protos import smcserve_pb2 as pb
 from protos import worker_pb2
 from smc import SCHEMES, ess, logsumexp, normalize
-from smc.step import LENGTH, OK, smc_step
+from smc.step import LENGTH, OK, WITHOUT_REPLACEMENT, smc_step
 from smc.potentials import PotentialError, PotentialSpec, build_potential
 from scheduler.validate import InvalidRequest
 
-WITHOUT_REPLACEMENT = "without_replacement"
+
+
+async def settled(*calls):
+    """Like ``asyncio.gather``, but every call has finished before the first failure is raised, so a
+    close sent afterwards never overtakes an open or a step still running on another worker."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
 
 
 @dataclass
@@ -120,7 +129,7 @@ class SteeringRun:
             for pid in ids[start : start + counts[h]]:
                 where[pid] = h
             start += counts[h]
-        await asyncio.gather(*(h.stub.SmcOpen(worker_pb2.SmcOpenRequest(
+        await settled(*(h.stub.SmcOpen(worker_pb2.SmcOpenRequest(
             request_id=self.request_id, prompt_token_ids=self.prompt_ids, block_keys=block_keys,
             sampling=self._sampling(), potentials=self.cfg.potentials,
             particle_ids=[pid for pid in ids if where[pid] is h],
@@ -139,7 +148,7 @@ class SteeringRun:
         for i in np.flatnonzero(~pop.finished):
             by_worker.setdefault(pop.where[pop.ids[i]], []).append(
                 worker_pb2.SmcExtendRequest.Item(particle_id=pop.ids[i], index=int(i), k=k))
-        replies = await asyncio.gather(*(h.stub.SmcExtend(worker_pb2.SmcExtendRequest(
+        replies = await settled(*(h.stub.SmcExtend(worker_pb2.SmcExtendRequest(
             request_id=self.request_id, step=self.steps, items=items)) for h, items in by_worker.items()))
         index_of = {pop.ids[i]: i for i in range(n)}
         incr = np.full((n, k), -math.inf)
@@ -206,7 +215,7 @@ class SteeringRun:
                 migrating.setdefault(pop.where[src], set()).add(src)
         exported = {}
         if migrating:
-            replies = await asyncio.gather(*(h.stub.SmcExport(worker_pb2.SmcExportRequest(
+            replies = await settled(*(h.stub.SmcExport(worker_pb2.SmcExportRequest(
                 request_id=self.request_id, particle_ids=sorted(ids))) for h, ids in migrating.items()))
             for reply in replies:
                 for st in reply.particles:
@@ -222,7 +231,7 @@ class SteeringRun:
                 plans[h].imports.add(particle_id=new_ids[i], generated=st.generated, finished=st.finished)
         for (h, src), ids in keep.items():
             plans[h].keep.add(source_id=src, new_ids=ids)
-        await asyncio.gather(*(h.stub.SmcReshape(plan) for h, plan in plans.items()))
+        await settled(*(h.stub.SmcReshape(plan) for h, plan in plans.items()))
         pop.ids = new_ids
         pop.where = {new_ids[i]: assign[i] for i in range(n)}
 

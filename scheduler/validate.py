@@ -1,6 +1,8 @@
 """Request validation: every bad input becomes an :class:`InvalidRequest` naming the field."""
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
 import random
 from dataclasses import dataclass
 
@@ -109,7 +111,10 @@ def tokenize_request(req: smcserve_pb2.GenerateRequest, tokenizer, limits: Limit
         if not any(m.content.strip() for m in req.chat.messages):
             raise InvalidRequest("chat.messages: every message is empty")
         msgs = [{"role": m.role, "content": m.content} for m in req.chat.messages]
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        try:
+            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except TemplateError as err:  # the model's template refuses these messages (e.g. roles must alternate)
+            raise InvalidRequest(f"chat.messages: the model's chat template refused them: {err}") from None
         ids = list(ids)
     else:
         if not req.prompt:

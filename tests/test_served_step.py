@@ -160,3 +160,37 @@ def test_a_worker_bug_is_internal_not_invalid_argument(engine):
 def test_worker_errors_map_to_client_codes(code, expected):
     err = SimpleNamespace(code=lambda: code, details=lambda: "x")
     assert worker_status(err) == expected
+
+
+def test_closing_a_request_with_a_step_still_queued_leaks_no_kv(engine):
+    """A close (client gone, or another worker's step failed) can overtake a queued step: the step is
+    dropped instead of appending slots to tables that were just freed."""
+    lm = engine.lm
+    vocab = get_vocab(lm.tokenizer, size=lm.config.vocab_size, eos_ids=sorted(lm.eos_token_ids))
+    prompt = lm.tokenizer("Another prompt, long enough to fill a block of sixteen tokens or more.")["input_ids"]
+    group = ParticleGroup("closed", [prompt], SamplingParams(temperature=1.0, max_tokens=8, seed=2),
+                          [PotentialSpec("max_tokens", n=8)], vocab, engine)
+    engine.call(lambda: group.open([], ["a", "b"])).result()
+    job = engine.call(lambda: group.extend_job(0, [("a", 0, 2), ("b", 1, 2)])).result()
+    closed = engine.call(group.close)  # queued first: runs before the job's step
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.extend(job).result()
+    closed.result()
+    assert engine.stats()["kv_blocks_in_use"] == 0
+
+
+def test_a_chat_template_that_refuses_the_messages_is_the_clients_mistake():
+    from jinja2 import TemplateError
+
+    from protos import smcserve_pb2
+    from scheduler.validate import InvalidRequest, Limits, tokenize_request
+
+    class Strict:
+        def apply_chat_template(self, *a, **kw):
+            raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    req = smcserve_pb2.GenerateRequest()
+    req.chat.messages.add(role="user", content="a")
+    req.chat.messages.add(role="user", content="b")
+    with pytest.raises(InvalidRequest, match=r"^chat\.messages: .*alternate"):
+        tokenize_request(req, Strict(), Limits(max_context=2048, max_tokens_limit=128, model_name=""))
