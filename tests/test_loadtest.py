@@ -316,7 +316,7 @@ def test_runner_against_fake_server(fake_server):
     assert m["completed"] == 5 and m["rejected"] == {"server busy: N requests in flight (limit N)": 1}
     ok = [r for r in res.records if r.ok]
     assert all(r.output_tokens == 4 and len(r.chunk_s) == 4 and len(r.itl_s) == 3 for r in ok)
-    assert all(0.015 < g < 0.2 for r in ok for g in r.itl_s)
+    assert all(g > 0.015 for r in ok for g in r.itl_s)  # the server sleeps 20 ms between tokens
     assert all(r.ttft_s >= 0.025 and r.e2e_s >= r.ttft_s + 0.05 for r in ok)
     assert m["cache_hit_rate"] == pytest.approx(0.5) and m["total_input_tokens"] == 20
     assert m["server"]["model"] == "fake"
@@ -325,13 +325,12 @@ def test_runner_against_fake_server(fake_server):
     res = run_workload(fake_server.address, concurrency_workload(2, num_requests=100, input_len=4, max_tokens=3),
                        num_requests=5, progress=False)
     assert res.stopped_by == "num_requests" and len(res.records) == 5 and res.metrics()["completed"] == 5
-    t0 = time.perf_counter()
+    # (each request would stream for ≥ 4 s; they are all cut off, so the run was bounded, however fast)
     res = run_workload(fake_server.address, rate_workload(50.0, input_len=4, max_tokens=200), max_duration=0.3,
                        drain_s=0.2, progress=False)
-    assert time.perf_counter() - t0 < 3
     assert res.stopped_by == "max_duration" and res.records
-    assert all(r.status == "incomplete" and r.code == "CANCELLED" for r in res.records)
-    assert all(r.send_s < 0.35 for r in res.records)
+    assert all(r.status == "incomplete" and r.code == "CANCELLED" and r.output_tokens < 200 for r in res.records)
+    assert all(r.scheduled_s < 0.3 for r in res.records)  # nothing is scheduled past max_duration
 
 
 def test_cut_off_requests_are_counted_in_the_bar_the_table_and_the_json(fake_server, monkeypatch, tmp_path):
@@ -351,8 +350,9 @@ def test_cut_off_requests_are_counted_in_the_bar_the_table_and_the_json(fake_ser
     monkeypatch.setattr(runner, "_progress_bar", lambda total, desc, enabled: Bar())
     specs = [(0.0, RequestSpec("reject a b", max_tokens=2)), (0.0, RequestSpec("a b", max_tokens=2))]
     specs += [(0.05, RequestSpec(f"a b {i}", max_tokens=500)) for i in range(3)]
-    res = run_workload(fake_server.address, Workload("overload", specs, num_requests=5), max_duration=0.3,
-                       drain_s=0.2)
+    # the short request needs ~50 ms, the long ones ≥ 10 s: 3 s separates them on any machine
+    res = run_workload(fake_server.address, Workload("overload", specs, num_requests=5), max_duration=2.0,
+                       drain_s=1.0)
     m = res.metrics()
     assert [r.status for r in res.records] == ["rejected", "ok", "incomplete", "incomplete", "incomplete"]
     assert res.stopped_by == "max_duration"   # everything was sent, but the time limit cut requests off
