@@ -25,7 +25,7 @@ def chat(q: str) -> list[dict]:
     return [{"role": "user", "content": q}]
 
 
-def wait_for_idle_workers(client, timeout: float = 30.0):
+def wait_for_idle_workers(client, timeout: float = 300.0):  # returns as soon as they are idle
     deadline = time.time() + timeout
     while True:
         workers = client.info().decode_workers
