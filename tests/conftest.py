@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random Llama for fast unit tests, the real model, real Redis, the real stack."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,11 @@ import torch
 from client.server_process import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
+
+# llguidance reports a token it rejects as a Rust error; with RUST_BACKTRACE=1 in the environment each
+# one captures a backtrace (~100-300 µs: the whole cost of full-vocabulary grammar checks). Error
+# backtraces only (panics keep RUST_BACKTRACE); read at the first capture, so set before any test runs.
+os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Declarative potentials (smc/potentials.py, smc/vocab.py) with the real SmolLM2 tokenizer (no model).
+"""Declarative potentials (smc/potentials/, smc/vocab.py) with the real SmolLM2 tokenizer (no model).
 
 Each kind is driven through mask/advance/finish with scripted or random token sequences, and the
 results are checked independently of the implementation: the text is the tokenizer's own

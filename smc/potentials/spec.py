@@ -1,0 +1,179 @@
+"""The declarative potential spec and its validation: ``PotentialSpec`` (from a dict or a
+``smcserve.v1.Potential`` message), ``options_from_struct`` (a plugin's options), the table of each
+built-in kind's parameters, and the field checks the builders share (every error a
+``PotentialError`` whose message starts with the field path, e.g.
+``steering.potentials[2].pattern: ...``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .interface import PotentialError
+
+DEFAULT_PATH = "steering.potentials"
+
+
+@dataclass
+class PotentialSpec:
+    """A declarative potential. Unset parameters are None; a kind rejects parameters it does not use."""
+
+    kind: str
+    weight: float = 1.0
+    pattern: str | None = None          # regex
+    grammar: str | None = None          # cfg
+    format: str | None = None           # cfg: "lark" (default) or "gbnf"
+    schema: str | None = None           # json_schema: JSON text
+    max_len: int | None = None          # max_word_length
+    chars: str | None = None            # forbidden_chars
+    case_insensitive: bool | None = None  # forbidden_chars (default True), *_phrases (default False)
+    phrases: Sequence[str] | None = None  # banned_phrases, required_phrases
+    n: int | None = None                # max_tokens
+    options: Mapping[str, Any] = field(default_factory=dict)  # free-form parameters for plugin kinds
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], path: str = f"{DEFAULT_PATH}[0]") -> "PotentialSpec":
+        """From a JSON-like mapping; unknown keys are an error."""
+        if not isinstance(d, Mapping):
+            raise PotentialError(f"{path}: expected an object, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        for k in d:
+            if k not in names:
+                raise PotentialError(f"{path}.{k}: unknown field")
+        if "kind" not in d:
+            raise PotentialError(f"{path}.kind: required")
+        kw = dict(d)
+        if kw.get("weight") is None:
+            kw.pop("weight", None)
+        if kw.get("options") is None:
+            kw.pop("options", None)
+        return cls(**kw)
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> "PotentialSpec":
+        """From a ``smcserve.v1.Potential`` message (proto3: "" / 0 mean unset, except for the
+        parameters the named built-in kind requires, which are kept so that a 0 or "" is reported
+        as invalid). ``case_sensitive`` maps to ``case_insensitive`` for forbidden_chars only.
+        ``options`` (a ``google.protobuf.Struct``) becomes a plain dict (:func:`options_from_struct`)."""
+        kind = msg.kind
+        has = getattr(msg, "HasField", None)
+        weight = msg.weight if (has is None or has("weight")) else 1.0
+        own = _KIND_PARAMS.get(kind)
+        kw: dict[str, Any] = {}
+        for name in ("pattern", "grammar", "format", "schema", "chars", "max_len", "n"):
+            v = getattr(msg, name, None)
+            if v is None:
+                continue
+            if (own is not None and name in own) or v not in ("", 0):
+                kw[name] = v
+        if own is not None and "format" in own and kw.get("format") == "":
+            kw.pop("format")
+        phrases = list(getattr(msg, "phrases", []) or [])
+        if phrases or (own is not None and "phrases" in own):
+            kw["phrases"] = phrases
+        if kind == "forbidden_chars":
+            kw["case_insensitive"] = not bool(getattr(msg, "case_sensitive", False))
+        elif own is None and getattr(msg, "case_sensitive", False):
+            kw["case_insensitive"] = False
+        options = getattr(msg, "options", None)
+        if options is not None and (has is None or has("options")):
+            kw["options"] = options_from_struct(options)
+        return cls(kind=kind, weight=weight, **kw)
+
+
+def _plain(v: Any) -> Any:
+    """A Struct value as plain Python: integral numbers as int (Struct numbers are doubles)."""
+    if isinstance(v, float):
+        return int(v) if v.is_integer() and abs(v) <= 2 ** 53 else v
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def options_from_struct(struct: Any) -> dict[str, Any]:
+    """``Potential.options`` (a ``google.protobuf.Struct`` or a mapping) as a JSON-like dict for
+    ``PotentialSpec.options``: objects → dict, lists → list, strings, bools, None, and numbers — int
+    when integral (a Struct stores every number as a double, so 3 and 3.0 both arrive as 3), else float."""
+    if hasattr(struct, "DESCRIPTOR"):  # a Struct (registered as a Mapping, but its lists are ListValues)
+        from google.protobuf.json_format import MessageToDict
+
+        return _plain(MessageToDict(struct))
+    return _plain(dict(struct))
+
+
+_SPEC_PARAMS = ("pattern", "grammar", "format", "schema", "max_len", "chars", "case_insensitive", "phrases", "n")
+_KIND_PARAMS: dict[str, tuple[str, ...]] = {
+    "regex": ("pattern",),
+    "cfg": ("grammar", "format"),
+    "json_schema": ("schema",),
+    "max_word_length": ("max_len",),
+    "forbidden_chars": ("chars", "case_insensitive"),
+    "banned_phrases": ("phrases", "case_insensitive"),
+    "required_phrases": ("phrases", "case_insensitive"),
+    "max_tokens": ("n",),
+}
+
+
+def _req_str(spec: PotentialSpec, name: str, where: str, allow_empty: bool = True) -> str:
+    v = getattr(spec, name)
+    if v is None:
+        raise PotentialError(f"{where}.{name}: required for '{spec.kind}'")
+    if not isinstance(v, str):
+        raise PotentialError(f"{where}.{name}: must be a string, got {type(v).__name__}")
+    if not allow_empty and not v:
+        raise PotentialError(f"{where}.{name}: must not be empty")
+    return v
+
+
+def _req_pos_int(spec: PotentialSpec, name: str, where: str) -> int:
+    v = getattr(spec, name)
+    if v is None:
+        raise PotentialError(f"{where}.{name}: required for '{spec.kind}'")
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        else:
+            raise PotentialError(f"{where}.{name}: must be an integer, got {v!r}")
+    if v <= 0:
+        raise PotentialError(f"{where}.{name}: must be > 0, got {v}")
+    return int(v)
+
+
+def _bool(spec: PotentialSpec, name: str, where: str, default: bool) -> bool:
+    v = getattr(spec, name)
+    if v is None:
+        return default
+    if not isinstance(v, (bool, np.bool_)):
+        raise PotentialError(f"{where}.{name}: must be a boolean, got {v!r}")
+    return bool(v)
+
+
+def _phrases(spec: PotentialSpec, where: str) -> list[str]:
+    v = spec.phrases
+    if v is None:
+        raise PotentialError(f"{where}.phrases: required for '{spec.kind}'")
+    if isinstance(v, str) or not isinstance(v, Iterable):
+        raise PotentialError(f"{where}.phrases: must be a list of strings")
+    v = list(v)
+    if not v:
+        raise PotentialError(f"{where}.phrases: must not be empty")
+    for j, p in enumerate(v):
+        if not isinstance(p, str):
+            raise PotentialError(f"{where}.phrases[{j}]: must be a string, got {type(p).__name__}")
+        if not p:
+            raise PotentialError(f"{where}.phrases[{j}]: empty phrase")
+    return v
+
+
+def _check_weight(w: Any, where: str) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)):
+        raise PotentialError(f"{where}.weight: must be a number, got {w!r}")
+    w = float(w)
+    if not math.isfinite(w) or w < 0:
+        raise PotentialError(f"{where}.weight: must be a finite number >= 0, got {w}")
+    return w
