@@ -29,7 +29,6 @@ every path, and a seeded random walk over allowed tokens (biased towards partial
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
 import types
