@@ -152,6 +152,7 @@ def main() -> None:
     print(json.dumps({
         "model": args.model or "smollm2-135m-instruct",
         "dtype": str(lm.dtype).removeprefix("torch."),
+        "dtype_reason": lm.dtype_reason,
         "threads": args.threads,
         "particles": n,
         "tokens": tokens,

@@ -3,8 +3,8 @@
     python -m bench.simulate [--trace data/traces/synthetic_trace.jsonl] [--prefill 8] [--decode 8]
                              [--cache-blocks 4096] [--slo-ttft-s 30] [--slo-tbt-ms 100] [--no-sweep]
 
-The policies are the real ``scheduler.policies`` objects; the costs come from a stated, ASSUMED
-hardware profile (``loadtest.simulator.DEFAULT_PROFILE``: 8×A800 nodes serving a 70B-class model,
+The policies are the real ``scheduler.conductor`` objects; the costs come from a stated, ASSUMED
+hardware profile (``scheduler.conductor.simulator.DEFAULT_PROFILE``: 8×A800 nodes serving a 70B-class model,
 512-token KV blocks). Prints one JSON object:
 
 - ``policies``: per policy, with early rejection on (TTFT / TBT SLOs): mean and p90 TTFT of the
@@ -25,9 +25,9 @@ import json
 import time
 from pathlib import Path
 
-from loadtest.simulator import DEFAULT_PROFILE, SimConfig, load_trace, simulate, trace_hit_rate
-from loadtest.trace import DEFAULT_TRACE
-from scheduler.policies import POLICY_NAMES, cached_tokens_for, RequestInfo
+from loadtest.trace import DEFAULT_TRACE, load_trace
+from scheduler.conductor import POLICY_NAMES, RequestInfo, cached_tokens_for
+from scheduler.conductor.simulator import DEFAULT_PROFILE, SimConfig, rows_to_requests, simulate, trace_hit_rate
 
 MOONCAKE_MEAN_TTFT_S = {"random": 19.65, "load": 5.27, "cache_local": 3.58, "cache_global": 3.07}
 ORDER = ("random", "load", "cache_local", "cache_global")
@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
-    reqs = load_trace(args.trace, args.limit)
+    reqs = rows_to_requests(load_trace(args.trace, args.limit))
     profile = DEFAULT_PROFILE
     cache = None if args.cache_blocks == 0 else args.cache_blocks
 

@@ -13,7 +13,7 @@ from collections import Counter
 
 import grpc
 
-from client.client import DEFAULT_ADDRESS
+from protos.messages import DEFAULT_ADDRESS, DEFAULT_PORT
 
 
 def _serve(args) -> int:
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-workers", type=int, default=1, help="prefill Ray actors")
     s.add_argument("--decode-workers", type=int, default=1, help="decode Ray actors")
     s.add_argument("--host", default="127.0.0.1", help="address the gRPC API listens on")
-    s.add_argument("--port", type=int, default=50051, help="port the gRPC API listens on")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT, help="port the gRPC API listens on")
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     s.add_argument("--max-inflight", type=int, default=256, help="requests in flight before RESOURCE_EXHAUSTED")
     s.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0: all cores")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -22,39 +22,89 @@ class Completion:
     usage: pb.Usage | None = None
 
 
-def potential_message(pot: dict | pb.Potential) -> pb.Potential:
+# the built-in kinds: the fields of Potential's ``kind`` oneof, each a message of the kind's parameters
+PLUGIN_FIELD = "plugin"
+BUILTIN_KINDS = tuple(f.name for f in pb.Potential.DESCRIPTOR.oneofs_by_name["kind"].fields if f.name != PLUGIN_FIELD)
+_CASE = ("case_sensitive", "case_insensitive")
+
+
+def potential_message(pot: Mapping | pb.Potential) -> pb.Potential:
     """A ``Potential`` message from a dict such as ``{"kind": "regex", "pattern": "[0-9]+"}``.
 
-    Keys are the message's fields (``kind``, ``weight``, ``pattern``, ``grammar``, ``format``, ``schema``,
-    ``max_len``, ``chars``, ``case_sensitive``, ``phrases``, ``n``, ``prompts``) plus ``options``: a
-    JSON-like dict for an operator-installed (plugin) kind, sent as a ``google.protobuf.Struct``
-    (numbers travel as doubles; the server hands integral ones to the plugin as int).
-    ``case_insensitive`` is accepted too (the server-side name) and sent as ``case_sensitive``;
-    ``schema`` may be a dict (sent as JSON text). A ``Potential`` message is passed through.
+    Keys: ``kind``, ``weight`` (optional; None = unset, the server's default 1) and then either the
+    parameters of a built-in kind — the fields of its message in ``Potential``'s ``kind`` oneof:
+    regex ``pattern``; cfg ``grammar``, ``format``; json_schema ``schema`` (JSON text, or a dict sent
+    as JSON text); max_word_length ``max_len``; forbidden_chars ``chars``, ``case_sensitive``;
+    banned_phrases / required_phrases ``phrases``, ``case_insensitive``; max_tokens ``n``;
+    prompt_intersection ``prompts`` — or, for any other kind (an operator-installed plugin, sent as
+    ``Potential.plugin`` with that name), ``options``: a JSON-like dict sent as a
+    ``google.protobuf.Struct`` (numbers travel as doubles; the server hands integral ones to the
+    plugin as int). ``case_sensitive`` and ``case_insensitive`` are accepted for both forbidden_chars
+    and the phrase kinds (sent as the one the kind has, negated). A key the kind does not have is a
+    ValueError; a dict without a kind is sent with none set (the server answers ``kind: required``).
+    A ``Potential`` message is passed through.
     """
     if isinstance(pot, pb.Potential):
         return pot
-    d = dict(pot)
-    options = d.pop("options", None)
-    if "case_insensitive" in d:
-        ci = d.pop("case_insensitive")
-        if ci is not None:
-            d["case_sensitive"] = not ci
-    if isinstance(d.get("schema"), (dict, bool)):
-        d["schema"] = json.dumps(d["schema"])
-    if d.get("weight") is None:
-        d.pop("weight", None)
-    try:
-        msg = pb.Potential(**d)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"potential {pot!r}: {err}") from None
-    if options:
-        if not isinstance(options, Mapping):
-            raise ValueError(f"potential {pot.get('kind')!r}: options must be a dict, got {type(options).__name__}")
+    if not isinstance(pot, Mapping):
+        raise ValueError(f"potential {pot!r}: must be a dict or a Potential message")
+    d = {k: v for k, v in pot.items() if v is not None}
+    kind = d.pop("kind", "")
+    if not isinstance(kind, str):
+        raise ValueError(f"potential {pot!r}: kind must be a string")
+    msg = pb.Potential()
+    if "weight" in d:
         try:
-            msg.options.update(options)
+            msg.weight = d.pop("weight")
         except (TypeError, ValueError) as err:
-            raise ValueError(f"potential {pot.get('kind')!r}: options are not JSON-like: {err}") from None
+            raise ValueError(f"potential {kind!r}: weight: {err}") from None
+    options = d.pop("options", None)
+    if not kind:
+        if d or options is not None:
+            raise ValueError(f"potential {pot!r}: kind: required")
+        return msg
+    if kind not in BUILTIN_KINDS:  # a plugin: its parameters travel in options
+        if d:
+            raise ValueError(f"potential {kind!r}: {', '.join(map(str, d))}: not a field of a plugin potential "
+                             f"(put its parameters in options)")
+        msg.plugin.name = kind
+        if options:
+            if not isinstance(options, Mapping):
+                raise ValueError(f"potential {kind!r}: options must be a dict, got {type(options).__name__}")
+            try:
+                msg.plugin.options.update(options)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"potential {kind!r}: options are not JSON-like: {err}") from None
+        return msg
+    sub = getattr(msg, kind)
+    sub.SetInParent()
+    own = sub.DESCRIPTOR.fields_by_name
+    if options:
+        raise ValueError(f"potential {kind!r}: options: '{kind}' is built in and takes no options "
+                         f"(its parameters: {', '.join(own)})")
+    for name, other in (_CASE, _CASE[::-1]):
+        if name in d and name not in own and other in own:
+            v = d.pop(name)
+            if not isinstance(v, bool):
+                raise ValueError(f"potential {kind!r}: {name}: must be a boolean, got {v!r}")
+            if other in d and d[other] == v:
+                raise ValueError(f"potential {kind!r}: {name} and {other} contradict each other")
+            d[other] = not v
+    if kind == "json_schema" and isinstance(d.get("schema"), (dict, bool)):
+        d["schema"] = json.dumps(d["schema"])
+    for name, v in d.items():
+        field = own.get(name)
+        if field is None:
+            raise ValueError(f"potential {kind!r}: {name}: not a parameter of '{kind}' (its parameters: {', '.join(own)})")
+        try:
+            if field.is_repeated:
+                if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
+                    raise TypeError(f"must be a list, got {type(v).__name__}")
+                getattr(sub, name).extend(v)
+            else:
+                setattr(sub, name, v)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"potential {kind!r}: {name}: {err}") from None
     return msg
 
 

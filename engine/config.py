@@ -11,7 +11,8 @@ class WorkerConfig:
     """What a prefill or decode worker needs to start (plain data: it crosses Ray)."""
 
     model: str | None = None          # None → the default SmolLM2 model; else a local HF directory
-    dtype: str = "auto"               # auto (bf16 where the CPU has it, else fp32), float32, bfloat16
+    dtype: str = "auto"               # float32 or bfloat16 (the launcher resolves auto once for all workers;
+                                      # auto here: timed per process, see engine/dtype.py)
     block_size: int = DEFAULT_BLOCK_SIZE
     redis_url: str = ""
     threads: int = 0                  # torch threads per worker; 0 → all cores

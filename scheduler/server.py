@@ -1,4 +1,10 @@
-"""The public gRPC service: validates, admits, places prefill and decode, and streams the answer."""
+"""The public gRPC service: validates, admits, places prefill and decode, and streams the answer.
+
+``Generate`` runs, in order: :meth:`~SchedulerService._validate` → :meth:`~SchedulerService._claim` →
+:meth:`~SchedulerService._admit` (placement by the Conductor, :mod:`scheduler.conductor`) → either
+:meth:`~SchedulerService._steer` or :meth:`~SchedulerService._prefill_and_decode` (prefill, then
+:meth:`~SchedulerService._stream` the decode worker's tokens) → the final message (:meth:`~SchedulerService._final`).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +23,8 @@ from engine.sampling import SamplingParams
 from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 from engine.kv import chain_keys
 from kvstore import KVStore
-from scheduler.policies import (CostRecorder, DecodeInstance, Placement, Policy, PrefillInstance, RequestInfo,
-                                make_policy, place)
+from scheduler.conductor import (CostRecorder, DecodeInstance, Placement, Policy, PrefillInstance, RequestInfo,
+                                 kv_blocks_needed, make_policy, place)
 from scheduler.steering import SteeringConfig, SteeringRun, validate_steering
 from smc.vocab import get_vocab
 from scheduler.validate import BadUtf8, InvalidRequest, Limits, lenient_deserializer, tokenize_request, validate_sampling
@@ -52,6 +58,28 @@ class DecodeHandle:
     stub: worker_pb2_grpc.DecodeWorkerStub
     active: int = 0          # requests streaming from this worker
     incoming: int = 0        # admitted requests still in prefill that will decode here (predicted load)
+    reserved_blocks: int = 0  # KV blocks (prompt + max_tokens) of the requests placed here, not yet finished
+    # the worker's last Stats report (kv_blocks_total 0: none yet), and reserved_blocks when it came
+    kv_blocks_total: int = 0
+    kv_blocks_in_use: int = 0
+    reserved_at_report: int = 0
+    reported_at: float = -float("inf")  # time.monotonic() of that report
+
+    def report(self, stats: smcserve_pb2.WorkerStats) -> None:
+        """Take the worker's ``Stats``: its KV pool and the blocks sequences and particles hold."""
+        self.kv_blocks_total, self.kv_blocks_in_use = stats.kv_blocks_total, stats.kv_blocks_in_use
+        self.reserved_at_report = self.reserved_blocks
+        self.reported_at = time.monotonic()
+
+    def free_blocks(self) -> int:
+        """KV blocks a newly placed request can count on: the pool, less the blocks reserved for the
+        requests placed here, less what other holders (SMC particles) held at the last report — the
+        blocks in use then beyond the reservations then. Blocks held only by the worker's prefix cache
+        count as free (it evicts them). No report yet: no limit (1 << 30)."""
+        if not self.kv_blocks_total:
+            return 1 << 30
+        others = max(0, self.kv_blocks_in_use - self.reserved_at_report)
+        return max(0, self.kv_blocks_total - others - self.reserved_blocks)
 
 
 @dataclass
@@ -102,8 +130,11 @@ class SchedulerService:
     cost: CostRecorder = field(default_factory=lambda: CostRecorder(refit_every=4))
     slo_ttft_ms: float = 0.0           # 0: no SLO
     slo_tbt_ms: float = 0.0
+    stats_interval_s: float = 2.0      # decode workers' Stats older than this are refreshed (in the background)
     _vocab: object = None
     running: dict[str, Running] = field(default_factory=dict)
+    _stats_task: asyncio.Task | None = None
+    _stats_again: bool = False
 
     # --- placement (the Conductor) -----------------------------------------------------------------
     async def place(self, prompt_ids: list[int], max_tokens: int) -> tuple[Placement, list[str]]:
@@ -115,9 +146,42 @@ class SchedulerService:
         req = RequestInfo(reusable, len(prompt_ids), bs, max_tokens)
         prefill = [PrefillInstance(w.worker_id, w.queue_ms, w.local_blocks if self.store is not None else set())
                    for w in self.prefill]
-        decode = [DecodeInstance(w.worker_id, batch=w.active + w.incoming) for w in self.decode]
+        decode = [DecodeInstance(w.worker_id, batch=w.active + w.incoming, free_blocks=w.free_blocks())
+                  for w in self.decode]
+        if any(time.monotonic() - w.reported_at > self.stats_interval_s for w in self.decode):
+            self.refresh_decode_stats_soon()
         return place(self.policy, req, prefill, global_hits, decode, self.cost.model,
                      self.slo_ttft_ms or None, self.slo_tbt_ms or None), keys
+
+    def refresh_decode_stats_soon(self) -> None:
+        """Refresh the decode workers' KV reports in the background: one refresh at a time, and one more
+        after it when asked again meanwhile. Called when a request ends and when the reports are older
+        than ``stats_interval_s``."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a request closed at shutdown): nothing to refresh for
+            return
+        self._stats_again = True
+        if self._stats_task is None or self._stats_task.done():
+            self._stats_task = loop.create_task(self._refresh_stats_loop())
+
+    async def _refresh_stats_loop(self) -> None:
+        while self._stats_again:
+            self._stats_again = False
+            try:
+                await self.refresh_decode_stats()
+            except Exception:  # a closed channel at shutdown: the reports stay as they were
+                log.debug("decode stats refresh failed", exc_info=True)
+
+    async def refresh_decode_stats(self, timeout: float = 5.0) -> list:
+        """Ask every decode worker for its ``Stats`` and keep its KV report (a worker that does not answer
+        keeps its last one). Returns the answers, an exception where a worker failed."""
+        stats = await asyncio.gather(*(w.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout) for w in self.decode),
+                                     return_exceptions=True)
+        for w, st in zip(self.decode, stats):
+            if not isinstance(st, BaseException):
+                w.report(st)
+        return stats
 
     async def _prefill(self, placement: Placement, keys: list[str], token_ids: list[int], params: SamplingParams,
                        context) -> dict:
@@ -158,7 +222,30 @@ class SchedulerService:
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
 
     async def _generate(self, request, context: grpc.aio.ServicerContext):
+        """validate → claim an id and a slot → admit and place → (steer | prefill → decode stream), each
+        ending with its final message."""
         t0 = time.perf_counter()
+        prompt_ids, params, steering = await self._validate(request, context)
+        request_id = await self._claim(request, context)
+        placement, keys = await self._admit(prompt_ids, params, context)
+        run = self.running[request_id] = Running()
+        try:
+            if steering is not None:
+                responses = self._steer(request_id, prompt_ids, params, steering, context, t0, run, placement)
+            else:
+                responses = self._prefill_and_decode(request_id, prompt_ids, params, placement, keys, context, t0, run)
+            async with contextlib.aclosing(responses) as stream:
+                async for response in stream:
+                    yield response
+        finally:
+            if run.call is not None:
+                run.call.cancel()  # no-op when finished; otherwise the worker frees the KV
+            self.running.pop(request_id, None)
+            self.refresh_decode_stats_soon()  # the KV it held is free again: place the next ones on fresh numbers
+
+    async def _validate(self, request, context) -> tuple[list[int], SamplingParams, SteeringConfig | None]:
+        """Prompt token ids, sampling parameters and the steering configuration (None: plain generation);
+        INVALID_ARGUMENT for bad UTF-8 or an invalid request."""
         if isinstance(request, BadUtf8):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: invalid UTF-8")
         steering = None
@@ -170,27 +257,37 @@ class SchedulerService:
                                              lambda text: self._tokenize_like(request, text))
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return prompt_ids, params, steering
+
+    async def _claim(self, request, context) -> str:
+        """The request's id (a fresh one when unset): INVALID_ARGUMENT when a request with that id is
+        running, RESOURCE_EXHAUSTED when ``max_inflight`` requests are."""
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self.running:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {request_id!r} is already running")
         if len(self.running) >= self.max_inflight:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"server busy: {len(self.running)} requests in flight (limit {self.max_inflight})")
+        return request_id
+
+    async def _admit(self, prompt_ids: list[int], params: SamplingParams, context) -> tuple[Placement, list[str]]:
+        """The Conductor's placement and the prompt's block keys; RESOURCE_EXHAUSTED when it rejects the
+        request (no decode room, or a predicted SLO miss)."""
         placement, keys = await self.place(prompt_ids, params.max_tokens)
         if not placement.admitted:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rejected at admission: {placement.reject_reason}")
-        run = self.running[request_id] = Running()
-        if steering is not None:
-            try:
-                async for response in self._steer(request_id, prompt_ids, params, steering, context, t0, run,
-                                                  placement):
-                    yield response
-            finally:
-                self.running.pop(request_id, None)
-            return
+        return placement, keys
+
+    async def _prefill_and_decode(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                                  placement: Placement, keys: list[str], context, t0: float, run: Running):
+        """Prefill on the chosen worker, then stream the decode. From placement to the end the chosen
+        decode worker counts the request: as incoming load during prefill, and its KV blocks as reserved.
+        An Abort during prefill ends with an "abort" final message."""
         dw = next(w for w in self.decode if w.worker_id == placement.decode.id)
-        dw.incoming += 1
+        need = kv_blocks_needed(RequestInfo((), len(prompt_ids), self.model.block_size, params.max_tokens))
+        dw.reserved_blocks += need
         try:
+            dw.incoming += 1
             try:
                 pre = await self._prefill(placement, keys, prompt_ids, params, context)
             finally:
@@ -202,34 +299,42 @@ class SchedulerService:
             decode_request = worker_pb2.DecodeRequest(
                 request_id=request_id, prompt_token_ids=prompt_ids, block_keys=pre["block_keys"],
                 first_token=pre["first_token"], sampling=_sampling_proto(params))
-            try:
-                last = None
-                async with contextlib.aclosing(self._decode(decode_request, run, dw)) as events:
-                    async for ev in events:
-                        now = time.perf_counter()
-                        if not usage.ttft_ms and ev.token_ids:
-                            usage.ttft_ms = (now - t0) * 1e3
-                        elif last is not None:
-                            self.cost.add_tbt(dw.active, (now - last) * 1e3)
-                        last = now
-                        usage.completion_tokens = ev.completion_tokens
-                        if not ev.finish_reason:
-                            yield smcserve_pb2.GenerateResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
-                            continue
-                        final = self._final(request_id, ev.finish_reason, usage, t0)
-                        final.text, final.token_ids[:] = ev.text, ev.token_ids
-                        yield final
-                        return
-            except asyncio.CancelledError:
-                if not run.aborted:
-                    raise  # the client went away: the finally below cancels the worker's stream
-                yield self._final(request_id, "abort", usage, t0)
-            except grpc.aio.AioRpcError as err:
-                await context.abort(worker_status(err), f"decode failed: {err.details() or err.code().name}")
+            async with contextlib.aclosing(self._stream(decode_request, dw, run, usage, context, t0)) as responses:
+                async for response in responses:
+                    yield response
         finally:
-            if run.call is not None:
-                run.call.cancel()  # no-op when finished; otherwise the worker frees the KV
-            self.running.pop(request_id, None)
+            dw.reserved_blocks -= need
+
+    async def _stream(self, decode_request: worker_pb2.DecodeRequest, dw: DecodeHandle, run: Running,
+                      usage: smcserve_pb2.Usage, context, t0: float):
+        """The decode worker's events as responses, measuring TTFT and feeding the time between tokens to
+        the cost model; the finishing event becomes the final message. An Abort ends with an "abort"
+        final message; a decode worker's error becomes :func:`worker_status`'s code."""
+        request_id = decode_request.request_id
+        try:
+            last = None
+            async with contextlib.aclosing(self._decode(decode_request, run, dw)) as events:
+                async for ev in events:
+                    now = time.perf_counter()
+                    if not usage.ttft_ms and ev.token_ids:
+                        usage.ttft_ms = (now - t0) * 1e3
+                    elif last is not None:
+                        self.cost.add_tbt(dw.active, (now - last) * 1e3)
+                    last = now
+                    usage.completion_tokens = ev.completion_tokens
+                    if not ev.finish_reason:
+                        yield smcserve_pb2.GenerateResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
+                        continue
+                    final = self._final(request_id, ev.finish_reason, usage, t0)
+                    final.text, final.token_ids[:] = ev.text, ev.token_ids
+                    yield final
+                    return
+        except asyncio.CancelledError:
+            if not run.aborted:
+                raise  # the client went away: _generate's finally cancels the worker's stream
+            yield self._final(request_id, "abort", usage, t0)
+        except grpc.aio.AioRpcError as err:
+            await context.abort(worker_status(err), f"decode failed: {err.details() or err.code().name}")
 
     async def _decode(self, request: worker_pb2.DecodeRequest, run: Running, preferred: DecodeHandle):
         """Stream the request from the chosen decode worker, or the least loaded other one that can take
@@ -310,8 +415,7 @@ class SchedulerService:
         return smcserve_pb2.AbortResponse(found=True)
 
     async def GetModelInfo(self, request, context):
-        decode = await asyncio.gather(*(w.stub.Stats(worker_pb2.StatsRequest(), timeout=10) for w in self.decode),
-                                      return_exceptions=True)
+        decode = await self.refresh_decode_stats(timeout=10)
         info = smcserve_pb2.ModelInfo(
             model=self.model.name, fingerprint=self.model.fingerprint, dtype=self.model.dtype,
             vocab_size=self.model.vocab_size, max_context=self.limits.max_context,

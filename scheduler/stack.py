@@ -13,10 +13,10 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.config import WorkerConfig, parse_size
 from engine.kv import DEFAULT_BLOCK_SIZE
-from engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype, resolve_model_path
+from engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype_choice, resolve_model_path
 from kvstore import EmbeddedRedis, KVStore, start_or_connect
 from protos import smcserve_pb2, worker_pb2_grpc
-from scheduler.policies import make_policy
+from scheduler.conductor import make_policy
 from scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
 from scheduler.validate import Limits
 
@@ -60,6 +60,8 @@ class Stack:
         self.prefill: list[PrefillHandle] = []
         self.decode: list[DecodeHandle] = []
         self.started_ray = False
+        self.dtype = ""            # the concrete dtype every worker runs ("float32" or "bfloat16")
+        self.dtype_reason = ""     # why: as given, or the timings that decided ``--dtype auto``
 
     async def start(self) -> "Stack":
         from transformers import AutoConfig, AutoTokenizer
@@ -69,7 +71,11 @@ class Stack:
 
         cfg = self.config
         model_path = resolve_model_path(cfg.model)  # fetch + convert once, before the workers start
-        dtype = resolve_dtype(cfg.dtype)
+        # ``auto`` is decided once, here, before Ray and the workers load the cores, and every worker
+        # gets the concrete dtype: the KV block keys include it, so all workers must agree.
+        choice = await asyncio.to_thread(resolve_dtype_choice, cfg.dtype, model_path, cfg.threads or os.cpu_count())
+        dtype, self.dtype, self.dtype_reason = choice.torch_dtype, choice.dtype, choice.reason
+        log.info("dtype %s: %s", choice.dtype, choice.reason)
         self.redis_url, self.redis = start_or_connect(cfg.redis_url, cfg.redis_maxmemory)
         if not ray.is_initialized():
             if cfg.ray_address:
@@ -80,7 +86,7 @@ class Stack:
                          num_cpus=max(os.cpu_count() or 1, int(n * cfg.worker_cpus + 0.999)),
                          include_dashboard=False)
             self.started_ray = True
-        wcfg = WorkerConfig(model=str(model_path), dtype=cfg.dtype, block_size=cfg.block_size,
+        wcfg = WorkerConfig(model=str(model_path), dtype=choice.dtype, block_size=cfg.block_size,
                             redis_url=self.redis_url, threads=cfg.threads, kv_cache_bytes=parse_size(cfg.kv_cache),
                             prefix_cache=cfg.prefix_cache,
                             host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"))

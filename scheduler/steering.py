@@ -71,18 +71,20 @@ def validate_steering(spec: pb.SteeringSpec, params: SamplingParams, vocab, max_
         raise InvalidRequest("sampling.stop: not supported with steering; use a regex or banned_phrases potential")
     intersect, others = [], []
     for i, m in enumerate(spec.potentials):
-        if m.kind != INTERSECTION:
+        if m.WhichOneof("kind") != INTERSECTION:
             others.append((i, m))
             continue
         weight = m.weight if m.HasField("weight") else 1.0
-        if not m.prompts or not all(m.prompts):
+        prompts = list(m.prompt_intersection.prompts)
+        if not prompts or not all(prompts):
             raise InvalidRequest(f"steering.potentials[{i}].prompts: name at least one non-empty prompt")
         if not weight >= 0:
             raise InvalidRequest(f"steering.potentials[{i}].weight: must be >= 0, got {weight}")
-        intersect += [(tokenize(text), weight) for text in m.prompts]
+        intersect += [(tokenize(text), weight) for text in prompts]
     try:
         for i, m in others:
-            build_potential(PotentialSpec.from_proto(m), vocab, where=f"steering.potentials[{i}]")
+            where = f"steering.potentials[{i}]"
+            build_potential(PotentialSpec.from_proto(m, where), vocab, where=where)
     except PotentialError as err:
         raise InvalidRequest(str(err)) from err
     return SteeringConfig(spec.particles, k if scheme == WITHOUT_REPLACEMENT else 1, scheme, thr,

@@ -132,35 +132,64 @@ def test_plugin_options_attach_to_the_preceding_potential():
 
 
 def test_potential_spec_from_proto_reads_options():
-    m = pb.Potential(kind="my_plugin", weight=0.5)
-    m.options.update({"n": 3, "ratio": 0.25, "name": "x", "flags": [1, "a", True, None], "nested": {"k": 2}})
+    m = pb.Potential(weight=0.5, plugin=pb.PluginPotential(name="my_plugin"))
+    m.plugin.options.update({"n": 3, "ratio": 0.25, "name": "x", "flags": [1, "a", True, None], "nested": {"k": 2}})
     spec = PotentialSpec.from_proto(m)
     assert spec.kind == "my_plugin" and spec.weight == 0.5
     assert spec.options == {"n": 3, "ratio": 0.25, "name": "x", "flags": [1, "a", True, None], "nested": {"k": 2}}
     assert type(spec.options["n"]) is int and type(spec.options["flags"][0]) is int
-    assert PotentialSpec.from_proto(pb.Potential(kind="regex", pattern="a")).options == {}
-    # a built-in given options is refused at validation
-    from smc.potentials import PotentialError, build_potential
+    assert PotentialSpec.from_proto(pb.Potential(regex=pb.RegexPotential(pattern="a"))).options == {}
+    # a plugin may not take a built-in kind's name (a built-in's parameters have their own message)
+    from smc.potentials import PotentialError
 
-    bad = pb.Potential(kind="max_word_length", max_len=3)
-    bad.options.update({"x": 1})
-    with pytest.raises(PotentialError, match=r"options: 'max_word_length' takes no options"):
-        build_potential(PotentialSpec.from_proto(bad), vocab=None)
+    bad = pb.Potential(plugin=pb.PluginPotential(name="max_word_length"))
+    bad.plugin.options.update({"x": 1})
+    with pytest.raises(PotentialError, match=r"plugin\.name: 'max_word_length' is a built-in kind"):
+        PotentialSpec.from_proto(bad)
 
 
 def test_client_library_sends_potentials_as_dicts():
     m = potential_message({"kind": "max_bytes", "weight": 0.5, "options": {"limit": 40, "tags": ["a"]}})
-    assert m.kind == "max_bytes" and m.weight == 0.5 and PotentialSpec.from_proto(m).options == {"limit": 40, "tags": ["a"]}
+    assert m.WhichOneof("kind") == "plugin" and m.plugin.name == "max_bytes" and m.weight == 0.5
+    assert PotentialSpec.from_proto(m).options == {"limit": 40, "tags": ["a"]}
     m = potential_message({"kind": "forbidden_chars", "chars": "e", "case_insensitive": False})
-    assert m.case_sensitive is True
+    assert m.WhichOneof("kind") == "forbidden_chars" and m.forbidden_chars.case_sensitive is True
     m = potential_message({"kind": "json_schema", "schema": {"type": "integer"}})
-    assert json.loads(m.schema) == {"type": "integer"}
+    assert json.loads(m.json_schema.schema) == {"type": "integer"}
     assert not potential_message({"kind": "regex", "pattern": "a", "weight": None}).HasField("weight")
-    assert potential_message(pb.Potential(kind="regex")).kind == "regex"
+    m = pb.Potential(regex=pb.RegexPotential(pattern="a"))
+    assert potential_message(m) is m
+    # phrases: case-sensitive by default; case_insensitive (or case_sensitive=False) turns it off
+    for kind in ("banned_phrases", "required_phrases"):
+        assert sent([{"kind": kind, "phrases": ["Hi"]}])[0].case_insensitive is False
+        assert sent([{"kind": kind, "phrases": ["Hi"], "case_insensitive": True}])[0].case_insensitive is True
+        assert sent([{"kind": kind, "phrases": ["Hi"], "case_sensitive": False}])[0].case_insensitive is True
+    # a built-in kind without parameters still names its kind (the server reports what is missing)
+    m = potential_message({"kind": "prompt_intersection"})
+    assert m.WhichOneof("kind") == "prompt_intersection" and not m.prompt_intersection.prompts
+    assert potential_message({"kind": "prompt_intersection", "prompts": ["q"]}).prompt_intersection.prompts == ["q"]
+    assert potential_message({"kind": ""}).WhichOneof("kind") is None             # the server: kind: required
     with pytest.raises(ValueError, match="no_such_field"):
         potential_message({"kind": "regex", "no_such_field": 1})
+    with pytest.raises(ValueError, match="phrases: not a parameter of 'regex'"):
+        potential_message({"kind": "regex", "pattern": "a", "phrases": ["x"]})
     with pytest.raises(ValueError, match="options"):
         potential_message({"kind": "p", "options": ["not", "a", "dict"]})
+    with pytest.raises(ValueError, match="pattern: not a field of a plugin"):
+        potential_message({"kind": "p", "pattern": "a"})
+    with pytest.raises(ValueError, match="takes no options"):
+        potential_message({"kind": "max_word_length", "max_len": 3, "options": {"x": 1}})
+    with pytest.raises(ValueError, match="phrases: must be a list"):
+        potential_message({"kind": "banned_phrases", "phrases": "abc"})
+    # every kind the CLI makes survives the wire
+    pots = steer("--regex", "a", "--cfg", 'start: "a"', "--json-schema", '{"type": "integer"}', "--max-word-length", "4",
+                 "--forbid", "q", "--ban", "x", "--require", "y", "--max-tokens-potential", "9",
+                 "--potential", "max_bytes", "--option", "limit=3")
+    assert [(s.kind, s.weight) for s in sent(pots)] == [
+        ("regex", 1.0), ("cfg", 1.0), ("json_schema", 1.0), ("max_word_length", 1.0), ("forbidden_chars", 1.0),
+        ("banned_phrases", 1.0), ("required_phrases", 1.0), ("max_tokens", 1.0), ("max_bytes", 1.0)]
+    wire = build_request(prompt="x", steering={"particles": 2, "potentials": steer("--intersect", "q")})
+    assert [p.WhichOneof("kind") for p in wire.steering.potentials] == ["prompt_intersection"]
 
 
 # --- the particle table -------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def test_trace_ships_with_the_repository():
     assert digest == "bd070915a98fc0ed264d7cfef2ce746002eb3076a695ec31ba2674c0111ec131" and digest in readme
     assert "Apache" in readme and "kvcache-ai/Mooncake" in readme
     for path in ["README.md", "bench/simulate.py", "bench/prefix_cache.py", *map(str, root.glob("loadtest/*.py")),
-                 "tests/test_simulator.py"]:
+                 "scheduler/conductor/simulator.py", "tests/test_simulator.py"]:
         assert "shared/traces" not in (root / path).read_text(), path
 
 

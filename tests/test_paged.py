@@ -1,13 +1,15 @@
 """Paged KV: attention over blocks equals dense attention, forks and copy-on-write, bookkeeping, batching."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decode.block_manager import BlockManager, BlockTable, OutOfBlocks
-from decode.engine import DecodeEngine, append_tokens
+from decode.engine import DecodeEngine, ExtendJob, append_tokens
 from decode.model_runner import ModelRunner, SeqBatchItem
 from decode.sequence import Sequence
 from engine.detok import IncrementalDetokenizer
@@ -153,52 +155,121 @@ def test_engine_batches_requests_and_leaks_nothing(tiny_model_dir, redis_url):
     store = KVStore(redis_url, key_prefix="t-paged:")
     prefiller = Prefiller(lm, store, 16)
     engine = DecodeEngine(lm, store, 16, 64)
+    held = release = threading.Event()
     try:
         shared = "The same long system prompt for every request, long enough to fill blocks. " * 2
-        seqs = [_submit(engine, lm, prefiller, shared + f"Question {i}?", 10 + 3 * i, f"r{i}") for i in range(6)]
+
+        def submit(i):
+            return _submit(engine, lm, prefiller, shared + f"Question {i}?", 10 + 3 * i, f"r{i}")
+
+        # three requests start together; three more join them while they run (the engine is held in a
+        # step meanwhile, so this overlap does not depend on the machine's speed)
+        held = _hold_engine(engine)
+        seqs = [submit(i) for i in range(3)]
+        parked, release = _hold_mid_step(engine)
+        held.set()
+        assert parked.wait(timeout=120), "the engine did not run a step"
+        seqs += [submit(i) for i in range(3, 6)]
+        release.set()
         for s in seqs:
             _wait(s)
         st_ = engine.stats()
         assert [len(s.output_ids) for s in seqs] == [10 + 3 * i for i in range(6)]
-        assert st_["max_batch_size"] >= 2 and st_["batched_tokens"] > st_["batch_steps"]
+        assert st_["max_batch_size"] == 6 and st_["batched_tokens"] > st_["batch_steps"]
         assert st_["prompt_blocks_reused"] > 0  # the shared prefix came from the worker's cache
         assert st_["kv_blocks_in_use"] == 0 and st_["active_sequences"] == 0
         with engine.lock:
             engine.bm.clear_cache()
             assert engine.bm.num_free == engine.bm.num_blocks
     finally:
+        held.set()
+        release.set()
         engine.close()
 
 
+def _hold_engine(engine) -> threading.Event:
+    """Park the engine thread between steps until the returned event is set: nothing it holds (pending
+    or running sequences, their reservations) changes meanwhile, however fast the machine is."""
+    parked, release = threading.Event(), threading.Event()
+    engine.call(lambda: (parked.set(), release.wait()))
+    assert parked.wait(timeout=120), "the engine thread did not run the call"
+    return release
+
+
+def _hold_mid_step(engine) -> tuple[threading.Event, threading.Event]:
+    """(parked, release): the engine thread parks inside its next batched step (after the forward,
+    before sampling), via an extension job with no sequences of its own, so the sequences of that
+    step stay running until ``release`` is set."""
+    parked, release = threading.Event(), threading.Event()
+
+    def park(_logits):
+        parked.set()
+        release.wait()
+
+    engine.extend(ExtendJob([], [], park))
+    return parked, release
+
+
 def test_engine_refuses_when_out_of_blocks(tiny_model_dir, redis_url):
+    """A request that does not fit next to an admitted one is refused, and the admitted one loses
+    nothing. The engine is held while the second arrives, so the first cannot finish early on a fast
+    machine: both while it waits to be loaded and while it is running mid-step."""
     from engine.model import load_model
 
     lm = load_model(str(tiny_model_dir), "float32")
     store = KVStore(redis_url, key_prefix="t-oob:")
     prefiller = Prefiller(lm, store, 16)
     engine = DecodeEngine(lm, store, 16, 8)  # 128 token slots
+    releases: list[threading.Event] = []
     try:
+        # 1. admitted but not yet loaded: the engine thread is parked before it takes the request
+        releases.append(_hold_engine(engine))
         running = _submit(engine, lm, prefiller, "A running request.", 60, "ok")
         with pytest.raises(OutOfBlocks, match="out of KV blocks"):
-            _submit(engine, lm, prefiller, "One too many.", 100, "too-big")
+            _submit(engine, lm, prefiller, "One too many.", 60, "too-big")  # would fit in an empty pool
+        # 2. running: the engine loads it and is parked inside the step that advances it
+        parked, release = _hold_mid_step(engine)
+        releases.append(release)
+        releases[0].set()
+        assert parked.wait(timeout=120), "the engine did not run a step"
+        now = engine.stats()
+        assert now["active_sequences"] == 1 and now["kv_blocks_in_use"] > 0 and not running.finish_reason, now
+        with pytest.raises(OutOfBlocks, match="out of KV blocks"):
+            _submit(engine, lm, prefiller, "One too many.", 60, "too-big")  # would fit in an empty pool
+        releases[1].set()
         _wait(running)
         assert running.finish_reason == "length" and len(running.output_ids) == 60  # nothing lost
+        assert engine.stats()["kv_blocks_in_use"] == 0
     finally:
+        for r in releases:
+            r.set()
         engine.close()
 
 
 def test_engine_abort_frees_blocks(tiny_model_dir, redis_url):
+    """An abort ends a running sequence and frees its KV. The abort lands while the engine is held
+    inside a step that advances the sequence, so the sequence is certainly running then and cannot
+    finish first, however fast the machine is."""
     from engine.model import load_model
 
     lm = load_model(str(tiny_model_dir), "float32")
     store = KVStore(redis_url, key_prefix="t-abort:")
     engine = DecodeEngine(lm, store, 16, 32)
+    held = release = threading.Event()
     try:
+        held = _hold_engine(engine)
         seq = _submit(engine, lm, Prefiller(lm, store, 16), "Abort me.", 480, "x")
-        seq.events.get(timeout=60)
+        parked, release = _hold_mid_step(engine)
+        held.set()
+        assert parked.wait(timeout=120), "the engine did not run a step"
+        assert engine.stats()["kv_blocks_in_use"] > 0 and not seq.finish_reason
         engine.abort("x")
+        release.set()
         _wait(seq)
-        assert seq.finish_reason == "abort" and len(seq.output_ids) < 480
+        # prefill's token, the held step's, at most one more before the engine sees the abort
+        assert seq.finish_reason == "abort" and 2 <= len(seq.output_ids) <= 3
         assert engine.stats()["kv_blocks_in_use"] == 0
     finally:
+        held.set()
+        release.set()
         engine.close()

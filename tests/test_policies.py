@@ -1,4 +1,4 @@
-"""Placement policies, cost model fitting and admission (scheduler/policies.py). Pure Python, fast."""
+"""Placement policies, cost model fitting and admission (scheduler/conductor/). Pure Python, fast."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from scheduler.policies import (
+from scheduler.conductor import (
     POLICY_NAMES, CostModel, CostRecorder, DecodeInstance, PrefillInstance, RequestInfo, admit,
     cached_tokens_for, global_prefix_hits, kv_blocks_needed, make_policy, place, prefix_hits,
 )
@@ -169,6 +169,20 @@ def test_place_combines_choice_and_admission():
     dec[0].free_blocks = 4
     pl = place(make_policy("load"), r, pre, 0, dec, COST)
     assert pl.decode is None and pl.reject_reason.startswith("decode:") and math.isinf(pl.pred_tbt_ms)
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_no_decode_room_anywhere_is_rejected_whatever_the_policy_and_slos(name):
+    r = req(3, max_tokens=5)  # 5 blocks
+    pre = [PrefillInstance("p0"), PrefillInstance("p1", 5.0)]
+    dec = [DecodeInstance("d0", batch=0, free_blocks=4), DecodeInstance("d1", batch=1, free_blocks=0),
+           DecodeInstance("d2", batch=2, free_blocks=3)]
+    pl = place(make_policy(name), r, pre, 0, dec, COST)  # no SLOs: room is still required
+    assert not pl.admitted and pl.decode is None and math.isinf(pl.pred_tbt_ms)
+    assert pl.reject_reason == "decode: no instance has 5 free KV blocks"
+    dec[2].free_blocks = 5
+    pl = place(make_policy(name), r, pre, 0, dec, COST)
+    assert pl.admitted and pl.decode.id == "d2"
 
 
 def _synthetic(true: CostModel, n: int = 200, noise: float = 0.0, seed: int = 0):

@@ -18,7 +18,6 @@ import random
 import re
 import unicodedata
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -580,17 +579,61 @@ def test_bad_specs(vocab, bad, prefix):
 
 
 def test_specs_from_dict_and_proto(tok, vocab):
+    from protos import smcserve_pb2 as pb
+
     pots = build_potentials([{"kind": "regex", "pattern": "[0-9]+"}, {"kind": "max_tokens", "n": 4, "weight": 2}], vocab)
     assert pots[1].weight == 2.0 and pots[0].mask()[tid(tok, "7")]
-    msg = SimpleNamespace(kind="forbidden_chars", weight=1.0, pattern="", grammar="", format="", schema="", max_len=0,
-                          chars="xy", case_sensitive=False, phrases=[], n=0)
+    msg = pb.Potential(forbidden_chars=pb.ForbiddenCharsPotential(chars="xy"))
     spec = PotentialSpec.from_proto(msg)
+    assert spec.kind == "forbidden_chars" and spec.weight == 1.0
     assert spec.chars == "xy" and spec.case_insensitive is True and spec.pattern is None and spec.phrases is None
     build_potential(spec, vocab)
-    msg = SimpleNamespace(kind="max_word_length", weight=1.0, pattern="", grammar="", format="", schema="", max_len=0,
-                          chars="", case_sensitive=False, phrases=[], n=0)
-    with pytest.raises(PotentialError, match=r"^steering\.potentials\[0\]\.max_len: must be > 0"):
-        build_potential(PotentialSpec.from_proto(msg), vocab)
+    assert PotentialSpec.from_proto(pb.Potential(forbidden_chars=pb.ForbiddenCharsPotential(
+        chars="x", case_sensitive=True))).case_insensitive is False
+    # phrases: case-sensitive unless asked; the oneof's field is the kind
+    for kind in ("banned_phrases", "required_phrases"):
+        spec = PotentialSpec.from_proto(pb.Potential(weight=0.5, **{kind: pb.PhrasesPotential(phrases=["Hi"])}))
+        assert (spec.kind, spec.phrases, spec.case_insensitive, spec.weight) == (kind, ["Hi"], False, 0.5)
+        spec = PotentialSpec.from_proto(pb.Potential(**{kind: pb.PhrasesPotential(phrases=["Hi"], case_insensitive=True)}))
+        assert spec.case_insensitive is True
+        build_potential(spec, vocab)
+    # cfg: an empty format is the default (lark); a built-in's "" / 0 parameters are kept and refused
+    spec = PotentialSpec.from_proto(pb.Potential(cfg=pb.CfgPotential(grammar='start: "a"')))
+    assert spec.grammar == 'start: "a"' and spec.format is None
+    assert PotentialSpec.from_proto(pb.Potential(cfg=pb.CfgPotential(grammar="g", format="gbnf"))).format == "gbnf"
+    for msg, error in ((pb.Potential(max_word_length=pb.MaxWordLengthPotential()), "max_len: must be > 0"),
+                       (pb.Potential(regex=pb.RegexPotential()), "pattern: must not be empty"),
+                       (pb.Potential(max_tokens=pb.MaxTokensPotential()), "n: must be > 0"),
+                       (pb.Potential(json_schema=pb.JsonSchemaPotential()), "schema: "),
+                       (pb.Potential(banned_phrases=pb.PhrasesPotential()), "phrases: must not be empty"),
+                       (pb.Potential(weight=1.0), "kind: required")):
+        with pytest.raises(PotentialError, match=r"^steering\.potentials\[0\]\." + re.escape(error)):
+            build_potential(PotentialSpec.from_proto(msg), vocab)
+    # a plugin: its name is the kind, its options a plain dict; it may not take a built-in's name
+    msg = pb.Potential(plugin=pb.PluginPotential(name="mine"))
+    assert PotentialSpec.from_proto(msg) == PotentialSpec("mine")
+    for name, error in (("", "plugin.name: required"), ("regex", "plugin.name: 'regex' is a built-in kind"),
+                        ("prompt_intersection", "plugin.name: 'prompt_intersection' is a built-in kind")):
+        with pytest.raises(PotentialError, match=r"^steering\.potentials\[3\]\." + re.escape(error)):
+            PotentialSpec.from_proto(pb.Potential(plugin=pb.PluginPotential(name=name)), "steering.potentials[3]")
+    # prompt_intersection is the scheduler's, never a worker potential
+    with pytest.raises(PotentialError, match=r"^steering\.potentials\[0\]\.kind: 'prompt_intersection'"):
+        PotentialSpec.from_proto(pb.Potential(prompt_intersection=pb.PromptIntersectionPotential(prompts=["q"])))
+
+
+def test_every_builtin_kind_is_in_the_proto():
+    """Potential's kind oneof has one field per built-in kind (plus prompt_intersection and plugin), and each
+    kind's message carries exactly the kind's parameters (case_sensitive standing for forbidden_chars'
+    case_insensitive)."""
+    from protos import smcserve_pb2 as pb
+    from smc.potentials.spec import _KIND_PARAMS
+
+    oneof = {f.name: f.message_type for f in pb.Potential.DESCRIPTOR.oneofs_by_name["kind"].fields}
+    assert set(oneof) == set(BUILTIN_KINDS) | {"prompt_intersection", "plugin"}
+    for kind in BUILTIN_KINDS:
+        fields = [f.name for f in oneof[kind].fields]
+        want = ["case_sensitive" if (kind, p) == ("forbidden_chars", "case_insensitive") else p for p in _KIND_PARAMS[kind]]
+        assert fields == want, kind
 
 
 # ---------------------------------------------------------------------------------------------

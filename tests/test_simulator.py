@@ -1,16 +1,15 @@
-"""The discrete-event simulator (loadtest/simulator.py) on hand-checkable traces and a real-trace slice."""
+"""The discrete-event simulator (scheduler/conductor/simulator.py) on hand-checkable traces and a real-trace slice."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from loadtest.simulator import (
-    DEFAULT_PROFILE, HardwareProfile, SimConfig, TraceRequest, load_trace, rows_to_requests, simulate,
-    trace_hit_rate,
+from loadtest.trace import DEFAULT_TRACE, load_trace
+from scheduler.conductor import POLICY_NAMES, CostModel
+from scheduler.conductor.simulator import (
+    DEFAULT_PROFILE, HardwareProfile, SimConfig, TraceRequest, rows_to_requests, simulate, trace_hit_rate,
 )
-from loadtest.trace import DEFAULT_TRACE
-from scheduler.policies import POLICY_NAMES, CostModel
 
 TRACE = DEFAULT_TRACE  # data/traces/synthetic_trace.jsonl, shipped in the repository
 
@@ -134,7 +133,7 @@ def test_default_profile_is_stated_and_plausible():
 
 @pytest.fixture(scope="module")
 def trace_slice():
-    return load_trace(TRACE)[3500:3900]   # late in the trace, where prefixes repeat (~60% of blocks)
+    return rows_to_requests(load_trace(TRACE))[3500:3900]   # late in the trace, where prefixes repeat (~60% of blocks)
 
 
 def test_unbounded_hit_rate_matches_the_trace(trace_slice):
@@ -178,6 +177,6 @@ def test_rows_to_requests_parses_jsonl(tmp_path):
     rows = [{"timestamp": 0, "input_length": 700, "output_length": 3, "hash_ids": [0, 1]},
             {"timestamp": 15, "input_length": 600, "output_length": 9, "hash_ids": [0, 2]}]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    reqs = load_trace(p)
+    reqs = rows_to_requests(load_trace(p))
     assert reqs == rows_to_requests(rows)
     assert reqs[1] == TraceRequest(15.0, 600, 9, ("0", "2"))

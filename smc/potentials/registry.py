@@ -8,7 +8,7 @@ case_insensitive=True), banned_phrases(phrases, case_insensitive=False),
 required_phrases(phrases, case_insensitive=False), max_tokens(n: EOS counts as one of the n).
 Operators add kinds through the entry-point group ``smcserve.potentials``: each entry point is a
 callable ``(spec, vocab) -> Potential`` (it reads its parameters from the spec, ``spec.options``
-included — the request's ``Potential.options`` Struct as a plain dict, see ``options_from_struct`` —
+included — the request's ``Potential.plugin.options`` Struct as a plain dict, see ``options_from_struct`` —
 and applies ``spec.weight`` itself); clients only name it (and pass options). Built-in names cannot be
 overridden; a plugin that fails to load is logged and reported when a request names it.
 """

@@ -53,35 +53,43 @@ class PotentialSpec:
         return cls(**kw)
 
     @classmethod
-    def from_proto(cls, msg: Any) -> "PotentialSpec":
-        """From a ``smcserve.v1.Potential`` message (proto3: "" / 0 mean unset, except for the
-        parameters the named built-in kind requires, which are kept so that a 0 or "" is reported
-        as invalid). ``case_sensitive`` maps to ``case_insensitive`` for forbidden_chars only.
-        ``options`` (a ``google.protobuf.Struct``) becomes a plain dict (:func:`options_from_struct`)."""
-        kind = msg.kind
-        has = getattr(msg, "HasField", None)
-        weight = msg.weight if (has is None or has("weight")) else 1.0
-        own = _KIND_PARAMS.get(kind)
+    def from_proto(cls, msg: Any, path: str = f"{DEFAULT_PATH}[0]") -> "PotentialSpec":
+        """From a ``smcserve.v1.Potential`` message: its ``kind`` oneof names the kind, and the message
+        set there carries the kind's parameters. Every parameter of a built-in kind is kept, proto3's
+        "" and 0 included, so that they are reported as invalid (``path.max_len: must be > 0``) — except
+        cfg's empty ``format``, which is the default (lark). forbidden_chars' ``case_sensitive`` becomes
+        ``case_insensitive = not case_sensitive`` (default: case-insensitive); the phrase kinds'
+        ``case_insensitive`` is taken as is (default: case-sensitive). A ``plugin`` gives its ``name`` as
+        the kind and its ``options`` (a ``google.protobuf.Struct``) as a plain dict
+        (:func:`options_from_struct`). No kind set gives kind "" (``build_potential``: ``path.kind:
+        required``). Raises ``PotentialError`` for a plugin without a name or named after a built-in
+        kind, and for prompt_intersection (the scheduler evaluates it; it is no worker potential)."""
+        weight = msg.weight if msg.HasField("weight") else 1.0
+        which = msg.WhichOneof("kind")
+        if which is None:
+            return cls(kind="", weight=weight)
+        sub = getattr(msg, which)
+        if which == "plugin":
+            if not sub.name:
+                raise PotentialError(f"{path}.plugin.name: required")
+            if sub.name in {f.name for f in msg.DESCRIPTOR.oneofs_by_name["kind"].fields}:
+                raise PotentialError(f"{path}.plugin.name: '{sub.name}' is a built-in kind; set Potential.{sub.name}")
+            options = options_from_struct(sub.options) if sub.HasField("options") else {}
+            return cls(kind=sub.name, weight=weight, options=options)
+        own = _KIND_PARAMS.get(which)
+        if own is None:
+            raise PotentialError(f"{path}.kind: '{which}' is evaluated by the scheduler, not built as a potential")
         kw: dict[str, Any] = {}
-        for name in ("pattern", "grammar", "format", "schema", "chars", "max_len", "n"):
-            v = getattr(msg, name, None)
-            if v is None:
-                continue
-            if (own is not None and name in own) or v not in ("", 0):
-                kw[name] = v
-        if own is not None and "format" in own and kw.get("format") == "":
-            kw.pop("format")
-        phrases = list(getattr(msg, "phrases", []) or [])
-        if phrases or (own is not None and "phrases" in own):
-            kw["phrases"] = phrases
-        if kind == "forbidden_chars":
-            kw["case_insensitive"] = not bool(getattr(msg, "case_sensitive", False))
-        elif own is None and getattr(msg, "case_sensitive", False):
-            kw["case_insensitive"] = False
-        options = getattr(msg, "options", None)
-        if options is not None and (has is None or has("options")):
-            kw["options"] = options_from_struct(options)
-        return cls(kind=kind, weight=weight, **kw)
+        for name in own:
+            if name == "case_insensitive" and which == "forbidden_chars":
+                kw[name] = not sub.case_sensitive
+            elif name == "phrases":
+                kw[name] = list(sub.phrases)
+            else:
+                kw[name] = getattr(sub, name)
+        if which == "cfg" and not kw["format"]:
+            del kw["format"]
+        return cls(kind=which, weight=weight, **kw)
 
 
 def _plain(v: Any) -> Any:
@@ -96,7 +104,7 @@ def _plain(v: Any) -> Any:
 
 
 def options_from_struct(struct: Any) -> dict[str, Any]:
-    """``Potential.options`` (a ``google.protobuf.Struct`` or a mapping) as a JSON-like dict for
+    """``Potential.plugin.options`` (a ``google.protobuf.Struct`` or a mapping) as a JSON-like dict for
     ``PotentialSpec.options``: objects → dict, lists → list, strings, bools, None, and numbers — int
     when integral (a Struct stores every number as a double, so 3 and 3.0 both arrive as 3), else float."""
     if hasattr(struct, "DESCRIPTOR"):  # a Struct (registered as a Mapping, but its lists are ListValues)

@@ -5,7 +5,7 @@ Model (everything in ms):
 - **Prefill**: ``P`` instances, each a FIFO queue (one request at a time) with a local LRU cache of
   ``cache_blocks`` KV blocks holding the blocks it computed or fetched. The **global store** is the
   union of the local caches: a block is globally available while some instance holds it.
-- **Placement** goes through :func:`scheduler.policies.place` — the same code the live scheduler
+- **Placement** goes through :func:`scheduler.conductor.place` — the same code the live scheduler
   runs — on snapshots of the instances (``queue_ms`` = the exact remaining FIFO work, the instance's
   LRU as ``local_blocks``, ``global_hit_blocks`` = longest prompt prefix present anywhere).
 - **Execution** of the chosen plan: the instance reuses the prefix blocks it holds itself (engine
@@ -23,24 +23,25 @@ Model (everything in ms):
 - **Early rejection** at arrival: no decode room (always), else (``early_reject``) predicted TTFT >
   TTFT SLO or predicted TBT > TBT SLO. Rejections are counted by reason.
 
-Trace rows are Mooncake JSONL (``timestamp`` ms, ``input_length``, ``output_length``, ``hash_ids``
-at 512 tokens per block); the hash ids are used directly as block keys (``str(id)``).
+Requests come from Mooncake trace rows (``timestamp`` ms, ``input_length``, ``output_length``, ``hash_ids``
+at 512 tokens per block), read by :func:`loadtest.trace.load_trace`: ``rows_to_requests(load_trace(path))``;
+the hash ids are used directly as block keys (``str(id)``).
 """
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from scheduler.policies import (
-    CostModel, DecodeInstance, Policy, PrefillInstance, RequestInfo, cached_tokens_for, kv_blocks_needed,
-    make_policy, place, prefix_hits,
+from scheduler.conductor.admission import place
+from scheduler.conductor.cost import CostModel
+from scheduler.conductor.policies import (
+    DecodeInstance, Policy, PrefillInstance, RequestInfo, cached_tokens_for, kv_blocks_needed, make_policy,
+    prefix_hits,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -116,21 +117,16 @@ class TraceRequest:
     block_keys: tuple[str, ...]
 
 
-def rows_to_requests(rows: Iterable[dict]) -> list[TraceRequest]:
-    return [TraceRequest(float(r["timestamp"]), int(r["input_length"]), int(r["output_length"]),
-                         tuple(str(h) for h in r["hash_ids"])) for r in rows]
-
-
-def load_trace(path: str | Path, limit: int | None = None) -> list[TraceRequest]:
-    """Mooncake JSONL rows, in file order (``limit``: the first rows only)."""
-    rows = []
-    with open(path) as fh:
-        for line in fh:
-            if line.strip():
-                rows.append(json.loads(line))
-                if limit is not None and len(rows) >= limit:
-                    break
-    return rows_to_requests(rows)
+def rows_to_requests(rows: Iterable) -> list[TraceRequest]:
+    """Simulator requests from trace rows: :class:`loadtest.trace.TraceRow` objects (what
+    :func:`loadtest.trace.load_trace` returns) or the JSON objects themselves (dicts)."""
+    def one(r) -> TraceRequest:
+        if isinstance(r, dict):
+            return TraceRequest(float(r["timestamp"]), int(r["input_length"]), int(r["output_length"]),
+                                tuple(str(h) for h in r["hash_ids"]))
+        return TraceRequest(float(r.timestamp_ms), int(r.input_length), int(r.output_length),
+                            tuple(str(h) for h in r.hash_ids))
+    return [one(r) for r in rows]
 
 
 def trace_hit_rate(requests: Sequence[TraceRequest], capacity: int | None = None) -> float:
