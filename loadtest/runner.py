@@ -154,7 +154,7 @@ async def run_workload_async(address: str, workload: Workload, *, num_requests: 
                              request_timeout: float | None = None, progress: bool = True, label: str = "",
                              allow_remote: bool = False, connect_timeout: float = 15.0,
                              stop: asyncio.Event | None = None) -> RunResult:
-    from client.client import build_request
+    from protos.messages import build_request
     from protos import smcserve_pb2_grpc
 
     check_address(address, allow_remote)

@@ -16,6 +16,7 @@ from engine.kv import DEFAULT_BLOCK_SIZE
 from engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype_choice, resolve_model_path
 from kvstore import EmbeddedRedis, KVStore, start_or_connect
 from protos import smcserve_pb2, worker_pb2_grpc
+from protos.messages import DEFAULT_PORT
 from scheduler.conductor import make_policy
 from scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
 from scheduler.validate import Limits
@@ -35,14 +36,14 @@ class ServeConfig:
     prefill_workers: int = 1
     decode_workers: int = 1
     host: str = "127.0.0.1"
-    port: int = 50051
+    port: int = DEFAULT_PORT
     max_tokens_limit: int = 4096
     max_inflight: int = 256
     threads: int = 0                   # torch threads per worker; 0 → all cores
     worker_cpus: float = 1.0           # Ray CPU resource each worker reserves
     kv_cache: str = "1gb"              # paged KV pool of each decode worker
     prefix_cache: bool = True          # prefill reuses prompt blocks already in the KV store
-    policy: str = "cache_global"       # placement policy (scheduler/policies.py)
+    policy: str = "cache_global"       # placement policy (scheduler/conductor/)
     slo_ttft_ms: float = 0.0           # reject at admission when the predicted TTFT exceeds it (0: off)
     slo_tbt_ms: float = 0.0            # ... or the predicted time between tokens (0: off)
     worker_host: str | None = None     # decode workers' gRPC address; None → 127.0.0.1 locally, the node IP in a cluster
