@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test lint bench clean
 
 setup: $(STAMP) $(VENV)/.model
 
@@ -29,8 +29,13 @@ $(VENV)/.model: $(STAMP)
 serve: setup
 	$(VENV)/bin/smcserve serve $(SERVE_ARGS)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff: lint and format check (config in pyproject.toml); `$(VENV)/bin/ruff format .` fixes the format
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(PY) -m bench.overhead

@@ -11,6 +11,7 @@ Prints one JSON object:
 - ``kv_bytes_shared`` / ``kv_bytes_private``: KV held by N sequences that share a 1,024-token
   prompt (after ``--tokens`` generated tokens each) vs N private copies.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ def hf_single_tps(lm, ids: list[int], tokens: int) -> float:
     x = torch.tensor([ids])
     clock = StreamClock()
     with torch.inference_mode():
-        lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
-                          do_sample=False, streamer=clock)
+        lm.model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            streamer=clock,
+        )
     return (tokens - 1) / (time.perf_counter() - clock.times[1])
 
 
@@ -97,8 +104,15 @@ def gemm_bound(lm, n: int, reps: int = 5) -> float:
     weights = []
     for layer in lm.model.model.layers:
         a, m = layer.self_attn, layer.mlp
-        weights += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
-                    m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
+        weights += [
+            a.q_proj.weight,
+            a.k_proj.weight,
+            a.v_proj.weight,
+            a.o_proj.weight,
+            m.gate_proj.weight,
+            m.up_proj.weight,
+            m.down_proj.weight,
+        ]
     weights.append(lm.model.lm_head.weight)
     total = 0.0
     with torch.inference_mode():
@@ -137,8 +151,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
     lm = load_model(args.model, args.dtype, threads=args.threads)
-    ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=False)
+    ids = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     n, tokens = args.particles, args.tokens
     num_blocks = n * (-(-(len(ids) + tokens) // 16) + 1) + 256
     hf_single_tps(lm, ids, 4)  # warm-up
@@ -149,28 +164,33 @@ def main() -> None:
     fork_s = fork_time(4096)
     gemm_s = gemm_bound(lm, n)
     shared, private = kv_memory(lm, n, tokens)
-    print(json.dumps({
-        "model": args.model or "smollm2-135m-instruct",
-        "dtype": str(lm.dtype).removeprefix("torch."),
-        "dtype_reason": lm.dtype_reason,
-        "threads": args.threads,
-        "particles": n,
-        "tokens": tokens,
-        "prompt_tokens": len(ids),
-        "hf_single_tokens_per_s": round(hf1, 2),
-        "hf_batched_tokens_per_s": round(hfn, 2),
-        "smcserve_tokens_per_s": round(mine["tps"], 2),
-        "speedup_vs_hf_single": round(mine["tps"] / hf1, 2),
-        "speedup_vs_hf_batched": round(mine["tps"] / hfn, 2),
-        "step_ms": round(mine["step_s"] * 1e3, 2),
-        "fork_us": round(fork_s * 1e6, 2),
-        "fork_fraction_of_step": round(fork_s / mine["step_s"], 6),
-        "gemm_bound_ms": round(gemm_s * 1e3, 2),
-        "step_vs_gemm_bound": round(mine["step_s"] / gemm_s, 3),
-        "kv_bytes_shared": shared,
-        "kv_bytes_private": private,
-        "kv_shared_fraction": round(shared / private, 4),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": args.model or "smollm2-135m-instruct",
+                "dtype": str(lm.dtype).removeprefix("torch."),
+                "dtype_reason": lm.dtype_reason,
+                "threads": args.threads,
+                "particles": n,
+                "tokens": tokens,
+                "prompt_tokens": len(ids),
+                "hf_single_tokens_per_s": round(hf1, 2),
+                "hf_batched_tokens_per_s": round(hfn, 2),
+                "smcserve_tokens_per_s": round(mine["tps"], 2),
+                "speedup_vs_hf_single": round(mine["tps"] / hf1, 2),
+                "speedup_vs_hf_batched": round(mine["tps"] / hfn, 2),
+                "step_ms": round(mine["step_s"] * 1e3, 2),
+                "fork_us": round(fork_s * 1e6, 2),
+                "fork_fraction_of_step": round(fork_s / mine["step_s"], 6),
+                "gemm_bound_ms": round(gemm_s * 1e3, 2),
+                "step_vs_gemm_bound": round(mine["step_s"] / gemm_s, 3),
+                "kv_bytes_shared": shared,
+                "kv_bytes_private": private,
+                "kv_shared_fraction": round(shared / private, 4),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Both sides use the same model, dtype, prompt, greedy decoding and torch thread c
 measured from the client (gRPC stream through scheduler → prefill → KV store → decode worker);
 HF from a streamer's timestamps inside ``generate``. Prints one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,20 +19,28 @@ import torch
 
 from bench.timing import PROMPT, StreamClock
 
+
 def measure_hf(model_name: str | None, dtype: str, threads: int, tokens: int, runs: int) -> tuple[float, float]:
     from engine.model import load_model
 
     lm = load_model(model_name, dtype, threads=threads)
-    ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=False)
+    ids = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     x = torch.tensor([ids])
     ttfts, tpots = [], []
     for i in range(runs + 1):
         clock = StreamClock()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
-                              do_sample=False, streamer=clock)
+            lm.model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                streamer=clock,
+            )
         end = time.perf_counter()
         if i == 0:
             continue  # warm-up
@@ -53,8 +62,12 @@ def measure_stack(model_name: str | None, dtype: str, threads: int, tokens: int,
             first = None
             n = 0
             # a fresh seed-free greedy request; the suffix keeps the prompt out of the prefix cache
-            for r in client.stream(messages=[{"role": "user", "content": f"{PROMPT} ({i})"}], temperature=0.0,
-                                   max_tokens=tokens, ignore_eos=True):
+            for r in client.stream(
+                messages=[{"role": "user", "content": f"{PROMPT} ({i})"}],
+                temperature=0.0,
+                max_tokens=tokens,
+                ignore_eos=True,
+            ):
                 if r.token_ids and first is None:
                     first = time.perf_counter()
                 n += len(r.token_ids)
@@ -79,19 +92,24 @@ def main() -> None:
     stack_ttft, stack_tpot = measure_stack(args.model, args.dtype, args.threads, args.tokens, args.runs)
     from engine.model import resolve_dtype
 
-    print(json.dumps({
-        "model": args.model or "smollm2-135m-instruct",
-        "dtype": str(resolve_dtype(args.dtype)).removeprefix("torch."),
-        "threads": args.threads,
-        "tokens": args.tokens,
-        "runs": args.runs,
-        "stack_ttft_ms": round(stack_ttft, 2),
-        "stack_tpot_ms": round(stack_tpot, 2),
-        "hf_ttft_ms": round(hf_ttft, 2),
-        "hf_tpot_ms": round(hf_tpot, 2),
-        "ttft_ratio": round(stack_ttft / hf_ttft, 3),
-        "tpot_ratio": round(stack_tpot / hf_tpot, 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": args.model or "smollm2-135m-instruct",
+                "dtype": str(resolve_dtype(args.dtype)).removeprefix("torch."),
+                "threads": args.threads,
+                "tokens": args.tokens,
+                "runs": args.runs,
+                "stack_ttft_ms": round(stack_ttft, 2),
+                "stack_tpot_ms": round(stack_tpot, 2),
+                "hf_ttft_ms": round(hf_ttft, 2),
+                "hf_tpot_ms": round(hf_tpot, 2),
+                "ttft_ratio": round(stack_ttft / hf_ttft, 3),
+                "tpot_ratio": round(stack_tpot / hf_tpot, 3),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

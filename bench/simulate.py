@@ -18,6 +18,7 @@ hardware profile (``scheduler.conductor.simulator.DEFAULT_PROFILE``: 8×A800 nod
   reused that was seen earlier (how loaded the prefill pool is: > 1 means it cannot keep up);
 - ``sweep``: mean TTFT (no rejection) as the prefill pool grows, to show how the margins depend on load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,14 @@ def _ordering(table: dict) -> dict:
     vals = [table[p]["mean_ttft_s"] for p in ORDER]
     ok = all(a > b for a, b in zip(vals, vals[1:]))
     imp = 1 - table["cache_global"]["mean_ttft_s"] / table["load"]["mean_ttft_s"]
-    return {"random>load>cache_local>cache_global": ok,
-            "mean_ttft_s": dict(zip(ORDER, vals)),
-            "cache_global_vs_load_improvement": round(imp, 3),
-            "cache_global_vs_cache_local_improvement":
-                round(1 - table["cache_global"]["mean_ttft_s"] / table["cache_local"]["mean_ttft_s"], 3)}
+    return {
+        "random>load>cache_local>cache_global": ok,
+        "mean_ttft_s": dict(zip(ORDER, vals)),
+        "cache_global_vs_load_improvement": round(imp, 3),
+        "cache_global_vs_cache_local_improvement": round(
+            1 - table["cache_global"]["mean_ttft_s"] / table["cache_local"]["mean_ttft_s"], 3
+        ),
+    }
 
 
 def _offered_load(reqs, profile, n_prefill: int) -> dict:
@@ -59,8 +63,10 @@ def _offered_load(reqs, profile, n_prefill: int) -> dict:
         c = cached_tokens_for(hits, RequestInfo(r.block_keys, r.input_length, bs))
         warm += cost.prefill_ms(r.input_length - c, c)
         seen.update(r.block_keys)
-    return {"no_cache": round(cold / (n_prefill * span_ms), 3),
-            "unbounded_cache_no_transfer_cost": round(warm / (n_prefill * span_ms), 3)}
+    return {
+        "no_cache": round(cold / (n_prefill * span_ms), 3),
+        "unbounded_cache_no_transfer_cost": round(warm / (n_prefill * span_ms), 3),
+    }
 
 
 def main(argv=None) -> dict:
@@ -68,8 +74,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
     ap.add_argument("--prefill", type=int, default=8)
     ap.add_argument("--decode", type=int, default=8)
-    ap.add_argument("--cache-blocks", type=int, default=DEFAULT_PROFILE.prefill_cache_blocks,
-                    help="LRU capacity of each prefill instance, in 512-token blocks (0: unbounded)")
+    ap.add_argument(
+        "--cache-blocks",
+        type=int,
+        default=DEFAULT_PROFILE.prefill_cache_blocks,
+        help="LRU capacity of each prefill instance, in 512-token blocks (0: unbounded)",
+    )
     ap.add_argument("--slo-ttft-s", type=float, default=30.0)
     ap.add_argument("--slo-tbt-ms", type=float, default=100.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -83,9 +93,15 @@ def main(argv=None) -> dict:
     cache = None if args.cache_blocks == 0 else args.cache_blocks
 
     def cfg(early_reject: bool, n_prefill: int = args.prefill) -> SimConfig:
-        return SimConfig(n_prefill=n_prefill, n_decode=args.decode, cache_blocks=cache,
-                         slo_ttft_ms=args.slo_ttft_s * 1e3, slo_tbt_ms=args.slo_tbt_ms,
-                         early_reject=early_reject, seed=args.seed)
+        return SimConfig(
+            n_prefill=n_prefill,
+            n_decode=args.decode,
+            cache_blocks=cache,
+            slo_ttft_ms=args.slo_ttft_s * 1e3,
+            slo_tbt_ms=args.slo_tbt_ms,
+            early_reject=early_reject,
+            seed=args.seed,
+        )
 
     keep = ("mean_ttft_s", "p90_ttft_s", "slo_attainment", "rejected", "hit_rate")
     table, full, noreject = {}, {}, {}
@@ -99,21 +115,28 @@ def main(argv=None) -> dict:
     sweep = {}
     if not args.no_sweep:
         for n in sorted({args.prefill, 10, 12, 16}):
-            sweep[str(n)] = {name: simulate(reqs, name, profile, cfg(False, n)).summary()["mean_ttft_s"]
-                             for name in ORDER}
+            sweep[str(n)] = {
+                name: simulate(reqs, name, profile, cfg(False, n)).summary()["mean_ttft_s"] for name in ORDER
+            }
 
     total_cap = None if cache is None else cache * args.prefill
     out = {
         "trace": str(args.trace),
         "requests": len(reqs),
-        "setup": {"prefill_instances": args.prefill, "decode_instances": args.decode,
-                  "cache_blocks_per_prefill_instance": cache, "slo_ttft_s": args.slo_ttft_s,
-                  "slo_tbt_ms": args.slo_tbt_ms, "block_size": profile.block_size,
-                  "local_reuse_for_all_policies": True},
+        "setup": {
+            "prefill_instances": args.prefill,
+            "decode_instances": args.decode,
+            "cache_blocks_per_prefill_instance": cache,
+            "slo_ttft_s": args.slo_ttft_s,
+            "slo_tbt_ms": args.slo_tbt_ms,
+            "block_size": profile.block_size,
+            "local_reuse_for_all_policies": True,
+        },
         "hardware_profile": profile.as_dict(),
-        "trace_hit_rate": {"unbounded": round(trace_hit_rate(reqs), 4),
-                           "one_lru_of_total_capacity": (round(trace_hit_rate(reqs, total_cap), 4)
-                                                         if total_cap else None)},
+        "trace_hit_rate": {
+            "unbounded": round(trace_hit_rate(reqs), 4),
+            "one_lru_of_total_capacity": (round(trace_hit_rate(reqs, total_cap), 4) if total_cap else None),
+        },
         "offered_prefill_load": _offered_load(reqs, profile, args.prefill),
         "policies": table,
         "ordering_with_rejection": _ordering(table),

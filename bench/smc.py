@@ -20,6 +20,7 @@ the same standard scheme when ESS < 0.5·N (llamppl's ``smc_standard`` default).
 Prints one JSON object. log Z is log of the mean final weight (logsumexp(w) − log N) on both sides.
 If llamppl cannot be installed or run, ``llamppl_s`` is null and ``llamppl_error`` says why.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -160,25 +161,46 @@ def ensure_llamppl_venv() -> Path:
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     return list(ids)
 
 
 def measure_llamppl(args, model_path: Path, dtype: str, prompt_ids, warmup_ids, eos_ids) -> dict:
     py = ensure_llamppl_venv()
-    params = {"model": str(model_path), "dtype": dtype, "max_len": args.max_len, "tokens": args.tokens,
-              "particles": args.particles, "seed": args.seed, "scheme": args.scheme,
-              "ess_threshold": args.ess_threshold, "prompt_ids": prompt_ids, "warmup_prompt_ids": warmup_ids,
-              "eos_ids": eos_ids}
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               CUDA_VISIBLE_DEVICES="")
+    params = {
+        "model": str(model_path),
+        "dtype": dtype,
+        "max_len": args.max_len,
+        "tokens": args.tokens,
+        "particles": args.particles,
+        "seed": args.seed,
+        "scheme": args.scheme,
+        "ess_threshold": args.ess_threshold,
+        "prompt_ids": prompt_ids,
+        "warmup_prompt_ids": warmup_ids,
+        "eos_ids": eos_ids,
+    }
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        CUDA_VISIBLE_DEVICES="",
+    )
     env.pop("PYTHONPATH", None)
-    r = subprocess.run([str(py), "-c", LLAMPPL_SCRIPT, json.dumps(params)], capture_output=True, text=True,
-                       env=env, cwd="/", timeout=args.llamppl_timeout)
+    r = subprocess.run(
+        [str(py), "-c", LLAMPPL_SCRIPT, json.dumps(params)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        timeout=args.llamppl_timeout,
+    )
     for line in r.stdout.splitlines():
         if line.startswith("LLAMPPL_RESULT "):
-            return json.loads(line[len("LLAMPPL_RESULT "):])
+            return json.loads(line[len("LLAMPPL_RESULT ") :])
     raise RuntimeError(f"llamppl script exited with {r.returncode}:\n{(r.stdout + r.stderr)[-3000:]}")
 
 
@@ -187,8 +209,13 @@ def measure_smcserve(args, dtype: str, threads: int) -> dict:
     from client.server_process import ServeProcess
 
     potentials = [{"kind": "max_word_length", "max_len": args.max_len}]
-    kw = dict(particles=args.particles, max_tokens=args.tokens, potentials=potentials, scheme=args.scheme,
-              ess_threshold=args.ess_threshold)
+    kw = dict(
+        particles=args.particles,
+        max_tokens=args.tokens,
+        potentials=potentials,
+        scheme=args.scheme,
+        ess_threshold=args.ess_threshold,
+    )
     serve_args = ["--dtype", dtype] + (["--threads", str(threads)] if threads else [])
     with ServeProcess(*serve_args) as server, Client(server.address) as client:
         client.wait_ready()
@@ -198,8 +225,14 @@ def measure_smcserve(args, dtype: str, threads: int) -> dict:
         elapsed = time.perf_counter() - t0
     live = [p for p in res.particles if p.weight > 0]
     best = max(res.particles, key=lambda p: p.weight)
-    return {"seconds": elapsed, "log_z": res.log_z, "status": res.status, "particles": len(res.particles),
-            "live": len(live), "example": best.text}
+    return {
+        "seconds": elapsed,
+        "log_z": res.log_z,
+        "status": res.status,
+        "particles": len(res.particles),
+        "live": len(live),
+        "example": best.text,
+    }
 
 
 def main() -> None:
@@ -232,14 +265,29 @@ def main() -> None:
     gen_eos = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
     eos = sorted({int(i) for i in [*gen_eos, tokenizer.eos_token_id] if i is not None})
 
-    out: dict = {"task": f"words of at most {args.max_len} letters", "prompt": PROMPT, "model": str(model_path),
-                 "dtype": dtype, "N": args.particles, "tokens": args.tokens, "seed": args.seed,
-                 "scheme": args.scheme, "ess_threshold": args.ess_threshold, "proposal": "masked (locally optimal)",
-                 "threads": args.threads or torch.get_num_threads()}
+    out: dict = {
+        "task": f"words of at most {args.max_len} letters",
+        "prompt": PROMPT,
+        "model": str(model_path),
+        "dtype": dtype,
+        "N": args.particles,
+        "tokens": args.tokens,
+        "seed": args.seed,
+        "scheme": args.scheme,
+        "ess_threshold": args.ess_threshold,
+        "proposal": "masked (locally optimal)",
+        "threads": args.threads or torch.get_num_threads(),
+    }
 
     s = measure_smcserve(args, dtype, args.threads)
-    out.update(smcserve_s=s["seconds"], smcserve_log_z=s["log_z"], smcserve_status=s["status"],
-               smcserve_particles=s["particles"], smcserve_live=s["live"], smcserve_example=s["example"])
+    out.update(
+        smcserve_s=s["seconds"],
+        smcserve_log_z=s["log_z"],
+        smcserve_status=s["status"],
+        smcserve_particles=s["particles"],
+        smcserve_live=s["live"],
+        smcserve_example=s["example"],
+    )
 
     out.update(llamppl_s=None, llamppl_log_z=None, speedup=None)
     if args.skip_llamppl:
@@ -247,9 +295,16 @@ def main() -> None:
     else:
         try:
             lp = measure_llamppl(args, model_path, dtype, prompt_ids, warmup_ids, eos)
-            out.update(llamppl_s=lp["seconds"], llamppl_log_z=lp["log_z"], llamppl_particles=lp["particles"],
-                       llamppl_live=lp["live"], llamppl_example=lp["example"], llamppl_threads=lp["threads"],
-                       llamppl_torch=lp["torch"], speedup=lp["seconds"] / s["seconds"])
+            out.update(
+                llamppl_s=lp["seconds"],
+                llamppl_log_z=lp["log_z"],
+                llamppl_particles=lp["particles"],
+                llamppl_live=lp["live"],
+                llamppl_example=lp["example"],
+                llamppl_threads=lp["threads"],
+                llamppl_torch=lp["torch"],
+                speedup=lp["seconds"] / s["seconds"],
+            )
         except Exception as e:  # noqa: BLE001 - reported in the JSON
             out["llamppl_error"] = f"{type(e).__name__}: {e}"
     print(json.dumps(out, indent=2))

@@ -1,4 +1,5 @@
 """What the benchmarks share: the prompt and a streamer that timestamps HF ``generate``."""
+
 from __future__ import annotations
 
 import time

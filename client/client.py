@@ -1,8 +1,9 @@
 """A small synchronous client for the smcserve gRPC API."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import grpc
 
@@ -27,7 +28,9 @@ class Client:
         self.channel = grpc.insecure_channel(address)
         self.stub = smcserve_pb2_grpc.SmcServeStub(self.channel)
 
-    def stream(self, prompt: str | None = None, messages: Sequence[dict] | None = None, **kw) -> Iterator[pb.GenerateResponse]:
+    def stream(
+        self, prompt: str | None = None, messages: Sequence[dict] | None = None, **kw
+    ) -> Iterator[pb.GenerateResponse]:
         """Stream the responses; the last one has ``finish_reason`` and ``usage`` set."""
         return self.stub.Generate(build_request(prompt, messages, **kw))
 
@@ -41,8 +44,16 @@ class Client:
                 out.finish_reason, out.usage = r.finish_reason, r.usage
         return out
 
-    def steer(self, prompt: str | None = None, messages: Sequence[dict] | None = None, *, particles: int,
-              potentials: Sequence[dict] = (), on_progress=None, **kw) -> pb.SteeringResult:
+    def steer(
+        self,
+        prompt: str | None = None,
+        messages: Sequence[dict] | None = None,
+        *,
+        particles: int,
+        potentials: Sequence[dict] = (),
+        on_progress=None,
+        **kw,
+    ) -> pb.SteeringResult:
         """Run SMC steering; returns the weighted particles and log Z. Keyword arguments as for ``generate``
         plus ``extensions``, ``scheme`` and ``ess_threshold``. ``potentials``: dicts such as
         ``{"kind": "max_word_length", "max_len": 5, "weight": 1.0}`` or, for a plugin,
@@ -71,7 +82,7 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,4 +1,5 @@
 """Run ``smcserve serve`` in a subprocess and wait until it listens (tests, benchmarks, load tests)."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,11 @@ class ServeProcess:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "client.cli", "serve", "--port", str(self.port), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            cwd=Path(__file__).resolve().parent.parent)
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            cwd=Path(__file__).resolve().parent.parent,
+        )
         deadline = time.time() + timeout
         while "smcserve listening on" not in self.output():
             if self.proc.poll() is not None:
@@ -54,7 +58,7 @@ class ServeProcess:
         self._log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> ServeProcess:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,6 +6,7 @@ copies a block table and bumps counts; the first write into a shared block copie
 that holds one reference, so every sequence with that prefix shares them; cached blocks that no
 sequence uses are evicted least-recently-used when the pool runs short.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -30,7 +31,7 @@ class BlockManager:
         self.block_size = block_size
         self.ref = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
-        self.cache: OrderedDict[str, int] = OrderedDict()          # prefix-cache key → block (LRU order)
+        self.cache: OrderedDict[str, int] = OrderedDict()  # prefix-cache key → block (LRU order)
         self.cached_key: dict[int, str] = {}
 
     # --- allocation ------------------------------------------------------------------------------

@@ -4,13 +4,15 @@ A thread runs steps; each step advances every active sequence of every request b
 one batched forward. Sequences join (after their prompt KV is loaded from the worker's prefix
 cache, the KV store, or recomputed) and leave at any step.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from decode.block_manager import BlockManager, BlockTable, OutOfBlocks
 from decode.model_runner import ModelRunner, SeqBatchItem
@@ -24,7 +26,9 @@ log = logging.getLogger(__name__)
 ERROR = "error"  # a sequence's finish reason when the worker failed it (DecodeEvent.error says how)
 
 
-def append_tokens(bm: BlockManager, runner: ModelRunner, tables: list[BlockTable], tokens: list[int]) -> list[SeqBatchItem]:
+def append_tokens(
+    bm: BlockManager, runner: ModelRunner, tables: list[BlockTable], tokens: list[int]
+) -> list[SeqBatchItem]:
     """Give each table a slot for its next token (allocating, or copying a shared block on write).
 
     Returns the batch for :meth:`ModelRunner.forward`, which yields one row of next-token logits per table.
@@ -67,8 +71,16 @@ class DecodeEngine:
         self.jobs: list[ExtendJob] = []
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
-        self.counters = dict(requests_served=0, tokens_generated=0, prompt_recomputes=0, prompt_blocks_reused=0,
-                             batch_steps=0, batched_tokens=0, max_batch_size=0, particles_imported=0)
+        self.counters = dict(
+            requests_served=0,
+            tokens_generated=0,
+            prompt_recomputes=0,
+            prompt_blocks_reused=0,
+            batch_steps=0,
+            batched_tokens=0,
+            max_batch_size=0,
+            particles_imported=0,
+        )
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
         self.thread.start()
@@ -88,8 +100,10 @@ class DecodeEngine:
             reserved = sum(self._blocks_needed(s) for s in [*self.active.values(), *self.pending])
             need = self._blocks_needed(seq)
             if need > self.bm.available() - reserved:
-                raise OutOfBlocks(f"out of KV blocks: the request needs up to {need}, "
-                                  f"{max(0, self.bm.available() - reserved)} of {self.bm.num_blocks} are unreserved")
+                raise OutOfBlocks(
+                    f"out of KV blocks: the request needs up to {need}, "
+                    f"{max(0, self.bm.available() - reserved)} of {self.bm.num_blocks} are unreserved"
+                )
             self.counters["requests_served"] += 1
             self._emit(seq, first_token)
             if not seq.finish_reason:
@@ -119,8 +133,11 @@ class DecodeEngine:
     def stats(self) -> dict:
         with self.lock:
             st = self.bm.stats()
-            st.update(self.counters, active_sequences=len(self.active) + len(self.pending),
-                      kv_bytes_in_use=st["kv_blocks_in_use"] * self.runner.block_bytes)
+            st.update(
+                self.counters,
+                active_sequences=len(self.active) + len(self.pending),
+                kv_bytes_in_use=st["kv_blocks_in_use"] * self.runner.block_bytes,
+            )
             return st
 
     def close(self) -> None:

@@ -6,10 +6,11 @@ its block table. One decode step runs every sequence's next token as one batch: 
 MLPs are single GEMMs over the batch, and attention gathers each sequence's own slots (padded to
 the longest) for one ``scaled_dot_product_attention`` call per layer.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,10 @@ class SeqBatchItem:
 class ModelRunner:
     def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int):
         if lm.config.model_type not in SUPPORTED:
-            raise ValueError(f"model: architecture {lm.config.model_type!r} is not supported by the paged engine "
-                             f"(supported: {', '.join(SUPPORTED)})")
+            raise ValueError(
+                f"model: architecture {lm.config.model_type!r} is not supported by the paged engine "
+                f"(supported: {', '.join(SUPPORTED)})"
+            )
         self.lm = lm
         self.layout = KVLayout.from_config(lm.config, lm.dtype, block_size)
         inner = lm.model.model
@@ -96,8 +99,9 @@ class ModelRunner:
     def read_block(self, b: int, tokens: int) -> torch.Tensor:
         """Pool block ``b`` (its first ``tokens`` slots) in the store layout ``[L, 2, H, T, D]``."""
         s = b * self.block_size
-        return torch.stack((self.k_cache[:, s : s + tokens].transpose(1, 2),
-                            self.v_cache[:, s : s + tokens].transpose(1, 2)), dim=1).contiguous()
+        return torch.stack(
+            (self.k_cache[:, s : s + tokens].transpose(1, 2), self.v_cache[:, s : s + tokens].transpose(1, 2)), dim=1
+        ).contiguous()
 
     def copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size
@@ -165,8 +169,14 @@ class ModelRunner:
 
         return self._run(torch.tensor(it.tokens), positions, slots, attend, last=[n - 1])
 
-    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-             attend: Callable[[int, torch.Tensor], torch.Tensor], last: list[int] | None) -> torch.Tensor:
+    def _run(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        attend: Callable[[int, torch.Tensor], torch.Tensor],
+        last: list[int] | None,
+    ) -> torch.Tensor:
         T = tokens.shape[0]
         H, D = self.layout.num_kv_heads, self.layout.head_dim
         x = self.embed(tokens)
@@ -186,7 +196,9 @@ class ModelRunner:
             self.k_cache[i][slots] = k
             self.v_cache[i][slots] = v
             x = x + attn.o_proj(attend(i, q))
-            gate, up = F.linear(layer.post_attention_layernorm(x), fused.gate_up_weight, fused.gate_up_bias).chunk(2, -1)
+            gate, up = F.linear(layer.post_attention_layernorm(x), fused.gate_up_weight, fused.gate_up_bias).chunk(
+                2, -1
+            )
             x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         if last is not None:
             x = x[last]

@@ -7,6 +7,7 @@ masked by the hard constraints and renormalised; the weight gets the allowed mas
 reference driver runs. Each child's uniform is a hash of (request seed, step, population index,
 child), so it does not depend on placement or batching.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,9 @@ from smc.vocab import Vocab
 
 @dataclass
 class Particle:
-    generated: list[int]                      # the last one is pending: its KV is not computed yet
+    generated: list[int]  # the last one is pending: its KV is not computed yet
     potentials: list[Potential]
-    tables: list[BlockTable] | None = None    # KV of each prompt + generated[:-1]; None once finished
+    tables: list[BlockTable] | None = None  # KV of each prompt + generated[:-1]; None once finished
     finished: bool = False
 
 
@@ -38,7 +39,7 @@ class Child:
     child_id: str
     token: int
     log_increment: float
-    finished: bool           # finished or dead: never extended again
+    finished: bool  # finished or dead: never extended again
     finish_reason: str = ""  # STOP, LENGTH or VIOLATED once finished
 
 
@@ -119,8 +120,11 @@ class ParticleGroup:
             for source, new_ids in keep:
                 p = self.particles.pop(source)
                 for j, nid in enumerate(new_ids):
-                    new[nid] = p if j == 0 else Particle(list(p.generated), clone_all(p.potentials),
-                                                         self._fork(p.tables), p.finished)
+                    new[nid] = (
+                        p
+                        if j == 0
+                        else Particle(list(p.generated), clone_all(p.potentials), self._fork(p.tables), p.finished)
+                    )
             for nid, generated, finished in imports:
                 p = new[nid] = Particle(list(generated), self.fresh_potentials(generated), None, finished)
                 if not finished:
@@ -155,8 +159,12 @@ class ParticleGroup:
         for (pid, _, _), p in zip(items, parents):
             if p.finished:
                 raise ValueError(f"particle {pid} has finished and cannot be extended")
-        return ExtendJob([t for p in parents for t in p.tables], [t for p in parents for t in self.feed_tokens(p)],
-                         lambda logits: self._children(step, items, parents, logits), live=lambda: not self.closed)
+        return ExtendJob(
+            [t for p in parents for t in p.tables],
+            [t for p in parents for t in self.feed_tokens(p)],
+            lambda logits: self._children(step, items, parents, logits),
+            live=lambda: not self.closed,
+        )
 
     def _children(self, step: int, items, parents: list[Particle], logits: torch.Tensor) -> list[Child]:
         """Propose every listed particle's children (``smc.proposal``), advance their potentials.
@@ -176,8 +184,10 @@ class ParticleGroup:
             every = torch.ones(rows.shape[1], dtype=torch.bool)
             allowed = torch.stack([every if mask is None else mask[: rows.shape[1]] for mask in masks])
         k_max = max(k for _, _, k in items)
-        u = torch.tensor([[seeded_uniform(self.params.seed, step, index, j) for j in range(k_max)]
-                          for _, index, _ in items], dtype=torch.float64)
+        u = torch.tensor(
+            [[seeded_uniform(self.params.seed, step, index, j) for j in range(k_max)] for _, index, _ in items],
+            dtype=torch.float64,
+        )
         prop = propose(rows, allowed, u)
         made: dict[str, Particle] = {}
         out: list[Child] = []

@@ -1,4 +1,5 @@
 """One sequence being decoded on a worker."""
+
 from __future__ import annotations
 
 import queue
@@ -13,10 +14,10 @@ from engine.sampling import SamplingParams
 class DecodeEvent:
     token_ids: list[int]
     text: str
-    finish_reason: str = ""   # "" while running; then "stop", "length", "abort" or "error"
+    finish_reason: str = ""  # "" while running; then "stop", "length", "abort" or "error"
     completion_tokens: int = 0
-    error: str = ""           # with "error": what failed (the traceback is in the worker's log)
-    out_of_kv: bool = False   # with "error": the pool ran out of blocks (RESOURCE_EXHAUSTED, not a bug)
+    error: str = ""  # with "error": what failed (the traceback is in the worker's log)
+    out_of_kv: bool = False  # with "error": the pool ran out of blocks (RESOURCE_EXHAUSTED, not a bug)
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     table: BlockTable = field(default_factory=BlockTable)  # KV of prompt_ids + output_ids[:-1]
     finish_reason: str = ""
-    events: "queue.Queue[DecodeEvent]" = field(default_factory=queue.Queue)
+    events: queue.Queue[DecodeEvent] = field(default_factory=queue.Queue)
 
     @property
     def num_tokens(self) -> int:

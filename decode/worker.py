@@ -1,4 +1,5 @@
 """A decode worker: a Ray actor that serves the internal DecodeWorker gRPC service."""
+
 from __future__ import annotations
 
 import logging
@@ -9,20 +10,19 @@ from concurrent import futures
 import grpc
 import ray
 
+from decode.block_manager import OutOfBlocks
+from decode.engine import ERROR, DecodeEngine
+from decode.particles import ParticleGroup
+from decode.sequence import Sequence
 from engine.config import WorkerConfig
 from engine.detok import IncrementalDetokenizer
+from engine.kv import KVLayout
 from engine.model import load_model
 from engine.sampling import SamplingParams
 from kvstore import KVStore
 from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
-
-from decode.block_manager import OutOfBlocks
-from decode.engine import ERROR, DecodeEngine
-from decode.particles import ParticleGroup
 from smc.potentials import PotentialSpec
 from smc.vocab import get_vocab
-from engine.kv import KVLayout
-from decode.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,13 @@ log = logging.getLogger(__name__)
 def sampling_from_proto(p: smcserve_pb2.SamplingParams) -> SamplingParams:
     """The scheduler sends fully resolved parameters; this only converts them."""
     return SamplingParams(
-        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens,
-        stop=list(p.stop), seed=p.seed, ignore_eos=p.ignore_eos,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        max_tokens=p.max_tokens,
+        stop=list(p.stop),
+        seed=p.seed,
+        ignore_eos=p.ignore_eos,
     )
 
 
@@ -72,7 +77,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED if ev.out_of_kv else grpc.StatusCode.INTERNAL
                 context.abort(code, f"decode worker {self.worker_id}: {ev.error}")
             yield worker_pb2.DecodeEvent(
-                token_ids=ev.token_ids, text=ev.text, finish_reason=ev.finish_reason,
+                token_ids=ev.token_ids,
+                text=ev.text,
+                finish_reason=ev.finish_reason,
                 completion_tokens=ev.completion_tokens,
             )
             if ev.finish_reason:
@@ -82,7 +89,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def _group(self, request_id: str, context) -> ParticleGroup:
         group = self.groups.get(request_id)
         if group is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no steering request {request_id!r} on {self.worker_id}")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND, f"request_id: no steering request {request_id!r} on {self.worker_id}"
+            )
         return group
 
     def _internal(self, context, what: str) -> None:
@@ -105,12 +114,21 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     def SmcOpen(self, request, context):
         if self.vocab is None:
-            self.vocab = get_vocab(self.engine.lm.tokenizer, size=self.engine.lm.config.vocab_size,
-                                   eos_ids=sorted(self.engine.lm.eos_token_ids))
+            self.vocab = get_vocab(
+                self.engine.lm.tokenizer,
+                size=self.engine.lm.config.vocab_size,
+                eos_ids=sorted(self.engine.lm.eos_token_ids),
+            )
         prompts = [list(request.prompt_token_ids)] + [list(t.ids) for t in request.intersect_prompts]
-        group = ParticleGroup(request.request_id, prompts, sampling_from_proto(request.sampling),
-                              [PotentialSpec.from_proto(m) for m in request.potentials], self.vocab, self.engine,
-                              list(request.intersect_weights))
+        group = ParticleGroup(
+            request.request_id,
+            prompts,
+            sampling_from_proto(request.sampling),
+            [PotentialSpec.from_proto(m) for m in request.potentials],
+            self.vocab,
+            self.engine,
+            list(request.intersect_weights),
+        )
         self.groups[request.request_id] = group
         self._run(lambda: group.open(list(request.block_keys), list(request.particle_ids)), context, "SmcOpen")
         return worker_pb2.SmcAck()
@@ -120,16 +138,28 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         items = [(it.particle_id, it.index, it.k) for it in request.items]
         job = self._run(lambda: group.extend_job(request.step, items), context, "SmcExtend")
         children = self._wait(self.engine.extend(job), context, "SmcExtend")
-        return worker_pb2.SmcExtendReply(children=[
-            worker_pb2.SmcChild(parent_id=c.parent_id, child_id=c.child_id, token=c.token,
-                                log_increment=c.log_increment, finished=c.finished,
-                                finish_reason=c.finish_reason) for c in children])
+        return worker_pb2.SmcExtendReply(
+            children=[
+                worker_pb2.SmcChild(
+                    parent_id=c.parent_id,
+                    child_id=c.child_id,
+                    token=c.token,
+                    log_increment=c.log_increment,
+                    finished=c.finished,
+                    finish_reason=c.finish_reason,
+                )
+                for c in children
+            ]
+        )
 
     def SmcExport(self, request, context):
         group = self._group(request.request_id, context)
         states = self._run(lambda: group.export(list(request.particle_ids)), context, "SmcExport")
-        return worker_pb2.SmcExportReply(particles=[
-            worker_pb2.SmcParticleState(particle_id=pid, generated=gen, finished=fin) for pid, gen, fin in states])
+        return worker_pb2.SmcExportReply(
+            particles=[
+                worker_pb2.SmcParticleState(particle_id=pid, generated=gen, finished=fin) for pid, gen, fin in states
+            ]
+        )
 
     def SmcReshape(self, request, context):
         group = self._group(request.request_id, context)
@@ -146,7 +176,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     def Stats(self, request, context) -> smcserve_pb2.WorkerStats:
         return smcserve_pb2.WorkerStats(
-            worker_id=self.worker_id, role="decode", address=self.address, node_id=self.node_id,
+            worker_id=self.worker_id,
+            role="decode",
+            address=self.address,
+            node_id=self.node_id,
             **self.engine.stats(),
         )
 
@@ -166,17 +199,22 @@ class DecodeWorker:
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
         self.lm = load_model(config.model, config.dtype, threads=config.threads or os.cpu_count())
-        block_bytes = KVLayout.from_config(self.lm.config, self.lm.dtype, config.block_size).bytes_per_token * config.block_size
+        block_bytes = (
+            KVLayout.from_config(self.lm.config, self.lm.dtype, config.block_size).bytes_per_token * config.block_size
+        )
         num_blocks = max(1, config.kv_cache_bytes // block_bytes)
         self.engine = DecodeEngine(self.lm, KVStore(config.redis_url), config.block_size, num_blocks)
         node_id = ray.get_runtime_context().get_node_id()
         host = config.host or _node_ip(node_id)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=[
-            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=256),
+            options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
+        )
         port = self.server.add_insecure_port(f"{host}:0")
         self.address = f"{host}:{port}"
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(
-            DecodeService(self.engine, worker_id, self.address, node_id), self.server)
+            DecodeService(self.engine, worker_id, self.address, node_id), self.server
+        )
         self.server.start()
 
     def address_of(self) -> str:

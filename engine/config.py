@@ -1,4 +1,5 @@
 """Configuration shared by the launcher and every worker."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,15 +11,15 @@ from engine.kv import DEFAULT_BLOCK_SIZE
 class WorkerConfig:
     """What a prefill or decode worker needs to start (plain data: it crosses Ray)."""
 
-    model: str | None = None          # None → the default SmolLM2 model; else a local HF directory
-    dtype: str = "auto"               # float32 or bfloat16 (the launcher resolves auto once for all workers;
-                                      # auto here: timed per process, see engine/dtype.py)
+    model: str | None = None  # None → the default SmolLM2 model; else a local HF directory
+    dtype: str = "auto"  # float32 or bfloat16 (the launcher resolves auto once for all workers;
+    # auto here: timed per process, see engine/dtype.py)
     block_size: int = DEFAULT_BLOCK_SIZE
     redis_url: str = ""
-    threads: int = 0                  # torch threads per worker; 0 → all cores
-    host: str = ""                    # decode workers: address to bind and advertise; "" → the Ray node's IP
-    kv_cache_bytes: int = 1 << 30     # decode workers: size of the paged KV pool
-    prefix_cache: bool = True         # prefill workers: reuse prompt blocks already in the KV store
+    threads: int = 0  # torch threads per worker; 0 → all cores
+    host: str = ""  # decode workers: address to bind and advertise; "" → the Ray node's IP
+    kv_cache_bytes: int = 1 << 30  # decode workers: size of the paged KV pool
+    prefix_cache: bool = True  # prefill workers: reuse prompt blocks already in the KV store
 
 
 def parse_size(text: str) -> int:

@@ -1,4 +1,5 @@
 """Incremental detokenisation with stop strings."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -19,6 +19,7 @@ processes kept the CPU busy while measuring (contention slows multi-threaded ops
 beyond their share), the timings are not trusted: float32, not cached. A server resolves ``auto``
 once, in its launcher, and hands the concrete dtype to all its workers (the KV block keys include it).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -28,9 +29,9 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +40,10 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 CANDIDATES = ("float32", "bfloat16")
-THRESHOLD = 1.2          # bf16 must be this much faster on every decode shape
-BUSY = 0.25             # other processes' share of the CPU above which the timings are not trusted
+THRESHOLD = 1.2  # bf16 must be this much faster on every decode shape
+BUSY = 0.25  # other processes' share of the CPU above which the timings are not trusted
 CACHE_FILE = "dtype-choice.json"
-CACHE_VERSION = 1        # bump when what is measured changes, so old decisions are not reused
+CACHE_VERSION = 1  # bump when what is measured changes, so old decisions are not reused
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class ModelDims:
     vocab: int = 49152
 
     @classmethod
-    def from_config(cls, cfg: Mapping | object | None) -> "ModelDims":
+    def from_config(cls, cfg: Mapping | object | None) -> ModelDims:
         """From an HF config (object or ``config.json`` dict); missing sizes keep the defaults."""
         if cfg is None:
             return cls()
@@ -67,14 +68,18 @@ class ModelDims:
         hidden = int(get("hidden_size", None) or d.hidden)
         heads = int(get("num_attention_heads", None) or d.heads)
         kv_default = heads if get("num_attention_heads", None) else d.kv_heads  # no GQA where not stated
-        return cls(hidden=hidden, intermediate=int(get("intermediate_size", None) or d.intermediate),
-                   layers=int(get("num_hidden_layers", None) or d.layers), heads=heads,
-                   kv_heads=int(get("num_key_value_heads", None) or kv_default),
-                   head_dim=int(get("head_dim", None) or hidden // heads),
-                   vocab=int(get("vocab_size", None) or d.vocab))
+        return cls(
+            hidden=hidden,
+            intermediate=int(get("intermediate_size", None) or d.intermediate),
+            layers=int(get("num_hidden_layers", None) or d.layers),
+            heads=heads,
+            kv_heads=int(get("num_key_value_heads", None) or kv_default),
+            head_dim=int(get("head_dim", None) or hidden // heads),
+            vocab=int(get("vocab_size", None) or d.vocab),
+        )
 
     @classmethod
-    def from_model_dir(cls, path: str | Path | None) -> "ModelDims":
+    def from_model_dir(cls, path: str | Path | None) -> ModelDims:
         try:
             return cls.from_config(json.loads((Path(path) / "config.json").read_text()))
         except (TypeError, OSError, ValueError):
@@ -105,10 +110,10 @@ TimeFn = Callable[[str, Shape, ModelDims], "float | Mapping[str, float]"]
 
 @dataclass
 class DtypeChoice:
-    dtype: str                                   # "float32" or "bfloat16"
-    reason: str                                  # one line for logs and `smcserve info`
+    dtype: str  # "float32" or "bfloat16"
+    reason: str  # one line for logs and `smcserve info`
     timings_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # dtype → shape → ms per step
-    measured: bool = False                       # timed now (False: explicit, or read from the cache)
+    measured: bool = False  # timed now (False: explicit, or read from the cache)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -137,8 +142,14 @@ def cpu_name() -> str:
     name = info.get("model name") or platform.processor() or platform.machine() or "unknown"
     if "cpu family" in info:
         name += f" (family {info['cpu family']} model {info.get('model', '?')} stepping {info.get('stepping', '?')})"
-    isa = [n for n, ok in (("amx", _supported("_is_amx_tile_supported")),
-                           ("avx512_bf16", _supported("_is_avx512_bf16_supported"))) if ok]
+    isa = [
+        n
+        for n, ok in (
+            ("amx", _supported("_is_amx_tile_supported")),
+            ("avx512_bf16", _supported("_is_avx512_bf16_supported")),
+        )
+        if ok
+    ]
     return f"{name} [{'+'.join(isa) or 'no bf16 isa'}]"
 
 
@@ -151,8 +162,10 @@ def _supported(fn: str) -> bool:
 
 def cache_key(dims: ModelDims, threads: int) -> str:
     d = dims
-    return (f"v{CACHE_VERSION}|{cpu_name()}|torch {torch.__version__}|threads {threads}|"
-            f"h{d.hidden} i{d.intermediate} L{d.layers} q{d.heads} kv{d.kv_heads} d{d.head_dim} V{d.vocab}")
+    return (
+        f"v{CACHE_VERSION}|{cpu_name()}|torch {torch.__version__}|threads {threads}|"
+        f"h{d.hidden} i{d.intermediate} L{d.layers} q{d.heads} kv{d.kv_heads} d{d.head_dim} V{d.vocab}"
+    )
 
 
 def default_cache_path() -> Path:
@@ -219,12 +232,14 @@ class _Layer:
         k = qkv[:, qs : qs + kvs].view(T, d.kv_heads, d.head_dim)
 
         def rope():
-            return (q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * cos,
-                    k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * cos)
+            return (
+                q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * cos,
+                k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * cos,
+            )
 
         if s.decode:  # [B, Hq, 1, D] over each sequence's own [B, Hkv, S, D], as the paged engine calls it
             qa, ma = q[:, :, None], mask
-        else:         # [1, Hq, T, D] causal over the context
+        else:  # [1, Hq, T, D] causal over the context
             qa, ma = q.transpose(0, 1)[None], mask
         o = F.scaled_dot_product_attention(qa, k_ctx, v_ctx, attn_mask=ma, enable_gqa=True).reshape(T, -1)
         gu = F.linear(h, self.gate_up)
@@ -268,8 +283,16 @@ class Timer:
         return out
 
 
-def measure(dims: ModelDims, time_fn: TimeFn, *, shapes=SHAPES, candidates=CANDIDATES, budget_s: float = 1.5,
-            max_rounds: int = 100, min_rounds: int = 3) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+def measure(
+    dims: ModelDims,
+    time_fn: TimeFn,
+    *,
+    shapes=SHAPES,
+    candidates=CANDIDATES,
+    budget_s: float = 1.5,
+    max_rounds: int = 100,
+    min_rounds: int = 3,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """(min, median) ms per step, per dtype and shape, over the rounds after one warm-up round.
 
     ``time_fn`` gives the seconds of one step, or of its parts by name (each op of a layer, weighted
@@ -286,25 +309,31 @@ def measure(dims: ModelDims, time_fn: TimeFn, *, shapes=SHAPES, candidates=CANDI
             for s in shapes:
                 t = time_fn(c, s, dims)
                 if rnd > 0:  # round 0 warms up (oneDNN builds its kernels on first use)
-                    for part, sec in (t.items() if isinstance(t, Mapping) else [("step", t)]):
+                    for part, sec in t.items() if isinstance(t, Mapping) else [("step", t)]:
                         samples[c][s.name].setdefault(part, []).append(sec * 1e3)
         if rnd >= min_rounds and time.perf_counter() - start > budget_s:
             break
     mins = {c: {n: sum(min(v) for v in parts.values()) for n, parts in per.items()} for c, per in samples.items()}
-    medians = {c: {n: sum(sorted(v)[len(v) // 2] for v in parts.values()) for n, parts in per.items()}
-               for c, per in samples.items()}
+    medians = {
+        c: {n: sum(sorted(v)[len(v) // 2] for v in parts.values()) for n, parts in per.items()}
+        for c, per in samples.items()
+    }
     return mins, medians
 
 
-def decide(timings_ms: Mapping[str, Mapping[str, float]], shapes=SHAPES, threshold: float = THRESHOLD) -> tuple[str, str]:
+def decide(
+    timings_ms: Mapping[str, Mapping[str, float]], shapes=SHAPES, threshold: float = THRESHOLD
+) -> tuple[str, str]:
     """(dtype, reason) from measured ms per step: bf16 only if ≥ ``threshold``x faster on every decode shape."""
     fp, bf = timings_ms["float32"], timings_ms["bfloat16"]
     speed = {s.name: fp[s.name] / bf[s.name] if bf[s.name] > 0 else 0.0 for s in shapes}
     decode = [speed[s.name] for s in shapes if s.decode]
     dtype = "bfloat16" if decode and min(decode) >= threshold else "float32"
     figures = ", ".join(f"{s.name} {fp[s.name]:.1f}/{bf[s.name]:.1f} ms ({speed[s.name]:.2f}x)" for s in shapes)
-    reason = (f"auto chose {dtype} by timing (fp32/bf16 per step: {figures}; "
-              f"bf16 needs ≥{threshold:g}x on every decode shape)")
+    reason = (
+        f"auto chose {dtype} by timing (fp32/bf16 per step: {figures}; "
+        f"bf16 needs ≥{threshold:g}x on every decode shape)"
+    )
     return dtype, reason
 
 
@@ -340,7 +369,7 @@ class CpuLoad:
         idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait; everything else (steal too) is busy
         return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
-    def __enter__(self) -> "CpuLoad":
+    def __enter__(self) -> CpuLoad:
         self._t, self._busy, self._own = time.perf_counter(), self._busy_s(), time.process_time()
         return self
 
@@ -353,9 +382,16 @@ class CpuLoad:
         self.others = min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))
 
 
-def choose_auto(dims: ModelDims | None = None, threads: int | None = None, *, time_fn: TimeFn | None = None,
-                cache_path: Path | None = None, budget_s: float = 1.5, threshold: float = THRESHOLD,
-                load_probe: Callable[[], CpuLoad] | None = None) -> DtypeChoice:
+def choose_auto(
+    dims: ModelDims | None = None,
+    threads: int | None = None,
+    *,
+    time_fn: TimeFn | None = None,
+    cache_path: Path | None = None,
+    budget_s: float = 1.5,
+    threshold: float = THRESHOLD,
+    load_probe: Callable[[], CpuLoad] | None = None,
+) -> DtypeChoice:
     """``auto`` → a concrete dtype for this machine: from the cache, else measured (with ``threads``
     torch threads, the workers' count) and cached. One process measures at a time (a file lock).
 
@@ -387,16 +423,24 @@ def choose_auto(dims: ModelDims | None = None, threads: int | None = None, *, ti
         where = f" on {cpu_name()}, {threads} threads, other load {load.others:.0%}"
         if load.others > BUSY:
             figures = reason.split(" by timing (", 1)[-1].removesuffix(")")
-            reason = (f"auto chose float32: other processes used {load.others:.0%} of the CPU while timing, "
-                      f"so the timings (which favoured {dtype}: {figures}) were not trusted{where}; "
-                      f"not cached, measured again at the next start")
+            reason = (
+                f"auto chose float32: other processes used {load.others:.0%} of the CPU while timing, "
+                f"so the timings (which favoured {dtype}: {figures}) were not trusted{where}; "
+                f"not cached, measured again at the next start"
+            )
             log.warning("dtype: %s", reason)
             return DtypeChoice("float32", reason, timings, measured=True)
         reason += where
         log.info("dtype: %s; measured in %.1f s; cached in %s under %r", reason, took, path, key)
         data = _read_cache(path)
-        data[key] = {"dtype": dtype, "reason": reason, "timings_ms": timings, "median_ms": medians,
-                     "other_load": round(load.others, 3), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        data[key] = {
+            "dtype": dtype,
+            "reason": reason,
+            "timings_ms": timings,
+            "median_ms": medians,
+            "other_load": round(load.others, 3),
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         _write_cache(path, data)
         return DtypeChoice(dtype, reason, timings, measured=True)
 

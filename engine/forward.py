@@ -1,4 +1,5 @@
 """One forward pass over a batch-1 sequence with an HF cache."""
+
 from __future__ import annotations
 
 import torch

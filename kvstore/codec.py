@@ -48,8 +48,14 @@ def encode_block(key: str, tensor: torch.Tensor) -> bytes:
     shape = list(tensor.shape)
     payload = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
     header = HEADER.pack(
-        MAGIC, VERSION, code, ndim, *(shape + [0] * (MAX_NDIM - ndim)),
-        payload.nbytes, zlib.crc32(payload), key_digest(key),
+        MAGIC,
+        VERSION,
+        code,
+        ndim,
+        *(shape + [0] * (MAX_NDIM - ndim)),
+        payload.nbytes,
+        zlib.crc32(payload),
+        key_digest(key),
     )
     return b"".join((header, payload.data))
 
@@ -76,7 +82,7 @@ def decode_block(key: str, data: bytes | bytearray | memoryview) -> torch.Tensor
     itemsize = torch.empty((), dtype=dtype).element_size()
     if nbytes != math.prod(shape) * itemsize:
         raise BlockDecodeError(f"payload length {nbytes} does not match shape {shape} x {itemsize}")
-    payload = mv[HEADER.size:]
+    payload = mv[HEADER.size :]
     if len(payload) != nbytes:
         raise BlockDecodeError(f"payload is {len(payload)} bytes, header says {nbytes}")
     if zlib.crc32(payload) != crc:

@@ -46,9 +46,7 @@ for d in dirs:
 
 def connect_redis(url: str, connect_timeout: float = 2.0, socket_timeout: float | None = 60.0) -> redis.Redis:
     """Client for ``redis://host:port/db`` or ``unix:///path/to/sock`` URLs (binary responses)."""
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout
-    )
+    return redis.Redis.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout)
 
 
 def ping_url(url: str, client: redis.Redis | None = None) -> None:
@@ -93,9 +91,19 @@ class EmbeddedRedis:
         self._closed = False
         self._owner = os.getpid()
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self._pid),
-             repr(psutil.Process(self._pid).create_time()), self._dir, *filter(None, [self._redis_dir])],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+            [
+                sys.executable,
+                "-c",
+                _WATCHDOG,
+                str(os.getpid()),
+                str(self._pid),
+                repr(psutil.Process(self._pid).create_time()),
+                self._dir,
+                *filter(None, [self._redis_dir]),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
         )
         atexit.register(self.close)
         log.info("embedded redis-server pid %d at %s (maxmemory %s)", self._pid, self.url, maxmemory)
@@ -111,8 +119,9 @@ class EmbeddedRedis:
         self._closed = True
         atexit.unregister(self.close)
         try:  # no-retry client: the default retry policy would back off reconnecting to a dead socket
-            redis.Redis(unix_socket_path=self.socket_path, retry=Retry(NoBackoff(), 0),
-                        socket_timeout=10).shutdown(nosave=True)
+            redis.Redis(unix_socket_path=self.socket_path, retry=Retry(NoBackoff(), 0), socket_timeout=10).shutdown(
+                nosave=True
+            )
         except redis.RedisError as err:
             log.warning("redis SHUTDOWN failed (%s); sending SIGTERM", err)
             _kill(self._pid, signal.SIGTERM)

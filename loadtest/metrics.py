@@ -20,12 +20,13 @@ under ``incomplete``, anything else (including a CANCELLED status from the serve
 ``cache_hit_rate`` = Σ usage.cached_prompt_tokens / Σ usage.prompt_tokens (server-reported,
 completed requests).
 """
+
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -36,22 +37,22 @@ DEFAULT_PERCENTILES = (90, 99)
 @dataclass
 class RequestRecord:
     index: int
-    kind: str = "text"                 # "text" or "smc"
-    run: str = ""                      # a sweep's run label
-    scheduled_s: float = 0.0           # intended send time (s from the start of the run)
-    send_s: float = 0.0                # actual send time (s from the start of the run)
-    chunk_s: list[float] = field(default_factory=list)   # arrival of each token-bearing chunk, s after the send
+    kind: str = "text"  # "text" or "smc"
+    run: str = ""  # a sweep's run label
+    scheduled_s: float = 0.0  # intended send time (s from the start of the run)
+    send_s: float = 0.0  # actual send time (s from the start of the run)
+    chunk_s: list[float] = field(default_factory=list)  # arrival of each token-bearing chunk, s after the send
     chunk_tokens: list[int] = field(default_factory=list)
-    end_s: float | None = None         # end of the stream, s after the send
-    status: str = "pending"            # ok | rejected | error | incomplete
-    code: str = ""                     # gRPC status code name on failure
+    end_s: float | None = None  # end of the stream, s after the send
+    status: str = "pending"  # ok | rejected | error | incomplete
+    code: str = ""  # gRPC status code name on failure
     message: str = ""
     finish_reason: str = ""
     output_tokens: int = 0
-    completion_tokens: int = 0         # usage.completion_tokens (SMC: summed over particles)
-    prompt_tokens: int = 0             # usage.prompt_tokens (server's count)
+    completion_tokens: int = 0  # usage.completion_tokens (SMC: summed over particles)
+    prompt_tokens: int = 0  # usage.prompt_tokens (server's count)
     cached_prompt_tokens: int = 0
-    intended_prompt_tokens: int = 0    # words sent (= tokens on the default model)
+    intended_prompt_tokens: int = 0  # words sent (= tokens on the default model)
     max_tokens: int = 0
     server_ttft_ms: float = 0.0
     server_e2e_ms: float = 0.0
@@ -83,8 +84,12 @@ class RequestRecord:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(ttft_ms=_ms(self.ttft_s), tpot_ms=_ms(self.tpot_s), e2e_ms=_ms(self.e2e_s),
-                 itl_ms=[x * 1e3 for x in self.itl_s])
+        d.update(
+            ttft_ms=_ms(self.ttft_s),
+            tpot_ms=_ms(self.tpot_s),
+            e2e_ms=_ms(self.e2e_s),
+            itl_ms=[x * 1e3 for x in self.itl_s],
+        )
         return d
 
 
@@ -128,8 +133,11 @@ def parse_slo(text: str | None) -> dict[str, float]:
 
 def _stats(name: str, values_s: Sequence[float], percentiles: Sequence[float]) -> dict:
     v = np.asarray(values_s, dtype=float) * 1e3 if len(values_s) else np.zeros(1)
-    out = {f"mean_{name}_ms": float(np.mean(v)), f"median_{name}_ms": float(np.median(v)),
-           f"std_{name}_ms": float(np.std(v))}
+    out = {
+        f"mean_{name}_ms": float(np.mean(v)),
+        f"median_{name}_ms": float(np.median(v)),
+        f"std_{name}_ms": float(np.std(v)),
+    }
     for p in percentiles:
         out[f"p{p:g}_{name}_ms"] = float(np.percentile(v, p))
     return out
@@ -141,8 +149,12 @@ def meets_slo(rec: RequestRecord, slo: dict[str, float]) -> bool:
     return all(values[k] is not None and values[k] * 1e3 <= v for k, v in slo.items())
 
 
-def compute_metrics(records: Iterable[RequestRecord], duration_s: float, slo: dict[str, float] | None = None,
-                    percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict:
+def compute_metrics(
+    records: Iterable[RequestRecord],
+    duration_s: float,
+    slo: dict[str, float] | None = None,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+) -> dict:
     """The aggregate metrics (vLLM-like keys) of one run lasting ``duration_s``."""
     records = list(records)
     done = [r for r in records if r.ok]
@@ -184,8 +196,13 @@ def compute_metrics(records: Iterable[RequestRecord], duration_s: float, slo: di
     m["incomplete"] = dict(sorted(incomplete.items()))
     kinds = Counter(r.kind for r in records)
     if len(kinds) > 1 or "smc" in kinds:
-        m["by_kind"] = {k: {"requests": n, "completed": sum(r.ok for r in records if r.kind == k),
-                            "mean_ttft_ms": float(np.mean([r.ttft_s for r in done if r.kind == k] or [0])) * 1e3,
-                            "mean_e2el_ms": float(np.mean([r.e2e_s for r in done if r.kind == k] or [0])) * 1e3}
-                        for k, n in sorted(kinds.items())}
+        m["by_kind"] = {
+            k: {
+                "requests": n,
+                "completed": sum(r.ok for r in records if r.kind == k),
+                "mean_ttft_ms": float(np.mean([r.ttft_s for r in done if r.kind == k] or [0])) * 1e3,
+                "mean_e2el_ms": float(np.mean([r.e2e_s for r in done if r.kind == k] or [0])) * 1e3,
+            }
+            for k, n in sorted(kinds.items())
+        }
     return m

@@ -1,10 +1,11 @@
 """Reporting: the terminal summary, the results JSON, per-request JSONL records and PNG plots (Agg)."""
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from loadtest.metrics import RequestRecord
 
@@ -18,8 +19,9 @@ def _line(label: str, value) -> str:
 
 
 def _pct_keys(m: dict, name: str) -> list[str]:
-    return sorted((k for k in m if k.startswith("p") and k.endswith(f"_{name}_ms")),
-                  key=lambda k: float(k[1:].split("_")[0]))
+    return sorted(
+        (k for k in m if k.startswith("p") and k.endswith(f"_{name}_ms")), key=lambda k: float(k[1:].split("_")[0])
+    )
 
 
 def format_summary(m: dict, title: str = "") -> str:
@@ -44,9 +46,12 @@ def format_summary(m: dict, title: str = "") -> str:
     out.append(_line("Output token throughput (tok/s):", m["output_throughput"]))
     out.append(_line("Total token throughput (tok/s):", m["total_token_throughput"]))
     out.append(_line("Prefix cache hit rate (server):", m["cache_hit_rate"]))
-    for name, title_, short in (("ttft", "Time to First Token", "TTFT"),
-                                ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
-                                ("itl", "Inter-token Latency", "ITL"), ("e2el", "End-to-end Latency", "E2EL")):
+    for name, title_, short in (
+        ("ttft", "Time to First Token", "TTFT"),
+        ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
+        ("itl", "Inter-token Latency", "ITL"),
+        ("e2el", "End-to-end Latency", "E2EL"),
+    ):
         out.append(title_.center(_W, "-"))
         out.append(_line(f"Mean {short} (ms):", m[f"mean_{name}_ms"]))
         out.append(_line(f"Median {short} (ms):", m[f"median_{name}_ms"]))
@@ -75,18 +80,31 @@ def format_summary(m: dict, title: str = "") -> str:
 
 def format_machine(mc: dict) -> list[str]:
     """The machine record's lines: cores and CPU model, load average at the start and at the end."""
+
     def la(v):
         return "/".join(f"{x:.2f}" for x in v) if v else "n/a"
-    return [f"{mc.get('cpu_count')} cores, {mc.get('cpu_model') or 'unknown CPU'}",
-            f"load average (1/5/15 min): start {la(mc.get('loadavg_start'))}, end {la(mc.get('loadavg_end'))}"]
+
+    return [
+        f"{mc.get('cpu_count')} cores, {mc.get('cpu_model') or 'unknown CPU'}",
+        f"load average (1/5/15 min): start {la(mc.get('loadavg_start'))}, end {la(mc.get('loadavg_end'))}",
+    ]
 
 
-SWEEP_COLUMNS = (("rate", "workload.request_rate", "{:g}"), ("done", "completed", "{:d}"),
-                 ("fail", "failed", "{:d}"), ("cut", "num_incomplete", "{:d}"), ("req/s", "request_throughput", "{:.2f}"),
-                 ("goodput", "goodput", "{:.2f}"), ("tok/s", "output_throughput", "{:.1f}"),
-                 ("TTFT p50", "median_ttft_ms", "{:.0f}"), ("TTFT p99", "p99_ttft_ms", "{:.0f}"),
-                 ("TPOT p50", "median_tpot_ms", "{:.1f}"), ("TPOT p99", "p99_tpot_ms", "{:.1f}"),
-                 ("E2E p50", "median_e2el_ms", "{:.0f}"), ("hit", "cache_hit_rate", "{:.2f}"))
+SWEEP_COLUMNS = (
+    ("rate", "workload.request_rate", "{:g}"),
+    ("done", "completed", "{:d}"),
+    ("fail", "failed", "{:d}"),
+    ("cut", "num_incomplete", "{:d}"),
+    ("req/s", "request_throughput", "{:.2f}"),
+    ("goodput", "goodput", "{:.2f}"),
+    ("tok/s", "output_throughput", "{:.1f}"),
+    ("TTFT p50", "median_ttft_ms", "{:.0f}"),
+    ("TTFT p99", "p99_ttft_ms", "{:.0f}"),
+    ("TPOT p50", "median_tpot_ms", "{:.1f}"),
+    ("TPOT p99", "p99_tpot_ms", "{:.1f}"),
+    ("E2E p50", "median_e2el_ms", "{:.0f}"),
+    ("hit", "cache_hit_rate", "{:.2f}"),
+)
 
 
 def _get(m: dict, dotted: str):
@@ -166,13 +184,18 @@ def plot_cdfs(runs: dict[str, Sequence[RequestRecord]], path: str | Path) -> Pat
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, (name, get) in zip(axes, (("TTFT", lambda r: r.ttft_s), ("TPOT", lambda r: r.tpot_s),
-                                      ("E2E latency", lambda r: r.e2e_s))):
+    for ax, (name, get) in zip(
+        axes, (("TTFT", lambda r: r.ttft_s), ("TPOT", lambda r: r.tpot_s), ("E2E latency", lambda r: r.e2e_s))
+    ):
         for label, records in runs.items():
             v = np.sort([get(r) * 1e3 for r in records if r.ok and get(r) is not None])
             if len(v):
-                ax.step(np.r_[v[0], v], np.r_[0.0, np.arange(1, len(v) + 1) / len(v)], where="post",
-                        label=f"{label} (n={len(v)})")
+                ax.step(
+                    np.r_[v[0], v],
+                    np.r_[0.0, np.arange(1, len(v) + 1) / len(v)],
+                    where="post",
+                    label=f"{label} (n={len(v)})",
+                )
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("fraction of requests")
         ax.set_title(f"{name} CDF")
@@ -186,11 +209,16 @@ def plot_cdfs(runs: dict[str, Sequence[RequestRecord]], path: str | Path) -> Pat
 def plot_sweep(runs: Sequence[dict], path: str | Path) -> Path:
     """Throughput and latency against the offered request rate (one point per run of a sweep)."""
     plt = _pyplot()
-    pts = sorted(((_get(m, "workload.request_rate"), i) for i, m in enumerate(runs)
-                  if isinstance(_get(m, "workload.request_rate"), (int, float))))
+    pts = sorted(
+        (
+            (_get(m, "workload.request_rate"), i)
+            for i, m in enumerate(runs)
+            if isinstance(_get(m, "workload.request_rate"), (int, float))
+        )
+    )
     ms = [runs[i] for _, i in pts]
     finite = [r for r, _ in pts if math.isfinite(r)]
-    inf_x = max(finite) * 1.5 if finite else 1.0   # where rate = inf (everything at once) is drawn
+    inf_x = max(finite) * 1.5 if finite else 1.0  # where rate = inf (everything at once) is drawn
     rates = [r if math.isfinite(r) else inf_x for r, _ in pts]
     fig, grid = plt.subplots(2, 2, figsize=(12, 8))
     axes = grid.ravel()

@@ -11,6 +11,7 @@ other failure) and ``cut`` (incomplete: cancelled when the run stopped), plus ``
 result records the client machine (:func:`machine_info`: cores, CPU model, load average at the start and
 at the end) — on loopback it is the server's machine too, shared with whatever else runs there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,15 @@ from loadtest.metrics import DEFAULT_PERCENTILES, RequestRecord, compute_metrics
 from loadtest.workloads import Workload
 from protos.messages import DEFAULT_ADDRESS
 
-DECODE_COUNTERS = ("requests_served", "tokens_generated", "prompt_recomputes", "prompt_blocks_reused", "batch_steps",
-                   "batched_tokens", "particles_imported")
+DECODE_COUNTERS = (
+    "requests_served",
+    "tokens_generated",
+    "prompt_recomputes",
+    "prompt_blocks_reused",
+    "batch_steps",
+    "batched_tokens",
+    "particles_imported",
+)
 
 
 # --- target address -----------------------------------------------------------------------------------
@@ -45,10 +53,10 @@ def address_host(address: str) -> str | None:
         return None
     for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
         if a.startswith(scheme):
-            a = a[len(scheme):]
+            a = a[len(scheme) :]
             break
     if a.startswith("["):
-        return a[1:a.index("]")] if "]" in a else a[1:]
+        return a[1 : a.index("]")] if "]" in a else a[1:]
     if a.count(":") == 1:
         return a.split(":", 1)[0]
     return a  # bare host, or a bare IPv6 address
@@ -72,8 +80,10 @@ def is_loopback(address: str) -> bool:
 
 def check_address(address: str, allow_remote: bool = False) -> None:
     if not allow_remote and not is_loopback(address):
-        raise ValueError(f"refusing to load-test {address!r}: not a loopback address (pass --allow-remote "
-                         "to benchmark a server you are allowed to load)")
+        raise ValueError(
+            f"refusing to load-test {address!r}: not a loopback address (pass --allow-remote "
+            "to benchmark a server you are allowed to load)"
+        )
 
 
 # --- the machine ---------------------------------------------------------------------------------------
@@ -91,8 +101,9 @@ def cpu_model() -> str:
         import subprocess
 
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                 timeout=2)
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=2
+            )
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.strip()
     return platform.processor() or platform.machine()
@@ -109,8 +120,14 @@ def load_average() -> list[float] | None:
 def machine_info() -> dict:
     """The client machine: cores, CPU model, platform; ``loadavg_start`` now (``loadavg_end`` is added
     when the run ends)."""
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
-            "python": platform.python_version(), "loadavg_start": load_average(), "loadavg_end": None}
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_start": load_average(),
+        "loadavg_end": None,
+    }
 
 
 # --- one run ------------------------------------------------------------------------------------------
@@ -119,23 +136,36 @@ class RunResult:
     label: str
     records: list[RequestRecord]
     duration_s: float
-    stopped_by: str                      # "done", "num_requests", "max_duration" (no sends after it, or
-                                         # requests cut off at max_duration + drain) or "interrupted"
+    stopped_by: str  # "done", "num_requests", "max_duration" (no sends after it, or
+    # requests cut off at max_duration + drain) or "interrupted"
     config: dict = field(default_factory=dict)
     server: dict = field(default_factory=dict)
     started_at: str = ""
-    machine: dict = field(default_factory=dict)   # machine_info() with loadavg_start / loadavg_end
+    machine: dict = field(default_factory=dict)  # machine_info() with loadavg_start / loadavg_end
 
     def metrics(self, slo: dict | None = None, percentiles=DEFAULT_PERCENTILES) -> dict:
         m = compute_metrics(self.records, self.duration_s, slo, percentiles)
-        return {"label": self.label, "date": self.started_at, "stopped_by": self.stopped_by, **m,
-                "workload": self.config, "server": self.server, "machine": self.machine}
+        return {
+            "label": self.label,
+            "date": self.started_at,
+            "stopped_by": self.stopped_by,
+            **m,
+            "workload": self.config,
+            "server": self.server,
+            "machine": self.machine,
+        }
 
 
 def _server_summary(info) -> dict:
-    out = {"model": info.model, "fingerprint": info.fingerprint, "dtype": info.dtype, "block_size": info.block_size,
-           "max_context": info.max_context, "prefill_workers": len(info.prefill_workers),
-           "decode_workers": len(info.decode_workers)}
+    out = {
+        "model": info.model,
+        "fingerprint": info.fingerprint,
+        "dtype": info.dtype,
+        "block_size": info.block_size,
+        "max_context": info.max_context,
+        "prefill_workers": len(info.prefill_workers),
+        "decode_workers": len(info.decode_workers),
+    }
     out["decode_counters"] = {k: sum(getattr(w, k) for w in info.decode_workers) for k in DECODE_COUNTERS}
     return out
 
@@ -149,13 +179,22 @@ async def _model_info(stub, timeout: float = 10.0) -> dict:
         return {"error": f"{err.code().name}: {err.details()}"}
 
 
-async def run_workload_async(address: str, workload: Workload, *, num_requests: int | None = None,
-                             max_duration: float | None = None, drain_s: float = 30.0,
-                             request_timeout: float | None = None, progress: bool = True, label: str = "",
-                             allow_remote: bool = False, connect_timeout: float = 15.0,
-                             stop: asyncio.Event | None = None) -> RunResult:
-    from protos.messages import build_request
+async def run_workload_async(
+    address: str,
+    workload: Workload,
+    *,
+    num_requests: int | None = None,
+    max_duration: float | None = None,
+    drain_s: float = 30.0,
+    request_timeout: float | None = None,
+    progress: bool = True,
+    label: str = "",
+    allow_remote: bool = False,
+    connect_timeout: float = 15.0,
+    stop: asyncio.Event | None = None,
+) -> RunResult:
     from protos import smcserve_pb2_grpc
+    from protos.messages import build_request
 
     check_address(address, allow_remote)
     stop = stop or asyncio.Event()
@@ -182,12 +221,24 @@ async def run_workload_async(address: str, workload: Workload, *, num_requests: 
 
         async def one(index: int, sched: float, spec) -> None:
             nonlocal in_flight
-            rec = RequestRecord(index=index, kind=spec.kind, run=label, scheduled_s=sched,
-                                intended_prompt_tokens=spec.prompt_len, max_tokens=spec.max_tokens)
+            rec = RequestRecord(
+                index=index,
+                kind=spec.kind,
+                run=label,
+                scheduled_s=sched,
+                intended_prompt_tokens=spec.prompt_len,
+                max_tokens=spec.max_tokens,
+            )
             records.append(rec)
-            req = build_request(spec.prompt, request_id=f"bench-{run_id}-{index}", max_tokens=spec.max_tokens,
-                                temperature=spec.temperature, seed=spec.seed, ignore_eos=spec.ignore_eos,
-                                steering=spec.steering)
+            req = build_request(
+                spec.prompt,
+                request_id=f"bench-{run_id}-{index}",
+                max_tokens=spec.max_tokens,
+                temperature=spec.temperature,
+                seed=spec.seed,
+                ignore_eos=spec.ignore_eos,
+                steering=spec.steering,
+            )
             t0 = time.perf_counter()
             rec.send_s = t0 - start
             in_flight += 1
@@ -304,7 +355,7 @@ async def run_workload_async(address: str, workload: Workload, *, num_requests: 
         if stop.is_set() and stopped_by != "interrupted":
             stopped_by = "interrupted"
         elif pending and stopped_by != "interrupted":
-            stopped_by = "max_duration"   # still running at max_duration + drain: cut off
+            stopped_by = "max_duration"  # still running at max_duration + drain: cut off
         for t in pending:
             t.cancel()
         if pending:
@@ -316,11 +367,13 @@ async def run_workload_async(address: str, workload: Workload, *, num_requests: 
     records.sort(key=lambda r: r.index)
     server = dict(server_after)
     if "decode_counters" in server_before and "decode_counters" in server_after:
-        server["decode_counters"] = {k: server_after["decode_counters"][k] - server_before["decode_counters"][k]
-                                     for k in DECODE_COUNTERS}
+        server["decode_counters"] = {
+            k: server_after["decode_counters"][k] - server_before["decode_counters"][k] for k in DECODE_COUNTERS
+        }
     machine["loadavg_end"] = load_average()
-    return RunResult(label or workload.name, records, duration, stopped_by, dict(workload.config), server,
-                     started_at, machine)
+    return RunResult(
+        label or workload.name, records, duration, stopped_by, dict(workload.config), server, started_at, machine
+    )
 
 
 def run_workload(address: str, workload: Workload, **kw) -> RunResult:
@@ -344,8 +397,13 @@ def run_workload(address: str, workload: Workload, **kw) -> RunResult:
 
 def progress_postfix(counts: dict, in_flight: int = 0) -> dict:
     """The progress bar's counters: ok, rejected, failed, cut off (cancelled when the run stopped), in flight."""
-    return {"ok": counts.get("ok", 0), "rej": counts.get("rejected", 0), "err": counts.get("error", 0),
-            "cut": counts.get("incomplete", 0), "run": in_flight}
+    return {
+        "ok": counts.get("ok", 0),
+        "rej": counts.get("rejected", 0),
+        "err": counts.get("error", 0),
+        "cut": counts.get("incomplete", 0),
+        "run": in_flight,
+    }
 
 
 def _progress_bar(total: int | None, desc: str, enabled: bool):
@@ -354,10 +412,17 @@ def _progress_bar(total: int | None, desc: str, enabled: bool):
     except ImportError:  # pragma: no cover - tqdm is a dependency
         enabled = False
     if not enabled:
+
         class _Null:
-            def update(self, n=1): pass
-            def set_postfix(self, **kw): pass
-            def close(self): pass
+            def update(self, n=1):
+                pass
+
+            def set_postfix(self, **kw):
+                pass
+
+            def close(self):
+                pass
+
         return _Null()
     return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True, leave=True)
 
@@ -366,12 +431,20 @@ def _progress_bar(total: int | None, desc: str, enabled: bool):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="server address (loopback only unless --allow-remote)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback address")
-    p.add_argument("--workload", choices=["poisson", "gamma", "concurrency", "sweep", "trace"], default=None,
-                   help="default: trace with --trace, sweep with --rates, else poisson")
+    p.add_argument(
+        "--workload",
+        choices=["poisson", "gamma", "concurrency", "sweep", "trace"],
+        default=None,
+        help="default: trace with --trace, sweep with --rates, else poisson",
+    )
     p.add_argument("--rate", type=float, default=1.0, help="requests/s (poisson, gamma); inf: all at once")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape k (1 = Poisson; < 1 burstier)")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="concurrency workload: requests kept in flight; other workloads: a cap on those in flight")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="concurrency workload: requests kept in flight; other workloads: a cap on those in flight",
+    )
     p.add_argument("--rates", default=None, help="sweep: comma-separated rates, one run each (e.g. 0.5,1,2)")
     p.add_argument("--input-len", type=int, default=64, help="synthetic prompts: words (= tokens on SmolLM2)")
     p.add_argument("--trace", default=None, help="Mooncake JSONL trace to replay")
@@ -379,15 +452,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-scale", type=float, default=1.0, help="trace: multiply inter-arrival times")
     p.add_argument("--output-scale", type=float, default=1.0, help="trace: multiply output lengths (min 1)")
     p.add_argument("--slice", default=None, help="trace rows: N (first N), START:STOP, or t=T0:T1 (trace seconds)")
-    p.add_argument("--max-blocks", type=int, default=None,
-                   help="trace: skip rows of more hash blocks than this (prompts too long for the server)")
+    p.add_argument(
+        "--max-blocks",
+        type=int,
+        default=None,
+        help="trace: skip rows of more hash blocks than this (prompts too long for the server)",
+    )
     p.add_argument("--salt", default=None, help="trace: block-text salt (default: the seed); a new salt = cold cache")
     p.add_argument("--num-requests", type=int, default=None, help="at most this many (default: 100; trace: all rows)")
     p.add_argument("--max-duration", type=float, default=600.0, help="send nothing after this many seconds")
     p.add_argument("--drain", type=float, default=30.0, help="then wait this long for requests in flight")
     p.add_argument("--request-timeout", type=float, default=None, help="per-request deadline in s (default: none)")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="output tokens per request (synthetic: default 16; trace: a cap on the scaled lengths)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="output tokens per request (synthetic: default 16; trace: a cap on the scaled lengths)",
+    )
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the server's, 1)")
     p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS (lengths vary)")
     p.add_argument("--smc-ratio", type=float, default=0.0, help="fraction of requests sent as SMC steering (0: none)")
@@ -395,8 +476,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smc-max-word-length", type=int, default=8, help="SMC requests' potential: max_word_length")
     p.add_argument("--smc-max-tokens", type=int, default=16, help="cap on SMC requests' output length")
     p.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft=2000,tpot=200 (also e2el=)")
-    p.add_argument("--percentiles", default=",".join(str(p) for p in DEFAULT_PERCENTILES),
-                   help="latency percentiles to report (default 90,99)")
+    p.add_argument(
+        "--percentiles",
+        default=",".join(str(p) for p in DEFAULT_PERCENTILES),
+        help="latency percentiles to report (default 90,99)",
+    )
     p.add_argument("--out", default=None, help="write the results JSON here")
     p.add_argument("--records", default=None, help="write per-request records (JSONL) here")
     p.add_argument("--plots", default=None, help="write PNG plots into this directory")
@@ -429,14 +513,19 @@ def build_workloads(args) -> list[Workload]:
             rows = tr.select_rows(rows, max_blocks=args.max_blocks, **sel)
         if num is not None:
             rows = rows[:num]
-        scaling = tr.TraceScaling(block_tokens=args.block_tokens, time_scale=args.time_scale,
-                                  output_scale=args.output_scale, max_output=args.max_tokens)
+        scaling = tr.TraceScaling(
+            block_tokens=args.block_tokens,
+            time_scale=args.time_scale,
+            output_scale=args.output_scale,
+            max_output=args.max_tokens,
+        )
         salt = args.salt if args.salt is not None else args.seed
         wl = tr.trace_workload(rows, scaling, salt=salt, max_concurrency=args.concurrency, source=args.trace, **common)
         wl.config.update(slice=args.slice, max_blocks=args.max_blocks)
         return [wl]
-    synth = dict(common, input_len=args.input_len, max_tokens=args.max_tokens or 16,
-                 num_requests=num if num is not None else 100)
+    synth = dict(
+        common, input_len=args.input_len, max_tokens=args.max_tokens or 16, num_requests=num if num is not None else 100
+    )
     if kind == "concurrency":
         if not args.concurrency:
             raise ValueError("--workload concurrency needs --concurrency N")
@@ -444,8 +533,9 @@ def build_workloads(args) -> list[Workload]:
     if kind == "sweep":
         if not args.rates:
             raise ValueError("--workload sweep needs --rates R1,R2,...")
-        return sweep_workloads(_floats(args.rates), burstiness=args.burstiness, max_concurrency=args.concurrency,
-                               **synth)
+        return sweep_workloads(
+            _floats(args.rates), burstiness=args.burstiness, max_concurrency=args.concurrency, **synth
+        )
     burstiness = 1.0 if kind == "poisson" else args.burstiness
     return [rate_workload(args.rate, burstiness=burstiness, max_concurrency=args.concurrency, **synth)]
 
@@ -456,11 +546,13 @@ def overload_hint(m: dict) -> str:
         return ""
     parts = []
     if m.get("num_incomplete"):
-        parts.append(f"{m['num_incomplete']} of {m['num_requests']} requests were still running when the run "
-                     f"stopped ({m.get('stopped_by', '')}) and were cancelled: the server could not keep up with "
-                     "the offered load. Offer less: fewer requests (--num-requests, --slice), more time between "
-                     "them (lower --rate, larger --time-scale), shorter prompts (--block-tokens, --max-blocks, "
-                     "--input-len), or allow more time (--drain).")
+        parts.append(
+            f"{m['num_incomplete']} of {m['num_requests']} requests were still running when the run "
+            f"stopped ({m.get('stopped_by', '')}) and were cancelled: the server could not keep up with "
+            "the offered load. Offer less: fewer requests (--num-requests, --slice), more time between "
+            "them (lower --rate, larger --time-scale), shorter prompts (--block-tokens, --max-blocks, "
+            "--input-len), or allow more time (--drain)."
+        )
     if m.get("num_rejected"):
         parts.append(f"{m['num_rejected']} requests were rejected (RESOURCE_EXHAUSTED): see 'Rejected' above.")
     if m.get("num_errors"):
@@ -485,10 +577,17 @@ def bench_main(args) -> int:
     for wl in workloads:
         label = f"rate={wl.config.get('request_rate'):g}" if sweep else wl.name
         try:
-            res = run_workload(args.address, wl, num_requests=args.num_requests if wl.name == "trace" else None,
-                               max_duration=args.max_duration, drain_s=args.drain,
-                               request_timeout=args.request_timeout, progress=not args.no_progress, label=label,
-                               allow_remote=args.allow_remote)
+            res = run_workload(
+                args.address,
+                wl,
+                num_requests=args.num_requests if wl.name == "trace" else None,
+                max_duration=args.max_duration,
+                drain_s=args.drain,
+                request_timeout=args.request_timeout,
+                progress=not args.no_progress,
+                label=label,
+                allow_remote=args.allow_remote,
+            )
         except ConnectionError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

@@ -21,14 +21,15 @@ another salt.
 :data:`DEFAULT_TRACE` is the Mooncake synthetic trace shipped in the repository
 (``data/traces/synthetic_trace.jsonl``; source, license and checksum in ``data/traces/README.md``).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from loadtest.workloads import RequestSpec, SmcMix, Workload, ids_to_text, request_seed, word_block
 
@@ -47,8 +48,12 @@ class TraceRow:
 
 def parse_row(obj: dict, line_no: int = 0) -> TraceRow:
     try:
-        row = TraceRow(float(obj["timestamp"]), int(obj["input_length"]), int(obj["output_length"]),
-                       tuple(int(h) for h in obj["hash_ids"]))
+        row = TraceRow(
+            float(obj["timestamp"]),
+            int(obj["input_length"]),
+            int(obj["output_length"]),
+            tuple(int(h) for h in obj["hash_ids"]),
+        )
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"trace line {line_no}: bad row ({err!r}): {str(obj)[:200]}") from None
     if row.input_length < 1 or row.output_length < 0 or not row.hash_ids:
@@ -72,8 +77,15 @@ def load_trace(path: str | Path, limit: int | None = None) -> list[TraceRow]:
     return rows
 
 
-def select_rows(rows: Sequence[TraceRow], *, first: int | None = None, start: int = 0, stop: int | None = None,
-                window_s: tuple[float, float] | None = None, max_blocks: int | None = None) -> list[TraceRow]:
+def select_rows(
+    rows: Sequence[TraceRow],
+    *,
+    first: int | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    window_s: tuple[float, float] | None = None,
+    max_blocks: int | None = None,
+) -> list[TraceRow]:
     """A slice of the trace: rows ``start:stop``, then only those whose timestamp (s, trace time) lies in
     ``[window_s[0], window_s[1])``, then only those of at most ``max_blocks`` hash blocks (prompts that fit
     the server), then the first ``first`` of those."""
@@ -106,11 +118,11 @@ def parse_slice(text: str) -> dict:
 
 @dataclass
 class TraceScaling:
-    block_tokens: int = 16              # words per hash-id block (the trace's blocks are 512 tokens)
-    time_scale: float = 1.0             # multiply inter-arrival times (0.01: 100x faster)
-    output_scale: float = 1.0           # multiply output lengths
+    block_tokens: int = 16  # words per hash-id block (the trace's blocks are 512 tokens)
+    time_scale: float = 1.0  # multiply inter-arrival times (0.01: 100x faster)
+    output_scale: float = 1.0  # multiply output lengths
     min_output: int = 1
-    max_output: int | None = None       # cap on the scaled output length
+    max_output: int | None = None  # cap on the scaled output length
     trace_block_tokens: int = TRACE_BLOCK_TOKENS
 
     def __post_init__(self):
@@ -130,9 +142,14 @@ class TraceScaling:
         return min(out, self.max_output) if self.max_output is not None else out
 
     def describe(self) -> dict:
-        return {"block_tokens": self.block_tokens, "trace_block_tokens": self.trace_block_tokens,
-                "time_scale": self.time_scale, "output_scale": self.output_scale, "min_output": self.min_output,
-                "max_output": self.max_output}
+        return {
+            "block_tokens": self.block_tokens,
+            "trace_block_tokens": self.trace_block_tokens,
+            "time_scale": self.time_scale,
+            "output_scale": self.output_scale,
+            "min_output": self.min_output,
+            "max_output": self.max_output,
+        }
 
 
 def row_prompt_ids(row: TraceRow, scaling: TraceScaling, salt: int | str = 0) -> list[int]:
@@ -142,8 +159,15 @@ def row_prompt_ids(row: TraceRow, scaling: TraceScaling, salt: int | str = 0) ->
     return ids
 
 
-def trace_requests(rows: Sequence[TraceRow], scaling: TraceScaling, *, salt: int | str = 0, seed: int = 0,
-                   temperature: float | None = None, ignore_eos: bool = True) -> list[tuple[float, RequestSpec]]:
+def trace_requests(
+    rows: Sequence[TraceRow],
+    scaling: TraceScaling,
+    *,
+    salt: int | str = 0,
+    seed: int = 0,
+    temperature: float | None = None,
+    ignore_eos: bool = True,
+) -> list[tuple[float, RequestSpec]]:
     """``(send_time_s, RequestSpec)`` for each row, in trace order."""
     if not rows:
         return []
@@ -151,26 +175,55 @@ def trace_requests(rows: Sequence[TraceRow], scaling: TraceScaling, *, salt: int
     out = []
     for i, row in enumerate(rows):
         ids = row_prompt_ids(row, scaling, salt)
-        spec = RequestSpec(ids_to_text(ids), scaling.output_tokens(row), token_ids=ids, ignore_eos=ignore_eos,
-                           temperature=temperature, seed=request_seed(seed, i), hash_ids=row.hash_ids,
-                           meta={"trace_input_length": row.input_length, "trace_output_length": row.output_length})
+        spec = RequestSpec(
+            ids_to_text(ids),
+            scaling.output_tokens(row),
+            token_ids=ids,
+            ignore_eos=ignore_eos,
+            temperature=temperature,
+            seed=request_seed(seed, i),
+            hash_ids=row.hash_ids,
+            meta={"trace_input_length": row.input_length, "trace_output_length": row.output_length},
+        )
         out.append((max(0.0, (row.timestamp_ms - t0) / 1000.0 * scaling.time_scale), spec))
     return out
 
 
-def trace_workload(rows: Sequence[TraceRow], scaling: TraceScaling, *, salt: int | str = 0, seed: int = 0,
-                   smc: SmcMix | None = None, max_concurrency: int | None = None, temperature: float | None = None,
-                   ignore_eos: bool = True, source: str = "") -> Workload:
-    items: Iterable = trace_requests(rows, scaling, salt=salt, seed=seed, temperature=temperature,
-                                     ignore_eos=ignore_eos)
+def trace_workload(
+    rows: Sequence[TraceRow],
+    scaling: TraceScaling,
+    *,
+    salt: int | str = 0,
+    seed: int = 0,
+    smc: SmcMix | None = None,
+    max_concurrency: int | None = None,
+    temperature: float | None = None,
+    ignore_eos: bool = True,
+    source: str = "",
+) -> Workload:
+    items: Iterable = trace_requests(
+        rows, scaling, salt=salt, seed=seed, temperature=temperature, ignore_eos=ignore_eos
+    )
     if smc is not None and smc.ratio > 0:
         items = list(smc.apply(items, seed))
-    return Workload("trace", items, max_concurrency, len(rows), config={
-        "workload": "trace", "trace": source, "rows": len(rows), "salt": salt, "seed": seed,
-        "max_concurrency": max_concurrency, "scaling": scaling.describe(),
-        "trace_unbounded_hit_rate": unbounded_hit_rate(rows),
-        "scaled_token_hit_rate": scaled_token_hit_rate(rows, scaling),
-        **({"smc_ratio": smc.ratio, "smc_particles": smc.particles} if smc and smc.ratio > 0 else {})})
+    return Workload(
+        "trace",
+        items,
+        max_concurrency,
+        len(rows),
+        config={
+            "workload": "trace",
+            "trace": source,
+            "rows": len(rows),
+            "salt": salt,
+            "seed": seed,
+            "max_concurrency": max_concurrency,
+            "scaling": scaling.describe(),
+            "trace_unbounded_hit_rate": unbounded_hit_rate(rows),
+            "scaled_token_hit_rate": scaled_token_hit_rate(rows, scaling),
+            **({"smc_ratio": smc.ratio, "smc_particles": smc.particles} if smc and smc.ratio > 0 else {}),
+        },
+    )
 
 
 # --- cache statistics of a trace ----------------------------------------------------------------------

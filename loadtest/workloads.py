@@ -20,18 +20,20 @@ count exactly (checked over random prompts when the list was made). Other tokeni
 into several tokens: the server's count, and where its KV block boundaries fall, then differ somewhat
 from the word count; prefixes shared as words are still shared as tokens.
 """
+
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 # 1,024 words; each is one SmolLM2 token with and without a leading space. Do not reorder: the trace's
 # hash-id → block mapping (and so every replay's prompts) depends on the indices.
-WORDS: tuple[str, ...] = tuple("""
+WORDS: tuple[str, ...] = tuple(
+    """
 about above academ academic accept access according account action actions active activity actually adapt
 added adding address adjust adult advanced after again agricult allow almost along already also altern
 although always among amount analy analysis animal animals another answer anti antib apply appro arch area
@@ -95,7 +97,8 @@ usually util vacc value values vari veget version very video view vision visit v
 watch water weather week weight well what when where whether which while white whole wild will wind winter
 with within without women wood word words work working works world would writ write writing written year years
 young your
-""".split())
+""".split()
+)
 assert len(WORDS) == 1024, len(WORDS)
 
 
@@ -121,11 +124,11 @@ class RequestSpec:
     prompt: str
     max_tokens: int
     token_ids: list[int] | None = None
-    steering: dict | None = None      # {"particles": N, "potentials": [...]} → an SMC request
-    ignore_eos: bool = True           # so that output lengths are the requested ones
+    steering: dict | None = None  # {"particles": N, "potentials": [...]} → an SMC request
+    ignore_eos: bool = True  # so that output lengths are the requested ones
     temperature: float | None = None  # None: the server's default
-    seed: int | None = None           # sampling seed (reproducible outputs)
-    hash_ids: tuple[int, ...] = ()    # trace replay: the row's block ids
+    seed: int | None = None  # sampling seed (reproducible outputs)
+    hash_ids: tuple[int, ...] = ()  # trace replay: the row's block ids
     meta: dict = field(default_factory=dict)
 
     @property
@@ -145,7 +148,7 @@ class Workload:
     name: str
     items: Iterable[tuple[float, RequestSpec]]
     max_concurrency: int | None = None
-    num_requests: int | None = None   # how many it yields when finite and known
+    num_requests: int | None = None  # how many it yields when finite and known
     config: dict = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[tuple[float, RequestSpec]]:
@@ -184,12 +187,15 @@ class SmcMix:
     ratio: float = 0.0
     particles: int = 8
     max_word_length: int = 8
-    max_tokens: int | None = 16   # cap on the output length of SMC requests (None: no cap)
+    max_tokens: int | None = 16  # cap on the output length of SMC requests (None: no cap)
     potentials: list[dict] | None = None  # default: [{"kind": "max_word_length", "max_len": max_word_length}]
 
     def steering(self) -> dict:
-        pots = self.potentials if self.potentials is not None else [
-            {"kind": "max_word_length", "max_len": self.max_word_length}]
+        pots = (
+            self.potentials
+            if self.potentials is not None
+            else [{"kind": "max_word_length", "max_len": self.max_word_length}]
+        )
         return {"particles": self.particles, "potentials": [dict(p) for p in pots]}
 
     def apply(self, items: Iterable[tuple[float, RequestSpec]], seed: int = 0) -> Iterator[tuple[float, RequestSpec]]:
@@ -203,8 +209,15 @@ class SmcMix:
             yield t, spec
 
 
-def random_specs(input_len: int, max_tokens: int, seed: int = 0, *, salt: int | str = 0,
-                 temperature: float | None = None, ignore_eos: bool = True) -> Iterator[RequestSpec]:
+def random_specs(
+    input_len: int,
+    max_tokens: int,
+    seed: int = 0,
+    *,
+    salt: int | str = 0,
+    temperature: float | None = None,
+    ignore_eos: bool = True,
+) -> Iterator[RequestSpec]:
     """Independent random prompts of ``input_len`` words (no shared prefixes), ``max_tokens`` each.
 
     ``salt`` changes the prompts but not the sampling seeds (a sweep salts each run, so that one run's
@@ -216,8 +229,14 @@ def random_specs(input_len: int, max_tokens: int, seed: int = 0, *, salt: int | 
     i = 0
     while True:
         ids = [rng.randrange(len(WORDS)) for _ in range(input_len)]
-        yield RequestSpec(ids_to_text(ids), max_tokens, token_ids=ids, ignore_eos=ignore_eos,
-                          temperature=temperature, seed=request_seed(seed, i))
+        yield RequestSpec(
+            ids_to_text(ids),
+            max_tokens,
+            token_ids=ids,
+            ignore_eos=ignore_eos,
+            temperature=temperature,
+            seed=request_seed(seed, i),
+        )
         i += 1
 
 
@@ -233,19 +252,44 @@ def _take(it: Iterable, n: int | None) -> Iterator:
         yield x
 
 
-def rate_workload(rate: float, *, burstiness: float = 1.0, num_requests: int | None = None, input_len: int = 64,
-                  max_tokens: int = 16, seed: int = 0, smc: SmcMix | None = None, max_concurrency: int | None = None,
-                  temperature: float | None = None, ignore_eos: bool = True, salt: int | str = 0) -> Workload:
+def rate_workload(
+    rate: float,
+    *,
+    burstiness: float = 1.0,
+    num_requests: int | None = None,
+    input_len: int = 64,
+    max_tokens: int = 16,
+    seed: int = 0,
+    smc: SmcMix | None = None,
+    max_concurrency: int | None = None,
+    temperature: float | None = None,
+    ignore_eos: bool = True,
+    salt: int | str = 0,
+) -> Workload:
     """Random prompts at ``rate`` req/s, Poisson (burstiness 1) or gamma arrivals."""
-    items = zip(gamma_arrivals(rate, burstiness, seed),
-                random_specs(input_len, max_tokens, seed, salt=salt, temperature=temperature, ignore_eos=ignore_eos))
+    items = zip(
+        gamma_arrivals(rate, burstiness, seed),
+        random_specs(input_len, max_tokens, seed, salt=salt, temperature=temperature, ignore_eos=ignore_eos),
+    )
     if smc is not None and smc.ratio > 0:
         items = smc.apply(items, seed)
     name = "poisson" if burstiness == 1.0 else "gamma"
-    return Workload(name, _take(items, num_requests), max_concurrency, num_requests, config={
-        "workload": name, "request_rate": rate, "burstiness": burstiness, "input_len": input_len,
-        "max_tokens": max_tokens, "seed": seed, "max_concurrency": max_concurrency,
-        **({"smc_ratio": smc.ratio, "smc_particles": smc.particles} if smc and smc.ratio > 0 else {})})
+    return Workload(
+        name,
+        _take(items, num_requests),
+        max_concurrency,
+        num_requests,
+        config={
+            "workload": name,
+            "request_rate": rate,
+            "burstiness": burstiness,
+            "input_len": input_len,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            "max_concurrency": max_concurrency,
+            **({"smc_ratio": smc.ratio, "smc_particles": smc.particles} if smc and smc.ratio > 0 else {}),
+        },
+    )
 
 
 def poisson_workload(rate: float, **kw) -> Workload:
@@ -256,20 +300,39 @@ def gamma_workload(rate: float, burstiness: float, **kw) -> Workload:
     return rate_workload(rate, burstiness=burstiness, **kw)
 
 
-def concurrency_workload(concurrency: int, *, num_requests: int | None = None, input_len: int = 64,
-                         max_tokens: int = 16, seed: int = 0, smc: SmcMix | None = None,
-                         temperature: float | None = None, ignore_eos: bool = True) -> Workload:
+def concurrency_workload(
+    concurrency: int,
+    *,
+    num_requests: int | None = None,
+    input_len: int = 64,
+    max_tokens: int = 16,
+    seed: int = 0,
+    smc: SmcMix | None = None,
+    temperature: float | None = None,
+    ignore_eos: bool = True,
+) -> Workload:
     """A closed loop: ``concurrency`` requests in flight at all times."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    items = ((0.0, s) for s in random_specs(input_len, max_tokens, seed, temperature=temperature,
-                                            ignore_eos=ignore_eos))
+    items = (
+        (0.0, s) for s in random_specs(input_len, max_tokens, seed, temperature=temperature, ignore_eos=ignore_eos)
+    )
     if smc is not None and smc.ratio > 0:
         items = smc.apply(items, seed)
-    return Workload("concurrency", _take(items, num_requests), concurrency, num_requests, config={
-        "workload": "concurrency", "max_concurrency": concurrency, "input_len": input_len,
-        "max_tokens": max_tokens, "seed": seed,
-        **({"smc_ratio": smc.ratio, "smc_particles": smc.particles} if smc and smc.ratio > 0 else {})})
+    return Workload(
+        "concurrency",
+        _take(items, num_requests),
+        concurrency,
+        num_requests,
+        config={
+            "workload": "concurrency",
+            "max_concurrency": concurrency,
+            "input_len": input_len,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            **({"smc_ratio": smc.ratio, "smc_particles": smc.particles} if smc and smc.ratio > 0 else {}),
+        },
+    )
 
 
 def sweep_workloads(rates: Sequence[float], *, burstiness: float = 1.0, **kw) -> list[Workload]:

@@ -1,4 +1,5 @@
 """A prefill worker: prompt → KV blocks in the store + the first sampled token."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,7 @@ class PrefillResult:
     first_token: int
     block_keys: list[str]
     prompt_tokens: int
-    cached_tokens: int      # prompt tokens whose KV was read from the store instead of computed
+    cached_tokens: int  # prompt tokens whose KV was read from the store instead of computed
     compute_ms: float
 
 
@@ -49,7 +50,7 @@ class Prefiller:
         logits = forward(self.lm.model, token_ids[start:], cache)
         first = sample_token(logits, params, position=len(token_ids))
         new_blocks = cache_to_blocks(cache, self.layout, start, len(token_ids))
-        new_keys = keys[len(cached):]
+        new_keys = keys[len(cached) :]
         present = self.store.contains(new_keys)
         self.store.put_blocks([(k, b) for k, b, p in zip(new_keys, new_blocks, present) if not p])
         return PrefillResult(first, keys, len(token_ids), start, (time.perf_counter() - t0) * 1e3)

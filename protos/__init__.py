@@ -1,10 +1,10 @@
 """gRPC protocol definitions. The Python modules are generated from the .proto files on first import."""
+
 from __future__ import annotations
 
 import fcntl
 import os
 import shutil
-
 import tempfile
 from pathlib import Path
 
@@ -34,8 +34,14 @@ def generate() -> None:
         root = PROTO_DIR.parent
         with tempfile.TemporaryDirectory() as out:
             include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
-            args = ["protoc", f"-I{root}", f"-I{include}", f"--python_out={out}", f"--pyi_out={out}",
-                    f"--grpc_python_out={out}"] + [f"protos/{p}" for p in PROTOS]
+            args = [
+                "protoc",
+                f"-I{root}",
+                f"-I{include}",
+                f"--python_out={out}",
+                f"--pyi_out={out}",
+                f"--grpc_python_out={out}",
+            ] + [f"protos/{p}" for p in PROTOS]
             if protoc.main(args) != 0:
                 raise RuntimeError("protoc failed on " + ", ".join(PROTOS))
             for f in Path(out, "protos").iterdir():

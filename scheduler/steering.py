@@ -5,6 +5,7 @@ coordinator updates log weights, resamples (Algorithm 4, or a standard scheme wh
 below the threshold), then reshapes the population: offspring stay on their parent's worker and
 only the surplus migrates, its KV going through the KV store. All calls are batched per worker.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,11 +17,10 @@ import numpy as np
 from engine.sampling import SamplingParams
 from protos import smcserve_pb2 as pb
 from protos import worker_pb2
-from smc import SCHEMES, ess, logsumexp, normalize
-from smc.step import LENGTH, OK, WITHOUT_REPLACEMENT, smc_step
-from smc.potentials import PotentialError, PotentialSpec, build_potential
 from scheduler.validate import InvalidRequest
-
+from smc import SCHEMES, ess, logsumexp, normalize
+from smc.potentials import PotentialError, PotentialSpec, build_potential
+from smc.step import LENGTH, OK, WITHOUT_REPLACEMENT, smc_step
 
 
 async def settled(*calls):
@@ -46,8 +46,9 @@ class SteeringConfig:
 INTERSECTION = "prompt_intersection"
 
 
-def validate_steering(spec: pb.SteeringSpec, params: SamplingParams, vocab, max_particles: int,
-                      tokenize) -> SteeringConfig:
+def validate_steering(
+    spec: pb.SteeringSpec, params: SamplingParams, vocab, max_particles: int, tokenize
+) -> SteeringConfig:
     """``tokenize(text)`` turns a prompt of the request's form (raw or chat) into token ids."""
     if not 1 <= spec.particles <= max_particles:
         raise InvalidRequest(f"steering.particles: must be in [1, {max_particles}], got {spec.particles}")
@@ -56,7 +57,9 @@ def validate_steering(spec: pb.SteeringSpec, params: SamplingParams, vocab, max_
         raise InvalidRequest(f"steering.extensions: must be in [1, 64], got {k}")
     scheme = spec.scheme or WITHOUT_REPLACEMENT
     if scheme not in (WITHOUT_REPLACEMENT, *SCHEMES):
-        raise InvalidRequest(f"steering.scheme: unknown scheme {scheme!r}; use {WITHOUT_REPLACEMENT} or {', '.join(SCHEMES)}")
+        raise InvalidRequest(
+            f"steering.scheme: unknown scheme {scheme!r}; use {WITHOUT_REPLACEMENT} or {', '.join(SCHEMES)}"
+        )
     thr = spec.ess_threshold if spec.HasField("ess_threshold") else 0.5
     if not 0.0 <= thr <= 1.0:
         raise InvalidRequest(f"steering.ess_threshold: must be in [0, 1], got {thr}")
@@ -87,24 +90,32 @@ def validate_steering(spec: pb.SteeringSpec, params: SamplingParams, vocab, max_
             build_potential(PotentialSpec.from_proto(m, where), vocab, where=where)
     except PotentialError as err:
         raise InvalidRequest(str(err)) from err
-    return SteeringConfig(spec.particles, k if scheme == WITHOUT_REPLACEMENT else 1, scheme, thr,
-                          [m for _, m in others], intersect)
+    return SteeringConfig(
+        spec.particles, k if scheme == WITHOUT_REPLACEMENT else 1, scheme, thr, [m for _, m in others], intersect
+    )
 
 
 @dataclass
 class _Population:
-    ids: list[str]                      # particle id of each population index
-    where: dict[str, object]            # particle id → decode worker handle
+    ids: list[str]  # particle id of each population index
+    where: dict[str, object]  # particle id → decode worker handle
     tokens: list[list[int]]
     finished: np.ndarray
     logw: np.ndarray
-    reasons: list[str]                  # how each particle ended ("" while running): stop, length, violated
+    reasons: list[str]  # how each particle ended ("" while running): stop, length, violated
     targets: dict = field(default_factory=dict)  # worker handle → how many particles it holds
 
 
 class SteeringRun:
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, cfg: SteeringConfig,
-                 workers: list, tokenizer):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cfg: SteeringConfig,
+        workers: list,
+        tokenizer,
+    ):
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -118,8 +129,9 @@ class SteeringRun:
 
     def _sampling(self) -> pb.SamplingParams:
         p = self.params
-        return pb.SamplingParams(temperature=p.temperature, top_p=1.0, max_tokens=p.max_tokens, seed=p.seed,
-                                 ignore_eos=p.ignore_eos)
+        return pb.SamplingParams(
+            temperature=p.temperature, top_p=1.0, max_tokens=p.max_tokens, seed=p.seed, ignore_eos=p.ignore_eos
+        )
 
     async def open(self, block_keys: list[str]) -> _Population:
         n, w = self.cfg.particles, len(self.workers)
@@ -131,17 +143,31 @@ class SteeringRun:
             for pid in ids[start : start + counts[h]]:
                 where[pid] = h
             start += counts[h]
-        await settled(*(h.stub.SmcOpen(worker_pb2.SmcOpenRequest(
-            request_id=self.request_id, prompt_token_ids=self.prompt_ids, block_keys=block_keys,
-            sampling=self._sampling(), potentials=self.cfg.potentials,
-            particle_ids=[pid for pid in ids if where[pid] is h],
-            intersect_prompts=[worker_pb2.TokenIds(ids=t) for t, _ in self.cfg.intersect],
-            intersect_weights=[w for _, w in self.cfg.intersect])) for h in order if counts[h]))
+        await settled(
+            *(
+                h.stub.SmcOpen(
+                    worker_pb2.SmcOpenRequest(
+                        request_id=self.request_id,
+                        prompt_token_ids=self.prompt_ids,
+                        block_keys=block_keys,
+                        sampling=self._sampling(),
+                        potentials=self.cfg.potentials,
+                        particle_ids=[pid for pid in ids if where[pid] is h],
+                        intersect_prompts=[worker_pb2.TokenIds(ids=t) for t, _ in self.cfg.intersect],
+                        intersect_weights=[w for _, w in self.cfg.intersect],
+                    )
+                )
+                for h in order
+                if counts[h]
+            )
+        )
         return _Population(ids, where, [[] for _ in range(n)], np.zeros(n, bool), np.zeros(n), [""] * n, counts)
 
     async def close(self) -> None:
-        await asyncio.gather(*(h.stub.SmcClose(worker_pb2.SmcCloseRequest(request_id=self.request_id))
-                               for h in self.workers), return_exceptions=True)
+        await asyncio.gather(
+            *(h.stub.SmcClose(worker_pb2.SmcCloseRequest(request_id=self.request_id)) for h in self.workers),
+            return_exceptions=True,
+        )
 
     async def step(self, pop: _Population) -> bool:
         """One step for every live particle (``smc.step.smc_step``); returns whether it resampled."""
@@ -149,9 +175,14 @@ class SteeringRun:
         by_worker: dict = {}
         for i in np.flatnonzero(~pop.finished):
             by_worker.setdefault(pop.where[pop.ids[i]], []).append(
-                worker_pb2.SmcExtendRequest.Item(particle_id=pop.ids[i], index=int(i), k=k))
-        replies = await settled(*(h.stub.SmcExtend(worker_pb2.SmcExtendRequest(
-            request_id=self.request_id, step=self.steps, items=items)) for h, items in by_worker.items()))
+                worker_pb2.SmcExtendRequest.Item(particle_id=pop.ids[i], index=int(i), k=k)
+            )
+        replies = await settled(
+            *(
+                h.stub.SmcExtend(worker_pb2.SmcExtendRequest(request_id=self.request_id, step=self.steps, items=items))
+                for h, items in by_worker.items()
+            )
+        )
         index_of = {pop.ids[i]: i for i in range(n)}
         incr = np.full((n, k), -math.inf)
         child_done = np.ones((n, k), dtype=bool)
@@ -187,8 +218,10 @@ class SteeringRun:
         ruled_out = len(pop.reasons) - cut
         parts = []
         if cut:
-            parts.append(f"{cut} reached max_tokens ({self.params.max_tokens}) before the constraints could be "
-                         f"satisfied (raise sampling.max_tokens)")
+            parts.append(
+                f"{cut} reached max_tokens ({self.params.max_tokens}) before the constraints could be "
+                f"satisfied (raise sampling.max_tokens)"
+            )
         if ruled_out:
             parts.append(f"{ruled_out} violated the constraints")
         return "every particle has zero weight: " + "; ".join(parts)
@@ -217,8 +250,12 @@ class SteeringRun:
                 migrating.setdefault(pop.where[src], set()).add(src)
         exported = {}
         if migrating:
-            replies = await settled(*(h.stub.SmcExport(worker_pb2.SmcExportRequest(
-                request_id=self.request_id, particle_ids=sorted(ids))) for h, ids in migrating.items()))
+            replies = await settled(
+                *(
+                    h.stub.SmcExport(worker_pb2.SmcExportRequest(request_id=self.request_id, particle_ids=sorted(ids)))
+                    for h, ids in migrating.items()
+                )
+            )
             for reply in replies:
                 for st in reply.particles:
                     exported[st.particle_id] = st
@@ -239,18 +276,31 @@ class SteeringRun:
 
     def progress(self, pop: _Population, resampled: bool) -> pb.SteeringProgress:
         best = int(np.argmax(pop.logw)) if np.isfinite(pop.logw).any() else 0
-        return pb.SteeringProgress(step=self.steps, ess=float(ess(pop.logw)), resampled=resampled,
-                                   best_text=self.tokenizer.decode(pop.tokens[best], skip_special_tokens=True),
-                                   finished=int(pop.finished.sum()))
+        return pb.SteeringProgress(
+            step=self.steps,
+            ess=float(ess(pop.logw)),
+            resampled=resampled,
+            best_text=self.tokenizer.decode(pop.tokens[best], skip_special_tokens=True),
+            finished=int(pop.finished.sum()),
+        )
 
     def result(self, pop: _Population) -> pb.SteeringResult:
         n = self.cfg.particles
         log_z = logsumexp(pop.logw) - math.log(n) if np.isfinite(pop.logw).any() else -math.inf
         weights = normalize(pop.logw)
-        res = pb.SteeringResult(log_z=log_z, steps=self.steps, resamples=self.resamples,
-                                status=self.status if math.isfinite(log_z) else self.why_all_dead(pop))
+        res = pb.SteeringResult(
+            log_z=log_z,
+            steps=self.steps,
+            resamples=self.resamples,
+            status=self.status if math.isfinite(log_z) else self.why_all_dead(pop),
+        )
         for i in range(n):
-            res.particles.add(text=self.tokenizer.decode(pop.tokens[i], skip_special_tokens=True),
-                              token_ids=pop.tokens[i], log_weight=float(pop.logw[i]), weight=float(weights[i]),
-                              finished=bool(pop.finished[i]), finish_reason=pop.reasons[i])
+            res.particles.add(
+                text=self.tokenizer.decode(pop.tokens[i], skip_special_tokens=True),
+                token_ids=pop.tokens[i],
+                log_weight=float(pop.logw[i]),
+                weight=float(weights[i]),
+                finished=bool(pop.finished[i]),
+                finish_reason=pop.reasons[i],
+            )
         return res

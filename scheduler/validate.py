@@ -1,13 +1,13 @@
 """Request validation: every bad input becomes an :class:`InvalidRequest` naming the field."""
-from __future__ import annotations
 
-from jinja2 import TemplateError
+from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 
 from google.protobuf import descriptor, empty_pb2, message
 from google.protobuf.unknown_fields import UnknownFieldSet
+from jinja2 import TemplateError
 
 from engine.sampling import SamplingParams
 from protos import smcserve_pb2
@@ -86,15 +86,24 @@ def validate_sampling(p: smcserve_pb2.SamplingParams, limits: Limits, prompt_len
     if max_tokens <= 0:
         raise InvalidRequest(f"sampling.max_tokens: must be > 0, got {max_tokens}")
     if max_tokens > limits.max_tokens_limit:
-        raise InvalidRequest(f"sampling.max_tokens: {max_tokens} is above this server's limit of {limits.max_tokens_limit}")
+        raise InvalidRequest(
+            f"sampling.max_tokens: {max_tokens} is above this server's limit of {limits.max_tokens_limit}"
+        )
     if prompt_len + max_tokens > limits.max_context:
         max_tokens = limits.max_context - prompt_len  # fits the context: generation stops at its end
     for i, s in enumerate(p.stop):
         if not s:
             raise InvalidRequest(f"sampling.stop[{i}]: stop strings must not be empty")
     seed = p.seed if p.HasField("seed") else random.getrandbits(64)  # any uint64: draws hash it, never overflow
-    return SamplingParams(temperature=temperature, top_p=top_p, top_k=p.top_k, max_tokens=max_tokens,
-                          stop=list(p.stop), seed=seed, ignore_eos=p.ignore_eos)
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=p.top_k,
+        max_tokens=max_tokens,
+        stop=list(p.stop),
+        seed=seed,
+        ignore_eos=p.ignore_eos,
+    )
 
 
 def tokenize_request(req: smcserve_pb2.GenerateRequest, tokenizer, limits: Limits) -> list[int]:

@@ -1,4 +1,5 @@
 """The pure, I/O-free core of SMC steering (Lew et al. 2023); see ARCHITECTURE.md §4."""
+
 from .driver import ALL_VIOLATED, OK, SMCResult, propose, run_smc, run_smc_steer
 from .model import FeynmanKacModel, State
 from .resampling import SCHEMES, inverse_cdf, multinomial, resample, residual, stratified, systematic
@@ -14,10 +15,31 @@ from .without_replacement import (
 )
 
 __all__ = [
-    "ALL_VIOLATED", "OK", "SMCResult", "propose", "run_smc", "run_smc_steer",
-    "FeynmanKacModel", "State",
-    "SCHEMES", "inverse_cdf", "multinomial", "resample", "residual", "stratified", "systematic",
-    "AllWeightsZero", "ess", "log_mean_exp", "logsumexp", "normalize",
-    "CStar", "SteerStep", "WRResample", "find_c_star", "resample_without_replacement",
-    "steer_candidates", "steer_resample",
+    "ALL_VIOLATED",
+    "OK",
+    "SMCResult",
+    "propose",
+    "run_smc",
+    "run_smc_steer",
+    "FeynmanKacModel",
+    "State",
+    "SCHEMES",
+    "inverse_cdf",
+    "multinomial",
+    "resample",
+    "residual",
+    "stratified",
+    "systematic",
+    "AllWeightsZero",
+    "ess",
+    "log_mean_exp",
+    "logsumexp",
+    "normalize",
+    "CStar",
+    "SteerStep",
+    "WRResample",
+    "find_c_star",
+    "resample_without_replacement",
+    "steer_candidates",
+    "steer_resample",
 ]

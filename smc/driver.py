@@ -15,11 +15,13 @@ count as carried (K_i = 1; N′ only rescales all candidates alike, so this chan
 end log Ẑ = logsumexp(log w) − log N; all weights zero → log Ẑ = −inf and status
 ``ALL_VIOLATED``. Log weights are never NaN.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -79,8 +81,12 @@ def propose(
         allowed = torch.from_numpy(lg > -math.inf)
     prop = propose_tokens(torch.from_numpy(lp), allowed, torch.from_numpy(u))
     tokens = prop.tokens.numpy()
-    incr = as_log_weights([[prop.increment(i, model.potential(s, int(t))) if t >= 0 else -math.inf for t in row]
-                           for i, (s, row) in enumerate(zip(states, tokens))])
+    incr = as_log_weights(
+        [
+            [prop.increment(i, model.potential(s, int(t))) if t >= 0 else -math.inf for t in row]
+            for i, (s, row) in enumerate(zip(states, tokens))
+        ]
+    )
     return tokens, incr.reshape(len(states), k)
 
 
@@ -129,8 +135,10 @@ def run_smc(
                 if tokens[i, j] >= 0:
                     child_done[i, j] = model.is_finished(states[i] + (int(tokens[i, j]),))
         out = smc_step(logw, carried, incr, child_done, scheme, ess_threshold, rng)
-        states = [states[p] + ((int(tokens[p, c]),) if c >= 0 and tokens[p, c] >= 0 else ())
-                  for p, c in zip(out.parent, out.child)]
+        states = [
+            states[p] + ((int(tokens[p, c]),) if c >= 0 and tokens[p, c] >= 0 else ())
+            for p, c in zip(out.parent, out.child)
+        ]
         logw, done = out.log_weights, out.finished
         n_res += out.resampled
         if out.status != OK:

@@ -2,6 +2,7 @@
 
 Target: P(x) ∝ M(x)·Π_t G_t over finished sequences x; Z = E_M[Π_t G_t].
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

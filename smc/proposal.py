@@ -9,6 +9,7 @@ CDF with its own uniform, and the child's log-weight increment is
 which keeps Ẑ unbiased (ARCHITECTURE.md §4). With nothing masked the mass is 1 and this is the plain
 proposal M_t with weight G. A particle with no allowed token gets token −1 and increment −inf.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ from engine.sampling import inverse_cdf
 
 @dataclass(frozen=True)
 class Proposal:
-    tokens: torch.Tensor    # (P, K) int64; −1 where no token is allowed
+    tokens: torch.Tensor  # (P, K) int64; −1 where no token is allowed
     log_mass: torch.Tensor  # (P,) float64: log Σ_{allowed} p; −inf where no token is allowed
 
     def increment(self, row: int, log_g: float) -> float:

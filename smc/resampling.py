@@ -4,10 +4,12 @@ Each scheme takes normalised weights ``p`` (non-negative, at least one positive)
 ``n`` ancestor indices; a zero-weight index is never returned. Every scheme is unbiased:
 E[#copies of j] = n·p_j.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray

@@ -12,6 +12,7 @@ which children finished, and get back, for each of the N new particles, where it
 Dead particles (log weight −inf) count as finished: they are never extended again. When every
 weight is zero the step reports ``ALL_VIOLATED``.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,12 +34,12 @@ STOP, LENGTH, VIOLATED = "stop", "length", "violated"  # how a particle ended: E
 class StepOutcome:
     """The new population, indexed by its N slots."""
 
-    parent: IntArray        # index into the previous population
-    child: IntArray         # the parent's child slot, or −1: the parent carried unchanged
+    parent: IntArray  # index into the previous population
+    child: IntArray  # the parent's child slot, or −1: the parent carried unchanged
     log_weights: FloatArray
-    finished: np.ndarray    # bool: finished or dead (never extended again)
+    finished: np.ndarray  # bool: finished or dead (never extended again)
     resampled: bool
-    status: str             # OK or ALL_VIOLATED
+    status: str  # OK or ALL_VIOLATED
 
 
 def smc_step(
@@ -73,8 +74,11 @@ def smc_step(
     finished |= new_logw == -math.inf
     if not (new_logw > -math.inf).any():
         return _all_dead(carried, n, resampled)
-    if scheme != WITHOUT_REPLACEMENT and not finished.all() and (
-            ess_threshold >= 1.0 or ess(new_logw) < ess_threshold * n):
+    if (
+        scheme != WITHOUT_REPLACEMENT
+        and not finished.all()
+        and (ess_threshold >= 1.0 or ess(new_logw) < ess_threshold * n)
+    ):
         anc, new_logw = resample(scheme, new_logw, n, rng)
         parent, child, finished, resampled = parent[anc], child[anc], finished[anc], True
     return StepOutcome(parent, child, new_logw, finished, resampled, OK)
@@ -82,5 +86,11 @@ def smc_step(
 
 def _all_dead(carried: np.ndarray, n: int, resampled: bool) -> StepOutcome:
     """Every weight is zero: keep each slot's own (first) child so its tokens show how it died."""
-    return StepOutcome(np.arange(n, dtype=np.int64), np.where(carried, -1, 0).astype(np.int64),
-                       np.full(n, -math.inf), np.ones(n, dtype=bool), resampled, ALL_VIOLATED)
+    return StepOutcome(
+        np.arange(n, dtype=np.int64),
+        np.where(carried, -1, 0).astype(np.int64),
+        np.full(n, -math.inf),
+        np.ones(n, dtype=bool),
+        resampled,
+        ALL_VIOLATED,
+    )

@@ -20,12 +20,14 @@ table on it is computed lazily on first use and then shared by every request and
 Masks are torch bool tensors of length ``size`` (the model's vocab size, which may exceed the
 tokenizer's: ids past the tokenizer are never allowed by a mask except as listed EOS ids).
 """
+
 from __future__ import annotations
 
 import codecs
 import functools
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -2,6 +2,7 @@
 
 Log weights may be -inf (a zero weight); NaN and +inf are rejected with ``ValueError``.
 """
+
 from __future__ import annotations
 
 import math

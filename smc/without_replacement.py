@@ -14,6 +14,7 @@ have non-zero weight, all of them are kept deterministically (weight × N/N′) 
 slots are filled with zero-weight ("dead", log weight −inf) candidates. This keeps the total weight
 Σ_new w = (N/N′)·Σ_candidates w *exactly* (not only in expectation), so Ẑ stays unbiased.
 """
+
 from __future__ import annotations
 
 import math
@@ -184,6 +185,11 @@ def steer_resample(
     n = int(np.asarray(parent_logw).size)
     res = resample_without_replacement(cand.log_weights, n, rng)
     return SteerStep(
-        cand.parent[res.ancestors], cand.child[res.ancestors], res.log_weights, res.c_star, res.n_det,
-        cand.n_prime, res.status,
+        cand.parent[res.ancestors],
+        cand.child[res.ancestors],
+        res.log_weights,
+        res.c_star,
+        res.n_det,
+        cand.n_prime,
+        res.status,
     )

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random Llama for fast unit tests, the real model, real Redis, the real stack."""
+
 from __future__ import annotations
 
 import os
@@ -26,9 +27,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     real = resolve_model_path(None)
     tok = AutoTokenizer.from_pretrained(real)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     path = tmp_path_factory.mktemp("tiny-llama")

@@ -1,16 +1,17 @@
 """The ``smcserve`` command line (client/cli.py) and the client library's request building, without a server:
 argument parsing, the potentials ``steer`` sends, plugin options end to end through the proto into
 ``PotentialSpec``, the particle table, ``--help`` defaults, and the README's example plugin."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from client.cli import build_parser, format_particles, format_weight, main, parse_option_value, steer_potentials
 from client.client import build_request, potential_message
@@ -37,7 +38,7 @@ def test_generate_is_greedy_by_default_and_says_so():
     args = build_parser().parse_args(["generate", "What is the capital of France?"])
     assert args.temperature == 0.0
     req = build_request(messages=[{"role": "user", "content": args.prompt}], temperature=args.temperature)
-    assert req.sampling.HasField("temperature") and req.sampling.temperature == 0.0   # sent, not left to the server
+    assert req.sampling.HasField("temperature") and req.sampling.temperature == 0.0  # sent, not left to the server
     text = " ".join(_help("generate").split())
     assert "greedy" in text and "(default: 0, greedy" in text
     assert "`smcserve generate` decodes greedily by default" in README.read_text()
@@ -49,12 +50,12 @@ def test_cfg_inline_text_or_file_and_format(tmp_path):
     assert steer("--cfg", lark) == [{"kind": "cfg", "grammar": lark, "format": "lark"}]
     f = tmp_path / "yn.lark"
     f.write_text(lark)
-    assert steer("--cfg", str(f))[0]["grammar"] == lark                         # an existing path is read
+    assert steer("--cfg", str(f))[0]["grammar"] == lark  # an existing path is read
     gbnf = 'root ::= "yes" | "no"'
     assert steer("--cfg", gbnf, "--cfg-format", "gbnf")[0] == {"kind": "cfg", "grammar": gbnf, "format": "gbnf"}
     g = tmp_path / "yn.gbnf"
     g.write_text(gbnf)
-    assert steer("--cfg", str(g))[0]["format"] == "gbnf"                         # from the extension
+    assert steer("--cfg", str(g))[0]["format"] == "gbnf"  # from the extension
     assert steer("--cfg", str(g), "--cfg-format", "lark")[0]["format"] == "lark"  # the flag wins
     with pytest.raises(ValueError, match="no such file"):
         steer("--cfg", str(tmp_path / "missing.lark"))
@@ -77,7 +78,7 @@ def test_json_schema_inline_or_file(tmp_path):
 def test_forbid_case_sensitivity_and_max_tokens_potential():
     (p,) = steer("--forbid", "xyz")
     assert p == {"kind": "forbidden_chars", "chars": "xyz", "case_sensitive": False}
-    assert sent([p])[0].case_insensitive is True                              # the default: both cases
+    assert sent([p])[0].case_insensitive is True  # the default: both cases
     (p,) = steer("--forbid", "xyz", "--forbid-case-sensitive")
     assert p["case_sensitive"] is True and sent([p])[0].case_insensitive is False
     with pytest.raises(ValueError, match="--forbid"):
@@ -90,20 +91,41 @@ def test_forbid_case_sensitivity_and_max_tokens_potential():
 
 
 def test_weights_per_kind():
-    pots = steer("--regex", "a+", "--regex", "b+", "--forbid", "q", "--max-word-length", "5",
-                 "--weight", "regex=0.5", "--weight", "forbid=0", "--weight", "max-word-length=2")
+    pots = steer(
+        "--regex",
+        "a+",
+        "--regex",
+        "b+",
+        "--forbid",
+        "q",
+        "--max-word-length",
+        "5",
+        "--weight",
+        "regex=0.5",
+        "--weight",
+        "forbid=0",
+        "--weight",
+        "max-word-length=2",
+    )
     w = {(p["kind"], p.get("pattern")): p.get("weight") for p in pots}
-    assert w == {("regex", "a+"): 0.5, ("regex", "b+"): 0.5, ("forbidden_chars", None): 0.0,
-                 ("max_word_length", None): 2.0}
+    assert w == {
+        ("regex", "a+"): 0.5,
+        ("regex", "b+"): 0.5,
+        ("forbidden_chars", None): 0.0,
+        ("max_word_length", None): 2.0,
+    }
     specs = sent(pots)
     assert [s.weight for s in specs] == [0.5, 0.5, 2.0, 0.0]
     # by kind name too, and unset weights stay unset (the server's default, 1)
     pots = steer("--ban", "x", "--require", "y", "--weight", "banned_phrases=3")
     assert pots[0]["weight"] == 3.0 and "weight" not in pots[1]
     assert [s.weight for s in sent(pots)] == [3.0, 1.0]
-    for bad, msg in ((["--weight", "regex=1"], "no regex potential"), (["--regex", "a", "--weight", "regex"], "KIND=W"),
-                     (["--regex", "a", "--weight", "regex=x"], "not a number"),
-                     (["--regex", "a", "--weight", "regex=-1"], ">= 0")):
+    for bad, msg in (
+        (["--weight", "regex=1"], "no regex potential"),
+        (["--regex", "a", "--weight", "regex"], "KIND=W"),
+        (["--regex", "a", "--weight", "regex=x"], "not a number"),
+        (["--regex", "a", "--weight", "regex=-1"], ">= 0"),
+    ):
         with pytest.raises(ValueError, match=msg):
             steer(*bad)
     # a bad weight is reported before anything is sent (no server needed)
@@ -111,20 +133,48 @@ def test_weights_per_kind():
 
 
 def test_plugin_options_attach_to_the_preceding_potential():
-    pots = steer("--potential", "max_bytes", "--option", "limit=40", "--option", "words=[\"a\", \"b\"]",
-                 "--option", "name=cat", "--option", "exact=\"7\"", "--option", "on=true", "--option", "x=0.25",
-                 "--potential", "other", "--weight", "max_bytes=2", "--regex", "[a-z ]+")
-    assert pots == [{"kind": "regex", "pattern": "[a-z ]+"},
-                    {"kind": "max_bytes", "weight": 2.0,
-                     "options": {"limit": 40, "words": ["a", "b"], "name": "cat", "exact": "7", "on": True, "x": 0.25}},
-                    {"kind": "other"}]
+    pots = steer(
+        "--potential",
+        "max_bytes",
+        "--option",
+        "limit=40",
+        "--option",
+        'words=["a", "b"]',
+        "--option",
+        "name=cat",
+        "--option",
+        'exact="7"',
+        "--option",
+        "on=true",
+        "--option",
+        "x=0.25",
+        "--potential",
+        "other",
+        "--weight",
+        "max_bytes=2",
+        "--regex",
+        "[a-z ]+",
+    )
+    assert pots == [
+        {"kind": "regex", "pattern": "[a-z ]+"},
+        {
+            "kind": "max_bytes",
+            "weight": 2.0,
+            "options": {"limit": 40, "words": ["a", "b"], "name": "cat", "exact": "7", "on": True, "x": 0.25},
+        },
+        {"kind": "other"},
+    ]
     # over the wire (google.protobuf.Struct) and back into PotentialSpec.options, integers as int
     specs = sent(pots)
     assert specs[1].kind == "max_bytes" and specs[1].weight == 2.0
     assert specs[1].options == {"limit": 40, "words": ["a", "b"], "name": "cat", "exact": "7", "on": True, "x": 0.25}
     assert isinstance(specs[1].options["limit"], int)
     assert specs[0].options == {} and specs[2].options == {}
-    for argv in (["--option", "a=1"], ["--potential", "p", "--option", "novalue"], ["--potential", "p", "--option", "=1"]):
+    for argv in (
+        ["--option", "a=1"],
+        ["--potential", "p", "--option", "novalue"],
+        ["--potential", "p", "--option", "=1"],
+    ):
         with pytest.raises(SystemExit):
             steer(*argv)
     assert parse_option_value("3") == 3 and parse_option_value("abc") == "abc" and parse_option_value("") == ""
@@ -168,7 +218,7 @@ def test_client_library_sends_potentials_as_dicts():
     m = potential_message({"kind": "prompt_intersection"})
     assert m.WhichOneof("kind") == "prompt_intersection" and not m.prompt_intersection.prompts
     assert potential_message({"kind": "prompt_intersection", "prompts": ["q"]}).prompt_intersection.prompts == ["q"]
-    assert potential_message({"kind": ""}).WhichOneof("kind") is None             # the server: kind: required
+    assert potential_message({"kind": ""}).WhichOneof("kind") is None  # the server: kind: required
     with pytest.raises(ValueError, match="no_such_field"):
         potential_message({"kind": "regex", "no_such_field": 1})
     with pytest.raises(ValueError, match="phrases: not a parameter of 'regex'"):
@@ -182,12 +232,39 @@ def test_client_library_sends_potentials_as_dicts():
     with pytest.raises(ValueError, match="phrases: must be a list"):
         potential_message({"kind": "banned_phrases", "phrases": "abc"})
     # every kind the CLI makes survives the wire
-    pots = steer("--regex", "a", "--cfg", 'start: "a"', "--json-schema", '{"type": "integer"}', "--max-word-length", "4",
-                 "--forbid", "q", "--ban", "x", "--require", "y", "--max-tokens-potential", "9",
-                 "--potential", "max_bytes", "--option", "limit=3")
+    pots = steer(
+        "--regex",
+        "a",
+        "--cfg",
+        'start: "a"',
+        "--json-schema",
+        '{"type": "integer"}',
+        "--max-word-length",
+        "4",
+        "--forbid",
+        "q",
+        "--ban",
+        "x",
+        "--require",
+        "y",
+        "--max-tokens-potential",
+        "9",
+        "--potential",
+        "max_bytes",
+        "--option",
+        "limit=3",
+    )
     assert [(s.kind, s.weight) for s in sent(pots)] == [
-        ("regex", 1.0), ("cfg", 1.0), ("json_schema", 1.0), ("max_word_length", 1.0), ("forbidden_chars", 1.0),
-        ("banned_phrases", 1.0), ("required_phrases", 1.0), ("max_tokens", 1.0), ("max_bytes", 1.0)]
+        ("regex", 1.0),
+        ("cfg", 1.0),
+        ("json_schema", 1.0),
+        ("max_word_length", 1.0),
+        ("forbidden_chars", 1.0),
+        ("banned_phrases", 1.0),
+        ("required_phrases", 1.0),
+        ("max_tokens", 1.0),
+        ("max_bytes", 1.0),
+    ]
     wire = build_request(prompt="x", steering={"particles": 2, "potentials": steer("--intersect", "q")})
     assert [p.WhichOneof("kind") for p in wire.steering.potentials] == ["prompt_intersection"]
 
@@ -198,9 +275,17 @@ def P(text, weight, log_weight, finished=True, reason=""):
 
 
 def test_particle_table_shows_finish_reasons_and_small_weights():
-    res = pb.SteeringResult(log_z=-3.5, steps=12, resamples=4, status="ok", particles=[
-        P("cut", 1.2e-7, -19.0, reason="length"), P("best", 0.99999988, -3.0, reason="stop"),
-        P("dead", 0.0, float("-inf"), reason="violated")])
+    res = pb.SteeringResult(
+        log_z=-3.5,
+        steps=12,
+        resamples=4,
+        status="ok",
+        particles=[
+            P("cut", 1.2e-7, -19.0, reason="length"),
+            P("best", 0.99999988, -3.0, reason="stop"),
+            P("dead", 0.0, float("-inf"), reason="violated"),
+        ],
+    )
     lines = format_particles(res).splitlines()
     assert lines[0].startswith("log Z = -3.5000") and "end" in lines[1]
     assert re.match(r"\s*1\.0000\s+-3\.000\s+stop\s+'best'", lines[2])
@@ -212,8 +297,14 @@ def test_particle_table_shows_finish_reasons_and_small_weights():
     old = pb.SteeringResult(particles=[P("a", 0.5, -1.0), P("b", 0.5, -1.0, finished=False)])
     table = format_particles(old)
     assert re.search(r"0\.5000\s+-1\.000\s+done\s+'a'", table) and re.search(r"0\.5000\s+-1\.000\s+-\s+'b'", table)
-    assert [format_weight(w) for w in (0.0, 1.0, 0.25, 0.001, 0.000999, 3.4e-12)] == \
-        ["0", "1.0000", "0.2500", "0.0010", "1.0e-03", "3.4e-12"]
+    assert [format_weight(w) for w in (0.0, 1.0, 0.25, 0.001, 0.000999, 3.4e-12)] == [
+        "0",
+        "1.0000",
+        "0.2500",
+        "0.0010",
+        "1.0e-03",
+        "3.4e-12",
+    ]
 
 
 # --- --help shows defaults ------------------------------------------------------------------------------
@@ -238,9 +329,16 @@ def test_every_help_shows_defaults():
             assert "default" in shown.lower(), (name, action.option_strings, shown)
         assert "(default:" in text, name
     steer_help = " ".join(_help("steer").split())
-    for piece in ("--particles PARTICLES N, the number of particles (default: 16)", "(default: without_replacement)",
-                  "--cfg-format {lark,gbnf}", "--weight KIND=W", "--option KEY=VALUE", "--max-tokens-potential N",
-                  "--forbid-case-sensitive", "stop (EOS), length"):
+    for piece in (
+        "--particles PARTICLES N, the number of particles (default: 16)",
+        "(default: without_replacement)",
+        "--cfg-format {lark,gbnf}",
+        "--weight KIND=W",
+        "--option KEY=VALUE",
+        "--max-tokens-potential N",
+        "--forbid-case-sensitive",
+        "stop (EOS), length",
+    ):
         assert piece in steer_help, piece
     assert "(default: 50051)" in " ".join(_help("serve").split())
     assert "(default: 600.0)" in " ".join(_help("bench").split())
@@ -289,18 +387,18 @@ def test_readme_plugin_is_a_working_entry_point(tmp_path, monkeypatch, vocab):
         (pot,) = P_.build_potentials([spec], vocab)
         ids = vocab.tokenizer.encode("Hello world, how are you")
         text = ""
-        for t in ids:                      # "Hello world, how are you": ASCII, 12 bytes fit
+        for t in ids:  # "Hello world, how are you": ASCII, 12 bytes fit
             text += vocab.tokenizer.decode([t])
             fits = len(text) <= 12
-            assert bool(pot.mask()[t]) == fits, text        # the mask allows exactly the tokens that fit
+            assert bool(pot.mask()[t]) == fits, text  # the mask allows exactly the tokens that fit
             assert pot.advance(t) == (0.0 if fits else float("-inf")), text
             if not fits:
                 break
-        assert text == "Hello world, how"              # " how" was the first token past the limit
+        assert text == "Hello world, how"  # " how" was the first token past the limit
         clone = pot.clone()
         assert clone.used == pot.used and clone is not pot
         fresh = P_.build_potential(spec, vocab)
-        assert bool(fresh.mask()[vocab.eos_ids[0]])                 # ending is always allowed
+        assert bool(fresh.mask()[vocab.eos_ids[0]])  # ending is always allowed
         with pytest.raises(P_.PotentialError, match=r"steering\.potentials\[0\]: options\.limit"):
             P_.build_potential(sent(steer("--potential", "max_bytes", "--option", "limit=0"))[0], vocab)
     finally:

@@ -1,4 +1,5 @@
 """The live Conductor: the TTFT predictor against measured prefill timings, and early rejection."""
+
 from __future__ import annotations
 
 import threading
@@ -43,8 +44,8 @@ def test_ttft_predictor_fits_measured_prefill(real_model, redis_url):
         assert actual / 2.5 < predicted < actual * 2.5, (n, predicted, actual, best)
 
 
-SLO_FACTOR = 4      # burst requests admitted at once: the TTFT SLO is (SLO_FACTOR + ½) predicted prefills
-BURST = 16          # burst requests sent at once
+SLO_FACTOR = 4  # burst requests admitted at once: the TTFT SLO is (SLO_FACTOR + ½) predicted prefills
+BURST = 16  # burst requests sent at once
 
 
 def burst_prompt(i: int) -> str:
@@ -77,8 +78,9 @@ def live_stack(monkeypatch):
     own_ray = not ray.is_initialized()
     if own_ray:  # a new local cluster (never one left running on this machine)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    st = stack_mod.Stack(stack_mod.ServeConfig(dtype="float32", port=0, threads=1, kv_cache="256mb",
-                                               redis_maxmemory="128mb"))
+    st = stack_mod.Stack(
+        stack_mod.ServeConfig(dtype="float32", port=0, threads=1, kv_cache="256mb", redis_maxmemory="128mb")
+    )
     try:
         asyncio.run_coroutine_threadsafe(st.start(), loop).result(timeout=600)
         yield st, services[0]

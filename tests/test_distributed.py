@@ -1,5 +1,6 @@
 """Several real Ray nodes on this machine: decode workers on separate nodes, particles migrating
 through the KV store, and the same result as one worker for the same seed."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,20 @@ def cluster_server():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
-    srv = ServeProcess("--ray-address", cluster.address, "--worker-host", "127.0.0.1", "--decode-workers", "2",
-                       "--dtype", "float32", "--redis-maxmemory", "256mb", "--kv-cache", "128mb")
+    srv = ServeProcess(
+        "--ray-address",
+        cluster.address,
+        "--worker-host",
+        "127.0.0.1",
+        "--decode-workers",
+        "2",
+        "--dtype",
+        "float32",
+        "--redis-maxmemory",
+        "256mb",
+        "--kv-cache",
+        "128mb",
+    )
     try:
         yield srv
     finally:
@@ -30,18 +43,28 @@ def test_decode_workers_on_separate_nodes_match_one_worker(cluster_server, clien
     with Client(cluster_server.address) as remote:
         workers = remote.info().decode_workers
         assert len(workers) == 2 and workers[0].node_id != workers[1].node_id
-        kw = dict(messages=[{"role": "user", "content": "Describe a storm at sea."}], particles=6, max_tokens=10,
-                  seed=21, potentials=[{"kind": "max_word_length", "max_len": 6}])
+        kw = dict(
+            messages=[{"role": "user", "content": "Describe a storm at sea."}],
+            particles=6,
+            max_tokens=10,
+            seed=21,
+            potentials=[{"kind": "max_word_length", "max_len": 6}],
+        )
         for scheme in ("without_replacement", "multinomial"):
             spread = remote.steer(scheme=scheme, ess_threshold=1.0, **kw)
             single = client.steer(scheme=scheme, ess_threshold=1.0, **kw)  # the one-worker test server
             assert [list(p.token_ids) for p in spread.particles] == [list(p.token_ids) for p in single.particles]
             assert [p.log_weight for p in spread.particles] == pytest.approx(
-                [p.log_weight for p in single.particles], abs=1e-3)
+                [p.log_weight for p in single.particles], abs=1e-3
+            )
             assert spread.log_z == pytest.approx(single.log_z, abs=1e-3)
         # the two workers both held particles, and plain generation works across nodes too
         after = remote.info().decode_workers
         assert all(w.batch_steps > 0 for w in after)
         assert sum(w.particles_imported for w in after) > 0  # resampling moved particles between the nodes
-        assert "Paris" in remote.generate(messages=[{"role": "user", "content": "What is the capital of France?"}],
-                                          temperature=0.0, max_tokens=16).text
+        assert (
+            "Paris"
+            in remote.generate(
+                messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0.0, max_tokens=16
+            ).text
+        )

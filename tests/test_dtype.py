@@ -1,4 +1,5 @@
 """``--dtype auto`` is decided by timing (injected here), cached per CPU / torch / threads / model."""
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,19 @@ def fake_timer(ms: dict[str, dict[str, float]], calls: list | None = None):
     return time_fn
 
 
-FAST_BF16 = {"float32": {"decode_b1": 10.0, "decode_b64": 100.0, "prefill_128": 80.0},
-             "bfloat16": {"decode_b1": 5.0, "decode_b64": 40.0, "prefill_128": 30.0}}
+FAST_BF16 = {
+    "float32": {"decode_b1": 10.0, "decode_b64": 100.0, "prefill_128": 80.0},
+    "bfloat16": {"decode_b1": 5.0, "decode_b64": 40.0, "prefill_128": 30.0},
+}
 # this machine's case: bf16 GEMMs faster (prefill), but one-token attention much slower (decode)
-SLOW_BF16_DECODE = {"float32": {"decode_b1": 10.0, "decode_b64": 100.0, "prefill_128": 80.0},
-                    "bfloat16": {"decode_b1": 9.0, "decode_b64": 160.0, "prefill_128": 40.0}}
-MARGINAL_BF16 = {"float32": {"decode_b1": 10.0, "decode_b64": 100.0, "prefill_128": 80.0},
-                 "bfloat16": {"decode_b1": 9.0, "decode_b64": 90.0, "prefill_128": 60.0}}
+SLOW_BF16_DECODE = {
+    "float32": {"decode_b1": 10.0, "decode_b64": 100.0, "prefill_128": 80.0},
+    "bfloat16": {"decode_b1": 9.0, "decode_b64": 160.0, "prefill_128": 40.0},
+}
+MARGINAL_BF16 = {
+    "float32": {"decode_b1": 10.0, "decode_b64": 100.0, "prefill_128": 80.0},
+    "bfloat16": {"decode_b1": 9.0, "decode_b64": 90.0, "prefill_128": 60.0},
+}
 
 
 class FakeLoad:
@@ -55,8 +62,9 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / dt.CACHE_FILE
 
 
-@pytest.mark.parametrize("timings, want", [(FAST_BF16, "bfloat16"), (SLOW_BF16_DECODE, "float32"),
-                                           (MARGINAL_BF16, "float32")])
+@pytest.mark.parametrize(
+    "timings, want", [(FAST_BF16, "bfloat16"), (SLOW_BF16_DECODE, "float32"), (MARGINAL_BF16, "float32")]
+)
 def test_chooser_picks_the_faster_dtype(cache, timings, want):
     choice = choose_auto(ModelDims(), threads=2, time_fn=fake_timer(timings))
     assert choice.dtype == want and choice.measured
@@ -67,10 +75,10 @@ def test_chooser_picks_the_faster_dtype(cache, timings, want):
 
 def test_decide_needs_the_margin_on_every_decode_shape():
     assert decide(FAST_BF16)[0] == "bfloat16"
-    assert decide(FAST_BF16, threshold=3.0)[0] == "float32"          # 2x and 2.5x are not 3x
+    assert decide(FAST_BF16, threshold=3.0)[0] == "float32"  # 2x and 2.5x are not 3x
     only_b64 = {"float32": dict(FAST_BF16["float32"]), "bfloat16": dict(FAST_BF16["bfloat16"], decode_b1=9.5)}
-    assert decide(only_b64)[0] == "float32"                           # batch 1 is not clearly faster
-    assert decide(SLOW_BF16_DECODE)[0] == "float32"                   # prefill alone does not decide
+    assert decide(only_b64)[0] == "float32"  # batch 1 is not clearly faster
+    assert decide(SLOW_BF16_DECODE)[0] == "float32"  # prefill alone does not decide
 
 
 def test_measurement_warms_up_interleaves_and_takes_the_min(cache):
@@ -82,7 +90,7 @@ def test_measurement_warms_up_interleaves_and_takes_the_min(cache):
         return next(noisy) / 1e3
 
     mins, medians = dt.measure(ModelDims(), time_fn, budget_s=0.0, min_rounds=3)
-    assert len(seen) == 4 * 2 * len(SHAPES)                           # warm-up + 3 rounds, then over budget
+    assert len(seen) == 4 * 2 * len(SHAPES)  # warm-up + 3 rounds, then over budget
     assert seen[:6] == ["float32"] * 3 + ["bfloat16"] * 3 and seen[6:12] == ["bfloat16"] * 3 + ["float32"] * 3
     assert all(v == 10.0 for per in mins.values() for v in per.values())  # never the warm-up's 50
     assert all(v == 20.0 for per in medians.values() for v in per.values())
@@ -107,8 +115,11 @@ def test_the_cache_is_reused_and_keyed_by_cpu_and_threads(cache, monkeypatch):
     assert other_cpu.measured and other_cpu.dtype == "float32" and len(calls) > n
     n = len(calls)
     # and another model's sizes
-    other_model = choose_auto(ModelDims(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16),
-                              threads=2, time_fn=fake_timer(SLOW_BF16_DECODE, calls))
+    other_model = choose_auto(
+        ModelDims(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16),
+        threads=2,
+        time_fn=fake_timer(SLOW_BF16_DECODE, calls),
+    )
     assert other_model.measured and len(calls) > n
     n = len(calls)
     # all decisions live side by side; the first machine's is still there
@@ -139,8 +150,16 @@ def test_an_explicit_dtype_is_not_measured(cache):
 
 
 def test_model_dims_from_a_config():
-    d = ModelDims.from_config({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000})
+    d = ModelDims.from_config(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 1000,
+        }
+    )
     assert d == ModelDims(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=1000)
     assert ModelDims.from_config({}) == ModelDims() == ModelDims.from_model_dir("/nonexistent")
 
@@ -153,8 +172,9 @@ def test_load_model_resolves_auto_through_the_chooser(cache, monkeypatch, tiny_m
     monkeypatch.setattr(dt, "Timer", lambda: fake_timer(FAST_BF16, seen))
     lm = load_model(str(tiny_model_dir), "auto")
     assert lm.dtype == torch.bfloat16 and "auto chose bfloat16" in lm.dtype_reason
-    assert seen and seen[0][2] == ModelDims(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
-                                            head_dim=16, vocab=lm.config.vocab_size)
+    assert seen and seen[0][2] == ModelDims(
+        hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=lm.config.vocab_size
+    )
 
 
 def test_the_real_timer_runs_every_shape(cache):

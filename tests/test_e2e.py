@@ -1,4 +1,5 @@
 """End to end through `smcserve serve`: real model, real Ray, real Redis, real gRPC on loopback."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,13 +10,12 @@ import time
 import grpc
 import pytest
 import torch
+from conftest import REPO
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client.client import build_request
 from protos import smcserve_pb2 as pb
-
-from conftest import REPO
 
 pytestmark = pytest.mark.e2e
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -48,8 +48,12 @@ def test_stack_equals_hf_generate_fp32(client, real_model):
     for q in ("Name a primary colour.", "What is 2 + 2?", "Say hello in French."):
         out = client.generate(messages=chat(q), temperature=0.0, max_tokens=20)
         ids = tok.apply_chat_template(chat(q), add_generation_prompt=True, tokenize=True, return_dict=False)
-        ref = real_model.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                        max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+        ref = real_model.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=20,
+            do_sample=False,
+        )[0, len(ids) :].tolist()
         assert out.token_ids == ref, q
         assert out.text == tok.decode(ref, skip_special_tokens=True)
 
@@ -69,8 +73,9 @@ def test_seed_reproducible_and_stop_strings(client):
     assert a.token_ids == b.token_ids and a.text == b.text
     full = client.generate(messages=chat("Count from 1 to 10, separated by commas."), temperature=0.0, max_tokens=40)
     assert "," in full.text
-    cut = client.generate(messages=chat("Count from 1 to 10, separated by commas."), temperature=0.0, max_tokens=40,
-                          stop=[","])
+    cut = client.generate(
+        messages=chat("Count from 1 to 10, separated by commas."), temperature=0.0, max_tokens=40, stop=[","]
+    )
     assert cut.finish_reason == "stop" and "," not in cut.text and full.text.startswith(cut.text)
 
 
@@ -79,20 +84,23 @@ def test_max_tokens_gives_length(client):
     assert out.finish_reason == "length" and len(out.token_ids) == 5 and out.usage.completion_tokens == 5
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(prompt=""), "prompt"),
-    (dict(messages=[]), "chat.messages"),
-    (dict(messages=[{"role": "robot", "content": "hi"}]), "chat.messages[0].role"),
-    (dict(prompt="hi", max_tokens=0), "sampling.max_tokens"),
-    (dict(prompt="hi", max_tokens=-3), "sampling.max_tokens"),
-    (dict(prompt="hi", max_tokens=10**6), "sampling.max_tokens"),
-    (dict(prompt="hi", temperature=-0.5), "sampling.temperature"),
-    (dict(prompt="hi", top_p=0.0), "sampling.top_p"),
-    (dict(prompt="hi", top_p=1.5), "sampling.top_p"),
-    (dict(prompt="hi", top_k=-1), "sampling.top_k"),
-    (dict(prompt="hi", model="gpt-17"), "model"),
-    (dict(prompt="hello " * 9000), "prompt"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(prompt=""), "prompt"),
+        (dict(messages=[]), "chat.messages"),
+        (dict(messages=[{"role": "robot", "content": "hi"}]), "chat.messages[0].role"),
+        (dict(prompt="hi", max_tokens=0), "sampling.max_tokens"),
+        (dict(prompt="hi", max_tokens=-3), "sampling.max_tokens"),
+        (dict(prompt="hi", max_tokens=10**6), "sampling.max_tokens"),
+        (dict(prompt="hi", temperature=-0.5), "sampling.temperature"),
+        (dict(prompt="hi", top_p=0.0), "sampling.top_p"),
+        (dict(prompt="hi", top_p=1.5), "sampling.top_p"),
+        (dict(prompt="hi", top_k=-1), "sampling.top_k"),
+        (dict(prompt="hi", model="gpt-17"), "model"),
+        (dict(prompt="hello " * 9000), "prompt"),
+    ],
+)
 def test_bad_input_is_invalid_argument(client, kwargs, field):
     with pytest.raises(grpc.RpcError) as err:
         client.generate(**kwargs)
@@ -103,8 +111,11 @@ def test_bad_input_is_invalid_argument(client, kwargs, field):
 def test_invalid_utf8_is_invalid_argument(server, client):
     raw = build_request("héllo").SerializeToString().replace("héllo".encode(), b"h\xff\xfello")
     with grpc.insecure_channel(server.address) as ch:
-        call = ch.unary_stream("/smcserve.v1.SmcServe/Generate", request_serializer=lambda b: b,
-                               response_deserializer=pb.GenerateResponse.FromString)
+        call = ch.unary_stream(
+            "/smcserve.v1.SmcServe/Generate",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.GenerateResponse.FromString,
+        )
         with pytest.raises(grpc.RpcError) as err:
             list(call(raw))
     assert err.value.code() == INVALID and err.value.details().startswith("prompt:")
@@ -128,8 +139,9 @@ def test_cancel_mid_stream_frees_kv(client):
 
 def test_abort_rpc_ends_stream(client):
     responses = []
-    stream = client.stream(messages=chat("Describe the ocean at length."), max_tokens=400, ignore_eos=True,
-                           request_id="abort-me")
+    stream = client.stream(
+        messages=chat("Describe the ocean at length."), max_tokens=400, ignore_eos=True, request_id="abort-me"
+    )
     for r in stream:
         responses.append(r)
         if len(responses) == 3:
@@ -175,31 +187,58 @@ def test_model_info_health_and_reflection(server, client):
 
 
 def test_cli_generate_streams(server):
-    out = subprocess.run([sys.executable, "-m", "client.cli", "generate", "What is the capital of France?",
-                          "--temperature", "0", "--max-tokens", "24", "--address", server.address],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "generate",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--address",
+            server.address,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout and "[stop]" in out.stderr
 
 
 def test_unreachable_redis_is_a_clear_error():
     url = "redis://127.0.0.1:1"
-    out = subprocess.run([sys.executable, "-m", "client.cli", "serve", "--redis-url", url, "--port", "0"],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "client.cli", "serve", "--redis-url", url, "--port", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and url in out.stderr and "Redis" in out.stderr
 
 
 def test_unknown_model_dir_is_a_clear_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "client.cli", "serve", "--model", str(tmp_path / "nope"), "--port", "0"],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "client.cli", "serve", "--model", str(tmp_path / "nope"), "--port", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "model:" in out.stderr
 
 
 def test_concurrent_requests_share_batch_steps(client, real_model):
     """8 concurrent Generate calls complete correctly and were advanced together in batched steps."""
     before = client.info().decode_workers[0]
-    questions = [f"Give me one word that rhymes with {w}." for w in
-                 ("cat", "dog", "sun", "tree", "blue", "rain", "star", "moon")]
+    questions = [
+        f"Give me one word that rhymes with {w}." for w in ("cat", "dog", "sun", "tree", "blue", "rain", "star", "moon")
+    ]
     results: list = [None] * len(questions)
 
     def run(i):
@@ -217,8 +256,12 @@ def test_concurrent_requests_share_batch_steps(client, real_model):
     tok = real_model.tokenizer
     for q, out in zip(questions, results):  # batching did not change anyone's greedy output
         ids = tok.apply_chat_template(chat(q), add_generation_prompt=True, tokenize=True, return_dict=False)
-        ref = real_model.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                        max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        ref = real_model.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=32,
+            do_sample=False,
+        )[0, len(ids) :].tolist()
         assert out.token_ids == ref, q
     assert all(w.kv_blocks_in_use == 0 for w in wait_for_idle_workers(client))
 

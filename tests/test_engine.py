@@ -1,4 +1,5 @@
 """Engine pieces in one process: sampling, detokenisation, block layout, prefill → store → decode."""
+
 from __future__ import annotations
 
 import pytest
@@ -93,9 +94,13 @@ def _run_disaggregated(lm, store, prompts, max_tokens, evict=False):
 
 
 def _hf_greedy(lm, prompt, max_tokens):
-    out = lm.model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
-                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+    out = lm.model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_disaggregated_equals_hf_generate_tiny(tiny_model_dir, redis_url):
@@ -109,9 +114,12 @@ def test_disaggregated_equals_hf_generate_tiny(tiny_model_dir, redis_url):
 @pytest.mark.parametrize("evict", [False, True], ids=["from-store", "evicted-recompute"])
 def test_disaggregated_equals_hf_generate_real_model(real_model, redis_url, evict):
     tok = real_model.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                       tokenize=True, return_dict=False)
-               for q in ("What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.")]
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for q in ("What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.")
+    ]
     store = KVStore(redis_url, key_prefix=f"t-real-{evict}:")
     outs, stats = _run_disaggregated(real_model, store, prompts, 24, evict=evict)
     for prompt, out in zip(prompts, outs):

@@ -41,6 +41,7 @@ def store(server, request):
 
 # ---- codec ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [FULL, PARTIAL, (7,), (1, 2, 3, 4, 5, 6)])
 def test_codec_roundtrip_bit_exact(dtype, shape):
@@ -67,7 +68,7 @@ def test_codec_rejects_bad_values():
 
     def patch(offset: int, raw: bytes) -> bytes:
         b = bytearray(good)
-        b[offset:offset + len(raw)] = raw
+        b[offset : offset + len(raw)] = raw
         return bytes(b)
 
     bad = {
@@ -93,6 +94,7 @@ def test_codec_rejects_bad_values():
 
 # ---- store ---------------------------------------------------------------------------------
 
+
 def test_put_get_roundtrip_fp32_bf16(store):
     items = [
         (_key("a"), torch.randn(FULL, dtype=torch.float32)),
@@ -115,7 +117,7 @@ def test_batched_many_keys_and_missing(store):
     got = store.get_blocks(query)
     assert len(got) == len(query)
     assert got[10] is None
-    for (k, t), g in zip(items, got[:10] + got[11:]):
+    for (_, t), g in zip(items, got[:10] + got[11:]):
         assert g is not None and torch.equal(g, t)
     assert store.get_blocks([]) == []
     assert store.info()["keys"] == 64
@@ -210,6 +212,7 @@ def test_start_or_connect_and_shared_server(server):
         c.set("x", b"1")
         del c
         import gc
+
         gc.collect()
         KVStore(url2).ping()
         assert emb2.client().get("x") == b"1"
@@ -244,8 +247,9 @@ def test_no_pickle_in_packages():
 
 def test_server_stops_when_owner_process_is_killed():
     code = "from kvstore import EmbeddedRedis; e = EmbeddedRedis('8mb'); print(e.url, flush=True); input()"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         url = proc.stdout.readline().strip()
         KVStore(url).ping()  # usable from another process
@@ -253,7 +257,7 @@ def test_server_stops_when_owner_process_is_killed():
         proc.kill()
         proc.wait()
     deadline = time.time() + 120  # returns as soon as the watchdog stopped the server
-    while time.time() < deadline and os.path.exists(url[len("unix://"):]):
+    while time.time() < deadline and os.path.exists(url[len("unix://") :]):
         time.sleep(0.1)
     with pytest.raises(ConnectionError, match=url):
         KVStore(url).ping()

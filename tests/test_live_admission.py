@@ -1,6 +1,7 @@
 """The live scheduler's Generate steps (validate → claim → admit/place → prefill → decode stream → final)
 with fake workers, and decode admission on the free KV blocks the decode workers report. No Ray, no
 model, no server: fast."""
+
 from __future__ import annotations
 
 import asyncio
@@ -78,16 +79,21 @@ class FakeContext:
 
 def service(*stubs: FakeDecodeStub, policy="cache_global") -> SchedulerService:
     return SchedulerService(
-        tokenizer=WordTokenizer(), limits=Limits(max_context=4096, max_tokens_limit=1000, model_name="m"),
+        tokenizer=WordTokenizer(),
+        limits=Limits(max_context=4096, max_tokens_limit=1000, model_name="m"),
         model=ModelSummary("m", "fp", "float32", 100, BS),
         prefill=[PrefillHandle("prefill-0", FakePrefill())],
         decode=[DecodeHandle(f"decode-{i}", None, f"addr-{i}", s) for i, s in enumerate(stubs)],
-        policy=make_policy(policy))
+        policy=make_policy(policy),
+    )
 
 
 def request(words=8, max_tokens=8, request_id="r") -> pb.GenerateRequest:
-    return pb.GenerateRequest(request_id=request_id, prompt=" ".join(["w"] * words),
-                              sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return pb.GenerateRequest(
+        request_id=request_id,
+        prompt=" ".join(["w"] * words),
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+    )
 
 
 async def generate(svc, req):
@@ -109,14 +115,14 @@ def events(n):
 # --- free blocks of a decode worker ------------------------------------------------------------------
 def test_free_blocks_from_reports_and_reservations():
     h = DecodeHandle("d", None, "a", None)
-    assert h.free_blocks() == 1 << 30                     # no report yet: no limit (as before reports)
+    assert h.free_blocks() == 1 << 30  # no report yet: no limit (as before reports)
     h.report(pb.WorkerStats(kv_blocks_total=100, kv_blocks_in_use=30))
-    assert h.free_blocks() == 70                          # 30 held by others (e.g. SMC particles)
-    h.reserved_blocks = 20                                # a request placed since: its blocks count now
+    assert h.free_blocks() == 70  # 30 held by others (e.g. SMC particles)
+    h.reserved_blocks = 20  # a request placed since: its blocks count now
     assert h.free_blocks() == 50
     h.report(pb.WorkerStats(kv_blocks_total=100, kv_blocks_in_use=40))  # it holds 10 of its 20 so far
     assert h.free_blocks() == 100 - 20 - 20
-    h.reserved_blocks = 0                                 # it finished: its blocks are free at once
+    h.reserved_blocks = 0  # it finished: its blocks are free at once
     assert h.free_blocks() == 80
 
 
@@ -144,11 +150,11 @@ def test_generate_is_rejected_at_admission_when_no_decode_worker_has_room():
         stub = FakeDecodeStub(total=10, in_use=0, events=events(2))
         svc = service(stub)
         await svc.refresh_decode_stats()
-        out, ctx = await generate(svc, request(words=8, max_tokens=40))   # 12 blocks > 10
+        out, ctx = await generate(svc, request(words=8, max_tokens=40))  # 12 blocks > 10
         assert out == [] and ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert ctx.details == "rejected at admission: decode: no instance has 12 free KV blocks"
         assert stub.decodes == [] and svc.prefill[0].actor.calls == 0 and not svc.running
-        out, ctx = await generate(svc, request(words=8, max_tokens=8))    # 4 blocks fit
+        out, ctx = await generate(svc, request(words=8, max_tokens=8))  # 4 blocks fit
         assert ctx.code is None and out[-1].finish_reason == "length"
 
     asyncio.run(main())
@@ -160,14 +166,14 @@ def test_a_request_in_flight_holds_its_blocks_until_it_ends():
         svc = service(stub)
         await svc.refresh_decode_stats()
         gen = svc.Generate(request(words=8, max_tokens=16, request_id="first"), FakeContext())  # 6 blocks
-        first = await gen.__anext__()                      # streaming: its blocks are reserved
+        first = await gen.__anext__()  # streaming: its blocks are reserved
         assert first.token_ids == [10] and svc.decode[0].reserved_blocks == 6
         out, ctx = await generate(svc, request(words=8, max_tokens=16, request_id="second"))
         assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "no instance has 6 free KV blocks" in ctx.details
         rest = [r async for r in gen]
         assert rest[-1].finish_reason == "length" and svc.decode[0].reserved_blocks == 0
         before = stub.stats_calls
-        await asyncio.sleep(0)                              # the refresh a finished request asks for
+        await asyncio.sleep(0)  # the refresh a finished request asks for
         await svc._stats_task
         assert stub.stats_calls > before
 
@@ -185,19 +191,28 @@ def test_generate_streams_tokens_then_the_final_message():
         final = out[-1]
         assert final.finish_reason == "length" and final.usage.prompt_tokens == 5
         assert final.usage.completion_tokens == 3 and final.usage.ttft_ms > 0 and final.usage.e2e_ms > 0
-        (decode_request, call), = stub.decodes
+        ((decode_request, call),) = stub.decodes
         assert decode_request.first_token == 7 and list(decode_request.prompt_token_ids) == [1, 2, 3, 4, 5]
         assert call.cancelled and not svc.running and svc.decode[0].active == svc.decode[0].incoming == 0
 
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("req, code, details", [
-    (pb.GenerateRequest(prompt="", sampling=pb.SamplingParams(max_tokens=3)), grpc.StatusCode.INVALID_ARGUMENT,
-     "prompt: must not be empty"),
-    (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(max_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT,
-     "sampling.max_tokens: must be > 0, got 0"),
-])
+@pytest.mark.parametrize(
+    "req, code, details",
+    [
+        (
+            pb.GenerateRequest(prompt="", sampling=pb.SamplingParams(max_tokens=3)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prompt: must not be empty",
+        ),
+        (
+            pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(max_tokens=0)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sampling.max_tokens: must be > 0, got 0",
+        ),
+    ],
+)
 def test_invalid_requests_are_invalid_argument(req, code, details):
     out, ctx = asyncio.run(generate(service(FakeDecodeStub(events=events(1))), req))
     assert out == [] and ctx.code == code and ctx.details == details
@@ -221,17 +236,20 @@ def _rpc_error(code):
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="boom")
 
 
-@pytest.mark.parametrize("code, expected", [
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
-    (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL),
-])
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL),
+    ],
+)
 def test_a_decode_worker_error_after_the_first_token_maps_through_worker_status(code, expected):
     async def main():
         first = worker_pb2.DecodeEvent(token_ids=[10], text="t0", completion_tokens=1)
         svc = service(FakeDecodeStub(events=[first], error=_rpc_error(code)), FakeDecodeStub(events=events(1)))
         out, ctx = await generate(svc, request())
-        assert [r.token_ids[:] for r in out] == [[10]]     # streamed once: never passed on
+        assert [r.token_ids[:] for r in out] == [[10]]  # streamed once: never passed on
         assert ctx.code == expected and ctx.details == "decode failed: boom"
         assert svc.decode[1].stub.decodes == [] and not svc.running and svc.decode[0].reserved_blocks == 0
 
@@ -240,8 +258,9 @@ def test_a_decode_worker_error_after_the_first_token_maps_through_worker_status(
 
 def test_a_full_worker_passes_the_request_on_before_its_first_token():
     async def main():
-        svc = service(FakeDecodeStub(error=_rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED)),
-                      FakeDecodeStub(events=events(2)))
+        svc = service(
+            FakeDecodeStub(error=_rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED)), FakeDecodeStub(events=events(2))
+        )
         out, ctx = await generate(svc, request())
         assert ctx.code is None and out[-1].finish_reason == "length"
         assert len(svc.decode[0].stub.decodes) == len(svc.decode[1].stub.decodes) == 1

@@ -1,5 +1,6 @@
 """The load-testing harness: metric definitions, trace replay, arrival processes, the runner (against a
 fake in-process server) and one short replay of the real trace against the real stack (e2e)."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,32 @@ import pytest
 from loadtest import report
 from loadtest.metrics import RequestRecord, compute_metrics, parse_slo, reason_prefix
 from loadtest.runner import check_address, is_loopback, run_workload
-from loadtest.trace import (DEFAULT_TRACE, TraceRow, TraceScaling, load_trace, parse_slice, row_prompt_ids,
-                            scaled_token_hit_rate, select_rows, trace_requests, trace_workload, unbounded_hit_rate)
-from loadtest.workloads import (WORDS, SmcMix, Workload, concurrency_workload, gamma_arrivals, ids_to_text,
-                                RequestSpec, poisson_arrivals, rate_workload, sweep_workloads, word_block)
+from loadtest.trace import (
+    DEFAULT_TRACE,
+    TraceRow,
+    TraceScaling,
+    load_trace,
+    parse_slice,
+    row_prompt_ids,
+    scaled_token_hit_rate,
+    select_rows,
+    trace_requests,
+    trace_workload,
+    unbounded_hit_rate,
+)
+from loadtest.workloads import (
+    WORDS,
+    RequestSpec,
+    SmcMix,
+    Workload,
+    concurrency_workload,
+    gamma_arrivals,
+    ids_to_text,
+    poisson_arrivals,
+    rate_workload,
+    sweep_workloads,
+    word_block,
+)
 from protos import smcserve_pb2 as pb
 from protos import smcserve_pb2_grpc
 
@@ -30,15 +53,41 @@ TRACE = DEFAULT_TRACE  # data/traces/synthetic_trace.jsonl, shipped in the repos
 # --- metrics ------------------------------------------------------------------------------------------
 def _hand_records() -> list[RequestRecord]:
     # A: chunks at 100, 150, 250 ms (1, 1, 2 tokens), stream ends at 300 ms: 4 output tokens.
-    a = RequestRecord(0, chunk_s=[0.100, 0.150, 0.250], chunk_tokens=[1, 1, 2], end_s=0.300, status="ok",
-                      output_tokens=4, prompt_tokens=100, cached_prompt_tokens=32)
+    a = RequestRecord(
+        0,
+        chunk_s=[0.100, 0.150, 0.250],
+        chunk_tokens=[1, 1, 2],
+        end_s=0.300,
+        status="ok",
+        output_tokens=4,
+        prompt_tokens=100,
+        cached_prompt_tokens=32,
+    )
     # B: its only token arrives with the final message at 200 ms: 1 output token (no TPOT, no ITL).
-    b = RequestRecord(1, chunk_s=[0.200], chunk_tokens=[1], end_s=0.200, status="ok", output_tokens=1,
-                      prompt_tokens=60, cached_prompt_tokens=0)
-    c = RequestRecord(2, status="rejected", code="RESOURCE_EXHAUSTED", end_s=0.001,
-                      message="server busy: 8 requests in flight (limit 8)")
-    d = RequestRecord(3, status="rejected", code="RESOURCE_EXHAUSTED", end_s=0.002,
-                      message="server busy: 9 requests in flight (limit 8)")
+    b = RequestRecord(
+        1,
+        chunk_s=[0.200],
+        chunk_tokens=[1],
+        end_s=0.200,
+        status="ok",
+        output_tokens=1,
+        prompt_tokens=60,
+        cached_prompt_tokens=0,
+    )
+    c = RequestRecord(
+        2,
+        status="rejected",
+        code="RESOURCE_EXHAUSTED",
+        end_s=0.001,
+        message="server busy: 8 requests in flight (limit 8)",
+    )
+    d = RequestRecord(
+        3,
+        status="rejected",
+        code="RESOURCE_EXHAUSTED",
+        end_s=0.002,
+        message="server busy: 9 requests in flight (limit 8)",
+    )
     e = RequestRecord(4, status="error", code="UNAVAILABLE", end_s=0.01, message="prefill worker p0 failed: boom")
     return [a, b, c, d, e]
 
@@ -93,8 +142,10 @@ def test_slo_parsing_and_reason_prefix():
     for bad in ("ttft", "foo=1", "ttft=x", "tpot=-1"):
         with pytest.raises(ValueError):
             parse_slo(bad)
-    assert reason_prefix("decode worker decode-0: out of KV blocks: the request needs up to 80, 11 free") == \
-        "decode worker decode-N: out of KV blocks"
+    assert (
+        reason_prefix("decode worker decode-0: out of KV blocks: the request needs up to 80, 11 free")
+        == "decode worker decode-N: out of KV blocks"
+    )
     assert reason_prefix("") == "(no message)"
 
 
@@ -117,39 +168,39 @@ def test_report_outputs(tmp_path):
 
 # --- trace replay -------------------------------------------------------------------------------------
 ROWS = [
-    TraceRow(0.0, 1100, 10, (1, 2, 3)),       # blocks 512, 512, 76
-    TraceRow(1000.0, 1324, 200, (1, 2, 4)),   # shares two blocks with the first; last block 300
+    TraceRow(0.0, 1100, 10, (1, 2, 3)),  # blocks 512, 512, 76
+    TraceRow(1000.0, 1324, 200, (1, 2, 4)),  # shares two blocks with the first; last block 300
     TraceRow(2500.0, 200, 0, (5,)),
-    TraceRow(4000.0, 1536, 7, (1, 2, 3)),     # block 3 again, in full this time
+    TraceRow(4000.0, 1536, 7, (1, 2, 3)),  # block 3 again, in full this time
 ]
 
 
 def test_trace_blocks_shared_prefixes_and_cuts():
     s = TraceScaling(block_tokens=16)
-    assert s.block_lengths(ROWS[0]) == [16, 16, 2]      # round(76 · 16/512) = 2
-    assert s.block_lengths(ROWS[1]) == [16, 16, 9]      # round(300 · 16/512) = 9
-    assert s.block_lengths(ROWS[2]) == [6]              # round(200 · 16/512) = 6
+    assert s.block_lengths(ROWS[0]) == [16, 16, 2]  # round(76 · 16/512) = 2
+    assert s.block_lengths(ROWS[1]) == [16, 16, 9]  # round(300 · 16/512) = 9
+    assert s.block_lengths(ROWS[2]) == [6]  # round(200 · 16/512) = 6
     assert s.block_lengths(ROWS[3]) == [16, 16, 16]
     ids = [row_prompt_ids(r, s) for r in ROWS]
     assert [len(x) for x in ids] == [34, 41, 6, 48]
-    assert ids[0][:32] == ids[1][:32]                   # shared hash ids → identical prefix
-    assert ids[0][32:34] != ids[1][32:34]               # distinct ids → different blocks
-    assert ids[3][:34] == ids[0]                        # a cut block is a prefix of the same block in full
+    assert ids[0][:32] == ids[1][:32]  # shared hash ids → identical prefix
+    assert ids[0][32:34] != ids[1][32:34]  # distinct ids → different blocks
+    assert ids[3][:34] == ids[0]  # a cut block is a prefix of the same block in full
     assert word_block(3, 2) == word_block(3, 16)[:2]
     assert word_block(1, 16) != word_block(2, 16)
     assert word_block(1, 16) == word_block(1, 16) and word_block(1, 16, salt="x") != word_block(1, 16)
     reqs = trace_requests(ROWS, s)
     assert reqs[0][1].prompt == ids_to_text(ids[0]) and len(reqs[0][1].prompt.split()) == 34
-    assert reqs[0][1].prompt.startswith(reqs[1][1].prompt.rsplit(" ", 9)[0])   # the text prefix is shared too
+    assert reqs[0][1].prompt.startswith(reqs[1][1].prompt.rsplit(" ", 9)[0])  # the text prefix is shared too
     assert all(w in WORDS for w in reqs[1][1].prompt.split())
     assert reqs[1][1].hash_ids == (1, 2, 4) and reqs[1][1].prompt_len == 41
 
 
 def test_trace_output_and_time_scaling():
     s = TraceScaling(block_tokens=8, time_scale=0.01, output_scale=0.05)
-    reqs = trace_requests(ROWS[1:], s)                  # the slice starts at its own first timestamp
+    reqs = trace_requests(ROWS[1:], s)  # the slice starts at its own first timestamp
     assert [t for t, _ in reqs] == pytest.approx([0.0, 0.015, 0.030])
-    assert [r.max_tokens for _, r in reqs] == [10, 1, 1]   # 200·0.05; 0 → min 1; round(0.35) = 0 → 1
+    assert [r.max_tokens for _, r in reqs] == [10, 1, 1]  # 200·0.05; 0 → min 1; round(0.35) = 0 → 1
     assert [r.max_tokens for _, r in trace_requests(ROWS, TraceScaling(output_scale=1.0, max_output=8))] == [8, 8, 1, 7]
     assert trace_requests(ROWS, TraceScaling(time_scale=2.0))[3][0] == pytest.approx(8.0)
     with pytest.raises(ValueError):
@@ -158,9 +209,20 @@ def test_trace_output_and_time_scaling():
 
 def test_trace_parsing_slicing_and_hit_rate(tmp_path):
     path = tmp_path / "t.jsonl"
-    path.write_text("".join(json.dumps({"timestamp": int(r.timestamp_ms), "input_length": r.input_length,
-                                        "output_length": r.output_length, "hash_ids": list(r.hash_ids)}) + "\n\n"
-                            for r in ROWS))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "timestamp": int(r.timestamp_ms),
+                    "input_length": r.input_length,
+                    "output_length": r.output_length,
+                    "hash_ids": list(r.hash_ids),
+                }
+            )
+            + "\n\n"
+            for r in ROWS
+        )
+    )
     rows = load_trace(path)
     assert rows == ROWS
     assert load_trace(path, limit=2) == ROWS[:2]
@@ -199,8 +261,14 @@ def test_trace_ships_with_the_repository():
     readme = (TRACE.parent / "README.md").read_text()
     assert digest == "bd070915a98fc0ed264d7cfef2ce746002eb3076a695ec31ba2674c0111ec131" and digest in readme
     assert "Apache" in readme and "kvcache-ai/Mooncake" in readme
-    for path in ["README.md", "bench/simulate.py", "bench/prefix_cache.py", *map(str, root.glob("loadtest/*.py")),
-                 "scheduler/conductor/simulator.py", "tests/test_simulator.py"]:
+    for path in [
+        "README.md",
+        "bench/simulate.py",
+        "bench/prefix_cache.py",
+        *map(str, root.glob("loadtest/*.py")),
+        "scheduler/conductor/simulator.py",
+        "tests/test_simulator.py",
+    ]:
         assert "shared/traces" not in (root / path).read_text(), path
 
 
@@ -223,11 +291,11 @@ def test_poisson_and_gamma_arrivals():
     assert not np.array_equal(a[:50], _take(poisson_arrivals(4.0, seed=2), 50))
     gaps = np.diff(a)
     assert 20000 / a[-1] == pytest.approx(4.0, rel=0.03)
-    assert np.var(gaps) / np.mean(gaps) ** 2 == pytest.approx(1.0, rel=0.1)   # exponential: CV² = 1
+    assert np.var(gaps) / np.mean(gaps) ** 2 == pytest.approx(1.0, rel=0.1)  # exponential: CV² = 1
     for k in (0.25, 4.0):
         g = np.diff(_take(gamma_arrivals(2.0, k, seed=3), 20001))
         assert 1 / np.mean(g) == pytest.approx(2.0, rel=0.05)
-        assert np.var(g) / np.mean(g) ** 2 == pytest.approx(1 / k, rel=0.15)   # gamma: CV² = 1/k
+        assert np.var(g) / np.mean(g) ** 2 == pytest.approx(1 / k, rel=0.15)  # gamma: CV² = 1/k
     assert np.all(_take(gamma_arrivals(math.inf, 1.0), 10) == 0)
     with pytest.raises(ValueError):
         next(gamma_arrivals(0.0))
@@ -246,7 +314,7 @@ def test_synthetic_workloads():
     assert cw.max_concurrency == 3 and all(t == 0 for t, _ in cw)
     sw = sweep_workloads([1, 2], num_requests=5, input_len=8)
     p1, p2 = ([s.prompt for _, s in w] for w in sw)
-    assert [w.config["request_rate"] for w in sw] == [1, 2] and not set(p1) & set(p2)   # fresh prompts per run
+    assert [w.config["request_rate"] for w in sw] == [1, 2] and not set(p1) & set(p2)  # fresh prompts per run
     mixed = list(rate_workload(100.0, num_requests=2000, smc=SmcMix(ratio=0.25, particles=8, max_word_length=6)))
     smc = [s for _, s in mixed if s.kind == "smc"]
     assert 0.2 < len(smc) / 2000 < 0.3
@@ -285,8 +353,12 @@ class FakeServer(smcserve_pb2_grpc.SmcServeServicer):
                 yield pb.GenerateResponse(text=" x", token_ids=[i])
                 time.sleep(0.02)
             words = len(request.prompt.split())
-            yield pb.GenerateResponse(text=" y", token_ids=[n], finish_reason="length", usage=pb.Usage(
-                prompt_tokens=words, completion_tokens=n, cached_prompt_tokens=words // 2))
+            yield pb.GenerateResponse(
+                text=" y",
+                token_ids=[n],
+                finish_reason="length",
+                usage=pb.Usage(prompt_tokens=words, completion_tokens=n, cached_prompt_tokens=words // 2),
+            )
         finally:
             with self.lock:
                 self.active -= 1
@@ -322,12 +394,21 @@ def test_runner_against_fake_server(fake_server):
     assert m["server"]["model"] == "fake"
 
     # bounded by count, and by time: requests still running at the deadline are cut off
-    res = run_workload(fake_server.address, concurrency_workload(2, num_requests=100, input_len=4, max_tokens=3),
-                       num_requests=5, progress=False)
+    res = run_workload(
+        fake_server.address,
+        concurrency_workload(2, num_requests=100, input_len=4, max_tokens=3),
+        num_requests=5,
+        progress=False,
+    )
     assert res.stopped_by == "num_requests" and len(res.records) == 5 and res.metrics()["completed"] == 5
     # (each request would stream for ≥ 4 s; they are all cut off, so the run was bounded, however fast)
-    res = run_workload(fake_server.address, rate_workload(50.0, input_len=4, max_tokens=200), max_duration=0.3,
-                       drain_s=0.2, progress=False)
+    res = run_workload(
+        fake_server.address,
+        rate_workload(50.0, input_len=4, max_tokens=200),
+        max_duration=0.3,
+        drain_s=0.2,
+        progress=False,
+    )
     assert res.stopped_by == "max_duration" and res.records
     assert all(r.status == "incomplete" and r.code == "CANCELLED" and r.output_tokens < 200 for r in res.records)
     assert all(r.scheduled_s < 0.3 for r in res.records)  # nothing is scheduled past max_duration
@@ -343,19 +424,23 @@ def test_cut_off_requests_are_counted_in_the_bar_the_table_and_the_json(fake_ser
     postfixes = []
 
     class Bar:
-        def update(self, n=1): pass
-        def set_postfix(self, ordered_dict=None, refresh=True, **kw): postfixes.append(dict(ordered_dict or kw))
-        def close(self): pass
+        def update(self, n=1):
+            pass
+
+        def set_postfix(self, ordered_dict=None, refresh=True, **kw):
+            postfixes.append(dict(ordered_dict or kw))
+
+        def close(self):
+            pass
 
     monkeypatch.setattr(runner, "_progress_bar", lambda total, desc, enabled: Bar())
     specs = [(0.0, RequestSpec("reject a b", max_tokens=2)), (0.0, RequestSpec("a b", max_tokens=2))]
     specs += [(0.05, RequestSpec(f"a b {i}", max_tokens=500)) for i in range(3)]
     # the short request needs ~50 ms, the long ones ≥ 10 s: 3 s separates them on any machine
-    res = run_workload(fake_server.address, Workload("overload", specs, num_requests=5), max_duration=2.0,
-                       drain_s=1.0)
+    res = run_workload(fake_server.address, Workload("overload", specs, num_requests=5), max_duration=2.0, drain_s=1.0)
     m = res.metrics()
     assert [r.status for r in res.records] == ["rejected", "ok", "incomplete", "incomplete", "incomplete"]
-    assert res.stopped_by == "max_duration"   # everything was sent, but the time limit cut requests off
+    assert res.stopped_by == "max_duration"  # everything was sent, but the time limit cut requests off
     assert m["failed"] == 4 and m["num_rejected"] == 1 and m["num_errors"] == 0 and m["num_incomplete"] == 3
     assert m["num_rejected"] + m["num_errors"] + m["num_incomplete"] == m["failed"]
     assert m["incomplete"] == {"CANCELLED: cut off when the run stopped (time limit or Ctrl-C)": 3}
@@ -401,9 +486,9 @@ def test_machine_info(monkeypatch):
 
     monkeypatch.setattr(runner.os, "getloadavg", boom)
     assert runner.load_average() is None
-    assert report.format_machine({"cpu_count": 2, "cpu_model": "X", "loadavg_start": None,
-                                  "loadavg_end": [1, 2, 3]}) == \
-        ["2 cores, X", "load average (1/5/15 min): start n/a, end 1.00/2.00/3.00"]
+    assert report.format_machine(
+        {"cpu_count": 2, "cpu_model": "X", "loadavg_start": None, "loadavg_end": [1, 2, 3]}
+    ) == ["2 cores, X", "load average (1/5/15 min): start n/a, end 1.00/2.00/3.00"]
 
 
 def test_runner_refuses_remote():
@@ -425,8 +510,11 @@ def test_trace_replay_against_server(server):
     wl = trace_workload(rows, scaling, salt=uuid.uuid4().hex, seed=1, max_concurrency=4)
     res = run_workload(server.address, wl, max_duration=45, drain_s=15, request_timeout=60, progress=False)
     m = res.metrics()
-    bad = [(r.index, r.status, r.code, r.message) for r in res.records
-           if not (r.ok or (r.status == "rejected" and r.code == "RESOURCE_EXHAUSTED"))]
+    bad = [
+        (r.index, r.status, r.code, r.message)
+        for r in res.records
+        if not (r.ok or (r.status == "rejected" and r.code == "RESOURCE_EXHAUSTED"))
+    ]
     assert not bad, bad
     assert len(res.records) == 12 and m["completed"] >= 6, m
     done = [r for r in res.records if r.ok]

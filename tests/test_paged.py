@@ -1,4 +1,5 @@
 """Paged KV: attention over blocks equals dense attention, forks and copy-on-write, bookkeeping, batching."""
+
 from __future__ import annotations
 
 import threading
@@ -60,8 +61,12 @@ def test_paged_equals_dense_with_forks(real_model):
 
 def test_forked_sequence_continues_like_its_parent(real_model):
     bm, runner = BlockManager(64, 16), ModelRunner(real_model, 64, 16)
-    ids = real_model.tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}],
-                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = real_model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three colours."}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
     table, logits = prefill(bm, runner, ids)
     out = [int(torch.argmax(logits))]
     for _ in range(4):
@@ -73,14 +78,22 @@ def test_forked_sequence_continues_like_its_parent(real_model):
         parent_out.append(int(torch.argmax(logits[0])))
         child_out.append(int(torch.argmax(logits[1])))
     assert child_out == parent_out
-    ref = real_model.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    max_new_tokens=13, do_sample=False)[0, len(ids):].tolist()
+    ref = real_model.model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=13,
+        do_sample=False,
+    )[0, len(ids) :].tolist()
     assert parent_out == ref
 
 
 # --- block-manager bookkeeping, property-based ------------------------------------------------------
-ops = st.lists(st.tuples(st.sampled_from(["new", "fork", "append", "free", "cache", "lookup"]),
-                         st.integers(0, 1000), st.integers(1, 40)), max_size=120)
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["new", "fork", "append", "free", "cache", "lookup"]), st.integers(0, 1000), st.integers(1, 40)
+    ),
+    max_size=120,
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -1,4 +1,5 @@
 """Placement policies, cost model fitting and admission (scheduler/conductor/). Pure Python, fast."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,19 @@ import numpy as np
 import pytest
 
 from scheduler.conductor import (
-    POLICY_NAMES, CostModel, CostRecorder, DecodeInstance, PrefillInstance, RequestInfo, admit,
-    cached_tokens_for, global_prefix_hits, kv_blocks_needed, make_policy, place, prefix_hits,
+    POLICY_NAMES,
+    CostModel,
+    CostRecorder,
+    DecodeInstance,
+    PrefillInstance,
+    RequestInfo,
+    admit,
+    cached_tokens_for,
+    global_prefix_hits,
+    kv_blocks_needed,
+    make_policy,
+    place,
+    prefix_hits,
 )
 
 # 1 ms per new token, nothing else, 10 ms per fetched block: easy to check by hand.
@@ -62,8 +74,7 @@ def test_cache_local_uses_own_hits_and_ignores_remote_hits():
     r = req(10)  # 40 tokens
     # p0: 6 local hits, queue 20 -> 20 + 16 = 36; p1: nothing, queue 0 -> 40; p2: 2 hits, queue 5 -> 37.
     # global_hit_blocks = 10 (the whole prompt is somewhere) must not matter to cache_local.
-    insts = [PrefillInstance("p0", 20.0, blocks(6)), PrefillInstance("p1", 0.0),
-             PrefillInstance("p2", 5.0, blocks(2))]
+    insts = [PrefillInstance("p0", 20.0, blocks(6)), PrefillInstance("p1", 0.0), PrefillInstance("p2", 5.0, blocks(2))]
     c = make_policy("cache_local").choose_prefill(r, insts, 10, COST)
     assert c.instance.id == "p0"
     assert c.cached_tokens == 24
@@ -83,9 +94,11 @@ def test_cache_local_uses_own_hits_and_ignores_remote_hits():
 
 def test_cache_global_min_predicted_ttft_with_loads():
     r = req(10)  # 40 tokens; G = 8 global hits -> 8 new tokens beyond G
-    insts = [PrefillInstance("p0", 40.0, blocks(8)),   # 40 + 8 + 0 load        = 48
-             PrefillInstance("p1", 0.0, blocks(2)),    # 0 + 8 + 10*(8-2)=60    = 68
-             PrefillInstance("p2", 10.0, blocks(6))]   # 10 + 8 + 10*2 = 20     = 38
+    insts = [
+        PrefillInstance("p0", 40.0, blocks(8)),  # 40 + 8 + 0 load        = 48
+        PrefillInstance("p1", 0.0, blocks(2)),  # 0 + 8 + 10*(8-2)=60    = 68
+        PrefillInstance("p2", 10.0, blocks(6)),
+    ]  # 10 + 8 + 10*2 = 20     = 38
     c = make_policy("cache_global").choose_prefill(r, insts, 8, COST)
     assert c.instance.id == "p2"
     assert c.ttft_ms == pytest.approx(38.0)
@@ -136,9 +149,11 @@ def test_random_is_seeded():
 def test_decode_respects_free_blocks_and_prefers_small_batch():
     r = req(3, max_tokens=5)  # ceil((12 + 5) / 4) = 5 blocks
     assert kv_blocks_needed(r) == 5
-    insts = [DecodeInstance("d0", batch=0, free_blocks=4),
-             DecodeInstance("d1", batch=7, free_blocks=100),
-             DecodeInstance("d2", batch=3, free_blocks=5)]
+    insts = [
+        DecodeInstance("d0", batch=0, free_blocks=4),
+        DecodeInstance("d1", batch=7, free_blocks=100),
+        DecodeInstance("d2", batch=3, free_blocks=5),
+    ]
     for name in POLICY_NAMES:
         assert make_policy(name).choose_decode(r, insts, COST).id == "d2"
     insts[2].free_blocks = 4
@@ -175,8 +190,11 @@ def test_place_combines_choice_and_admission():
 def test_no_decode_room_anywhere_is_rejected_whatever_the_policy_and_slos(name):
     r = req(3, max_tokens=5)  # 5 blocks
     pre = [PrefillInstance("p0"), PrefillInstance("p1", 5.0)]
-    dec = [DecodeInstance("d0", batch=0, free_blocks=4), DecodeInstance("d1", batch=1, free_blocks=0),
-           DecodeInstance("d2", batch=2, free_blocks=3)]
+    dec = [
+        DecodeInstance("d0", batch=0, free_blocks=4),
+        DecodeInstance("d1", batch=1, free_blocks=0),
+        DecodeInstance("d2", batch=2, free_blocks=3),
+    ]
     pl = place(make_policy(name), r, pre, 0, dec, COST)  # no SLOs: room is still required
     assert not pl.admitted and pl.decode is None and math.isinf(pl.pred_tbt_ms)
     assert pl.reject_reason == "decode: no instance has 5 free KV blocks"
@@ -189,8 +207,10 @@ def _synthetic(true: CostModel, n: int = 200, noise: float = 0.0, seed: int = 0)
     rng = np.random.default_rng(seed)
     new = rng.integers(1, 4000, n)
     cached = rng.integers(0, 8000, n)
-    pre = [(int(x), int(y), true.prefill_ms(int(x), int(y)) * (1 + noise * rng.standard_normal()))
-           for x, y in zip(new, cached)]
+    pre = [
+        (int(x), int(y), true.prefill_ms(int(x), int(y)) * (1 + noise * rng.standard_normal()))
+        for x, y in zip(new, cached)
+    ]
     bl = rng.integers(1, 64, n)
     load = [(int(b), true.load_ms(int(b)) * (1 + noise * rng.standard_normal())) for b in bl]
     bt = rng.integers(1, 128, n)

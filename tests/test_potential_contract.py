@@ -26,6 +26,7 @@ every path, and a seeded random walk over allowed tokens (biased towards partial
    finish is −inf (a plugin promises only no NaN/+inf); weight 0 disables (mask None, advance 0,
    finish 0, also after a violation); weight w > 0 scales log G (w · log G, same mask).
 """
+
 from __future__ import annotations
 
 import math
@@ -108,37 +109,61 @@ def plugins():
 @dataclass(frozen=True)
 class Case:
     spec: dict
-    paths: tuple            # accepted token paths: pieces of text (tokenised) or bytes (one single-byte token each)
-    hard: bool = True       # log G is 0 or −inf
+    paths: tuple  # accepted token paths: pieces of text (tokenised) or bytes (one single-byte token each)
+    hard: bool = True  # log G is 0 or −inf
     builtin: bool = True
-    grammar: bool = False   # full-vocabulary check at two states only (a failing advance costs ~15 µs)
+    grammar: bool = False  # full-vocabulary check at two states only (a failing advance costs ~15 µs)
 
 
 CASES = {
-    "regex": Case({"kind": "regex", "pattern": r"(Yes|No), [a-z ]{1,30} [0-9]{1,4}\."},
-                  (("Yes, the cat sat 42.",),), grammar=True),
-    "cfg": Case({"kind": "cfg", "grammar": 'start: item (", " item)*\nitem: "cat" | "dog" | NUM\nNUM: /[0-9]{1,3}/\n'},
-                (("cat, 12, dog",),), grammar=True),
-    "cfg_gbnf": Case({"kind": "cfg", "format": "gbnf", "grammar": 'root ::= ("yes" | "no") (", " [a-z]+)* "."'},
-                     (("yes, maybe, so.",),), grammar=True),
-    "json_schema": Case({"kind": "json_schema", "schema": '{"type": "object", "properties": {"name": {"type": "string", '
-                         '"maxLength": 10}, "age": {"type": "integer"}}, "required": ["name", "age"], '
-                         '"additionalProperties": false}'},
-                        (('{"name": "Ann", "age": 31}',),), grammar=True),
-    "max_word_length": Case({"kind": "max_word_length", "max_len": 5},
-                            (("The cat sat; naïve café ok",), ("abcde", b"\xc3"), ("abcd", b"\xc3"))),
-    "forbidden_chars": Case({"kind": "forbidden_chars", "chars": "zé"},
-                            (("The cat sat. Ω 日本 ok",), ("caf", b"\xc3"))),
-    "banned_phrases": Case({"kind": "banned_phrases", "phrases": ["hello world", "日本"]},
-                           (("hello there, world; hello",), ("日", b"\xe6", b"\x9c"))),
-    "banned_phrases_ci": Case({"kind": "banned_phrases", "phrases": ["Hello World", "Straße"], "case_insensitive": True},
-                              (("HELLO there, world; STRASS hello",), ("Stra", b"\xc3"))),
-    "required_phrases": Case({"kind": "required_phrases", "phrases": ["cat", "dog"]},
-                             (("a cat and a dog",),)),
+    "regex": Case(
+        {"kind": "regex", "pattern": r"(Yes|No), [a-z ]{1,30} [0-9]{1,4}\."}, (("Yes, the cat sat 42.",),), grammar=True
+    ),
+    "cfg": Case(
+        {"kind": "cfg", "grammar": 'start: item (", " item)*\nitem: "cat" | "dog" | NUM\nNUM: /[0-9]{1,3}/\n'},
+        (("cat, 12, dog",),),
+        grammar=True,
+    ),
+    "cfg_gbnf": Case(
+        {"kind": "cfg", "format": "gbnf", "grammar": 'root ::= ("yes" | "no") (", " [a-z]+)* "."'},
+        (("yes, maybe, so.",),),
+        grammar=True,
+    ),
+    "json_schema": Case(
+        {
+            "kind": "json_schema",
+            "schema": '{"type": "object", "properties": {"name": {"type": "string", '
+            '"maxLength": 10}, "age": {"type": "integer"}}, "required": ["name", "age"], '
+            '"additionalProperties": false}',
+        },
+        (('{"name": "Ann", "age": 31}',),),
+        grammar=True,
+    ),
+    "max_word_length": Case(
+        {"kind": "max_word_length", "max_len": 5},
+        (("The cat sat; naïve café ok",), ("abcde", b"\xc3"), ("abcd", b"\xc3")),
+    ),
+    "forbidden_chars": Case(
+        {"kind": "forbidden_chars", "chars": "zé"}, (("The cat sat. Ω 日本 ok",), ("caf", b"\xc3"))
+    ),
+    "banned_phrases": Case(
+        {"kind": "banned_phrases", "phrases": ["hello world", "日本"]},
+        (("hello there, world; hello",), ("日", b"\xe6", b"\x9c")),
+    ),
+    "banned_phrases_ci": Case(
+        {"kind": "banned_phrases", "phrases": ["Hello World", "Straße"], "case_insensitive": True},
+        (("HELLO there, world; STRASS hello",), ("Stra", b"\xc3")),
+    ),
+    "required_phrases": Case({"kind": "required_phrases", "phrases": ["cat", "dog"]}, (("a cat and a dog",),)),
     "max_tokens": Case({"kind": "max_tokens", "n": 6}, (("one two",), ("a b c d e",))),
-    "max_bytes": Case({"kind": "max_bytes", "options": {"limit": 20}},
-                      (("Hello world, how",), ("Hello world, how are",)), builtin=False),
-    "digit_penalty": Case({"kind": "digit_penalty"}, (("Room 101, floor 3",), ("no digits",)), hard=False, builtin=False),
+    "max_bytes": Case(
+        {"kind": "max_bytes", "options": {"limit": 20}},
+        (("Hello world, how",), ("Hello world, how are",)),
+        builtin=False,
+    ),
+    "digit_penalty": Case(
+        {"kind": "digit_penalty"}, (("Room 101, floor 3",), ("no digits",)), hard=False, builtin=False
+    ),
 }
 
 
@@ -270,9 +295,14 @@ def forbidden_chars_exception(tok, case: Case, ids, t) -> bool:
     continuation byte sequence, harmless on its own) completes a forbidden non-ASCII character."""
     chars = case.spec["chars"]
     before, own, after = tok.decode(ids), tok.decode([t]), tok.decode(ids + [t])
-    new = [c for c in after[len(before) - 1:] if _has_forbidden(c, chars)]
-    return (before.endswith("\ufffd") and own.startswith("\ufffd") and not _has_forbidden(own, chars)
-            and bool(new) and all(not c.isascii() for c in new))
+    new = [c for c in after[len(before) - 1 :] if _has_forbidden(c, chars)]
+    return (
+        before.endswith("\ufffd")
+        and own.startswith("\ufffd")
+        and not _has_forbidden(own, chars)
+        and bool(new)
+        and all(not c.isascii() for c in new)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,12 +328,20 @@ def test_mask_agrees_with_advance(name, tok, vocab, partial):
         ok = adv > NEG_INF
         # the mask is a superset of G > 0: a forbidden token is ruled out
         wrong = tokens[~allowed[tokens] & ok]
-        assert not len(wrong), ("mask forbids tokens that advance finitely", where, [vocab.token_bytes[t] for t in wrong[:10]])
+        assert not len(wrong), (
+            "mask forbids tokens that advance finitely",
+            where,
+            [vocab.token_bytes[t] for t in wrong[:10]],
+        )
         # ... and exact: an allowed token is not ruled out (forbidden_chars: except the documented case)
         wrong = tokens[allowed[tokens] & ~ok]
         if case.spec["kind"] == "forbidden_chars":
             for t in wrong.tolist():
-                assert forbidden_chars_exception(tok, case, ids, t), ("mask allows a ruled-out token", where, vocab.token_bytes[t])
+                assert forbidden_chars_exception(tok, case, ids, t), (
+                    "mask allows a ruled-out token",
+                    where,
+                    vocab.token_bytes[t],
+                )
             n_exceptions += len(wrong)
         else:
             assert not len(wrong), ("mask allows tokens ruled out", where, [vocab.token_bytes[t] for t in wrong[:10]])

@@ -9,6 +9,7 @@ words, phrases and characters straddling token boundaries are exercised. For the
 step also checks, on a sample of candidate tokens, that ``mask()`` and ``advance()`` agree with the
 independent check of the extended text.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -189,13 +190,17 @@ def test_vocab_tables(tok, vocab):
 def test_vocab_larger_model_vocab(tok):
     v = Vocab(tok, size=len(tok) + 64)
     assert len(v.token_bytes) == v.size and v.token_bytes[-1] == b""
-    for spec in (PotentialSpec("regex", pattern="[a-z]+"), PotentialSpec("max_word_length", max_len=3),
-                 PotentialSpec("forbidden_chars", chars="x"), PotentialSpec("max_tokens", n=1)):
+    for spec in (
+        PotentialSpec("regex", pattern="[a-z]+"),
+        PotentialSpec("max_word_length", max_len=3),
+        PotentialSpec("forbidden_chars", chars="x"),
+        PotentialSpec("max_tokens", n=1),
+    ):
         [p] = build_potentials([spec], v)
         m = p.mask()
         assert m.shape == (v.size,) and m.dtype == torch.bool
     [p] = build_potentials([PotentialSpec("regex", pattern="[a-z]+")], v)
-    assert not p.mask()[len(tok):].any()
+    assert not p.mask()[len(tok) :].any()
     with pytest.raises(ValueError):
         Vocab(tok, size=10, eos_ids=[20])
 
@@ -253,7 +258,9 @@ def test_regex_sampled_with_max_word_length(tok, vocab, pools):
     rng = random.Random(3)
     pat = r"[a-z]{1,9}( [a-z]{1,9}){0,3}"
     for _ in range(20):
-        pots = build_potentials([PotentialSpec("regex", pattern=pat), PotentialSpec("max_word_length", max_len=4)], vocab)
+        pots = build_potentials(
+            [PotentialSpec("regex", pattern=pat), PotentialSpec("max_word_length", max_len=4)], vocab
+        )
         r = drive(pots, vocab, rng, cap=50, pools=[pools["letters"]])
         text = dec(tok, r.ids)
         assert all(len(w) <= 4 for w in re.findall(r"[^\W\d_]+", text)), text
@@ -346,8 +353,14 @@ def test_max_word_length_sampled(tok, vocab, pools, max_len):
     for _ in range(6):
         [p] = build_potentials([PotentialSpec("max_word_length", max_len=max_len)], vocab)
         ref = [p]
-        r = drive(ref, vocab, rng, cap=25, pools=[pools["partial"], pools["letters"]],
-                  check=exactness_check(tok, vocab, ref, oracle, rng, extra=[pools["partial"], pools["letters"]], n=25))
+        r = drive(
+            ref,
+            vocab,
+            rng,
+            cap=25,
+            pools=[pools["partial"], pools["letters"]],
+            check=exactness_check(tok, vocab, ref, oracle, rng, extra=[pools["partial"], pools["letters"]], n=25),
+        )
         text = dec(tok, r.ids)
         assert r.logw == 0.0 and _max_run(text) <= max_len, text
 
@@ -375,8 +388,14 @@ def test_forbidden_chars(tok, vocab, pools):
     for _ in range(6):
         [p] = build_potentials([PotentialSpec("forbidden_chars", chars=chars)], vocab)
         ref = [p]
-        r = drive(ref, vocab, rng, cap=25, pools=[pools["partial"]],
-                  check=exactness_check(tok, vocab, ref, oracle, rng, extra=[pools["partial"]], n=25, exact_mask=False))
+        r = drive(
+            ref,
+            vocab,
+            rng,
+            cap=25,
+            pools=[pools["partial"]],
+            check=exactness_check(tok, vocab, ref, oracle, rng, extra=[pools["partial"]], n=25, exact_mask=False),
+        )
         text = dec(tok, r.ids)
         if r.logw == 0.0:
             assert not _has_forbidden(text, chars), text
@@ -408,15 +427,26 @@ def test_banned_phrases_scripted(tok, vocab):
 
 def test_banned_phrases_sampled(tok, vocab, pools):
     phrases = ["hello world", "ab", "日本"]
-    pieces = sorted({t for s in ("hello world", " hello", "hel", "lo wor", "ld", "world", "a", "b", "ab", "日本", "本", "日")
-                     for t in tok.encode(s)})
+    pieces = sorted(
+        {
+            t
+            for s in ("hello world", " hello", "hel", "lo wor", "ld", "world", "a", "b", "ab", "日本", "本", "日")
+            for t in tok.encode(s)
+        }
+    )
     rng = random.Random(9)
     oracle = lambda text: not any(ph in text for ph in phrases)  # noqa: E731
     for _ in range(8):
         [p] = build_potentials([PotentialSpec("banned_phrases", phrases=phrases)], vocab)
         ref = [p]
-        r = drive(ref, vocab, rng, cap=20, pools=[pieces, pools["partial"]],
-                  check=exactness_check(tok, vocab, ref, oracle, rng, extra=[pieces], n=20))
+        r = drive(
+            ref,
+            vocab,
+            rng,
+            cap=20,
+            pools=[pieces, pools["partial"]],
+            check=exactness_check(tok, vocab, ref, oracle, rng, extra=[pieces], n=20),
+        )
         text = dec(tok, r.ids)
         assert r.logw == 0.0 and oracle(text), text
 
@@ -472,7 +502,13 @@ def test_max_tokens(tok, vocab):
 def test_clone_independence(tok, vocab):
     specs = [
         (PotentialSpec("regex", pattern=DATE), "2024-", "01"),
-        (PotentialSpec("json_schema", schema='{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}'), '{"a": ', "12}"),
+        (
+            PotentialSpec(
+                "json_schema", schema='{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}'
+            ),
+            '{"a": ',
+            "12}",
+        ),
         (PotentialSpec("cfg", grammar='start: "ab" | "abc" | "x"'), "a", "b"),
         (PotentialSpec("max_word_length", max_len=6), "hi wor", "ld"),
         (PotentialSpec("banned_phrases", phrases=["hello world"]), "hello", " wor"),
@@ -509,7 +545,9 @@ def test_grammar_mask_memo(tok, vocab):
     ma = a.mask().clone()
     assert torch.equal(b.mask(), ma) and torch.equal(fresh.mask(), ma)
     assert not torch.equal(c.mask(), ma) and c.mask()[tid(tok, "-")] and not ma[tid(tok, "-")]
-    assert allowed_ids(p.mask()) == allowed_ids(build_potentials([PotentialSpec("regex", pattern=DATE)], vocab)[0].mask())
+    assert allowed_ids(p.mask()) == allowed_ids(
+        build_potentials([PotentialSpec("regex", pattern=DATE)], vocab)[0].mask()
+    )
 
 
 def test_weights_and_combined_mask(tok, vocab):
@@ -519,9 +557,23 @@ def test_weights_and_combined_mask(tok, vocab):
     [w2] = build_potentials([PotentialSpec("forbidden_chars", chars="z", weight=2.5)], vocab)
     assert not w2.mask()[z] and w2.advance(z) == NEG_INF
     assert combined_mask([]) is None
-    assert combined_mask(build_potentials([PotentialSpec("max_tokens", n=9), PotentialSpec("banned_phrases", phrases=["x"], weight=0)], vocab)) is None
-    pots = build_potentials([PotentialSpec("regex", pattern="[a-z]+"), PotentialSpec("forbidden_chars", chars="aeiou"),
-                             PotentialSpec("required_phrases", phrases=["x"]), PotentialSpec("max_tokens", n=9)], vocab)
+    assert (
+        combined_mask(
+            build_potentials(
+                [PotentialSpec("max_tokens", n=9), PotentialSpec("banned_phrases", phrases=["x"], weight=0)], vocab
+            )
+        )
+        is None
+    )
+    pots = build_potentials(
+        [
+            PotentialSpec("regex", pattern="[a-z]+"),
+            PotentialSpec("forbidden_chars", chars="aeiou"),
+            PotentialSpec("required_phrases", phrases=["x"]),
+            PotentialSpec("max_tokens", n=9),
+        ],
+        vocab,
+    )
     m = combined_mask(pots)
     assert torch.equal(m, pots[0].mask() & pots[1].mask() & ~vocab.eos_mask)
     m[:] = False  # a fresh tensor: the potentials' cached masks are untouched
@@ -538,39 +590,69 @@ def test_weights_and_combined_mask(tok, vocab):
 OK_SPEC = PotentialSpec("max_tokens", n=5)
 
 
-@pytest.mark.parametrize("bad, prefix", [
-    (PotentialSpec("foo"), "steering.potentials[2].kind: unknown potential 'foo'"),
-    (PotentialSpec(""), "steering.potentials[2].kind: required"),
-    (PotentialSpec("regex", pattern="("), "steering.potentials[2].pattern: invalid regex: "),
-    (PotentialSpec("regex", pattern="(?=a)b"), "steering.potentials[2].pattern: invalid regex: "),
-    (PotentialSpec("regex", pattern=r"(a)\1"), "steering.potentials[2].pattern: invalid regex: "),
-    (PotentialSpec("regex"), "steering.potentials[2].pattern: required for 'regex'"),
-    (PotentialSpec("regex", pattern=""), "steering.potentials[2].pattern: must not be empty"),
-    (PotentialSpec("regex", pattern=5), "steering.potentials[2].pattern: must be a string"),
-    (PotentialSpec("regex", pattern="a", phrases=["x"]), "steering.potentials[2].phrases: not a parameter of 'regex'"),
-    (PotentialSpec("cfg", grammar='start: "a" b'), "steering.potentials[2].grammar: invalid Lark grammar: "),
-    (PotentialSpec("cfg", grammar="root ::= foo", format="gbnf"), "steering.potentials[2].grammar: invalid GBNF grammar: "),
-    (PotentialSpec("cfg", grammar='start: "a"', format="yacc"), "steering.potentials[2].format: must be 'lark' or 'gbnf'"),
-    (PotentialSpec("json_schema", schema="{not json"), "steering.potentials[2].schema: invalid JSON: "),
-    (PotentialSpec("json_schema", schema='{"type": "objec"}'), "steering.potentials[2].schema: invalid JSON schema: "),
-    (PotentialSpec("json_schema", schema="[1, 2]"), "steering.potentials[2].schema: invalid JSON schema: "),
-    (PotentialSpec("json_schema", schema='{"$ref": "#/defs/x"}'), "steering.potentials[2].schema: invalid JSON schema: "),
-    (PotentialSpec("max_word_length", max_len=0), "steering.potentials[2].max_len: must be > 0"),
-    (PotentialSpec("max_word_length", max_len=-3), "steering.potentials[2].max_len: must be > 0"),
-    (PotentialSpec("max_word_length", max_len=2.5), "steering.potentials[2].max_len: must be an integer"),
-    (PotentialSpec("max_word_length"), "steering.potentials[2].max_len: required"),
-    (PotentialSpec("max_tokens", n=0), "steering.potentials[2].n: must be > 0"),
-    (PotentialSpec("forbidden_chars", chars=""), "steering.potentials[2].chars: must not be empty"),
-    (PotentialSpec("forbidden_chars", chars="a", case_insensitive="yes"), "steering.potentials[2].case_insensitive: must be a boolean"),
-    (PotentialSpec("banned_phrases", phrases=["ok", ""]), "steering.potentials[2].phrases[1]: empty phrase"),
-    (PotentialSpec("banned_phrases", phrases=[]), "steering.potentials[2].phrases: must not be empty"),
-    (PotentialSpec("required_phrases", phrases="abc"), "steering.potentials[2].phrases: must be a list of strings"),
-    (PotentialSpec("max_tokens", n=3, weight=-1.0), "steering.potentials[2].weight: must be a finite number >= 0"),
-    (PotentialSpec("max_tokens", n=3, weight=math.nan), "steering.potentials[2].weight: must be a finite number >= 0"),
-    (PotentialSpec("max_tokens", n=3, weight=math.inf), "steering.potentials[2].weight: must be a finite number >= 0"),
-    (PotentialSpec("max_tokens", n=3, options={"x": 1}), "steering.potentials[2].options: 'max_tokens' takes no options"),
-    ({"kind": "regex", "pattern": "a", "colour": 1}, "steering.potentials[2].colour: unknown field"),
-])
+@pytest.mark.parametrize(
+    "bad, prefix",
+    [
+        (PotentialSpec("foo"), "steering.potentials[2].kind: unknown potential 'foo'"),
+        (PotentialSpec(""), "steering.potentials[2].kind: required"),
+        (PotentialSpec("regex", pattern="("), "steering.potentials[2].pattern: invalid regex: "),
+        (PotentialSpec("regex", pattern="(?=a)b"), "steering.potentials[2].pattern: invalid regex: "),
+        (PotentialSpec("regex", pattern=r"(a)\1"), "steering.potentials[2].pattern: invalid regex: "),
+        (PotentialSpec("regex"), "steering.potentials[2].pattern: required for 'regex'"),
+        (PotentialSpec("regex", pattern=""), "steering.potentials[2].pattern: must not be empty"),
+        (PotentialSpec("regex", pattern=5), "steering.potentials[2].pattern: must be a string"),
+        (
+            PotentialSpec("regex", pattern="a", phrases=["x"]),
+            "steering.potentials[2].phrases: not a parameter of 'regex'",
+        ),
+        (PotentialSpec("cfg", grammar='start: "a" b'), "steering.potentials[2].grammar: invalid Lark grammar: "),
+        (
+            PotentialSpec("cfg", grammar="root ::= foo", format="gbnf"),
+            "steering.potentials[2].grammar: invalid GBNF grammar: ",
+        ),
+        (
+            PotentialSpec("cfg", grammar='start: "a"', format="yacc"),
+            "steering.potentials[2].format: must be 'lark' or 'gbnf'",
+        ),
+        (PotentialSpec("json_schema", schema="{not json"), "steering.potentials[2].schema: invalid JSON: "),
+        (
+            PotentialSpec("json_schema", schema='{"type": "objec"}'),
+            "steering.potentials[2].schema: invalid JSON schema: ",
+        ),
+        (PotentialSpec("json_schema", schema="[1, 2]"), "steering.potentials[2].schema: invalid JSON schema: "),
+        (
+            PotentialSpec("json_schema", schema='{"$ref": "#/defs/x"}'),
+            "steering.potentials[2].schema: invalid JSON schema: ",
+        ),
+        (PotentialSpec("max_word_length", max_len=0), "steering.potentials[2].max_len: must be > 0"),
+        (PotentialSpec("max_word_length", max_len=-3), "steering.potentials[2].max_len: must be > 0"),
+        (PotentialSpec("max_word_length", max_len=2.5), "steering.potentials[2].max_len: must be an integer"),
+        (PotentialSpec("max_word_length"), "steering.potentials[2].max_len: required"),
+        (PotentialSpec("max_tokens", n=0), "steering.potentials[2].n: must be > 0"),
+        (PotentialSpec("forbidden_chars", chars=""), "steering.potentials[2].chars: must not be empty"),
+        (
+            PotentialSpec("forbidden_chars", chars="a", case_insensitive="yes"),
+            "steering.potentials[2].case_insensitive: must be a boolean",
+        ),
+        (PotentialSpec("banned_phrases", phrases=["ok", ""]), "steering.potentials[2].phrases[1]: empty phrase"),
+        (PotentialSpec("banned_phrases", phrases=[]), "steering.potentials[2].phrases: must not be empty"),
+        (PotentialSpec("required_phrases", phrases="abc"), "steering.potentials[2].phrases: must be a list of strings"),
+        (PotentialSpec("max_tokens", n=3, weight=-1.0), "steering.potentials[2].weight: must be a finite number >= 0"),
+        (
+            PotentialSpec("max_tokens", n=3, weight=math.nan),
+            "steering.potentials[2].weight: must be a finite number >= 0",
+        ),
+        (
+            PotentialSpec("max_tokens", n=3, weight=math.inf),
+            "steering.potentials[2].weight: must be a finite number >= 0",
+        ),
+        (
+            PotentialSpec("max_tokens", n=3, options={"x": 1}),
+            "steering.potentials[2].options: 'max_tokens' takes no options",
+        ),
+        ({"kind": "regex", "pattern": "a", "colour": 1}, "steering.potentials[2].colour: unknown field"),
+    ],
+)
 def test_bad_specs(vocab, bad, prefix):
     with pytest.raises(PotentialError) as e:
         build_potentials([OK_SPEC, OK_SPEC, bad], vocab)
@@ -581,39 +663,52 @@ def test_bad_specs(vocab, bad, prefix):
 def test_specs_from_dict_and_proto(tok, vocab):
     from protos import smcserve_pb2 as pb
 
-    pots = build_potentials([{"kind": "regex", "pattern": "[0-9]+"}, {"kind": "max_tokens", "n": 4, "weight": 2}], vocab)
+    pots = build_potentials(
+        [{"kind": "regex", "pattern": "[0-9]+"}, {"kind": "max_tokens", "n": 4, "weight": 2}], vocab
+    )
     assert pots[1].weight == 2.0 and pots[0].mask()[tid(tok, "7")]
     msg = pb.Potential(forbidden_chars=pb.ForbiddenCharsPotential(chars="xy"))
     spec = PotentialSpec.from_proto(msg)
     assert spec.kind == "forbidden_chars" and spec.weight == 1.0
     assert spec.chars == "xy" and spec.case_insensitive is True and spec.pattern is None and spec.phrases is None
     build_potential(spec, vocab)
-    assert PotentialSpec.from_proto(pb.Potential(forbidden_chars=pb.ForbiddenCharsPotential(
-        chars="x", case_sensitive=True))).case_insensitive is False
+    assert (
+        PotentialSpec.from_proto(
+            pb.Potential(forbidden_chars=pb.ForbiddenCharsPotential(chars="x", case_sensitive=True))
+        ).case_insensitive
+        is False
+    )
     # phrases: case-sensitive unless asked; the oneof's field is the kind
     for kind in ("banned_phrases", "required_phrases"):
         spec = PotentialSpec.from_proto(pb.Potential(weight=0.5, **{kind: pb.PhrasesPotential(phrases=["Hi"])}))
         assert (spec.kind, spec.phrases, spec.case_insensitive, spec.weight) == (kind, ["Hi"], False, 0.5)
-        spec = PotentialSpec.from_proto(pb.Potential(**{kind: pb.PhrasesPotential(phrases=["Hi"], case_insensitive=True)}))
+        spec = PotentialSpec.from_proto(
+            pb.Potential(**{kind: pb.PhrasesPotential(phrases=["Hi"], case_insensitive=True)})
+        )
         assert spec.case_insensitive is True
         build_potential(spec, vocab)
     # cfg: an empty format is the default (lark); a built-in's "" / 0 parameters are kept and refused
     spec = PotentialSpec.from_proto(pb.Potential(cfg=pb.CfgPotential(grammar='start: "a"')))
     assert spec.grammar == 'start: "a"' and spec.format is None
     assert PotentialSpec.from_proto(pb.Potential(cfg=pb.CfgPotential(grammar="g", format="gbnf"))).format == "gbnf"
-    for msg, error in ((pb.Potential(max_word_length=pb.MaxWordLengthPotential()), "max_len: must be > 0"),
-                       (pb.Potential(regex=pb.RegexPotential()), "pattern: must not be empty"),
-                       (pb.Potential(max_tokens=pb.MaxTokensPotential()), "n: must be > 0"),
-                       (pb.Potential(json_schema=pb.JsonSchemaPotential()), "schema: "),
-                       (pb.Potential(banned_phrases=pb.PhrasesPotential()), "phrases: must not be empty"),
-                       (pb.Potential(weight=1.0), "kind: required")):
+    for msg, error in (
+        (pb.Potential(max_word_length=pb.MaxWordLengthPotential()), "max_len: must be > 0"),
+        (pb.Potential(regex=pb.RegexPotential()), "pattern: must not be empty"),
+        (pb.Potential(max_tokens=pb.MaxTokensPotential()), "n: must be > 0"),
+        (pb.Potential(json_schema=pb.JsonSchemaPotential()), "schema: "),
+        (pb.Potential(banned_phrases=pb.PhrasesPotential()), "phrases: must not be empty"),
+        (pb.Potential(weight=1.0), "kind: required"),
+    ):
         with pytest.raises(PotentialError, match=r"^steering\.potentials\[0\]\." + re.escape(error)):
             build_potential(PotentialSpec.from_proto(msg), vocab)
     # a plugin: its name is the kind, its options a plain dict; it may not take a built-in's name
     msg = pb.Potential(plugin=pb.PluginPotential(name="mine"))
     assert PotentialSpec.from_proto(msg) == PotentialSpec("mine")
-    for name, error in (("", "plugin.name: required"), ("regex", "plugin.name: 'regex' is a built-in kind"),
-                        ("prompt_intersection", "plugin.name: 'prompt_intersection' is a built-in kind")):
+    for name, error in (
+        ("", "plugin.name: required"),
+        ("regex", "plugin.name: 'regex' is a built-in kind"),
+        ("prompt_intersection", "plugin.name: 'prompt_intersection' is a built-in kind"),
+    ):
         with pytest.raises(PotentialError, match=r"^steering\.potentials\[3\]\." + re.escape(error)):
             PotentialSpec.from_proto(pb.Potential(plugin=pb.PluginPotential(name=name)), "steering.potentials[3]")
     # prompt_intersection is the scheduler's, never a worker potential
@@ -632,7 +727,9 @@ def test_every_builtin_kind_is_in_the_proto():
     assert set(oneof) == set(BUILTIN_KINDS) | {"prompt_intersection", "plugin"}
     for kind in BUILTIN_KINDS:
         fields = [f.name for f in oneof[kind].fields]
-        want = ["case_sensitive" if (kind, p) == ("forbidden_chars", "case_insensitive") else p for p in _KIND_PARAMS[kind]]
+        want = [
+            "case_sensitive" if (kind, p) == ("forbidden_chars", "case_insensitive") else p for p in _KIND_PARAMS[kind]
+        ]
         assert fields == want, kind
 
 
@@ -675,8 +772,12 @@ class FakeEntryPoint:
 
 @pytest.fixture()
 def fake_plugins(monkeypatch):
-    eps = [FakeEntryPoint("no_digits", _no_digits), FakeEntryPoint("broken", error="no module named 'x'"),
-           FakeEntryPoint("regex", lambda spec, vocab: None), FakeEntryPoint("not_a_potential", lambda spec, vocab: object())]
+    eps = [
+        FakeEntryPoint("no_digits", _no_digits),
+        FakeEntryPoint("broken", error="no module named 'x'"),
+        FakeEntryPoint("regex", lambda spec, vocab: None),
+        FakeEntryPoint("not_a_potential", lambda spec, vocab: object()),
+    ]
 
     def entry_points(**kw):
         assert kw.get("group") == "smcserve.potentials"
@@ -701,11 +802,15 @@ def test_plugins_from_entry_points(tok, vocab, fake_plugins):
     # the built-in regex is not overridden by a plugin of the same name
     [r] = build_potentials([PotentialSpec("regex", pattern="a")], vocab)
     assert r.mask() is not None
-    with pytest.raises(PotentialError, match=r"^steering\.potentials\[1\]\.kind: potential 'broken' failed to load: ImportError"):
+    with pytest.raises(
+        PotentialError, match=r"^steering\.potentials\[1\]\.kind: potential 'broken' failed to load: ImportError"
+    ):
         build_potentials([OK_SPEC, PotentialSpec("broken")], vocab)
     with pytest.raises(PotentialError, match=r"^steering\.potentials\[0\]: options\.strict: not supported"):
         build_potentials([PotentialSpec("no_digits", options={"strict": True})], vocab)
-    with pytest.raises(PotentialError, match=r"^steering\.potentials\[0\]\.kind: potential 'not_a_potential' returned object"):
+    with pytest.raises(
+        PotentialError, match=r"^steering\.potentials\[0\]\.kind: potential 'not_a_potential' returned object"
+    ):
         build_potentials([PotentialSpec("not_a_potential")], vocab)
 
 

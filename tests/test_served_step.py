@@ -1,5 +1,6 @@
 """Regression tests of the served SMC step: seeds of any size, no KV leak when a step fails, float64
 draws, no resampling once every particle finished, errors blamed on the right party."""
+
 from __future__ import annotations
 
 import math
@@ -85,8 +86,15 @@ def test_step_marks_dead_particles_finished_and_reports_all_dead():
     incr = np.array([[0.0, -math.inf], [-math.inf, -math.inf]])
     out = smc_step(np.zeros(2), np.zeros(2, bool), incr, np.zeros((2, 2), bool), "without_replacement", 0.5, rng)
     assert out.status == "ok" and out.finished[np.isneginf(out.log_weights)].all()
-    out = smc_step(np.zeros(2), np.zeros(2, bool), np.full((2, 2), -math.inf), np.zeros((2, 2), bool),
-                   "without_replacement", 0.5, rng)
+    out = smc_step(
+        np.zeros(2),
+        np.zeros(2, bool),
+        np.full((2, 2), -math.inf),
+        np.zeros((2, 2), bool),
+        "without_replacement",
+        0.5,
+        rng,
+    )
     assert out.status == ALL_VIOLATED and out.finished.all()
 
 
@@ -117,8 +125,14 @@ def test_a_failure_inside_a_particle_step_leaks_no_kv(engine):
     lm = engine.lm
     vocab = get_vocab(lm.tokenizer, size=lm.config.vocab_size, eos_ids=sorted(lm.eos_token_ids))
     prompt = lm.tokenizer("A prompt that fills more than one block of sixteen tokens, to share KV.")["input_ids"]
-    group = ParticleGroup("leak", [prompt], SamplingParams(temperature=1.0, max_tokens=8, seed=1),
-                          [PotentialSpec("max_tokens", n=8)], vocab, engine)
+    group = ParticleGroup(
+        "leak",
+        [prompt],
+        SamplingParams(temperature=1.0, max_tokens=8, seed=1),
+        [PotentialSpec("max_tokens", n=8)],
+        vocab,
+        engine,
+    )
     group.fresh_potentials = lambda generated=(): [Exploding(vocab, 8)]
     Exploding.calls = 0
     engine.call(lambda: group.open([], ["a", "b"])).result()
@@ -150,13 +164,16 @@ def test_a_worker_bug_is_internal_not_invalid_argument(engine):
     assert ctx.code == grpc.StatusCode.INTERNAL and "see the server log" in ctx.details
 
 
-@pytest.mark.parametrize("code, expected", [
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
-    (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL),  # the scheduler sent it: our bug
-    (grpc.StatusCode.INTERNAL, grpc.StatusCode.INTERNAL),
-    (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL),
-])
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL),  # the scheduler sent it: our bug
+        (grpc.StatusCode.INTERNAL, grpc.StatusCode.INTERNAL),
+        (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL),
+    ],
+)
 def test_worker_errors_map_to_client_codes(code, expected):
     err = SimpleNamespace(code=lambda: code, details=lambda: "x")
     assert worker_status(err) == expected
@@ -168,8 +185,14 @@ def test_closing_a_request_with_a_step_still_queued_leaks_no_kv(engine):
     lm = engine.lm
     vocab = get_vocab(lm.tokenizer, size=lm.config.vocab_size, eos_ids=sorted(lm.eos_token_ids))
     prompt = lm.tokenizer("Another prompt, long enough to fill a block of sixteen tokens or more.")["input_ids"]
-    group = ParticleGroup("closed", [prompt], SamplingParams(temperature=1.0, max_tokens=8, seed=2),
-                          [PotentialSpec("max_tokens", n=8)], vocab, engine)
+    group = ParticleGroup(
+        "closed",
+        [prompt],
+        SamplingParams(temperature=1.0, max_tokens=8, seed=2),
+        [PotentialSpec("max_tokens", n=8)],
+        vocab,
+        engine,
+    )
     engine.call(lambda: group.open([], ["a", "b"])).result()
     job = engine.call(lambda: group.extend_job(0, [("a", 0, 2), ("b", 1, 2)])).result()
     closed = engine.call(group.close)  # queued first: runs before the job's step

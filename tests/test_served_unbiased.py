@@ -39,6 +39,7 @@ scheduler, so the stack is started in this process (``scheduler.stack.Stack``, e
 Ray actor processes) and the monkeypatch reaches the served path. The control asserts that the
 patched function was called, so a refactor that bypasses it fails loudly instead of passing vacuously.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -49,10 +50,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
-from client import Client
 from test_smc import llamppl_find_c
 from tiny_vocab import EOS_ID, PIECES, TEXTS, build_tiny_llama, exact_z, hard_ok, next_token_logprobs
+
+from client import Client
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +64,7 @@ MODEL_SEED, LOGIT_SCALE = 12, 2.5
 PROMPT, OTHER, WEIGHT = "ab c.", "ba e ", 0.5
 FORBIDDEN, MAX_WORD = "x", 1
 MAX_TOKENS, N = 3, 4
-M = 1000         # seeded requests per scheme (seeds 0..M-1)
+M = 1000  # seeded requests per scheme (seeds 0..M-1)
 M_CONTROL = 500  # llamppl's c inflates Ẑ by ≈ 18 % here: ≈ 6 standard errors at 500 requests
 CONCURRENCY = 4  # requests in flight: the decode workers batch them together
 POTENTIALS = [
@@ -107,8 +108,10 @@ def targets(tables, temperature: float) -> dict:
         first[y[0]] = first.get(y[0], 0.0) + p
     top = max(first, key=first.get)
     out = {"Z": (z, None)}
-    for name, inside in (("Z·π(ended early)", lambda y: len(y) < MAX_TOKENS),
-                         (f"Z·π(first token {TEXTS[top]!r})", lambda y: y[0] == top)):
+    for name, inside in (
+        ("Z·π(ended early)", lambda y: len(y) < MAX_TOKENS),
+        (f"Z·π(first token {TEXTS[top]!r})", lambda y: y[0] == top),
+    ):
         out[name] = (z * math.fsum(p for y, p in post.items() if inside(y)), inside)
     return out
 
@@ -126,8 +129,16 @@ def stack(tiny_dir):
     own_ray = not ray.is_initialized()
     if own_ray:  # a new local cluster (never one left running on this machine), from the main thread
         ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    config = ServeConfig(model=str(tiny_dir), dtype="float32", prefill_workers=1, decode_workers=2, port=0,
-                         threads=1, kv_cache="16mb", redis_maxmemory="64mb")
+    config = ServeConfig(
+        model=str(tiny_dir),
+        dtype="float32",
+        prefill_workers=1,
+        decode_workers=2,
+        port=0,
+        threads=1,
+        kv_cache="16mb",
+        redis_maxmemory="64mb",
+    )
     st = Stack(config)
     try:
         asyncio.run_coroutine_threadsafe(st.start(), loop).result(timeout=300)
@@ -149,8 +160,9 @@ def client(stack):
 
 # ------------------------------------------------------------------------------------ helpers
 def steer(client, seed: int, temperature: float, **kw):
-    return client.steer(PROMPT, particles=N, potentials=POTENTIALS, max_tokens=MAX_TOKENS, seed=seed,
-                        temperature=temperature, **kw)
+    return client.steer(
+        PROMPT, particles=N, potentials=POTENTIALS, max_tokens=MAX_TOKENS, seed=seed, temperature=temperature, **kw
+    )
 
 
 def check_particles(res) -> None:
@@ -179,9 +191,12 @@ def estimates(client, scheme: str, seeds, exact: dict) -> dict[str, np.ndarray]:
     def one(seed):
         res = steer(client, seed, temperature, **kw)
         check_particles(res)
-        return [math.exp(res.log_z) if inside is None else
-                math.fsum(math.exp(p.log_weight) for p in res.particles if inside(tuple(p.token_ids))) / N
-                for _, inside in exact.values()]
+        return [
+            math.exp(res.log_z)
+            if inside is None
+            else math.fsum(math.exp(p.log_weight) for p in res.particles if inside(tuple(p.token_ids))) / N
+            for _, inside in exact.values()
+        ]
 
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         rows = np.array(list(pool.map(one, seeds)))
@@ -196,8 +211,10 @@ def report(label: str, exact: dict, est: dict, seconds: float) -> dict[str, tupl
         xs = est[name]
         mean, se = float(xs.mean()), float(xs.std(ddof=1) / math.sqrt(xs.size))
         out[name] = (value, mean, se)
-        print(f"  {name:28s} exact {value:.6g}   mean {mean:.6g} (ratio {mean / value:.4f})   "
-              f"SE {se:.3g} ({se / value:.2%})   z = {(mean - value) / se:+.2f}")
+        print(
+            f"  {name:28s} exact {value:.6g}   mean {mean:.6g} (ratio {mean / value:.4f})   "
+            f"SE {se:.3g} ({se / value:.2%})   z = {(mean - value) / se:+.2f}"
+        )
     return out
 
 
@@ -241,11 +258,16 @@ def test_served_smc_is_unbiased(client, tables, scheme):
     for name, (value, mean, se) in stats.items():
         power = 0.05 if name == "Z" else 0.10  # ended-early mass is small and noisy at T = 0.8
         assert se < power * value, f"{name}: too few requests for the check to have power"
-        assert abs(mean - value) < 3 * se, \
+        assert abs(mean - value) < 3 * se, (
             f"{name}: mean {mean:.6g} vs exact {value:.6g}: {(mean - value) / se:+.2f} standard errors"
+        )
     workers = client.info().decode_workers
-    print("  decode workers: " + ", ".join(f"{w.worker_id} batch_steps={w.batch_steps} "
-                                          f"particles_imported={w.particles_imported}" for w in workers))
+    print(
+        "  decode workers: "
+        + ", ".join(
+            f"{w.worker_id} batch_steps={w.batch_steps} particles_imported={w.particles_imported}" for w in workers
+        )
+    )
     assert all(w.batch_steps > 0 for w in workers)
     assert imported(client) > before, "resampling never moved a particle between the two decode workers"
 

@@ -1,4 +1,5 @@
 """The discrete-event simulator (scheduler/conductor/simulator.py) on hand-checkable traces and a real-trace slice."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,13 @@ import pytest
 from loadtest.trace import DEFAULT_TRACE, load_trace
 from scheduler.conductor import POLICY_NAMES, CostModel
 from scheduler.conductor.simulator import (
-    DEFAULT_PROFILE, HardwareProfile, SimConfig, TraceRequest, rows_to_requests, simulate, trace_hit_rate,
+    DEFAULT_PROFILE,
+    HardwareProfile,
+    SimConfig,
+    TraceRequest,
+    rows_to_requests,
+    simulate,
+    trace_hit_rate,
 )
 
 TRACE = DEFAULT_TRACE  # data/traces/synthetic_trace.jsonl, shipped in the repository
@@ -18,8 +25,9 @@ COST = CostModel(a=0.0, b=1.0, c=0.0, d=2.0, e=20.0, f=1.0)
 
 
 def profile(cache_blocks=None, decode_kv_blocks=1000) -> HardwareProfile:
-    return HardwareProfile("test", COST, block_size=4, prefill_cache_blocks=cache_blocks,
-                           decode_kv_blocks=decode_kv_blocks)
+    return HardwareProfile(
+        "test", COST, block_size=4, prefill_cache_blocks=cache_blocks, decode_kv_blocks=decode_kv_blocks
+    )
 
 
 def R(t: float, keys: str, out: int = 5, tokens: int | None = None) -> TraceRequest:
@@ -37,11 +45,11 @@ def test_second_identical_request_hits_the_cache():
     for name in POLICY_NAMES:  # every engine reuses its own cached prefix
         res = simulate(reqs, name, profile(), cfg())
         a, b = res.requests
-        assert a.ttft_ms == pytest.approx(12.0)          # 12 tokens at 1 ms
-        assert b.ttft_ms == pytest.approx(1.0)           # all 3 blocks reused, the last token computed
+        assert a.ttft_ms == pytest.approx(12.0)  # 12 tokens at 1 ms
+        assert b.ttft_ms == pytest.approx(1.0)  # all 3 blocks reused, the last token computed
         assert (a.reused_blocks, b.reused_blocks) == (0, 3)
-        assert a.tbt_ms == pytest.approx(21.0)           # alone in the batch
-        assert b.tbt_ms == pytest.approx(22.0)           # a (done at 12 + 5 * 21 = 117) still decoding
+        assert a.tbt_ms == pytest.approx(21.0)  # alone in the batch
+        assert b.tbt_ms == pytest.approx(22.0)  # a (done at 12 + 5 * 21 = 117) still decoding
         s = res.summary()
         assert s["hit_rate"] == pytest.approx(0.5)
         assert s["mean_ttft_s"] == pytest.approx(0.0065, abs=1e-4)
@@ -51,15 +59,17 @@ def test_second_identical_request_hits_the_cache():
 def test_request_arriving_during_prefill_waits_and_misses():
     res = simulate([R(0, "a0 a1 a2"), R(5, "a0 a1 a2")], "cache_global", profile(), cfg())
     a, b = res.requests
-    assert b.reused_blocks == 0                  # a's blocks enter the cache only when its prefill ends
+    assert b.reused_blocks == 0  # a's blocks enter the cache only when its prefill ends
     assert b.ttft_ms == pytest.approx((12 - 5) + 12)
     assert b.pred_ttft_ms == pytest.approx(b.ttft_ms)
 
 
 def test_cache_global_fetches_to_an_idle_instance():
-    reqs = [R(0, "a0 a1 a2 a3"),                         # p0: 16 ms
-            R(20, " ".join(f"x{i}" for i in range(10))),  # p0 (tie, first): busy 20..60
-            R(21, "a0 a1 a2 a3 b4 b5")]                  # shares a 4-block prefix with the first
+    reqs = [
+        R(0, "a0 a1 a2 a3"),  # p0: 16 ms
+        R(20, " ".join(f"x{i}" for i in range(10))),  # p0 (tie, first): busy 20..60
+        R(21, "a0 a1 a2 a3 b4 b5"),
+    ]  # shares a 4-block prefix with the first
     g = simulate(reqs, "cache_global", profile(), cfg(n_prefill=2)).requests[2]
     # p0: queue 39 + 8 new tokens = 47; p1: 8 new + fetch 4 blocks at 2 ms = 16
     assert g.prefill_id == "prefill-1"
@@ -88,7 +98,7 @@ def test_early_rejection_by_reason():
     res = simulate(reqs, "load", profile(), cfg(slo_ttft_ms=10.0, slo_tbt_ms=100.0))
     a, b, c = res.requests
     assert not a.admitted and a.reason.startswith("ttft: predicted 20 ms > SLO 10 ms")
-    assert not b.admitted                                   # 12 ms > 10 ms
+    assert not b.admitted  # 12 ms > 10 ms
     assert c.admitted and c.ttft_ms == pytest.approx(4.0)
     s = res.summary()
     assert s["rejected"] == {"total": 2, "ttft": 2} and s["served"] == 1
@@ -110,7 +120,7 @@ def test_decode_capacity_rejects_and_frees():
     res = simulate(reqs, "cache_global", profile(decode_kv_blocks=4), cfg())
     a, b, c = res.requests
     assert a.admitted and not b.admitted and b.reason.startswith("decode:")
-    assert c.admitted                                       # a finished at 8 + 4 * 21 = 92, blocks freed
+    assert c.admitted  # a finished at 8 + 4 * 21 = 92, blocks freed
     assert res.summary()["rejected"] == {"total": 1, "decode": 1}
 
 
@@ -126,14 +136,14 @@ def test_default_profile_is_stated_and_plausible():
     assert p.assumed and "ASSUMED" in p.description and p.block_size == 512
     assert 1000 <= p.cost.prefill_ms(8192) <= 2000
     assert 1.0 <= p.cost.load_ms(1) <= 10.0
-    assert p.cost.load_ms(1) < p.cost.prefill_ms(512) / 10       # fetching beats recomputing
+    assert p.cost.load_ms(1) < p.cost.prefill_ms(512) / 10  # fetching beats recomputing
     fitted = HardwareProfile.from_cost_model(CostModel(), name="measured")
     assert not fitted.assumed and fitted.name == "measured"
 
 
 @pytest.fixture(scope="module")
 def trace_slice():
-    return rows_to_requests(load_trace(TRACE))[3500:3900]   # late in the trace, where prefixes repeat (~60% of blocks)
+    return rows_to_requests(load_trace(TRACE))[3500:3900]  # late in the trace, where prefixes repeat (~60% of blocks)
 
 
 def test_unbounded_hit_rate_matches_the_trace(trace_slice):
@@ -149,8 +159,9 @@ def test_unbounded_hit_rate_matches_the_trace(trace_slice):
     # spread the arrivals so that every prefill ends before the next request arrives
     spread = [TraceRequest(i * 1e9, r.input_length, r.output_length, r.block_keys) for i, r in enumerate(reqs)]
     for name, n_prefill in (("cache_global", 4), ("cache_local", 1), ("load", 1)):
-        res = simulate(spread, name, DEFAULT_PROFILE, SimConfig(n_prefill=n_prefill, cache_blocks=None,
-                                                                early_reject=False))
+        res = simulate(
+            spread, name, DEFAULT_PROFILE, SimConfig(n_prefill=n_prefill, cache_blocks=None, early_reject=False)
+        )
         assert res.summary()["served"] == len(reqs)
         assert res.hit_rate() == pytest.approx(direct, rel=1e-12), name
     # with the real timing, requests that arrive before the prefill they share ends miss
@@ -174,8 +185,10 @@ def test_policies_on_real_slice(trace_slice):
 
 def test_rows_to_requests_parses_jsonl(tmp_path):
     p = tmp_path / "t.jsonl"
-    rows = [{"timestamp": 0, "input_length": 700, "output_length": 3, "hash_ids": [0, 1]},
-            {"timestamp": 15, "input_length": 600, "output_length": 9, "hash_ids": [0, 2]}]
+    rows = [
+        {"timestamp": 0, "input_length": 700, "output_length": 3, "hash_ids": [0, 1]},
+        {"timestamp": 15, "input_length": 600, "output_length": 9, "hash_ids": [0, 2]},
+    ]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     reqs = rows_to_requests(load_trace(p))
     assert reqs == rows_to_requests(rows)

@@ -4,6 +4,7 @@ Every run is seeded, so the file is deterministic. Statistical checks: mean Ẑ 
 errors of the exact Z, and the pooled weighted particles within TV_BOUND of the exact posterior;
 two negative controls show that those checks catch a missing mask correction and llamppl's c.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import smc.driver as driver
 import smc.step as smc_step_module
 from smc import (
     ALL_VIOLATED,
@@ -187,7 +187,7 @@ def run_batch(model: FeynmanKacModel, runs: int, seed: int, **kw) -> Batch:
     return Batch(zs, {x: v / total for x, v in pooled.items()}, n_res, steps)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def batch(name: str) -> Batch:
     return run_batch(TOY, RUNS, seed=1000 + list(CONFIGS).index(name), **CONFIGS[name])
 
@@ -320,9 +320,9 @@ def test_log_space_helpers():
 
 # --------------------------------------------------------------------------- standard schemes
 
-weight_lists = st.lists(
-    st.one_of(st.just(-math.inf), st.floats(-30.0, 5.0)), min_size=1, max_size=24
-).filter(lambda xs: any(x > -math.inf for x in xs))
+weight_lists = st.lists(st.one_of(st.just(-math.inf), st.floats(-30.0, 5.0)), min_size=1, max_size=24).filter(
+    lambda xs: any(x > -math.inf for x in xs)
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -418,8 +418,11 @@ def test_c_star_is_exact(logw, n):
 
 
 @settings(max_examples=200, deadline=None)
-@given(logw=weight_lists | st.lists(st.just(-math.inf), min_size=1, max_size=5), n=st.integers(1, 12),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    logw=weight_lists | st.lists(st.just(-math.inf), min_size=1, max_size=5),
+    n=st.integers(1, 12),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_without_replacement_exactly_n_and_weight_exact(logw, n, seed):
     a = np.array(logw)
     res = resample_without_replacement(a, n, np.random.default_rng(seed))
@@ -443,8 +446,9 @@ def test_without_replacement_exactly_n_and_weight_exact(logw, n, seed):
 def test_steer_resample_step(data, n, k, seed):
     parent = np.array(data.draw(st.lists(st.one_of(st.just(-math.inf), st.floats(-10, 2)), min_size=n, max_size=n)))
     carried = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
-    incr = np.array(data.draw(st.lists(st.one_of(st.just(-math.inf), st.floats(-10, 2)), min_size=n * k,
-                                       max_size=n * k))).reshape(n, k)
+    incr = np.array(
+        data.draw(st.lists(st.one_of(st.just(-math.inf), st.floats(-10, 2)), min_size=n * k, max_size=n * k))
+    ).reshape(n, k)
     incr[carried] = math.nan  # rows of carried parents must be ignored
     cand = steer_candidates(parent, carried, incr)
     assert cand.n_prime == int(np.where(carried, 1, k).sum())

@@ -1,4 +1,5 @@
 """SMC steering through the stack with the real model: constraints hold, bad specs are refused."""
+
 from __future__ import annotations
 
 import json
@@ -28,17 +29,28 @@ def check_result(result, n):
 
 
 def test_words_of_at_most_five_letters(client):
-    res = client.steer(messages=chat("Describe a cat."), particles=6, max_tokens=12, seed=3,
-                       potentials=[{"kind": "max_word_length", "max_len": 5}])
+    res = client.steer(
+        messages=chat("Describe a cat."),
+        particles=6,
+        max_tokens=12,
+        seed=3,
+        potentials=[{"kind": "max_word_length", "max_len": 5}],
+    )
     check_result(res, 6)
     for p in live(res):
         assert all(len(w) <= 5 for w in re.findall(r"[^\W\d_]+", p.text)), p.text
 
 
 def test_no_letter_e(client):
-    res = client.steer(messages=chat("Write about the weather."), particles=6, max_tokens=12, seed=4,
-                       scheme="systematic", ess_threshold=0.7,
-                       potentials=[{"kind": "forbidden_chars", "chars": "e"}])
+    res = client.steer(
+        messages=chat("Write about the weather."),
+        particles=6,
+        max_tokens=12,
+        seed=4,
+        scheme="systematic",
+        ess_threshold=0.7,
+        potentials=[{"kind": "forbidden_chars", "chars": "e"}],
+    )
     check_result(res, 6)
     for p in live(res):
         assert "e" not in p.text.lower(), p.text
@@ -46,19 +58,35 @@ def test_no_letter_e(client):
 
 def test_date_regex(client):
     pattern = r"\d{4}-\d{2}-\d{2}"
-    res = client.steer(messages=chat("When did the Apollo 11 land on the Moon? Answer with a date."), particles=4,
-                       max_tokens=12, seed=5, potentials=[{"kind": "regex", "pattern": pattern}])
+    res = client.steer(
+        messages=chat("When did the Apollo 11 land on the Moon? Answer with a date."),
+        particles=4,
+        max_tokens=12,
+        seed=5,
+        potentials=[{"kind": "regex", "pattern": pattern}],
+    )
     check_result(res, 4)
     for p in live(res):
         assert p.finished and re.fullmatch(pattern, p.text), p.text
 
 
 def test_json_schema_with_two_required_fields(client):
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
-                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-              "required": ["name", "age"], "additionalProperties": False}
-    res = client.steer(messages=chat("Give a person as JSON."), particles=4, max_tokens=40, seed=6,
-                       potentials=[{"kind": "json_schema", "schema": json.dumps(schema)}])
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    res = client.steer(
+        messages=chat("Give a person as JSON."),
+        particles=4,
+        max_tokens=40,
+        seed=6,
+        potentials=[{"kind": "json_schema", "schema": json.dumps(schema)}],
+    )
     check_result(res, 4)
     for p in live(res):
         obj = json.loads(p.text)
@@ -66,8 +94,13 @@ def test_json_schema_with_two_required_fields(client):
 
 
 def test_same_seed_same_particles(client):
-    kw = dict(messages=chat("Name an animal."), particles=4, max_tokens=8, seed=11,
-              potentials=[{"kind": "max_word_length", "max_len": 6}])
+    kw = dict(
+        messages=chat("Name an animal."),
+        particles=4,
+        max_tokens=8,
+        seed=11,
+        potentials=[{"kind": "max_word_length", "max_len": 6}],
+    )
     a, b = client.steer(**kw), client.steer(**kw)
     assert [list(p.token_ids) for p in a.particles] == [list(p.token_ids) for p in b.particles]
     assert [p.log_weight for p in a.particles] == pytest.approx([p.log_weight for p in b.particles], abs=1e-4)
@@ -76,8 +109,13 @@ def test_same_seed_same_particles(client):
 
 def test_impossible_constraints_give_log_z_minus_inf(client):
     # the banned phrase is every possible first letter's start: everything dies, cleanly
-    res = client.steer(messages=chat("Say hi."), particles=3, max_tokens=4, seed=1,
-                       potentials=[{"kind": "regex", "pattern": "a"}, {"kind": "forbidden_chars", "chars": "a"}])
+    res = client.steer(
+        messages=chat("Say hi."),
+        particles=3,
+        max_tokens=4,
+        seed=1,
+        potentials=[{"kind": "regex", "pattern": "a"}, {"kind": "forbidden_chars", "chars": "a"}],
+    )
     assert res.log_z == -math.inf and "violated" in res.status
     assert all(p.weight == 0 for p in res.particles)
 
@@ -87,12 +125,20 @@ def test_prompt_intersection_weights_are_the_product_normalisers(client, real_mo
     import torch
 
     q1, q2 = "Name a fruit.", "Name something red."
-    res = client.steer(messages=chat(q1), particles=2, max_tokens=5, seed=8, scheme="multinomial",
-                       ess_threshold=0.0, potentials=[{"kind": "prompt_intersection", "prompts": [q2]}])
+    res = client.steer(
+        messages=chat(q1),
+        particles=2,
+        max_tokens=5,
+        seed=8,
+        scheme="multinomial",
+        ess_threshold=0.0,
+        potentials=[{"kind": "prompt_intersection", "prompts": [q2]}],
+    )
     check_result(res, 2)
     tok = real_model.tokenizer
-    p1, p2 = (tok.apply_chat_template(chat(q), add_generation_prompt=True, tokenize=True, return_dict=False)
-              for q in (q1, q2))
+    p1, p2 = (
+        tok.apply_chat_template(chat(q), add_generation_prompt=True, tokenize=True, return_dict=False) for q in (q1, q2)
+    )
     with torch.inference_mode():
         for particle in res.particles:
             y = list(particle.token_ids)
@@ -104,19 +150,24 @@ def test_prompt_intersection_weights_are_the_product_normalisers(client, real_mo
             assert particle.log_weight == pytest.approx(expected, abs=2e-3)
 
 
-@pytest.mark.parametrize("steering, field", [
-    ({"particles": 0}, "steering.particles"),
-    ({"particles": 100000}, "steering.particles"),
-    ({"particles": 4, "extensions": 0}, "steering.extensions"),
-    ({"particles": 4, "scheme": "magic"}, "steering.scheme"),
-    ({"particles": 4, "ess_threshold": 1.5}, "steering.ess_threshold"),
-    ({"particles": 4, "ess_threshold": -0.1}, "steering.ess_threshold"),
-    ({"particles": 4, "potentials": [{"kind": "regex", "pattern": "(unclosed"}]}, "steering.potentials[0].pattern"),
-    ({"particles": 4, "potentials": [{"kind": "cfg", "grammar": "start: (("}]}, "steering.potentials[0].grammar"),
-    ({"particles": 4, "potentials": [{"kind": "max_word_length", "max_len": 3},
-                                     {"kind": "no_such_potential"}]}, "steering.potentials[1].kind"),
-    ({"particles": 4, "potentials": [{"kind": "prompt_intersection"}]}, "steering.potentials[0].prompts"),
-])
+@pytest.mark.parametrize(
+    "steering, field",
+    [
+        ({"particles": 0}, "steering.particles"),
+        ({"particles": 100000}, "steering.particles"),
+        ({"particles": 4, "extensions": 0}, "steering.extensions"),
+        ({"particles": 4, "scheme": "magic"}, "steering.scheme"),
+        ({"particles": 4, "ess_threshold": 1.5}, "steering.ess_threshold"),
+        ({"particles": 4, "ess_threshold": -0.1}, "steering.ess_threshold"),
+        ({"particles": 4, "potentials": [{"kind": "regex", "pattern": "(unclosed"}]}, "steering.potentials[0].pattern"),
+        ({"particles": 4, "potentials": [{"kind": "cfg", "grammar": "start: (("}]}, "steering.potentials[0].grammar"),
+        (
+            {"particles": 4, "potentials": [{"kind": "max_word_length", "max_len": 3}, {"kind": "no_such_potential"}]},
+            "steering.potentials[1].kind",
+        ),
+        ({"particles": 4, "potentials": [{"kind": "prompt_intersection"}]}, "steering.potentials[0].prompts"),
+    ],
+)
 def test_bad_steering_specs(client, steering, field):
     from client.client import build_request
 
@@ -136,8 +187,13 @@ def test_steering_frees_all_kv(client):
 def test_any_seed_or_none_steers_and_generates(client, seed):
     """Seeds used to be mixed by arithmetic that overflowed a signed 64-bit pack above ~9.2 million."""
     kw = {} if seed is None else {"seed": seed}
-    res = client.steer(messages=chat("Name a colour."), particles=4, max_tokens=4,
-                       potentials=[{"kind": "max_word_length", "max_len": 6}], **kw)
+    res = client.steer(
+        messages=chat("Name a colour."),
+        particles=4,
+        max_tokens=4,
+        potentials=[{"kind": "max_word_length", "max_len": 6}],
+        **kw,
+    )
     check_result(res, 4)
     out = client.generate(messages=chat("Name a colour."), max_tokens=4, temperature=1.0, **kw)
     assert out.finish_reason in ("stop", "length") and out.token_ids
@@ -145,10 +201,19 @@ def test_any_seed_or_none_steers_and_generates(client, seed):
 
 def test_particles_say_why_they_ended(client):
     """Out of tokens inside an unfinished JSON value is not 'violated the constraints'."""
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
-              "required": ["name"], "additionalProperties": False}
-    res = client.steer(messages=chat("Give a person as JSON."), particles=4, max_tokens=3, seed=3,
-                       potentials=[{"kind": "json_schema", "schema": json.dumps(schema)}])
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    res = client.steer(
+        messages=chat("Give a person as JSON."),
+        particles=4,
+        max_tokens=3,
+        seed=3,
+        potentials=[{"kind": "json_schema", "schema": json.dumps(schema)}],
+    )
     assert res.log_z == -math.inf and all(p.weight == 0 for p in res.particles)
     assert {p.finish_reason for p in res.particles} == {"length"}
     assert "reached max_tokens (3)" in res.status and "violated" not in res.status, res.status
@@ -157,8 +222,10 @@ def test_particles_say_why_they_ended(client):
     assert all(p.finish_reason == "stop" for p in ok.particles if len(p.token_ids) < 4)
 
 
-@pytest.mark.parametrize("sampling, field", [({"top_p": 0.5}, "sampling.top_p"), ({"top_k": 5}, "sampling.top_k"),
-                                             ({"stop": ["."]}, "sampling.stop")])
+@pytest.mark.parametrize(
+    "sampling, field",
+    [({"top_p": 0.5}, "sampling.top_p"), ({"top_k": 5}, "sampling.top_k"), ({"stop": ["."]}, "sampling.stop")],
+)
 def test_sampling_options_steering_cannot_honour_are_refused(client, sampling, field):
     """The proposal is the whole masked LM: truncating it would change the target without a word."""
     from client.client import build_request

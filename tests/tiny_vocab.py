@@ -16,6 +16,7 @@ is stored as "Ġ", exactly like SmolLM2's tokenizer).
     6   .
     7   e
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +40,15 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([EOS])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=None,
-                                   unk_token=None, model_max_length=64, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=EOS,
+        bos_token=None,
+        unk_token=None,
+        model_max_length=64,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def build_tiny_llama(path: str | Path, seed: int = 0, logit_scale: float = 4.0) -> Path:
@@ -53,10 +61,21 @@ def build_tiny_llama(path: str | Path, seed: int = 0, logit_scale: float = 4.0) 
 
     path = Path(path)
     tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(PIECES), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=None, eos_token_id=EOS_ID, pad_token_id=EOS_ID, tie_word_embeddings=False,
-                      rms_norm_eps=1e-5, dtype="float32")
+    cfg = LlamaConfig(
+        vocab_size=len(PIECES),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        dtype="float32",
+    )
     g = torch.Generator().manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -117,8 +136,9 @@ def complete_sequences(max_tokens: int):
                 yield y
 
 
-def exact_z(lp1: dict, lp2: dict | None, weight: float, max_tokens: int, forbidden: str = "",
-            max_word: int | None = None) -> tuple[float, dict]:
+def exact_z(
+    lp1: dict, lp2: dict | None, weight: float, max_tokens: int, forbidden: str = "", max_word: int | None = None
+) -> tuple[float, dict]:
     """Z = Σ_y Π_t p1(y_t|y<t) · p2(y_t|y<t)^weight · G_hard(y) over complete y; also the posterior."""
     import math
 
@@ -132,4 +152,3 @@ def exact_z(lp1: dict, lp2: dict | None, weight: float, max_tokens: int, forbidd
         terms[y] = math.exp(s)
     z = math.fsum(terms.values())
     return z, {y: v / z for y, v in terms.items()}
-

@@ -23,21 +23,54 @@ Typical use (what the live scheduler and the simulator both do)::
 
 and measured timings go to a :class:`CostRecorder`, whose ``model`` is the cost model to pass.
 """
+
 from __future__ import annotations
 
 from scheduler.conductor.admission import Placement, admit, place
 from scheduler.conductor.cost import CostModel, CostRecorder
 from scheduler.conductor.policies import (
-    POLICY_NAMES, CacheGlobalPolicy, CacheLocalPolicy, DecodeInstance, LoadPolicy, Policy, PrefillChoice,
-    PrefillInstance, RandomPolicy, RequestInfo, RoundRobinPolicy, cached_tokens_for, choose_decode_by_load,
-    global_prefix_hits, kv_blocks_needed, make_policy, predict_ttft_ms, prefix_hits,
+    POLICY_NAMES,
+    CacheGlobalPolicy,
+    CacheLocalPolicy,
+    DecodeInstance,
+    LoadPolicy,
+    Policy,
+    PrefillChoice,
+    PrefillInstance,
+    RandomPolicy,
+    RequestInfo,
+    RoundRobinPolicy,
+    cached_tokens_for,
+    choose_decode_by_load,
+    global_prefix_hits,
+    kv_blocks_needed,
+    make_policy,
+    predict_ttft_ms,
+    prefix_hits,
 )
 
 __all__ = [
-    "CostModel", "CostRecorder",
-    "POLICY_NAMES", "make_policy", "Policy", "PrefillInstance", "DecodeInstance", "RequestInfo", "PrefillChoice",
-    "RandomPolicy", "RoundRobinPolicy", "LoadPolicy", "CacheLocalPolicy", "CacheGlobalPolicy",
-    "prefix_hits", "global_prefix_hits", "cached_tokens_for", "kv_blocks_needed", "predict_ttft_ms",
+    "CostModel",
+    "CostRecorder",
+    "POLICY_NAMES",
+    "make_policy",
+    "Policy",
+    "PrefillInstance",
+    "DecodeInstance",
+    "RequestInfo",
+    "PrefillChoice",
+    "RandomPolicy",
+    "RoundRobinPolicy",
+    "LoadPolicy",
+    "CacheLocalPolicy",
+    "CacheGlobalPolicy",
+    "prefix_hits",
+    "global_prefix_hits",
+    "cached_tokens_for",
+    "kv_blocks_needed",
+    "predict_ttft_ms",
     "choose_decode_by_load",
-    "Placement", "admit", "place",
+    "Placement",
+    "admit",
+    "place",
 ]

@@ -4,6 +4,7 @@
 samples by non-negative least squares; :class:`CostRecorder` keeps a window of the live scheduler's
 measurements and refits as they come.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -47,9 +48,14 @@ class CostModel:
     MIN_TBT_SAMPLES = 3
 
     @classmethod
-    def fit(cls, prefill: Iterable[tuple[float, float, float]] | Mapping | None = (),
-            load: Iterable[tuple[float, float]] = (), tbt: Iterable[tuple[float, float]] = (), *,
-            base: CostModel | None = None) -> CostModel:
+    def fit(
+        cls,
+        prefill: Iterable[tuple[float, float, float]] | Mapping | None = (),
+        load: Iterable[tuple[float, float]] = (),
+        tbt: Iterable[tuple[float, float]] = (),
+        *,
+        base: CostModel | None = None,
+    ) -> CostModel:
         """Non-negative least squares fit of the three parts to measured samples.
 
         ``prefill``: (new_tokens, cached_tokens, ms) → a, b, c; ``load``: (blocks, ms) → d;

@@ -27,20 +27,27 @@ Requests come from Mooncake trace rows (``timestamp`` ms, ``input_length``, ``ou
 at 512 tokens per block), read by :func:`loadtest.trace.load_trace`: ``rows_to_requests(load_trace(path))``;
 the hash ids are used directly as block keys (``str(id)``).
 """
+
 from __future__ import annotations
 
 import heapq
 import math
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from scheduler.conductor.admission import place
 from scheduler.conductor.cost import CostModel
 from scheduler.conductor.policies import (
-    DecodeInstance, Policy, PrefillInstance, RequestInfo, cached_tokens_for, kv_blocks_needed, make_policy,
+    DecodeInstance,
+    Policy,
+    PrefillInstance,
+    RequestInfo,
+    cached_tokens_for,
+    kv_blocks_needed,
+    make_policy,
     prefix_hits,
 )
 
@@ -56,29 +63,41 @@ class HardwareProfile:
     name: str
     cost: CostModel
     description: str = ""
-    assumed: bool = True                   # True: derived from stated assumptions, not measured
+    assumed: bool = True  # True: derived from stated assumptions, not measured
     block_size: int = 512
     prefill_cache_blocks: int | None = 4096  # per prefill instance (None: unbounded)
-    decode_kv_blocks: int = 2600           # KV blocks a decode instance can hold
+    decode_kv_blocks: int = 2600  # KV blocks a decode instance can hold
 
     @classmethod
     def from_cost_model(cls, cost: CostModel, name: str = "fitted", description: str = "", **kw) -> HardwareProfile:
         """A profile from a fitted (measured) cost model, e.g. ``CostRecorder.model``."""
-        return cls(name=name, cost=cost, description=description or "fitted to measured timings",
-                   assumed=False, **kw)
+        return cls(name=name, cost=cost, description=description or "fitted to measured timings", assumed=False, **kw)
 
     def as_dict(self) -> dict:
         c = self.cost
-        return {"name": self.name, "assumed": self.assumed, "description": self.description,
-                "block_size": self.block_size, "prefill_cache_blocks": self.prefill_cache_blocks,
-                "decode_kv_blocks": self.decode_kv_blocks,
-                "cost": {"a_ms": c.a, "b_ms_per_token": c.b, "c_ms_per_token2": c.c, "d_ms_per_block": c.d,
-                         "e_ms": c.e, "f_ms_per_seq": c.f},
-                "examples_ms": {"prefill_8k": round(c.prefill_ms(8192), 1),
-                                "prefill_32k": round(c.prefill_ms(32768), 1),
-                                "prefill_512_after_32k_cached": round(c.prefill_ms(512, 32768), 1),
-                                "load_1_block": round(c.load_ms(1), 2),
-                                "tbt_batch_32": round(c.tbt_ms(32), 1)}}
+        return {
+            "name": self.name,
+            "assumed": self.assumed,
+            "description": self.description,
+            "block_size": self.block_size,
+            "prefill_cache_blocks": self.prefill_cache_blocks,
+            "decode_kv_blocks": self.decode_kv_blocks,
+            "cost": {
+                "a_ms": c.a,
+                "b_ms_per_token": c.b,
+                "c_ms_per_token2": c.c,
+                "d_ms_per_block": c.d,
+                "e_ms": c.e,
+                "f_ms_per_seq": c.f,
+            },
+            "examples_ms": {
+                "prefill_8k": round(c.prefill_ms(8192), 1),
+                "prefill_32k": round(c.prefill_ms(32768), 1),
+                "prefill_512_after_32k_cached": round(c.prefill_ms(512, 32768), 1),
+                "load_1_block": round(c.load_ms(1), 2),
+                "tbt_batch_32": round(c.tbt_ms(32), 1),
+            },
+        }
 
 
 # ASSUMED, not measured. One instance = one 8×A800-80GB node running a LLaMA-2-70B-class model
@@ -96,10 +115,12 @@ class HardwareProfile:
 A800_70B = HardwareProfile(
     name="assumed-8xA800-70B-TP8",
     cost=CostModel(a=15.0, b=0.112, c=1.05e-6, d=2.0, e=25.0, f=0.45),
-    description=("ASSUMED profile (not measured): one instance = 8×A800-80GB, LLaMA-2-70B-class model "
-                 "(GQA 8 KV heads, bf16), TP8, ~50% MFU prefill; 160 MiB per 512-token KV block, "
-                 "~80 GB/s RDMA fetch; 640 GiB DRAM KV cache per prefill node (4096 blocks), "
-                 "2600 KV blocks of HBM per decode node"),
+    description=(
+        "ASSUMED profile (not measured): one instance = 8×A800-80GB, LLaMA-2-70B-class model "
+        "(GQA 8 KV heads, bf16), TP8, ~50% MFU prefill; 160 MiB per 512-token KV block, "
+        "~80 GB/s RDMA fetch; 640 GiB DRAM KV cache per prefill node (4096 blocks), "
+        "2600 KV blocks of HBM per decode node"
+    ),
 )
 DEFAULT_PROFILE = A800_70B
 
@@ -120,12 +141,19 @@ class TraceRequest:
 def rows_to_requests(rows: Iterable) -> list[TraceRequest]:
     """Simulator requests from trace rows: :class:`loadtest.trace.TraceRow` objects (what
     :func:`loadtest.trace.load_trace` returns) or the JSON objects themselves (dicts)."""
+
     def one(r) -> TraceRequest:
         if isinstance(r, dict):
-            return TraceRequest(float(r["timestamp"]), int(r["input_length"]), int(r["output_length"]),
-                                tuple(str(h) for h in r["hash_ids"]))
-        return TraceRequest(float(r.timestamp_ms), int(r.input_length), int(r.output_length),
-                            tuple(str(h) for h in r.hash_ids))
+            return TraceRequest(
+                float(r["timestamp"]),
+                int(r["input_length"]),
+                int(r["output_length"]),
+                tuple(str(h) for h in r["hash_ids"]),
+            )
+        return TraceRequest(
+            float(r.timestamp_ms), int(r.input_length), int(r.output_length), tuple(str(h) for h in r.hash_ids)
+        )
+
     return [one(r) for r in rows]
 
 
@@ -158,12 +186,12 @@ def trace_hit_rate(requests: Sequence[TraceRequest], capacity: int | None = None
 class SimConfig:
     n_prefill: int = 8
     n_decode: int = 8
-    cache_blocks: int | None = -1          # per prefill instance; -1: the profile's; None: unbounded
-    decode_kv_blocks: int | None = None    # None: the profile's
+    cache_blocks: int | None = -1  # per prefill instance; -1: the profile's; None: unbounded
+    decode_kv_blocks: int | None = None  # None: the profile's
     slo_ttft_ms: float | None = 30_000.0
     slo_tbt_ms: float | None = 100.0
-    early_reject: bool = True              # reject at arrival on predicted SLO misses
-    local_reuse: bool = True               # instances reuse their own cached prefix whatever the policy
+    early_reject: bool = True  # reject at arrival on predicted SLO misses
+    local_reuse: bool = True  # instances reuse their own cached prefix whatever the policy
     predict_cost: CostModel | None = None  # the policy's cost model (None: the profile's, i.e. exact)
     seed: int = 0
 
@@ -201,8 +229,8 @@ class _Decode:
         self.snap = DecodeInstance(f"decode-{i}", 0, capacity)
         self.capacity = capacity
         self.reserved = 0
-        self.assigned = 0      # admitted, not finished (predicted batch)
-        self.running = 0       # in decode now
+        self.assigned = 0  # admitted, not finished (predicted batch)
+        self.running = 0  # in decode now
 
 
 @dataclass
@@ -252,8 +280,12 @@ class SimResult:
         }
 
 
-def simulate(requests: Sequence[TraceRequest], policy: str | Policy, profile: HardwareProfile = DEFAULT_PROFILE,
-             config: SimConfig | None = None) -> SimResult:
+def simulate(
+    requests: Sequence[TraceRequest],
+    policy: str | Policy,
+    profile: HardwareProfile = DEFAULT_PROFILE,
+    config: SimConfig | None = None,
+) -> SimResult:
     """Replay ``requests`` (sorted by arrival; ties keep their order) under ``policy``."""
     cfg = config or SimConfig()
     pol = make_policy(policy, seed=cfg.seed) if isinstance(policy, str) else policy
@@ -269,9 +301,9 @@ def simulate(requests: Sequence[TraceRequest], policy: str | Policy, profile: Ha
     decodes = [_Decode(i, dcap) for i in range(cfg.n_decode)]
     p_snaps = [p.snap for p in prefills]
     d_snaps = [d.snap for d in decodes]
-    p_by_snap = {id(p.snap): p for p in prefills}   # by identity: snapshots hold whole caches
+    p_by_snap = {id(p.snap): p for p in prefills}  # by identity: snapshots hold whole caches
     d_by_snap = {id(d.snap): d for d in decodes}
-    holders: dict[str, int] = {}            # block -> number of instances holding it (global store)
+    holders: dict[str, int] = {}  # block -> number of instances holding it (global store)
 
     def insert(p: _Prefill, k: str) -> None:
         c = p.cache
@@ -288,7 +320,7 @@ def simulate(requests: Sequence[TraceRequest], policy: str | Policy, profile: Ha
             else:
                 del holders[old]
 
-    events: list[tuple] = []                # (time, seq, kind, payload)
+    events: list[tuple] = []  # (time, seq, kind, payload)
     seq = 0
 
     def run_events(until: float) -> None:
@@ -329,8 +361,14 @@ def simulate(requests: Sequence[TraceRequest], policy: str | Policy, profile: Ha
             g += 1
         req = RequestInfo(keys, r.input_length, bs, r.output_length)
         pl = place(pol, req, p_snaps, g, d_snaps, pred_cost, slo_ttft, slo_tbt)
-        res = RequestResult(idx, pl.admitted, pl.reject_reason, blocks=len(keys),
-                            pred_ttft_ms=pl.prefill.ttft_ms, pred_tbt_ms=pl.pred_tbt_ms)
+        res = RequestResult(
+            idx,
+            pl.admitted,
+            pl.reject_reason,
+            blocks=len(keys),
+            pred_ttft_ms=pl.prefill.ttft_ms,
+            pred_tbt_ms=pl.pred_tbt_ms,
+        )
         results.append(res)
         if not pl.admitted:
             continue
@@ -345,7 +383,7 @@ def simulate(requests: Sequence[TraceRequest], policy: str | Policy, profile: Ha
         cached = cached_tokens_for(reuse, req)
         service = true_cost.prefill_ms(r.input_length - cached, cached) + true_cost.load_ms(fetched)
         for k in keys[:reuse]:
-            insert(p, k)                   # refresh the reused blocks, bring in the fetched ones
+            insert(p, k)  # refresh the reused blocks, bring in the fetched ones
         start = max(now, p.free_at)
         end = start + service
         p.free_at = end

@@ -17,6 +17,7 @@ One module per concept; this package re-exports the public names:
 * ``registry``: ``BUILTIN_KINDS``, entry-point plugins, ``register_potential``,
   ``potential_kinds``, ``build_potential`` / ``build_potentials``.
 """
+
 from .grammar import GrammarPotential
 from .interface import (
     NEG_INF,
@@ -43,10 +44,30 @@ from .spec import DEFAULT_PATH, PotentialSpec, options_from_struct
 from .text import BannedPhrases, ForbiddenChars, MaxTokens, MaxWordLength, RequiredPhrases
 
 __all__ = [
-    "NEG_INF", "Potential", "PotentialError", "advance_all", "clone_all", "combined_mask", "finish_all", "scaled",
-    "DEFAULT_PATH", "PotentialSpec", "options_from_struct",
+    "NEG_INF",
+    "Potential",
+    "PotentialError",
+    "advance_all",
+    "clone_all",
+    "combined_mask",
+    "finish_all",
+    "scaled",
+    "DEFAULT_PATH",
+    "PotentialSpec",
+    "options_from_struct",
     "GrammarPotential",
-    "BannedPhrases", "ForbiddenChars", "MaxTokens", "MaxWordLength", "RequiredPhrases",
-    "BUILTIN_KINDS", "ENTRY_POINT_GROUP", "Factory", "build_potential", "build_potentials", "load_plugins",
-    "potential_kinds", "register_potential", "unregister_potential",
+    "BannedPhrases",
+    "ForbiddenChars",
+    "MaxTokens",
+    "MaxWordLength",
+    "RequiredPhrases",
+    "BUILTIN_KINDS",
+    "ENTRY_POINT_GROUP",
+    "Factory",
+    "build_potential",
+    "build_potentials",
+    "load_plugins",
+    "potential_kinds",
+    "register_potential",
+    "unregister_potential",
 ]

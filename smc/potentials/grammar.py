@@ -10,12 +10,14 @@ compute a mask once. JSON schemas follow llguidance's defaults (flexible whitesp
 ``"x-guidance": {"whitespace_flexible": false}`` in the schema forces compact JSON) and keep the
 schema's property order.
 """
+
 from __future__ import annotations
 
 import json
 import threading
 from collections import OrderedDict
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ class _MaskMemo:
     __slots__ = ("entries", "limit", "lock")
 
     def __init__(self, limit: int = 256):
-        self.entries: "OrderedDict[tuple[int, int, int], tuple[np.ndarray, bool]]" = OrderedDict()
+        self.entries: OrderedDict[tuple[int, int, int], tuple[np.ndarray, bool]] = OrderedDict()
         self.limit = limit
         self.lock = threading.Lock()
 
@@ -66,7 +68,7 @@ class GrammarPotential(Potential):
         self.key = (0, 0, 1)
         self.memo = _MaskMemo()
 
-    def clone(self) -> "GrammarPotential":
+    def clone(self) -> GrammarPotential:
         c = object.__new__(GrammarPotential)
         c.weight, c.vocab, c.ended, c.dead, c._cached = self.weight, self.vocab, self.ended, self.dead, self._cached
         c.key, c.memo = self.key, self.memo
@@ -133,7 +135,7 @@ class GrammarPotential(Potential):
         return NEG_INF
 
 
-_COMPILED: "OrderedDict[tuple, Any]" = OrderedDict()
+_COMPILED: OrderedDict[tuple, Any] = OrderedDict()
 _COMPILED_LOCK = threading.Lock()
 _COMPILED_MAX = 256
 
@@ -172,13 +174,15 @@ def _clean(msg: str) -> str:
     msg = msg.strip()
     for prefix in ("Failed to convert the grammar from GBNF to Lark: ",):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     return msg
 
 
 def _build_regex(spec: PotentialSpec, vocab: Vocab, where: str) -> Potential:
     pattern = _req_str(spec, "pattern", where, allow_empty=False)
-    return GrammarPotential(_compile(vocab, "regex", pattern, f"{where}.pattern", "regex").deep_copy(), vocab, spec.weight)
+    return GrammarPotential(
+        _compile(vocab, "regex", pattern, f"{where}.pattern", "regex").deep_copy(), vocab, spec.weight
+    )
 
 
 def _build_cfg(spec: PotentialSpec, vocab: Vocab, where: str) -> Potential:

@@ -23,11 +23,13 @@ Contract of every built-in potential (``tests/test_potential_contract.py`` check
 * ``weight`` is the exponent: 0 disables a potential (mask None, log G 0); any weight > 0 leaves a
   0/1 potential unchanged.
 """
+
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +59,7 @@ class Potential(ABC):
     weight: float = 1.0
 
     @abstractmethod
-    def clone(self) -> "Potential":
+    def clone(self) -> Potential:
         """An independent copy for a forked particle (cheap)."""
 
     def mask(self) -> torch.Tensor | None:

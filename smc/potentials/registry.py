@@ -12,13 +12,15 @@ included — the request's ``Potential.plugin.options`` Struct as a plain dict, 
 and applies ``spec.weight`` itself); clients only name it (and pass options). Built-in names cannot be
 overridden; a plugin that fails to load is logged and reported when a request names it.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
 import logging
 import threading
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from ..vocab import Vocab
 from .grammar import _build_cfg, _build_json_schema, _build_regex
@@ -120,7 +122,10 @@ def _build_plugin(factory: Factory, spec: PotentialSpec, vocab: Vocab, where: st
         raise PotentialError(f"{where}: {e}") from None
     missing = [m for m in _POTENTIAL_METHODS if not callable(getattr(pot, m, None))]
     if missing:
-        raise PotentialError(f"{where}.kind: potential '{spec.kind}' returned {type(pot).__name__}, not a Potential (no {', '.join(missing)})")
+        raise PotentialError(
+            f"{where}.kind: potential '{spec.kind}' returned {type(pot).__name__}, "
+            f"not a Potential (no {', '.join(missing)})"
+        )
     if not hasattr(pot, "weight"):
         try:
             pot.weight = spec.weight
@@ -129,7 +134,9 @@ def _build_plugin(factory: Factory, spec: PotentialSpec, vocab: Vocab, where: st
     return pot
 
 
-def build_potential(spec: PotentialSpec | Mapping[str, Any], vocab: Vocab, where: str = f"{DEFAULT_PATH}[0]") -> Potential:
+def build_potential(
+    spec: PotentialSpec | Mapping[str, Any], vocab: Vocab, where: str = f"{DEFAULT_PATH}[0]"
+) -> Potential:
     """Validate and compile one spec (``where`` is its field path)."""
     if isinstance(spec, Mapping):
         spec = PotentialSpec.from_dict(spec, where)
@@ -160,7 +167,9 @@ def build_potential(spec: PotentialSpec | Mapping[str, Any], vocab: Vocab, where
     return _build_plugin(factory, spec, vocab, where)
 
 
-def build_potentials(specs: Sequence[PotentialSpec | Mapping[str, Any]], vocab: Vocab, path: str = DEFAULT_PATH) -> list[Potential]:
+def build_potentials(
+    specs: Sequence[PotentialSpec | Mapping[str, Any]], vocab: Vocab, path: str = DEFAULT_PATH
+) -> list[Potential]:
     """Validate and compile every spec (all errors surface here, at request time); one potential per
     spec, for the first particle — clone them for the others."""
     if isinstance(specs, (str, bytes, Mapping)) or not isinstance(specs, Iterable):

@@ -4,11 +4,13 @@ built-in kind's parameters, and the field checks the builders share (every error
 ``PotentialError`` whose message starts with the field path, e.g.
 ``steering.potentials[2].pattern: ...``).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,19 +25,19 @@ class PotentialSpec:
 
     kind: str
     weight: float = 1.0
-    pattern: str | None = None          # regex
-    grammar: str | None = None          # cfg
-    format: str | None = None           # cfg: "lark" (default) or "gbnf"
-    schema: str | None = None           # json_schema: JSON text
-    max_len: int | None = None          # max_word_length
-    chars: str | None = None            # forbidden_chars
+    pattern: str | None = None  # regex
+    grammar: str | None = None  # cfg
+    format: str | None = None  # cfg: "lark" (default) or "gbnf"
+    schema: str | None = None  # json_schema: JSON text
+    max_len: int | None = None  # max_word_length
+    chars: str | None = None  # forbidden_chars
     case_insensitive: bool | None = None  # forbidden_chars (default True), *_phrases (default False)
     phrases: Sequence[str] | None = None  # banned_phrases, required_phrases
-    n: int | None = None                # max_tokens
+    n: int | None = None  # max_tokens
     options: Mapping[str, Any] = field(default_factory=dict)  # free-form parameters for plugin kinds
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], path: str = f"{DEFAULT_PATH}[0]") -> "PotentialSpec":
+    def from_dict(cls, d: Mapping[str, Any], path: str = f"{DEFAULT_PATH}[0]") -> PotentialSpec:
         """From a JSON-like mapping; unknown keys are an error."""
         if not isinstance(d, Mapping):
             raise PotentialError(f"{path}: expected an object, got {type(d).__name__}")
@@ -53,7 +55,7 @@ class PotentialSpec:
         return cls(**kw)
 
     @classmethod
-    def from_proto(cls, msg: Any, path: str = f"{DEFAULT_PATH}[0]") -> "PotentialSpec":
+    def from_proto(cls, msg: Any, path: str = f"{DEFAULT_PATH}[0]") -> PotentialSpec:
         """From a ``smcserve.v1.Potential`` message: its ``kind`` oneof names the kind, and the message
         set there carries the kind's parameters. Every parameter of a built-in kind is kept, proto3's
         "" and 0 included, so that they are reported as invalid (``path.max_len: must be > 0``) — except
@@ -95,7 +97,7 @@ class PotentialSpec:
 def _plain(v: Any) -> Any:
     """A Struct value as plain Python: integral numbers as int (Struct numbers are doubles)."""
     if isinstance(v, float):
-        return int(v) if v.is_integer() and abs(v) <= 2 ** 53 else v
+        return int(v) if v.is_integer() and abs(v) <= 2**53 else v
     if isinstance(v, Mapping):
         return {k: _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):

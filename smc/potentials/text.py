@@ -6,11 +6,12 @@ split across tokens joined; see ``smc.vocab``). Words are maximal runs of ``str.
 characters. Per-vocab tables are computed once (``Vocab.derived``) so that masks and advances do
 no per-vocabulary Python work at step time (masks by state are cached; ~1 µs).
 """
+
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class _WordMasks:
         self.t = vocab.derived(("word_stats",), lambda: _WordTable(vocab))
         self.static_ok = self.t.rest_a <= max_len
         self.by_run: dict[int, torch.Tensor] = {}
-        self.by_pending: "OrderedDict[tuple[bytes, int], torch.Tensor]" = OrderedDict()
+        self.by_pending: OrderedDict[tuple[bytes, int], torch.Tensor] = OrderedDict()
         self.lock = threading.Lock()
 
     def mask(self, run: int, pending: bytes) -> torch.Tensor:
@@ -114,7 +115,7 @@ class MaxWordLength(Potential):
         self.pending = b""
         self.dead = False
 
-    def clone(self) -> "MaxWordLength":
+    def clone(self) -> MaxWordLength:
         return _shallow_copy(self)
 
     def _mask(self) -> torch.Tensor:
@@ -180,11 +181,13 @@ class ForbiddenChars(Potential):
     def __init__(self, vocab: Vocab, chars: str, case_insensitive: bool = True, weight: float = 1.0):
         self.weight = weight
         self.vocab = vocab
-        self.table: _CharTable = vocab.derived(("forbidden_chars", chars, case_insensitive), lambda: _CharTable(vocab, chars, case_insensitive))
+        self.table: _CharTable = vocab.derived(
+            ("forbidden_chars", chars, case_insensitive), lambda: _CharTable(vocab, chars, case_insensitive)
+        )
         self.pending = b""
         self.dead = False
 
-    def clone(self) -> "ForbiddenChars":
+    def clone(self) -> ForbiddenChars:
         return _shallow_copy(self)
 
     def _mask(self) -> torch.Tensor:
@@ -228,12 +231,14 @@ class _PhraseTable:
         self.vocab = vocab
         self.phrases = phrases
         self.ci = ci
-        self.strings = vocab.derived(("folded", ci), lambda: [_fold(s, ci) for s in vocab.completed]) if ci else vocab.completed
+        self.strings = (
+            vocab.derived(("folded", ci), lambda: [_fold(s, ci) for s in vocab.completed]) if ci else vocab.completed
+        )
         base = ~np.array([any(p in s for p in phrases) for s in self.strings], dtype=np.bool_)
         base[list(vocab.eos_ids)] = True
         self.base = torch.from_numpy(base)
         self.starts: dict[str, np.ndarray] = {}
-        self.masks: "OrderedDict[frozenset, torch.Tensor]" = OrderedDict()
+        self.masks: OrderedDict[frozenset, torch.Tensor] = OrderedDict()
         self.lock = threading.Lock()
         # (phrase, k) such that a tail ending in phrase[:k] needs tokens starting with phrase[k:] banned
         self.splits = [(p, k) for p in phrases for k in range(1, len(p))]
@@ -281,7 +286,7 @@ class _PhraseState(Potential):
         """The (folded) window tail + the text this token completes; updates tail and pending."""
         s, self.pending = self.vocab.decode_step(self.pending, token)
         window = self.tail + (_fold(s, self.ci) if self.ci else s)
-        self.tail = window[-self.keep:] if self.keep else ""
+        self.tail = window[-self.keep :] if self.keep else ""
         return window
 
 
@@ -366,7 +371,7 @@ class MaxTokens(Potential):
         self.count = 0
         self.dead = False
 
-    def clone(self) -> "MaxTokens":
+    def clone(self) -> MaxTokens:
         return _shallow_copy(self)
 
     def _mask(self) -> torch.Tensor | None:

@@ -6,11 +6,22 @@ instance's own cache), ``cache_global`` (the Conductor: hits anywhere in the glo
 transfer time of blocks the instance lacks). The snapshots they decide on, their interface and the
 shared helpers are in :mod:`scheduler.conductor.policies.base`.
 """
+
 from __future__ import annotations
 
 from scheduler.conductor.policies.base import (
-    DecodeByLoad, DecodeInstance, Policy, PrefillChoice, PrefillInstance, RequestInfo, cached_tokens_for,
-    choose_decode_by_load, global_prefix_hits, kv_blocks_needed, predict_ttft_ms, prefix_hits,
+    DecodeByLoad,
+    DecodeInstance,
+    Policy,
+    PrefillChoice,
+    PrefillInstance,
+    RequestInfo,
+    cached_tokens_for,
+    choose_decode_by_load,
+    global_prefix_hits,
+    kv_blocks_needed,
+    predict_ttft_ms,
+    prefix_hits,
 )
 from scheduler.conductor.policies.cache_global import CacheGlobalPolicy
 from scheduler.conductor.policies.cache_local import CacheLocalPolicy
@@ -37,8 +48,23 @@ def make_policy(name: str, seed: int = 0) -> Policy:
 
 
 __all__ = [
-    "POLICY_NAMES", "make_policy", "Policy", "PrefillInstance", "DecodeInstance", "RequestInfo", "PrefillChoice",
-    "RandomPolicy", "RoundRobinPolicy", "LoadPolicy", "CacheLocalPolicy", "CacheGlobalPolicy", "DecodeByLoad",
-    "prefix_hits", "global_prefix_hits", "cached_tokens_for", "kv_blocks_needed", "predict_ttft_ms",
+    "POLICY_NAMES",
+    "make_policy",
+    "Policy",
+    "PrefillInstance",
+    "DecodeInstance",
+    "RequestInfo",
+    "PrefillChoice",
+    "RandomPolicy",
+    "RoundRobinPolicy",
+    "LoadPolicy",
+    "CacheLocalPolicy",
+    "CacheGlobalPolicy",
+    "DecodeByLoad",
+    "prefix_hits",
+    "global_prefix_hits",
+    "cached_tokens_for",
+    "kv_blocks_needed",
+    "predict_ttft_ms",
     "choose_decode_by_load",
 ]

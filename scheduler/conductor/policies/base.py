@@ -4,12 +4,13 @@ A policy sees plain snapshots of the instances (no Ray, no gRPC), so the very sa
 in the live scheduler and in the simulator. Every policy places decode by load (Mooncake does the same):
 :class:`DecodeByLoad`.
 """
+
 from __future__ import annotations
 
 import math
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from scheduler.conductor.cost import CostModel
 
@@ -19,7 +20,7 @@ class PrefillInstance:
     """What a policy knows of one prefill instance at decision time."""
 
     id: str
-    queue_ms: float = 0.0                  # predicted time until the work already sent to it is done
+    queue_ms: float = 0.0  # predicted time until the work already sent to it is done
     local_blocks: set[str] = field(default_factory=set)  # blocks in its own cache (for cache_local);
     # any container supporting ``in`` will do (the simulator passes its LRU dict)
 
@@ -27,13 +28,13 @@ class PrefillInstance:
 @dataclass
 class DecodeInstance:
     id: str
-    batch: int = 0                          # sequences it is running (predicted, see the Conductor)
+    batch: int = 0  # sequences it is running (predicted, see the Conductor)
     free_blocks: int = 1 << 30
 
 
 @dataclass
 class RequestInfo:
-    block_keys: Sequence[str]              # chained prefix keys of the prompt's blocks
+    block_keys: Sequence[str]  # chained prefix keys of the prompt's blocks
     prompt_tokens: int
     block_size: int
     max_tokens: int = 0
@@ -42,20 +43,22 @@ class RequestInfo:
 @dataclass
 class PrefillChoice:
     instance: PrefillInstance
-    ttft_ms: float                          # predicted: queue + prefill of the uncached part + KV load
+    ttft_ms: float  # predicted: queue + prefill of the uncached part + KV load
     cached_tokens: int
-    local_hit_blocks: int = 0               # prefix blocks already in the instance's own cache
-    load_blocks: int = 0                    # prefix blocks to fetch from the global store first
+    local_hit_blocks: int = 0  # prefix blocks already in the instance's own cache
+    load_blocks: int = 0  # prefix blocks to fetch from the global store first
 
 
 class Policy(Protocol):
     name: str
 
-    def choose_prefill(self, req: RequestInfo, instances: Sequence[PrefillInstance], global_hit_blocks: int,
-                       cost: CostModel) -> PrefillChoice: ...
+    def choose_prefill(
+        self, req: RequestInfo, instances: Sequence[PrefillInstance], global_hit_blocks: int, cost: CostModel
+    ) -> PrefillChoice: ...
 
-    def choose_decode(self, req: RequestInfo, instances: Sequence[DecodeInstance],
-                      cost: CostModel) -> DecodeInstance | None: ...
+    def choose_decode(
+        self, req: RequestInfo, instances: Sequence[DecodeInstance], cost: CostModel
+    ) -> DecodeInstance | None: ...
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -90,15 +93,17 @@ def kv_blocks_needed(req: RequestInfo) -> int:
     return math.ceil((req.prompt_tokens + req.max_tokens) / req.block_size)
 
 
-def predict_ttft_ms(req: RequestInfo, inst: PrefillInstance, reuse_blocks: int, load_blocks: int,
-                    cost: CostModel) -> tuple[float, int]:
+def predict_ttft_ms(
+    req: RequestInfo, inst: PrefillInstance, reuse_blocks: int, load_blocks: int, cost: CostModel
+) -> tuple[float, int]:
     """(queue + prefill of the part beyond ``reuse_blocks`` + load of ``load_blocks``, cached tokens)."""
     cached = cached_tokens_for(reuse_blocks, req)
     return inst.queue_ms + cost.prefill_ms(req.prompt_tokens - cached, cached) + cost.load_ms(load_blocks), cached
 
 
-def choose_decode_by_load(req: RequestInfo, instances: Sequence[DecodeInstance],
-                          cost: CostModel) -> DecodeInstance | None:
+def choose_decode_by_load(
+    req: RequestInfo, instances: Sequence[DecodeInstance], cost: CostModel
+) -> DecodeInstance | None:
     """The decode instance with the smallest predicted time between tokens, ``cost.tbt_ms(batch + 1)``,
     among those with room for the request's KV blocks (``None`` when none has room: the caller rejects)."""
     need = kv_blocks_needed(req)
@@ -126,6 +131,7 @@ def require_instances(instances: Sequence) -> None:
 class DecodeByLoad:
     """Mixin: decode placed by :func:`choose_decode_by_load` (every named policy)."""
 
-    def choose_decode(self, req: RequestInfo, instances: Sequence[DecodeInstance],
-                      cost: CostModel) -> DecodeInstance | None:
+    def choose_decode(
+        self, req: RequestInfo, instances: Sequence[DecodeInstance], cost: CostModel
+    ) -> DecodeInstance | None:
         return choose_decode_by_load(req, instances, cost)

@@ -1,9 +1,15 @@
 """``cache_global`` (the Conductor, the default): prefix hits anywhere in the global KV store, paying
 the transfer time of the blocks the instance lacks."""
+
 from __future__ import annotations
 
-from scheduler.conductor.policies.base import (DecodeByLoad, PrefillChoice, predict_ttft_ms, prefix_hits,
-                                               require_instances)
+from scheduler.conductor.policies.base import (
+    DecodeByLoad,
+    PrefillChoice,
+    predict_ttft_ms,
+    prefix_hits,
+    require_instances,
+)
 
 
 class CacheGlobalPolicy(DecodeByLoad):

@@ -1,4 +1,5 @@
 """``cache_local``: prefix hits in each instance's own cache only."""
+
 from __future__ import annotations
 
 from scheduler.conductor.policies.cache_global import CacheGlobalPolicy

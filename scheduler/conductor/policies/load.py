@@ -1,4 +1,5 @@
 """``load``: the prefill instance with the shortest predicted queue."""
+
 from __future__ import annotations
 
 from scheduler.conductor.policies.base import DecodeByLoad, no_cache_choice, require_instances

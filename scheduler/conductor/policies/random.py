@@ -1,4 +1,5 @@
 """``random``: a uniformly random prefill instance."""
+
 from __future__ import annotations
 
 import random as _random

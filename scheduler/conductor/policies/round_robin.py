@@ -1,4 +1,5 @@
 """``round_robin``: prefill instances in turn."""
+
 from __future__ import annotations
 
 from scheduler.conductor.policies.base import DecodeByLoad, no_cache_choice, require_instances
