@@ -53,7 +53,8 @@ def _serve(args) -> int:
             print(
                 f"smcserve listening on {stack.address} (model {config.model or 'smollm2-135m-instruct'}, "
                 f"{config.prefill_workers} prefill + {config.decode_workers} decode workers, "
-                f"redis {stack.redis_url}, ray {config.ray_address or 'local'})",
+                f"redis {stack.redis_url}, ray {config.ray_address or 'local'})\n"
+                f"dtype {stack.dtype}: {stack.dtype_reason}",
                 flush=True,
             )
             await stop.wait()

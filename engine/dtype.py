@@ -349,7 +349,7 @@ def _read_cache(path: Path) -> dict:
 def _write_cache(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dtype-", suffix=".json")
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
+        json.dump(data, f, indent=1, sort_keys=True, ensure_ascii=False)
     os.replace(tmp, path)
 
 
@@ -420,7 +420,7 @@ def choose_auto(
         finally:
             torch.set_num_threads(saved)
         dtype, reason = decide(timings, threshold=threshold)
-        where = f" on {cpu_name()}, {threads} threads, other load {load.others:.0%}"
+        where = f" on {cpu_name()}, {threads} thread{'s' if threads != 1 else ''}, other load {load.others:.0%}"
         if load.others > BUSY:
             figures = reason.split(" by timing (", 1)[-1].removesuffix(")")
             reason = (

@@ -88,6 +88,8 @@ class Stack:
                     address="local",  # a new local cluster, never one left running on this machine
                     num_cpus=max(os.cpu_count() or 1, int(n * cfg.worker_cpus + 0.999)),
                     include_dashboard=False,
+                    # Ray runs workers at nice 15 by default: any other busy process would starve them
+                    _system_config={"worker_niceness": 0},
                 )
             self.started_ray = True
         wcfg = WorkerConfig(

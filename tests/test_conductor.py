@@ -57,7 +57,8 @@ def live_stack(monkeypatch):
     """The real stack (real model, Ray workers, embedded Redis) with its scheduler in this process, so
     that the test can read the scheduler's cost model and set its SLO (as ``test_served_unbiased``).
     One torch thread per worker: two workers of all the cores each on a busy machine slow every op
-    by whole scheduler slices, far beyond their share of the CPU."""
+    by whole scheduler slices, far beyond their share of the CPU. Ray's workers at nice 0, not Ray's
+    default 15, at which any other busy process on the machine starves them (~30x slower)."""
     import asyncio
 
     import ray
@@ -77,7 +78,13 @@ def live_stack(monkeypatch):
     thread.start()
     own_ray = not ray.is_initialized()
     if own_ray:  # a new local cluster (never one left running on this machine)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config={"worker_niceness": 0},
+        )
     st = stack_mod.Stack(
         stack_mod.ServeConfig(dtype="float32", port=0, threads=1, kv_cache="256mb", redis_maxmemory="128mb")
     )
