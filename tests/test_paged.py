@@ -118,9 +118,9 @@ def test_block_manager_invariants(program):
         try:
             if op == "new":
                 t = BlockTable()
+                tables.append(t)  # held before it fills: running out half-way leaves a shorter table
                 for _ in range(count):
                     bm.append_slot(t)
-                tables.append(t)
             elif op == "fork" and tables:
                 tables.append(bm.fork(tables[pick % len(tables)]))
             elif op == "append" and tables:
