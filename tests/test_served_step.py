@@ -121,18 +121,18 @@ def engine(tiny_model_dir, redis_url):
     eng.close()
 
 
-def test_a_failure_inside_a_particle_step_leaks_no_kv(engine):
+def particle_group(engine, request_id: str, text: str) -> ParticleGroup:
+    """A steering request's particle group on ``engine``: the prompt ``text``, at most 8 tokens."""
     lm = engine.lm
     vocab = get_vocab(lm.tokenizer, size=lm.config.vocab_size, eos_ids=sorted(lm.eos_token_ids))
-    prompt = lm.tokenizer("A prompt that fills more than one block of sixteen tokens, to share KV.")["input_ids"]
-    group = ParticleGroup(
-        "leak",
-        [prompt],
-        SamplingParams(temperature=1.0, max_tokens=8, seed=1),
-        [PotentialSpec("max_tokens", n=8)],
-        vocab,
-        engine,
-    )
+    params = SamplingParams(temperature=1.0, max_tokens=8, seed=1)
+    prompt = lm.tokenizer(text)["input_ids"]
+    return ParticleGroup(request_id, [prompt], params, [PotentialSpec("max_tokens", n=8)], vocab, engine)
+
+
+def test_a_failure_inside_a_particle_step_leaks_no_kv(engine):
+    group = particle_group(engine, "leak", "A prompt that fills more than one block of sixteen tokens, to share KV.")
+    vocab = group.vocab
     group.fresh_potentials = lambda generated=(): [Exploding(vocab, 8)]
     Exploding.calls = 0
     engine.call(lambda: group.open([], ["a", "b"])).result()
@@ -182,17 +182,7 @@ def test_worker_errors_map_to_client_codes(code, expected):
 def test_closing_a_request_with_a_step_still_queued_leaks_no_kv(engine):
     """A close (client gone, or another worker's step failed) can overtake a queued step: the step is
     dropped instead of appending slots to tables that were just freed."""
-    lm = engine.lm
-    vocab = get_vocab(lm.tokenizer, size=lm.config.vocab_size, eos_ids=sorted(lm.eos_token_ids))
-    prompt = lm.tokenizer("Another prompt, long enough to fill a block of sixteen tokens or more.")["input_ids"]
-    group = ParticleGroup(
-        "closed",
-        [prompt],
-        SamplingParams(temperature=1.0, max_tokens=8, seed=2),
-        [PotentialSpec("max_tokens", n=8)],
-        vocab,
-        engine,
-    )
+    group = particle_group(engine, "closed", "Another prompt, long enough to fill a block of sixteen tokens or more.")
     engine.call(lambda: group.open([], ["a", "b"])).result()
     job = engine.call(lambda: group.extend_job(0, [("a", 0, 2), ("b", 1, 2)])).result()
     closed = engine.call(group.close)  # queued first: runs before the job's step
