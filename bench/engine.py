@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.timing import PROMPT, StreamClock
-from decode.block_manager import BlockManager, BlockTable
 from decode.engine import append_tokens
-from decode.model_runner import ModelRunner, SeqBatchItem
+from engine.block_manager import BlockManager, BlockTable
 from engine.kv import KVLayout
 from engine.model import load_model
+from engine.model_runner import ModelRunner, SeqBatchItem
 from engine.sampling import SamplingParams, sample_token, sample_tokens
 
 

@@ -14,10 +14,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from decode.block_manager import BlockManager, BlockTable, OutOfBlocks
-from decode.model_runner import ModelRunner, SeqBatchItem
 from decode.sequence import DecodeEvent, Sequence
+from engine.block_manager import BlockManager, BlockTable, OutOfBlocks
 from engine.model import LoadedModel
+from engine.model_runner import ModelRunner, SeqBatchItem
 from engine.sampling import sample_tokens
 from kvstore import KVStore
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decode.block_manager import BlockTable
 from decode.engine import DecodeEngine, ExtendJob
+from engine.block_manager import BlockTable
 from engine.kv import chain_keys
 from engine.sampling import SamplingParams, seeded_uniform
 from smc.potentials import Potential, advance_all, build_potentials, clone_all, combined_mask, finish_all

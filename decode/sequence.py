@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 from dataclasses import dataclass, field
 
-from decode.block_manager import BlockTable
+from engine.block_manager import BlockTable
 from engine.detok import IncrementalDetokenizer
 from engine.sampling import SamplingParams
 

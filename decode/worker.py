@@ -10,10 +10,10 @@ from concurrent import futures
 import grpc
 import ray
 
-from decode.block_manager import OutOfBlocks
 from decode.engine import ERROR, DecodeEngine
 from decode.particles import ParticleGroup
 from decode.sequence import Sequence
+from engine.block_manager import OutOfBlocks
 from engine.config import WorkerConfig
 from engine.detok import IncrementalDetokenizer
 from engine.kv import KVLayout

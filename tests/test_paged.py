@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decode.block_manager import BlockManager, BlockTable, OutOfBlocks
 from decode.engine import DecodeEngine, ExtendJob, append_tokens
-from decode.model_runner import ModelRunner, SeqBatchItem
 from decode.sequence import Sequence
+from engine.block_manager import BlockManager, BlockTable, OutOfBlocks
 from engine.detok import IncrementalDetokenizer
+from engine.model_runner import ModelRunner, SeqBatchItem
 from engine.sampling import SamplingParams
 from kvstore import KVStore
 from prefill.worker import Prefiller
