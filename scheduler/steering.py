@@ -1,14 +1,18 @@
-"""The SMC coordinator: owns a steering request's particle set and drives the decode workers.
+"""The SMC coordinator: validates a steering request (``validate_steering``) and drives its particle
+set over the decode workers (``SteeringRun``).
 
 Each step: the workers extend their particles (batched with everything else they run), the
 coordinator updates log weights, resamples (Algorithm 4, or a standard scheme when the ESS falls
 below the threshold), then reshapes the population: offspring stay on their parent's worker and
 only the surplus migrates, its KV going through the KV store. All calls are batched per worker.
+Potentials are built on the workers from their specs; the scheduler only validates them and
+resolves what needs the request's form (prompt_intersection's prompts, tokenised here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -19,7 +23,7 @@ from protos import smcserve_pb2 as pb
 from protos import worker_pb2
 from scheduler.validate import InvalidRequest
 from smc import SCHEMES, ess, logsumexp, normalize
-from smc.potentials import PotentialError, PotentialSpec, build_potential
+from smc.potentials import PotentialError, PotentialSpec, build_potential, companion_prompts
 from smc.step import LENGTH, OK, WITHOUT_REPLACEMENT, smc_step
 
 
@@ -39,11 +43,8 @@ class SteeringConfig:
     extensions: int
     scheme: str
     ess_threshold: float
-    potentials: list  # smcserve.v1.Potential messages the workers evaluate
-    intersect: list[tuple[list[int], float]] = field(default_factory=list)  # (prompt token ids, exponent)
-
-
-INTERSECTION = "prompt_intersection"
+    potentials: list[worker_pb2.SmcPotential]  # what the workers build, prompts resolved to token ids
+    prompts: list[list[int]] = field(default_factory=list)  # the potentials' companion prompts (prefilled)
 
 
 def validate_steering(
@@ -72,27 +73,20 @@ def validate_steering(
         raise InvalidRequest(f"sampling.top_k: not supported with steering (got {params.top_k}); use a potential")
     if params.stop:
         raise InvalidRequest("sampling.stop: not supported with steering; use a regex or banned_phrases potential")
-    intersect, others = [], []
-    for i, m in enumerate(spec.potentials):
-        if m.WhichOneof("kind") != INTERSECTION:
-            others.append((i, m))
-            continue
-        weight = m.weight if m.HasField("weight") else 1.0
-        prompts = list(m.prompt_intersection.prompts)
-        if not prompts or not all(prompts):
-            raise InvalidRequest(f"steering.potentials[{i}].prompts: name at least one non-empty prompt")
-        if not weight >= 0:
-            raise InvalidRequest(f"steering.potentials[{i}].weight: must be >= 0, got {weight}")
-        intersect += [(tokenize(text), weight) for text in prompts]
+    potentials, prompts = [], []
     try:
-        for i, m in others:
+        for i, m in enumerate(spec.potentials):
             where = f"steering.potentials[{i}]"
-            build_potential(PotentialSpec.from_proto(m, where), vocab, where=where)
+            p = PotentialSpec.from_proto(m, where)
+            if p.prompts:  # prompt_intersection: tokenised like the request's input (the builder checks the texts)
+                p = dataclasses.replace(p, prompt_ids=[tokenize(text) if text else [] for text in p.prompts])
+            prompts += companion_prompts([build_potential(p, vocab, where=where)])
+            potentials.append(
+                worker_pb2.SmcPotential(spec=m, prompt_ids=[worker_pb2.TokenIds(ids=q) for q in p.prompt_ids or ()])
+            )
     except PotentialError as err:
         raise InvalidRequest(str(err)) from err
-    return SteeringConfig(
-        spec.particles, k if scheme == WITHOUT_REPLACEMENT else 1, scheme, thr, [m for _, m in others], intersect
-    )
+    return SteeringConfig(spec.particles, k if scheme == WITHOUT_REPLACEMENT else 1, scheme, thr, potentials, prompts)
 
 
 @dataclass
@@ -107,6 +101,31 @@ class _Population:
 
 
 class SteeringRun:
+    """One steering request's particle set, driven over the decode workers.
+
+    ``open`` splits the N particles over the workers (fewest active requests first, as evenly as
+    possible: each worker's share, ``targets``, stays fixed) and each worker builds its share from
+    the prompt's KV (``SmcOpen``). Each ``step``:
+
+    1. extend: each worker gets one ``SmcExtend`` listing its live particles (all workers at once);
+       it proposes K children per particle (K = 1 for standard schemes), batched with everything
+       else it runs, and returns their tokens, log-weight increments and how they ended. A child's
+       draw is a hash of (seed, step, population index, child), so placement changes nothing;
+    2. reweight and resample: ``smc.step.smc_step`` runs here, with this run's seeded generator,
+       and gives each of the N new slots its source: a child, or a particle carried unchanged;
+    3. reshape (``_reshape``): a source stays on its worker while that worker holds fewer than its
+       share, and the surplus migrates to workers below theirs: ``SmcExport`` has each source's
+       worker write its KV to the KV store under content keys and return its tokens, then one
+       ``SmcReshape`` per worker lists what it keeps (a source and its new ids; extra offspring
+       fork its KV) and what it imports (KV read from the store, recomputed where missing), and
+       the worker frees everything else of the request.
+
+    Weights, tokens and endings live here; KV lives on the workers. A failed worker call raises out
+    of ``step`` as a gRPC error once every concurrent call of that phase has finished
+    (``settled``); the caller then ``close``s, which frees the request's particles on every worker
+    (a worker keeps all of them reachable when a step or reshape fails half-way, so nothing leaks).
+    """
+
     def __init__(
         self,
         request_id: str,
@@ -153,8 +172,6 @@ class SteeringRun:
                         sampling=self._sampling(),
                         potentials=self.cfg.potentials,
                         particle_ids=[pid for pid in ids if where[pid] is h],
-                        intersect_prompts=[worker_pb2.TokenIds(ids=t) for t, _ in self.cfg.intersect],
-                        intersect_weights=[w for _, w in self.cfg.intersect],
                     )
                 )
                 for h in order

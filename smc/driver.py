@@ -1,14 +1,20 @@
 """Single-process reference SMC over a ``FeynmanKacModel`` (pure; for tests and as the reference).
 
-* ``run_smc``: standard SMC. Each unfinished particle proposes one token, is reweighted by G_t, and
-  the population is resampled (multinomial / stratified / systematic / residual) when ESS/N falls
-  below ``ess_threshold``. Finished particles are carried unchanged (G = 1).
+It runs the server's own code on the server's own objects: each particle holds clones of the
+request's ``Potential``s, proposes with ``smc.proposal`` and extends with ``smc.extension`` (the
+decode workers' arithmetic), and the population steps with ``smc.step.smc_step`` (the scheduler's).
+Only the LM (a plain function) and the placement (one process, no KV) differ.
+
+* ``run_smc``: standard SMC. Each unfinished particle proposes one token, is reweighted, and the
+  population is resampled (multinomial / stratified / systematic / residual) when ESS/N falls below
+  ``ess_threshold``. Finished particles are carried unchanged (G = 1).
 * ``run_smc_steer``: Algorithm 4 (K children per unfinished particle, without-replacement
   resampling every step; finished particles carried with K_i = 1).
 
-Proposals: ``"prior"`` samples M_t and multiplies the weight by G_t(token). ``"masked"`` (the locally
-optimal proposal for the 0/1 part of G) samples M_t restricted to {G_t > 0}, renormalised, and
-multiplies the weight by Σ_{G_t>0} M_t · G_t(token); both keep Ẑ unbiased.
+Proposals: ``"masked"`` is what the workers run: p0·φ restricted to the potentials' masks,
+renormalised, with weight × allowed mass × G (``smc.proposal``). ``"prior"`` samples p0 itself and
+multiplies the weight by φ(token)·G(token); both keep Ẑ unbiased, and comparing them checks the mask
+and factor bookkeeping.
 
 Dead particles (weight 0, e.g. a violated hard constraint) are not extended further; with steer they
 count as carried (K_i = 1; N′ only rescales all candidates alike, so this changes nothing). At the
@@ -26,14 +32,29 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .extension import extend
 from .model import FeynmanKacModel, State
+from .potentials import Potential, clone_all, combined_log_factor, combined_mask, companion_prompts
 from .proposal import propose as propose_tokens
+from .proposal import stacked_masks, with_factors
 from .resampling import IntArray, Scheme
 from .step import ALL_VIOLATED, OK, WITHOUT_REPLACEMENT, smc_step
 from .weights import FloatArray, as_log_weights, log_mean_exp
 
 Proposal = Literal["prior", "masked"]
-__all__ = ["ALL_VIOLATED", "OK", "SMCResult", "propose", "run_smc", "run_smc_steer"]
+__all__ = ["ALL_VIOLATED", "OK", "Particle", "SMCResult", "propose", "run_smc", "run_smc_steer"]
+
+
+@dataclass
+class Particle:
+    """One particle: its generated tokens and its own potentials."""
+
+    generated: list[int]
+    potentials: list[Potential]
+    finished: bool = False  # finished or dead: never extended again
+
+    def copy(self) -> Particle:
+        return Particle(list(self.generated), clone_all(self.potentials), self.finished)
 
 
 @dataclass(frozen=True)
@@ -59,35 +80,56 @@ class SMCResult:
 
 
 def propose(
-    model: FeynmanKacModel, states: Sequence[State], k: int, rng: np.random.Generator, proposal: Proposal = "prior"
-) -> tuple[IntArray, FloatArray]:
-    """K next tokens per state and their log-weight increments, shapes (len(states), k).
+    model: FeynmanKacModel,
+    particles: Sequence[Particle],
+    k: int,
+    rng: np.random.Generator,
+    proposal: Proposal = "prior",
+) -> tuple[IntArray, FloatArray, list[list[Particle]]]:
+    """K children per particle: their tokens and log-weight increments, shapes (len(particles), k),
+    and the children themselves (extended copies; the parents are left as they were).
 
-    Draws ``rng.random((len(states), k))`` once and hands it to ``smc.proposal.propose``, the same
-    proposal the decode workers run. A token of −1 marks a state with no allowed continuation
+    Draws ``rng.random((len(particles), k))`` once and hands it to ``smc.proposal.propose``, the same
+    proposal the decode workers run. A token of −1 marks a particle with no allowed continuation
     (masked proposal; increment −inf).
     """
     if proposal not in ("prior", "masked"):
         raise ValueError(f"unknown proposal {proposal!r}")
-    u = rng.random((len(states), k))
-    if not states:
-        return np.empty((0, k), dtype=np.int64), np.empty((0, k))
-    lp = as_log_weights(np.stack([model.proposal_logprobs(s) for s in states]))
+    u = rng.random((len(particles), k))
+    if not particles:
+        return np.empty((0, k), dtype=np.int64), np.empty((0, k)), []
+    lp = as_log_weights(np.stack([model.logprobs(p.generated) for p in particles]))
     if not (lp > -math.inf).any(axis=1).all():
-        raise ValueError("proposal_logprobs gave a state no possible next token")
-    allowed = None
+        raise ValueError("the LM gave a state no possible next token")
+    factors = [
+        combined_log_factor(
+            p.potentials,
+            [torch.from_numpy(model.logprobs(p.generated, q)) for q in companion_prompts(p.potentials)],
+        )
+        for p in particles
+    ]
+    logp = torch.from_numpy(lp)
     if proposal == "masked":
-        lg = as_log_weights(np.stack([model.log_potentials(s) for s in states]))
-        allowed = torch.from_numpy(lg > -math.inf)
-    prop = propose_tokens(torch.from_numpy(lp), allowed, torch.from_numpy(u))
-    tokens = prop.tokens.numpy()
-    incr = as_log_weights(
-        [
-            [prop.increment(i, model.potential(s, int(t))) if t >= 0 else -math.inf for t in row]
-            for i, (s, row) in enumerate(zip(states, tokens))
-        ]
-    )
-    return tokens, incr.reshape(len(states), k)
+        rows = with_factors(logp, factors)
+        allowed = stacked_masks([combined_mask(p.potentials) for p in particles], model.vocab_size)
+    else:
+        rows, allowed = logp, None
+    prop = propose_tokens(rows, allowed, torch.from_numpy(u))
+    tokens = np.full((len(particles), k), -1, dtype=np.int64)
+    incr = np.full((len(particles), k), -math.inf)
+    children: list[list[Particle]] = []
+    for i, p in enumerate(particles):
+        row = []
+        for j in range(k):
+            c = p.copy()
+            ext = extend(c.potentials, c.generated, prop, i, j, model.eos_ids, model.max_tokens, model.ignore_eos)
+            c.finished = ext.finished
+            tokens[i, j], incr[i, j] = ext.token, ext.log_increment
+            if proposal == "prior" and factors[i] is not None and ext.token >= 0:
+                incr[i, j] += float(factors[i][ext.token])  # φ(token): not in this proposal, so in the weight
+            row.append(c)
+        children.append(row)
+    return tokens, as_log_weights(incr), children
 
 
 def _finish(states: list[State], logw: FloatArray, steps: int, n_res: int) -> SMCResult:
@@ -114,36 +156,36 @@ def run_smc(
     if k < 1:
         raise ValueError("k must be >= 1")
     k = k if scheme == WITHOUT_REPLACEMENT else 1
-    states: list[State] = [model.initial_state()] * n
+    parts = [Particle([], clone_all(model.potentials)) for _ in range(n)]
     logw = np.zeros(n)
-    done = np.array([model.is_finished(s) for s in states], dtype=bool)
     steps = n_res = 0
     while True:
-        carried = done | (logw == -math.inf)
+        carried = np.array([p.finished for p in parts], dtype=bool) | (logw == -math.inf)
         if carried.all():
             break
         if steps >= max_steps:
             raise RuntimeError(f"SMC did not finish within {max_steps} steps")
         steps += 1
         active = np.flatnonzero(~carried)
-        tokens = np.full((n, k), -1, dtype=np.int64)
         incr = np.full((n, k), -math.inf)
-        tokens[active], incr[active] = propose(model, [states[i] for i in active], k, rng, proposal)
         child_done = np.ones((n, k), dtype=bool)
-        for i in active:
-            for j in range(k):
-                if tokens[i, j] >= 0:
-                    child_done[i, j] = model.is_finished(states[i] + (int(tokens[i, j]),))
+        _, incr[active], kids = propose(model, [parts[i] for i in active], k, rng, proposal)
+        children = dict(zip(active.tolist(), kids))
+        for i, row in children.items():
+            child_done[i] = [c.finished for c in row]
         out = smc_step(logw, carried, incr, child_done, scheme, ess_threshold, rng)
-        states = [
-            states[p] + ((int(tokens[p, c]),) if c >= 0 and tokens[p, c] >= 0 else ())
-            for p, c in zip(out.parent, out.child)
-        ]
-        logw, done = out.log_weights, out.finished
+        new, taken = [], set()
+        for i, j, done in zip(out.parent, out.child, out.finished):
+            src = parts[i] if j < 0 else children[int(i)][j]
+            p = src.copy() if id(src) in taken else src  # an offspring shares nothing with its siblings
+            taken.add(id(src))
+            p.finished = bool(done)
+            new.append(p)
+        parts, logw = new, out.log_weights
         n_res += out.resampled
         if out.status != OK:
             break
-    return _finish(states, logw, steps, n_res)
+    return _finish([tuple(p.generated) for p in parts], logw, steps, n_res)
 
 
 def run_smc_steer(

@@ -1,43 +1,39 @@
-"""The Feynman-Kac model interface over token sequences: kernels M_t, potentials G_t, termination.
+"""The Feynman-Kac model the reference driver runs, built from the server's own pieces.
 
-Target: P(x) ∝ M(x)·Π_t G_t over finished sequences x; Z = E_M[Π_t G_t].
+A request's target over finished sequences y (ended at EOS, or at ``max_tokens`` tokens):
+
+    P(y) ∝ Π_t p0(y_t | prompt, y<t) · G(y),      Z = Σ_y Π_t p0(y_t | ...) · G(y)
+
+where p0 is the LM and G the product of the request's potentials — ``Potential`` objects, exactly
+what ``build_potentials`` gives the decode workers: their ``advance``/``finish`` values, their masks
+(the masked proposal), their vocabulary-wide factors φ over companion prompts (prompt_intersection:
+the LM under another prompt, evaluated by the same ``lm`` on that prompt + y<t).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
-import numpy as np
-
+from .potentials import Potential
 from .weights import FloatArray
 
 State = tuple[int, ...]
+LM = Callable[[State], FloatArray]  # a context (prompt + generated tokens) → next-token log-probabilities
 
 
-class FeynmanKacModel(ABC):
-    """A request's model. States are token tuples; the initial state s0 is the prompt."""
+@dataclass(frozen=True)
+class FeynmanKacModel:
+    """An LM, a prompt and potentials: the model of one request, for ``run_smc``."""
 
-    @property
-    @abstractmethod
-    def vocab_size(self) -> int:
-        """Number of tokens."""
+    lm: LM
+    vocab_size: int
+    potentials: Sequence[Potential]  # for the first particle; every particle gets its own clones
+    eos_ids: Collection[int]
+    max_tokens: int
+    prompt: State = ()
+    ignore_eos: bool = False
 
-    def initial_state(self) -> State:
-        """s0 (default: the empty sequence)."""
-        return ()
-
-    @abstractmethod
-    def proposal_logprobs(self, state: State) -> FloatArray:
-        """log M_t(·|state): the LM's normalised next-token log-probabilities, shape (vocab_size,)."""
-
-    @abstractmethod
-    def potential(self, state: State, token: int) -> float:
-        """log G_t(state, state + (token,)); −inf for a hard-constraint violation."""
-
-    def log_potentials(self, state: State) -> FloatArray:
-        """log G_t for every next token (used by the masked proposal); override to vectorise."""
-        return np.array([self.potential(state, t) for t in range(self.vocab_size)], dtype=np.float64)
-
-    @abstractmethod
-    def is_finished(self, state: State) -> bool:
-        """True when ``state`` is in F (EOS-terminated) or at the length limit."""
+    def logprobs(self, generated: State, prompt: Sequence[int] | None = None) -> FloatArray:
+        """log p0(· | prompt, generated); ``prompt`` defaults to the request's (others: companions)."""
+        return self.lm(tuple(self.prompt if prompt is None else prompt) + tuple(generated))

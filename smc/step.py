@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.finish import FinishReason
+
 from .resampling import IntArray, resample
 from .weights import FloatArray, as_log_weights, ess
 from .without_replacement import ALL_ZERO, steer_resample
@@ -27,7 +29,8 @@ from .without_replacement import ALL_ZERO, steer_resample
 OK = "ok"
 ALL_VIOLATED = "all particles violated the constraints"
 WITHOUT_REPLACEMENT = "without_replacement"
-STOP, LENGTH, VIOLATED = "stop", "length", "violated"  # how a particle ended: EOS, max tokens, ruled out
+# how a particle ended: EOS, max tokens, ruled out
+STOP, LENGTH, VIOLATED = FinishReason.STOP, FinishReason.LENGTH, FinishReason.VIOLATED
 
 
 @dataclass(frozen=True)

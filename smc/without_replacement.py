@@ -1,6 +1,16 @@
 """Without-replacement resampling of SMC steering (Lew et al. 2023, Algorithm 4).
 
-Implements ARCHITECTURE.md §4 steps 1–6 with the weights written correctly. Two layers:
+The steps, with the weights written correctly (N particles, N′ candidates, ŵ normalised):
+
+1. every unfinished particle proposes K children, each with its log-weight increment; a finished
+   or dead particle is carried as one candidate (K_i = 1), so N′ = Σ_i K_i;
+2. candidate weights: a carried parent w·N′/N, a child w·G·N′/(K·N);
+3. c* = inf{c > 0 : Σ min(1, c·ŵ) > N} (exact, ``find_c_star``);
+4. I_det = {c*·ŵ ≥ 1} survive deterministically with weight w·N/N′;
+5. N − |I_det| of the others survive by a systematic sweep (P(keep j) = c*·ŵ_j);
+6. each of those gets (N/N′)·Σ_{I_stoch} w / (N − |I_det|) = (N/N′)·Σw/c*.
+
+Two layers:
 
 * ``resample_without_replacement(cand_logw, n, rng)``: steps 3–6 on N′ candidate log weights that
   already include the N′/N (carried) or N′/(K·N) (child) factors.

@@ -25,6 +25,9 @@ every path, and a seeded random walk over allowed tokens (biased towards partial
    after a non-EOS token a hard built-in rules out, its mask is EOS-only and every advance and
    finish is −inf (a plugin promises only no NaN/+inf); weight 0 disables (mask None, advance 0,
    finish 0, also after a violation); weight w > 0 scales log G (w · log G, same mask).
+4. A vocabulary-wide factor (prompt_intersection) is weight · Σ_i log p_i over the potential's own
+   companion prompts, and the masked proposal's increment with it is log Σ_x p0·Π_i p_i^w·mask,
+   checked against a product computed by hand on a four-token vocabulary.
 """
 
 from __future__ import annotations
@@ -45,10 +48,13 @@ from smc.potentials import (
     BUILTIN_KINDS,
     Potential,
     build_potential,
+    combined_log_factor,
+    companion_prompts,
     register_potential,
     scaled,
     unregister_potential,
 )
+from smc.proposal import propose
 from smc.vocab import get_vocab
 
 NEG_INF = -math.inf
@@ -156,6 +162,12 @@ CASES = {
     ),
     "required_phrases": Case({"kind": "required_phrases", "phrases": ["cat", "dog"]}, (("a cat and a dog",),)),
     "max_tokens": Case({"kind": "max_tokens", "n": 6}, (("one two",), ("a b c d e",))),
+    # a factor over the whole vocabulary (the LM under another prompt), no mask, log G 0
+    "prompt_intersection": Case(
+        {"kind": "prompt_intersection", "prompts": ["Name a dog."], "prompt_ids": [[5820, 253, 2767, 30]]},
+        (("Rex, a good dog",),),
+        hard=False,
+    ),
     "max_bytes": Case(
         {"kind": "max_bytes", "options": {"limit": 20}},
         (("Hello world, how",), ("Hello world, how are",)),
@@ -498,3 +510,34 @@ def test_weights(name, tok, vocab):
             assert math.isclose(pw.clone().finish(), scaled(w, f1), rel_tol=1e-12), where
             if case.hard:
                 assert np.array_equal(advance_each(pw, probe), a1), where  # a 0/1 potential is unchanged
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. vocabulary-wide factors
+# ---------------------------------------------------------------------------------------------
+def test_prompt_intersection_factor_is_the_weighted_product():
+    vocab = types.SimpleNamespace(size=4)
+    p0, p1, p2, p3 = (
+        torch.tensor(p, dtype=torch.float64)
+        for p in ([0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.4, 0.3, 0.2, 0.1], [0.5, 0.1, 0.2, 0.2])
+    )
+    a = build_potential({"kind": "prompt_intersection", "prompt_ids": [[1], [2, 3]], "weight": 0.5}, vocab)
+    off = build_potential({"kind": "prompt_intersection", "prompt_ids": [[3]], "weight": 0.0}, vocab)
+    b = build_potential({"kind": "prompt_intersection", "prompt_ids": [[0]], "weight": 2.0}, vocab)
+    pots = [a, off, b]
+    assert companion_prompts(pots) == [[1], [2, 3], [0]]  # weight 0 runs no companion sequence
+    assert off.log_factor([]) is None and combined_log_factor([off], []) is None
+    f = combined_log_factor(pots, [p1.log(), p2.log(), p3.log()])
+    by_hand = [0.5 * math.log(p1[x] * p2[x]) + 2.0 * math.log(p3[x]) for x in range(4)]
+    np.testing.assert_allclose(f.numpy(), by_hand, rtol=1e-12)
+    with pytest.raises(ValueError):
+        combined_log_factor(pots, [p1.log(), p2.log()])
+    # the masked proposal draws from p0·φ on the allowed tokens; the increment is the allowed mass
+    allowed = torch.tensor([[True, True, False, True]])
+    prop = propose((p0.log() + f)[None], allowed, torch.tensor([[0.0, 0.999]], dtype=torch.float64))
+    mass = sum(p0[x] * (p1[x] * p2[x]) ** 0.5 * p3[x] ** 2 for x in (0, 1, 3))
+    assert prop.increment(0, 0.0) == pytest.approx(math.log(mass), rel=1e-12)
+    assert prop.tokens[0].tolist() == [0, 3]
+    # no mask, no advance: its share of G is paid through the proposal
+    c = a.clone()
+    assert c.mask() is None and c.advance(2) == 0.0 and c.finish() == 0.0 and c.prompts() == a.prompts()

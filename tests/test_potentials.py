@@ -12,6 +12,7 @@ independent check of the extended text.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -711,24 +712,37 @@ def test_specs_from_dict_and_proto(tok, vocab):
     ):
         with pytest.raises(PotentialError, match=r"^steering\.potentials\[3\]\." + re.escape(error)):
             PotentialSpec.from_proto(pb.Potential(plugin=pb.PluginPotential(name=name)), "steering.potentials[3]")
-    # prompt_intersection is the scheduler's, never a worker potential
-    with pytest.raises(PotentialError, match=r"^steering\.potentials\[0\]\.kind: 'prompt_intersection'"):
-        PotentialSpec.from_proto(pb.Potential(prompt_intersection=pb.PromptIntersectionPotential(prompts=["q"])))
+    # prompt_intersection: the prompts are texts; their token ids are the scheduler's to fill in
+    msg = pb.Potential(weight=0.5, prompt_intersection=pb.PromptIntersectionPotential(prompts=["q", "r"]))
+    spec = PotentialSpec.from_proto(msg)
+    assert spec == PotentialSpec("prompt_intersection", weight=0.5, prompts=["q", "r"])
+    with pytest.raises(PotentialError, match=r"^steering\.potentials\[0\]\.prompt_ids: required"):
+        build_potential(spec, vocab)
+    pot = build_potential(dataclasses.replace(spec, prompt_ids=[[1, 2], [3]]), vocab)
+    assert pot.prompts() == ((1, 2), (3,)) and pot.weight == 0.5
+    for msg, error in (
+        (pb.PromptIntersectionPotential(), "prompts: must not be empty"),
+        (pb.PromptIntersectionPotential(prompts=["q", ""]), "prompts[1]: empty prompt"),
+    ):
+        with pytest.raises(PotentialError, match=r"^steering\.potentials\[0\]\." + re.escape(error)):
+            build_potential(PotentialSpec.from_proto(pb.Potential(prompt_intersection=msg)), vocab)
 
 
 def test_every_builtin_kind_is_in_the_proto():
-    """Potential's kind oneof has one field per built-in kind (plus prompt_intersection and plugin), and each
-    kind's message carries exactly the kind's parameters (case_sensitive standing for forbidden_chars'
-    case_insensitive)."""
+    """Potential's kind oneof has one field per built-in kind (plus plugin), and each kind's message
+    carries exactly the kind's parameters (case_sensitive standing for forbidden_chars'
+    case_insensitive; prompt_intersection's prompt_ids are filled in by the scheduler)."""
     from protos import smcserve_pb2 as pb
     from smc.potentials.spec import _KIND_PARAMS
 
     oneof = {f.name: f.message_type for f in pb.Potential.DESCRIPTOR.oneofs_by_name["kind"].fields}
-    assert set(oneof) == set(BUILTIN_KINDS) | {"prompt_intersection", "plugin"}
+    assert set(oneof) == set(BUILTIN_KINDS) | {"plugin"}
     for kind in BUILTIN_KINDS:
         fields = [f.name for f in oneof[kind].fields]
         want = [
-            "case_sensitive" if (kind, p) == ("forbidden_chars", "case_insensitive") else p for p in _KIND_PARAMS[kind]
+            "case_sensitive" if (kind, p) == ("forbidden_chars", "case_insensitive") else p
+            for p in _KIND_PARAMS[kind]
+            if p != "prompt_ids"
         ]
         assert fields == want, kind
 

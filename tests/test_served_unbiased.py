@@ -1,4 +1,4 @@
-"""The served, distributed SMC path is unbiased against exact enumeration (ARCHITECTURE.md §4).
+"""The served, distributed SMC path is unbiased against exact enumeration.
 
 The model is a tiny random Llama over 8 tokens (``tests/tiny_vocab.py``: a, b, c, x, " ", ".", e and
 EOS; byte-level tokenizer; fp32), served by the real stack: the gRPC scheduler, one prefill worker
@@ -14,9 +14,10 @@ The request's target, with max_tokens = 3, temperature T, prompt P and intersect
 over every complete output y (ends at EOS, or has 3 tokens), p_· = softmax(logits / T) after the
 prompt + y<t, G(y) = 1 when y's text has no "x" and no two letters in a row (max_word_length 1),
 else 0. That is what the served path estimates: the workers propose from the masked, renormalised
-product p_P · p_Q^w and add log Σ_allowed p_P · p_Q^w to the weight (``decode/particles.py``,
-``smc/proposal.py``), the hard potentials' ``finish`` adds nothing for a live particle, and the
-scheduler resamples (``smc/step.py``). The exact Z is computed independently: HF transformers
+product p_P · p_Q^w (prompt_intersection's factor, ``smc/potentials/intersection.py``) and add
+log Σ_allowed p_P · p_Q^w to the weight (``decode/particles.py``, ``smc/proposal.py``), the hard
+potentials' ``finish`` adds nothing for a live particle, and the scheduler resamples
+(``smc/step.py``). The exact Z is computed independently: HF transformers
 forward passes on every prompt + prefix, then enumeration of all complete outputs
 (``tiny_vocab.exact_z``).
 

@@ -1,13 +1,26 @@
 """The potential interface: the ``Potential`` ABC, what every potential promises, and the helpers the
-server calls on a particle's potentials (``combined_mask``, ``clone_all``, ``advance_all``,
-``finish_all``), plus ``scaled`` (weights) and ``PotentialError`` (invalid specs).
+server calls on a particle's potentials (``combined_mask``, ``combined_log_factor``,
+``companion_prompts``, ``clone_all``, ``advance_all``, ``finish_all``), plus ``scaled`` (weights) and
+``PotentialError`` (invalid specs).
 
 Per particle and step the server calls, in this order::
 
     m = combined_mask(pots)          # None, or bool [vocab.size]: the allowed next tokens
-    ...sample token from the LM distribution restricted to m (weight *= allowed mass)...
+    f = combined_log_factor(pots, companion_logps)   # None, or float64 [vocab.size]: log φ(x)
+    ...sample token from p0·φ restricted to m, renormalised (weight *= Σ_{x in m} p0(x)·φ(x))...
     logw += sum(p.advance(token) for p in pots)   # also for EOS
     ...and once at the end (EOS sampled or max tokens hit): logw += sum(p.finish() for p in pots)
+
+Companion prompts (optional; prompt_intersection uses them, a potential whose factor is another
+prompted LM): ``prompts()`` lists extra prompts (token ids) whose next-token log-probabilities the
+potential needs. The worker runs each as a companion sequence that shares the particle's generated
+tokens (its KV: the prompt + the generated tokens) and, each step, hands the potential the
+log-softmax of each of its prompts' logits at the request's temperature, in the order ``prompts()``
+gave them; ``log_factor(logps)`` turns them into a vocabulary-wide log factor log φ(x) (for
+prompt_intersection: weight · Σ_i log p_i(x)). The proposal multiplies φ into the LM's distribution
+before masking, so the increment is log Σ_x p0(x)·φ(x)·mask(x): φ's share of G_t is paid through the
+proposal's mass, and ``advance`` must not count it again. A potential with a factor must return the
+same ``prompts()`` for every particle of a request (they come from its spec).
 
 Contract of every built-in potential (``tests/test_potential_contract.py`` checks it):
 
@@ -76,6 +89,17 @@ class Potential(ABC):
         """weight · log G at the end (EOS sampled or max tokens hit)."""
         return scaled(self.weight, self._finish())
 
+    def prompts(self) -> Sequence[Sequence[int]]:
+        """Token ids of the extra prompts whose next-token log-probabilities ``log_factor`` needs
+        (default: none). Fixed by the spec: the same for every particle and step."""
+        return ()
+
+    def log_factor(self, logps: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """A vocabulary-wide log factor log φ(x) (float64 [vocab]) that the proposal multiplies into the
+        LM's next-token distribution, from ``logps``: the next-token log-probabilities under each of
+        ``prompts()`` (same order) after the particle's generated tokens. Default: None (no factor)."""
+        return None
+
     def _mask(self) -> torch.Tensor | None:
         return None
 
@@ -130,6 +154,35 @@ def combined_mask(potentials: Iterable[Potential]) -> torch.Tensor | None:
     for m in masks[1:]:
         np.logical_and(out_np, m.numpy(), out=out_np)
     return torch.from_numpy(out_np)
+
+
+def _prompts(p: Potential) -> Sequence[Sequence[int]]:
+    """``p.prompts()``; () for a plugin that is no ``Potential`` subclass and does not define it."""
+    f = getattr(p, "prompts", None)
+    return () if f is None else f()
+
+
+def companion_prompts(potentials: Iterable[Potential]) -> list[list[int]]:
+    """Every potential's ``prompts()``, in order: the companion sequences a particle runs under."""
+    return [list(q) for p in potentials for q in _prompts(p)]
+
+
+def combined_log_factor(potentials: Iterable[Potential], logps: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Σ of the potentials' ``log_factor``s (float64), or None when none has one. ``logps`` holds the
+    next-token log-probabilities under ``companion_prompts(potentials)``, in that order; each
+    potential gets the slice for its own prompts."""
+    counts = [(p, len(_prompts(p))) for p in potentials]
+    if sum(n for _, n in counts) != len(logps):
+        raise ValueError(f"{len(logps)} companion log-probabilities for {sum(n for _, n in counts)} prompts")
+    total, start = None, 0
+    for p, n in counts:
+        factor = getattr(p, "log_factor", None)
+        f = None if factor is None else factor(logps[start : start + n])
+        start += n
+        if f is not None:
+            f = f.double()
+            total = f if total is None else total + f
+    return total
 
 
 def clone_all(potentials: Sequence[Potential]) -> list[Potential]:

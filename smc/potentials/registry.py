@@ -5,7 +5,8 @@
 Built-in kinds and their parameters: regex(pattern), cfg(grammar, format="lark"|"gbnf"),
 json_schema(schema: JSON text), max_word_length(max_len), forbidden_chars(chars,
 case_insensitive=True), banned_phrases(phrases, case_insensitive=False),
-required_phrases(phrases, case_insensitive=False), max_tokens(n: EOS counts as one of the n).
+required_phrases(phrases, case_insensitive=False), max_tokens(n: EOS counts as one of the n),
+prompt_intersection(prompts, prompt_ids: the prompts as token ids, which the scheduler fills in).
 Operators add kinds through the entry-point group ``smcserve.potentials``: each entry point is a
 callable ``(spec, vocab) -> Potential`` (it reads its parameters from the spec, ``spec.options``
 included — the request's ``Potential.plugin.options`` Struct as a plain dict, see ``options_from_struct`` —
@@ -25,6 +26,7 @@ from typing import Any
 from ..vocab import Vocab
 from .grammar import _build_cfg, _build_json_schema, _build_regex
 from .interface import Potential, PotentialError
+from .intersection import _build_prompt_intersection
 from .spec import _KIND_PARAMS, _SPEC_PARAMS, DEFAULT_PATH, PotentialSpec, _check_weight
 from .text import (
     _build_banned_phrases,
@@ -51,6 +53,7 @@ BUILTIN_KINDS: dict[str, Callable[[PotentialSpec, Vocab, str], Potential]] = {
     "banned_phrases": _build_banned_phrases,
     "required_phrases": _build_required_phrases,
     "max_tokens": _build_max_tokens,
+    "prompt_intersection": _build_prompt_intersection,
 }
 
 _REGISTERED: dict[str, Factory] = {}

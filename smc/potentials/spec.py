@@ -34,6 +34,8 @@ class PotentialSpec:
     case_insensitive: bool | None = None  # forbidden_chars (default True), *_phrases (default False)
     phrases: Sequence[str] | None = None  # banned_phrases, required_phrases
     n: int | None = None  # max_tokens
+    prompts: Sequence[str] | None = None  # prompt_intersection: the other prompts, in the request's form
+    prompt_ids: Sequence[Sequence[int]] | None = None  # prompt_intersection: prompts tokenised by the scheduler
     options: Mapping[str, Any] = field(default_factory=dict)  # free-form parameters for plugin kinds
 
     @classmethod
@@ -63,9 +65,10 @@ class PotentialSpec:
         ``case_insensitive = not case_sensitive`` (default: case-insensitive); the phrase kinds'
         ``case_insensitive`` is taken as is (default: case-sensitive). A ``plugin`` gives its ``name`` as
         the kind and its ``options`` (a ``google.protobuf.Struct``) as a plain dict
-        (:func:`options_from_struct`). No kind set gives kind "" (``build_potential``: ``path.kind:
-        required``). Raises ``PotentialError`` for a plugin without a name or named after a built-in
-        kind, and for prompt_intersection (the scheduler evaluates it; it is no worker potential)."""
+        (:func:`options_from_struct`). prompt_intersection's ``prompts`` are texts; its ``prompt_ids``
+        are left unset for the scheduler to fill in (it tokenises them like the request's input). No
+        kind set gives kind "" (``build_potential``: ``path.kind: required``). Raises
+        ``PotentialError`` for a plugin without a name or named after a built-in kind."""
         weight = msg.weight if msg.HasField("weight") else 1.0
         which = msg.WhichOneof("kind")
         if which is None:
@@ -78,15 +81,14 @@ class PotentialSpec:
                 raise PotentialError(f"{path}.plugin.name: '{sub.name}' is a built-in kind; set Potential.{sub.name}")
             options = options_from_struct(sub.options) if sub.HasField("options") else {}
             return cls(kind=sub.name, weight=weight, options=options)
-        own = _KIND_PARAMS.get(which)
-        if own is None:
-            raise PotentialError(f"{path}.kind: '{which}' is evaluated by the scheduler, not built as a potential")
         kw: dict[str, Any] = {}
-        for name in own:
+        for name in _KIND_PARAMS[which]:
             if name == "case_insensitive" and which == "forbidden_chars":
                 kw[name] = not sub.case_sensitive
-            elif name == "phrases":
-                kw[name] = list(sub.phrases)
+            elif name == "prompt_ids":
+                continue
+            elif name in ("phrases", "prompts"):
+                kw[name] = list(getattr(sub, name))
             else:
                 kw[name] = getattr(sub, name)
         if which == "cfg" and not kw["format"]:
@@ -116,7 +118,19 @@ def options_from_struct(struct: Any) -> dict[str, Any]:
     return _plain(dict(struct))
 
 
-_SPEC_PARAMS = ("pattern", "grammar", "format", "schema", "max_len", "chars", "case_insensitive", "phrases", "n")
+_SPEC_PARAMS = (
+    "pattern",
+    "grammar",
+    "format",
+    "schema",
+    "max_len",
+    "chars",
+    "case_insensitive",
+    "phrases",
+    "n",
+    "prompts",
+    "prompt_ids",
+)
 _KIND_PARAMS: dict[str, tuple[str, ...]] = {
     "regex": ("pattern",),
     "cfg": ("grammar", "format"),
@@ -126,6 +140,7 @@ _KIND_PARAMS: dict[str, tuple[str, ...]] = {
     "banned_phrases": ("phrases", "case_insensitive"),
     "required_phrases": ("phrases", "case_insensitive"),
     "max_tokens": ("n",),
+    "prompt_intersection": ("prompts", "prompt_ids"),
 }
 
 
@@ -163,21 +178,26 @@ def _bool(spec: PotentialSpec, name: str, where: str, default: bool) -> bool:
     return bool(v)
 
 
-def _phrases(spec: PotentialSpec, where: str) -> list[str]:
-    v = spec.phrases
+def _strings(spec: PotentialSpec, name: str, where: str) -> list[str]:
+    """A required, non-empty list of non-empty strings (``phrases``, ``prompts``)."""
+    v = getattr(spec, name)
     if v is None:
-        raise PotentialError(f"{where}.phrases: required for '{spec.kind}'")
+        raise PotentialError(f"{where}.{name}: required for '{spec.kind}'")
     if isinstance(v, str) or not isinstance(v, Iterable):
-        raise PotentialError(f"{where}.phrases: must be a list of strings")
+        raise PotentialError(f"{where}.{name}: must be a list of strings")
     v = list(v)
     if not v:
-        raise PotentialError(f"{where}.phrases: must not be empty")
+        raise PotentialError(f"{where}.{name}: must not be empty")
     for j, p in enumerate(v):
         if not isinstance(p, str):
-            raise PotentialError(f"{where}.phrases[{j}]: must be a string, got {type(p).__name__}")
+            raise PotentialError(f"{where}.{name}[{j}]: must be a string, got {type(p).__name__}")
         if not p:
-            raise PotentialError(f"{where}.phrases[{j}]: empty phrase")
+            raise PotentialError(f"{where}.{name}[{j}]: empty {name[:-1]}")
     return v
+
+
+def _phrases(spec: PotentialSpec, where: str) -> list[str]:
+    return _strings(spec, "phrases", where)
 
 
 def _check_weight(w: Any, where: str) -> float:
