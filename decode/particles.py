@@ -3,25 +3,26 @@
 The scheduler owns the particle set (weights, resampling); a worker owns its particles' KV. Each
 step the scheduler asks the worker to extend particles; every particle's next-token distribution
 comes out of the worker's shared batched forward step and goes through ``smc.proposal`` (the LM
-masked by the hard constraints and renormalised; the weight gets the allowed mass), the same code the
-reference driver runs. Each child's uniform is a hash of (request seed, step, population index,
-child), so it does not depend on placement or batching.
+times its potentials' factors, masked by the hard constraints and renormalised; the weight gets the
+allowed mass) and ``smc.extension``, the same code the reference driver runs. Each child's uniform
+is a hash of (request seed, step, population index, child), so it does not depend on placement or
+batching.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from decode.engine import DecodeEngine, ExtendJob
+from decode.batcher import ExtendJob
+from decode.host import ParticleHost
 from engine.block_manager import BlockTable
 from engine.kv import chain_keys
 from engine.sampling import SamplingParams, seeded_uniform
-from smc.potentials import Potential, advance_all, build_potentials, clone_all, combined_mask, finish_all
-from smc.proposal import Proposal, propose
-from smc.step import LENGTH, STOP, VIOLATED
+from smc.extension import extend
+from smc.potentials import Potential, build_potentials, clone_all, combined_log_factor, combined_mask, companion_prompts
+from smc.proposal import propose, stacked_masks, with_factors
 from smc.vocab import Vocab
 
 
@@ -47,20 +48,25 @@ class Child:
 class ParticleGroup:
     """The particles of one SMC request on this worker.
 
-    ``prompts[0]`` is the request's prompt; further prompts are intersected with it: every particle
-    also runs under them (companion sequences that share its generated tokens) and the proposal is
-    the product of the next-token distributions, the others raised to ``intersect_weights``.
+    ``prompts[0]`` is the request's prompt; the others are its potentials' companion prompts
+    (``Potential.prompts()``, e.g. prompt_intersection's): every particle also runs under each of
+    them, as a companion sequence that shares its generated tokens, and each step the potentials turn
+    those sequences' next-token log-probabilities into factors of the proposal (``log_factor``).
+    A particle holds one KV table per prompt.
     """
 
     request_id: str
-    prompts: list[list[int]]
+    prompt: list[int]
     params: SamplingParams
     specs: list
     vocab: Vocab
-    engine: DecodeEngine
-    intersect_weights: list[float] = field(default_factory=list)  # one per prompt after the first
+    host: ParticleHost  # the decode loop: KV pool and store operations
     particles: dict[str, Particle] = field(default_factory=dict)
     closed: bool = False
+    prompts: list[list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompts = [list(self.prompt), *companion_prompts(build_potentials(self.specs, self.vocab))]
 
     def fresh_potentials(self, generated: list[int] = ()) -> list[Potential]:
         pots = build_potentials(self.specs, self.vocab)
@@ -76,22 +82,21 @@ class ParticleGroup:
         return prompt + p.generated[:-1] if p.generated else prompt[:-1]
 
     def keys(self, tokens: list[int]) -> list[str]:
-        return chain_keys(self.engine.lm.fingerprint, tokens, self.engine.block_size)
+        return chain_keys(self.host.fingerprint, tokens, self.host.block_size)
 
     def _fork(self, tables: list[BlockTable] | None) -> list[BlockTable] | None:
         if tables is None:
             return None
-        with self.engine.lock:
-            return [self.engine.bm.fork(t) for t in tables]
+        return [self.host.fork(t) for t in tables]
 
-    # --- operations (each runs in the engine thread) ----------------------------------------------
+    # --- operations (each runs in the decode loop's thread) ---------------------------------------
     def open(self, block_keys: list[str], particle_ids: list[str]) -> None:
         pots = [self.fresh_potentials() for _ in particle_ids]  # before any KV is held
         roots: list[BlockTable] = []
         try:
-            roots.append(self.engine.load_kv(self.prompts[0][:-1], block_keys))
+            roots.append(self.host.load(self.prompts[0][:-1], block_keys))
             for prompt in self.prompts[1:]:
-                roots.append(self.engine.load_kv(prompt[:-1], self.keys(prompt[:-1])))
+                roots.append(self.host.load(prompt[:-1], self.keys(prompt[:-1])))
         except BaseException:
             self._free([Particle([], [], roots)])
             raise
@@ -99,22 +104,34 @@ class ParticleGroup:
             self.particles[pid] = Particle([], pots[i], roots if i == 0 else self._fork(roots))
 
     def export(self, ids: list[str]) -> list[tuple[str, list[int], bool]]:
-        """Write the particles' KV to the store (content keys, so the receiver can recompute them)."""
+        """Write the listed particles' KV to the store and return (id, generated tokens, finished) of
+        each, for the scheduler to hand to the workers that import them.
+
+        Each KV table (one per prompt) covers that prompt + generated[:-1] and is stored under the
+        chained content keys of exactly those tokens, so an importer finds it from the tokens alone
+        and recomputes whatever the store has lost. A finished particle has no KV: only its tokens
+        travel. The particles stay here (a source may also keep offspring locally) until ``reshape``.
+        """
         out = []
         for pid in ids:
             p = self.particles[pid]
             if not p.finished:
                 for prompt, table in zip(self.prompts, p.tables):
                     tokens = self.kv_tokens(p, prompt)
-                    self.engine.save_kv(table, tokens, self.keys(tokens))
+                    self.host.save(table, tokens, self.keys(tokens))
             out.append((pid, list(p.generated), p.finished))
         return out
 
     def reshape(self, keep: list[tuple[str, list[str]]], imports: list[tuple[str, list[int], bool]]) -> None:
-        """The new population: ``keep`` maps a particle here to its offspring ids (the first takes the
-        particle itself, the others fork its KV); ``imports`` are particles migrating in (their KV is
-        read from the store under its content keys, else recomputed); everything else is freed.
-        On failure every particle stays reachable, so closing the request frees all of it."""
+        """Replace this worker's particles with its share of the new population.
+
+        ``keep`` maps a particle (or child) here to its offspring ids: the first offspring takes the
+        particle itself, each other one forks its KV tables (copy-on-write: blocks are shared until
+        written) and clones its potentials. ``imports`` are particles migrating in, as ``export``
+        gave them: their potentials are rebuilt from the specs and replayed along their tokens, and
+        their KV is read from the store under its content keys (recomputed where missing). Every
+        particle not kept is freed. On failure every particle, old or new, stays reachable from
+        ``self.particles``, so closing the request frees all of it."""
         new: dict[str, Particle] = {}
         try:
             for source, new_ids in keep:
@@ -131,14 +148,13 @@ class ParticleGroup:
                     p.tables = []  # filled one by one: a failure half-way still frees what was loaded
                     for prompt in self.prompts:
                         tokens = self.kv_tokens(p, prompt)
-                        p.tables.append(self.engine.load_kv(tokens, self.keys(tokens)))
+                        p.tables.append(self.host.load(tokens, self.keys(tokens)))
         except BaseException:
             self.particles.update(new)
             raise
         self._free(self.particles.values())
         self.particles = new
-        with self.engine.lock:
-            self.engine.counters["particles_imported"] += len(imports)
+        self.host.count_imported(len(imports))
 
     def close(self) -> None:
         """Free every particle; a step still queued for this request is dropped (``ExtendJob.live``)."""
@@ -147,11 +163,9 @@ class ParticleGroup:
         self.particles = {}
 
     def _free(self, particles) -> None:
-        with self.engine.lock:
-            for p in particles:
-                for t in p.tables or []:
-                    self.engine.bm.free_table(t)
-                p.tables = None
+        for p in particles:
+            self.host.free(p.tables or [])
+            p.tables = None
 
     # --- extension: one batched step ---------------------------------------------------------------
     def extend_job(self, step: int, items: list[tuple[str, int, int]]) -> ExtendJob:
@@ -175,14 +189,9 @@ class ParticleGroup:
         """
         m = len(self.prompts)
         logp = torch.log_softmax(logits.double() / self.params.temperature, dim=-1).view(len(parents), m, -1)
-        rows = logp[:, 0]
-        for i, w in enumerate(self.intersect_weights, start=1):
-            rows = rows + w * logp[:, i]
-        masks = [combined_mask(p.potentials) for p in parents]
-        allowed = None
-        if any(mask is not None for mask in masks):
-            every = torch.ones(rows.shape[1], dtype=torch.bool)
-            allowed = torch.stack([every if mask is None else mask[: rows.shape[1]] for mask in masks])
+        factors = [combined_log_factor(p.potentials, list(logp[r, 1:])) for r, p in enumerate(parents)]
+        rows = with_factors(logp[:, 0], factors)
+        allowed = stacked_masks([combined_mask(p.potentials) for p in parents], rows.shape[1])
         k_max = max(k for _, _, k in items)
         u = torch.tensor(
             [[seeded_uniform(self.params.seed, step, index, j) for j in range(k_max)] for _, index, _ in items],
@@ -196,7 +205,18 @@ class ParticleGroup:
                 for j in range(k):
                     cid = f"{pid}/{j}"
                     child = made[cid] = Particle(list(p.generated), clone_all(p.potentials), self._fork(p.tables))
-                    out.append(self._advance(child, pid, cid, int(prop.tokens[row, j]), prop, row))
+                    ext = extend(
+                        child.potentials,
+                        child.generated,
+                        prop,
+                        row,
+                        j,
+                        self.vocab.eos_ids,
+                        self.params.max_tokens,
+                        self.params.ignore_eos,
+                    )
+                    child.finished = ext.finished
+                    out.append(Child(pid, cid, ext.token, ext.log_increment, ext.finished, ext.reason))
                     if child.finished:
                         self._free([child])
         except BaseException:
@@ -207,23 +227,3 @@ class ParticleGroup:
             del self.particles[pid]
         self.particles.update(made)
         return out
-
-    def _advance(self, child: Particle, pid: str, cid: str, token: int, prop: Proposal, row: int) -> Child:
-        """Append ``token`` to ``child`` and return its log-weight increment and how it ended, if it did."""
-        if token < 0:  # every next token violates a hard constraint: a dead particle
-            child.finished = True
-            return Child(pid, cid, -1, -math.inf, True, VIOLATED)
-        log_g = advance_all(child.potentials, token)
-        child.generated.append(token)
-        reason = ""
-        if token in self.vocab.eos_ids and not self.params.ignore_eos:
-            reason = STOP
-        elif len(child.generated) >= self.params.max_tokens:
-            reason = LENGTH
-        if reason:
-            log_g += finish_all(child.potentials)
-        inc = prop.increment(row, log_g)
-        if inc == -math.inf and reason != LENGTH:
-            reason = VIOLATED  # a potential ruled it out (at EOS: the text is incomplete for it)
-        child.finished = bool(reason)
-        return Child(pid, cid, token, inc, child.finished, reason)

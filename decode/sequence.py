@@ -1,4 +1,4 @@
-"""One sequence being decoded on a worker."""
+"""One sequence being decoded on a worker, and the events its stream receives."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockTable
 from engine.detok import IncrementalDetokenizer
+from engine.finish import FinishReason
 from engine.sampling import SamplingParams
 
 
@@ -14,14 +15,14 @@ from engine.sampling import SamplingParams
 class DecodeEvent:
     token_ids: list[int]
     text: str
-    finish_reason: str = ""  # "" while running; then "stop", "length", "abort" or "error"
+    finish_reason: FinishReason | None = None  # None while running
     completion_tokens: int = 0
-    error: str = ""  # with "error": what failed (the traceback is in the worker's log)
-    out_of_kv: bool = False  # with "error": the pool ran out of blocks (RESOURCE_EXHAUSTED, not a bug)
+    error: str = ""  # with ERROR: what failed (the traceback is in the worker's log)
+    out_of_kv: bool = False  # with ERROR: the pool ran out of blocks (RESOURCE_EXHAUSTED, not a bug)
 
 
 @dataclass
-class Sequence:
+class DecodeSeq:
     request_id: str
     prompt_ids: list[int]
     block_keys: list[str]
@@ -29,7 +30,7 @@ class Sequence:
     detok: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)
     table: BlockTable = field(default_factory=BlockTable)  # KV of prompt_ids + output_ids[:-1]
-    finish_reason: str = ""
+    finish_reason: FinishReason | None = None
     events: queue.Queue[DecodeEvent] = field(default_factory=queue.Queue)
 
     @property

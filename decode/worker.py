@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -10,12 +11,13 @@ from concurrent import futures
 import grpc
 import ray
 
-from decode.engine import ERROR, DecodeEngine
+from decode.loop import DecodeLoop
 from decode.particles import ParticleGroup
-from decode.sequence import Sequence
+from decode.sequence import DecodeSeq
 from engine.block_manager import OutOfBlocks
 from engine.config import WorkerConfig
 from engine.detok import IncrementalDetokenizer
+from engine.finish import FinishReason
 from engine.kv import KVLayout
 from engine.model import load_model
 from engine.sampling import SamplingParams
@@ -41,8 +43,8 @@ def sampling_from_proto(p: smcserve_pb2.SamplingParams) -> SamplingParams:
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, engine: DecodeEngine, worker_id: str, address: str, node_id: str):
-        self.engine = engine
+    def __init__(self, loop: DecodeLoop, worker_id: str, address: str, node_id: str):
+        self.loop = loop
         self.worker_id = worker_id
         self.address = address
         self.node_id = node_id
@@ -51,17 +53,17 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.ServicerContext):
         params = sampling_from_proto(request.sampling)
-        seq = Sequence(
+        seq = DecodeSeq(
             request_id=request.request_id,
             prompt_ids=list(request.prompt_token_ids),
             block_keys=list(request.block_keys),
             params=params,
-            detok=IncrementalDetokenizer(self.engine.lm.tokenizer, params.stop),
+            detok=IncrementalDetokenizer(self.loop.lm.tokenizer, params.stop),
         )
         # Client gone (cancel, disconnect, deadline) → stop generating and free the KV.
-        context.add_callback(lambda: self.engine.abort(seq.request_id))
+        context.add_callback(lambda: self.loop.abort(seq.request_id))
         try:
-            self.engine.submit(seq, request.first_token)
+            self.loop.submit(seq, request.first_token)
         except OutOfBlocks as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.worker_id}: {err}")
         except Exception:
@@ -73,13 +75,13 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 if not context.is_active():
                     return
                 continue
-            if ev.finish_reason == ERROR:  # logged with its traceback where it happened
+            if ev.finish_reason == FinishReason.ERROR:  # logged with its traceback where it happened
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED if ev.out_of_kv else grpc.StatusCode.INTERNAL
                 context.abort(code, f"decode worker {self.worker_id}: {ev.error}")
             yield worker_pb2.DecodeEvent(
                 token_ids=ev.token_ids,
                 text=ev.text,
-                finish_reason=ev.finish_reason,
+                finish_reason=ev.finish_reason or "",
                 completion_tokens=ev.completion_tokens,
             )
             if ev.finish_reason:
@@ -100,7 +102,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         context.abort(grpc.StatusCode.INTERNAL, f"decode worker {self.worker_id}: {what} failed (see the server log)")
 
     def _wait(self, future, context, what: str):
-        """The result of work done in the engine thread; its failures mapped to gRPC codes."""
+        """The result of work done in the decode loop's thread; its failures mapped to gRPC codes."""
         try:
             return future.result()
         except OutOfBlocks as err:
@@ -109,25 +111,29 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             self._internal(context, what)
 
     def _run(self, fn, context, what: str):
-        """Run ``fn`` in the engine thread (between steps)."""
-        return self._wait(self.engine.call(fn), context, what)
+        """Run ``fn`` in the decode loop's thread (between steps)."""
+        return self._wait(self.loop.call(fn), context, what)
 
     def SmcOpen(self, request, context):
         if self.vocab is None:
             self.vocab = get_vocab(
-                self.engine.lm.tokenizer,
-                size=self.engine.lm.config.vocab_size,
-                eos_ids=sorted(self.engine.lm.eos_token_ids),
+                self.loop.lm.tokenizer,
+                size=self.loop.lm.config.vocab_size,
+                eos_ids=sorted(self.loop.lm.eos_token_ids),
             )
-        prompts = [list(request.prompt_token_ids)] + [list(t.ids) for t in request.intersect_prompts]
+        specs = [  # prompt_intersection's prompts arrive as token ids: the scheduler tokenised them
+            dataclasses.replace(PotentialSpec.from_proto(p.spec), prompt_ids=[list(t.ids) for t in p.prompt_ids])
+            if p.prompt_ids
+            else PotentialSpec.from_proto(p.spec)
+            for p in request.potentials
+        ]
         group = ParticleGroup(
             request.request_id,
-            prompts,
+            list(request.prompt_token_ids),
             sampling_from_proto(request.sampling),
-            [PotentialSpec.from_proto(m) for m in request.potentials],
+            specs,
             self.vocab,
-            self.engine,
-            list(request.intersect_weights),
+            self.loop,
         )
         self.groups[request.request_id] = group
         self._run(lambda: group.open(list(request.block_keys), list(request.particle_ids)), context, "SmcOpen")
@@ -137,7 +143,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         group = self._group(request.request_id, context)
         items = [(it.particle_id, it.index, it.k) for it in request.items]
         job = self._run(lambda: group.extend_job(request.step, items), context, "SmcExtend")
-        children = self._wait(self.engine.extend(job), context, "SmcExtend")
+        children = self._wait(self.loop.extend(job), context, "SmcExtend")
         return worker_pb2.SmcExtendReply(
             children=[
                 worker_pb2.SmcChild(
@@ -175,12 +181,29 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2.SmcAck()
 
     def Stats(self, request, context) -> smcserve_pb2.WorkerStats:
+        st = self.loop.stats()
         return smcserve_pb2.WorkerStats(
             worker_id=self.worker_id,
             role="decode",
             address=self.address,
             node_id=self.node_id,
-            **self.engine.stats(),
+            active_sequences=st.active_sequences,
+            kv_blocks_in_use=st.kv_blocks_in_use,
+            kv_bytes_in_use=st.kv_bytes_in_use,
+            requests_served=st.requests_served,
+            tokens_generated=st.tokens_generated,
+            prompt_recomputes=st.prompt_recomputes,
+            kv_blocks_total=st.kv_blocks_total,
+            kv_blocks_used=st.kv_blocks_used,
+            kv_blocks_shared=st.kv_blocks_shared,
+            kv_blocks_cached=st.kv_blocks_cached,
+            prompt_blocks_reused=st.prompt_blocks_reused,
+            batch_steps=st.batch_steps,
+            batched_tokens=st.batched_tokens,
+            max_batch_size=st.max_batch_size,
+            particles_imported=st.particles_imported,
+            kv_blocks_loaded=st.kv_blocks_loaded,
+            kv_load_ms=st.kv_load_ms,
         )
 
 
@@ -194,7 +217,7 @@ def _node_ip(node_id: str) -> str:
 
 @ray.remote
 class DecodeWorker:
-    """Ray actor: loads the model, runs the decode engine and its gRPC service."""
+    """Ray actor: loads the model, runs the decode loop and its gRPC service."""
 
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
@@ -203,7 +226,7 @@ class DecodeWorker:
             KVLayout.from_config(self.lm.config, self.lm.dtype, config.block_size).bytes_per_token * config.block_size
         )
         num_blocks = max(1, config.kv_cache_bytes // block_bytes)
-        self.engine = DecodeEngine(self.lm, KVStore(config.redis_url), config.block_size, num_blocks)
+        self.loop = DecodeLoop(self.lm, KVStore(config.redis_url), config.block_size, num_blocks).start()
         node_id = ray.get_runtime_context().get_node_id()
         host = config.host or _node_ip(node_id)
         self.server = grpc.server(
@@ -213,7 +236,7 @@ class DecodeWorker:
         port = self.server.add_insecure_port(f"{host}:0")
         self.address = f"{host}:{port}"
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(
-            DecodeService(self.engine, worker_id, self.address, node_id), self.server
+            DecodeService(self.loop, worker_id, self.address, node_id), self.server
         )
         self.server.start()
 
@@ -222,4 +245,4 @@ class DecodeWorker:
 
     def stop(self) -> None:
         self.server.stop(grace=1)
-        self.engine.close()
+        self.loop.close()

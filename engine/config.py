@@ -18,7 +18,8 @@ class WorkerConfig:
     redis_url: str = ""
     threads: int = 0  # torch threads per worker; 0 → all cores
     host: str = ""  # decode workers: address to bind and advertise; "" → the Ray node's IP
-    kv_cache_bytes: int = 1 << 30  # decode workers: size of the paged KV pool
+    kv_cache_bytes: int = 1 << 30  # decode workers: size of the paged KV pool; prefill workers: of their
+    # own prefix cache (their pool also has room for the longest prompt)
     prefix_cache: bool = True  # prefill workers: reuse prompt blocks already in the KV store
 
 

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -58,18 +57,3 @@ def chain_keys(fingerprint: str, token_ids: Sequence[int], block_size: int) -> l
         parent = block_key(fingerprint, parent, token_ids[start : start + block_size])
         keys.append(parent)
     return keys
-
-
-def cache_to_blocks(cache: DynamicCache, layout: KVLayout, start: int, end: int) -> list[torch.Tensor]:
-    """Cut tokens ``[start, end)`` of a batch-1 cache into blocks (``start`` on a block boundary)."""
-    assert start % layout.block_size == 0
-    kv = torch.stack(
-        [torch.stack((layer.keys[0, :, start:end], layer.values[0, :, start:end])) for layer in cache.layers]
-    )  # [L, 2, H, T, D]
-    return [kv[:, :, :, s : s + layout.block_size].contiguous() for s in range(0, end - start, layout.block_size)]
-
-
-def blocks_to_cache(blocks: Sequence[torch.Tensor], config) -> DynamicCache:
-    """A batch-1 HF cache holding the concatenation of ``blocks``."""
-    kv = torch.cat(list(blocks), dim=3)  # [L, 2, H, T, D]
-    return DynamicCache([(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.shape[0])], config=config)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from client import Client
-from client.server_process import ServeProcess
+from loadtest.server_process import ServeProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
-from decode.engine import DecodeEngine
-from decode.sequence import Sequence
+from decode.loop import DecodeLoop
+from decode.sequence import DecodeSeq
 from engine.detok import IncrementalDetokenizer
-from engine.forward import forward
-from engine.kv import KVLayout, blocks_to_cache, cache_to_blocks, chain_keys
+from engine.kv import chain_keys
 from engine.model import load_model, model_fingerprint
 from engine.sampling import SamplingParams, sample_token
 from kvstore import KVStore
@@ -58,23 +56,10 @@ def test_chain_keys_are_prefix_hashes():
     assert chain_keys("fp", list(range(33)), 16)[:2] == a[:2]
 
 
-def test_blocks_round_trip_cache(tiny_model_dir):
-    lm = load_model(str(tiny_model_dir), "float32")
-    layout = KVLayout.from_config(lm.config, lm.dtype, 16)
-    cache = DynamicCache(config=lm.config)
-    forward(lm.model, list(range(5, 42)), cache)
-    blocks = cache_to_blocks(cache, layout, 0, 37)
-    assert [b.shape[3] for b in blocks] == [16, 16, 5]
-    assert blocks[0].shape == layout.block_shape()
-    back = blocks_to_cache(blocks, lm.config)
-    for la, lb in zip(cache.layers, back.layers):
-        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
-
-
 def _run_disaggregated(lm, store, prompts, max_tokens, evict=False):
     """Prefill each prompt into the store, then decode it on a separate engine reading the store."""
     prefiller = Prefiller(lm, store, 16)
-    engine = DecodeEngine(lm, store, 16, 512)
+    engine = DecodeLoop(lm, store, 16, 512).start()
     outs = []
     try:
         for prompt in prompts:
@@ -82,12 +67,12 @@ def _run_disaggregated(lm, store, prompts, max_tokens, evict=False):
             pre = prefiller.prefill(prompt, params)
             if evict:
                 store.delete(pre.block_keys[1:])
-            seq = Sequence("r", prompt, pre.block_keys, params, IncrementalDetokenizer(lm.tokenizer))
+            seq = DecodeSeq("r", prompt, pre.block_keys, params, IncrementalDetokenizer(lm.tokenizer))
             engine.submit(seq, pre.first_token)
             while not seq.events.get(timeout=120).finish_reason:
                 pass
             outs.append(seq.output_ids)
-        assert engine.stats()["kv_blocks_in_use"] == 0
+        assert engine.stats().kv_blocks_in_use == 0
         return outs, engine.stats()
     finally:
         engine.close()
@@ -124,7 +109,13 @@ def test_disaggregated_equals_hf_generate_real_model(real_model, redis_url, evic
     outs, stats = _run_disaggregated(real_model, store, prompts, 24, evict=evict)
     for prompt, out in zip(prompts, outs):
         assert out == _hf_greedy(real_model, prompt, 24)
-    assert stats["prompt_recomputes"] == (len(prompts) if evict else 0)
+    assert stats.prompt_recomputes == (len(prompts) if evict else 0)
+    # every prompt block came from the worker's prefix cache or was read from the store (the first
+    # block even when the rest was evicted), and reading them took time
+    blocks = sum(len(chain_keys(real_model.fingerprint, p, 16)) for p in prompts)
+    if not evict:
+        assert stats.kv_blocks_loaded + stats.prompt_blocks_reused == blocks
+    assert stats.kv_blocks_loaded >= 1 and stats.kv_load_ms > 0
 
 
 def test_prefill_reuses_cached_prefix(tiny_model_dir, redis_url):
@@ -136,8 +127,8 @@ def test_prefill_reuses_cached_prefix(tiny_model_dir, redis_url):
     second = prefiller.prefill(shared + [4, 5], SamplingParams(temperature=0.0))
     assert second.cached_tokens == 48 and second.block_keys[:3] == first.block_keys[:3]
     # the reused prefix gives the same next token as a from-scratch computation
-    cache = DynamicCache(config=lm.config)
-    assert second.first_token == int(torch.argmax(forward(lm.model, shared + [4, 5], cache)))
+    with torch.inference_mode():
+        assert second.first_token == int(torch.argmax(lm.model(torch.tensor([shared + [4, 5]])).logits[0, -1]))
 
 
 def test_fingerprint_depends_on_dtype(tiny_model_dir):

@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decode.engine import DecodeEngine, ExtendJob, append_tokens
-from decode.sequence import Sequence
+from decode.batcher import ExtendJob
+from decode.loop import DecodeLoop, append_tokens
+from decode.sequence import DecodeSeq
 from engine.block_manager import BlockManager, BlockTable, OutOfBlocks
 from engine.detok import IncrementalDetokenizer
 from engine.model_runner import ModelRunner, SeqBatchItem
@@ -151,7 +152,7 @@ def _submit(engine, lm, prefiller, text, max_tokens, rid):
     ids = lm.tokenizer.encode(text, add_special_tokens=False)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     pre = prefiller.prefill(ids, params)
-    seq = Sequence(rid, ids, pre.block_keys, params, IncrementalDetokenizer(lm.tokenizer))
+    seq = DecodeSeq(rid, ids, pre.block_keys, params, IncrementalDetokenizer(lm.tokenizer))
     engine.submit(seq, pre.first_token)
     return seq
 
@@ -167,7 +168,7 @@ def test_engine_batches_requests_and_leaks_nothing(tiny_model_dir, redis_url):
     lm = load_model(str(tiny_model_dir), "float32")
     store = KVStore(redis_url, key_prefix="t-paged:")
     prefiller = Prefiller(lm, store, 16)
-    engine = DecodeEngine(lm, store, 16, 64)
+    engine = DecodeLoop(lm, store, 16, 64).start()
     held = release = threading.Event()
     try:
         shared = "The same long system prompt for every request, long enough to fill blocks. " * 2
@@ -188,9 +189,9 @@ def test_engine_batches_requests_and_leaks_nothing(tiny_model_dir, redis_url):
             _wait(s)
         st_ = engine.stats()
         assert [len(s.output_ids) for s in seqs] == [10 + 3 * i for i in range(6)]
-        assert st_["max_batch_size"] == 6 and st_["batched_tokens"] > st_["batch_steps"]
-        assert st_["prompt_blocks_reused"] > 0  # the shared prefix came from the worker's cache
-        assert st_["kv_blocks_in_use"] == 0 and st_["active_sequences"] == 0
+        assert st_.max_batch_size == 6 and st_.batched_tokens > st_.batch_steps
+        assert st_.prompt_blocks_reused > 0  # the shared prefix came from the worker's cache
+        assert st_.kv_blocks_in_use == 0 and st_.active_sequences == 0
         with engine.lock:
             engine.bm.clear_cache()
             assert engine.bm.num_free == engine.bm.num_blocks
@@ -201,16 +202,16 @@ def test_engine_batches_requests_and_leaks_nothing(tiny_model_dir, redis_url):
 
 
 def _hold_engine(engine) -> threading.Event:
-    """Park the engine thread between steps until the returned event is set: nothing it holds (pending
+    """Park the decode loop's thread between steps until the returned event is set: nothing it holds (pending
     or running sequences, their reservations) changes meanwhile, however fast the machine is."""
     parked, release = threading.Event(), threading.Event()
     engine.call(lambda: (parked.set(), release.wait()))
-    assert parked.wait(timeout=120), "the engine thread did not run the call"
+    assert parked.wait(timeout=120), "the decode loop did not run the call"
     return release
 
 
 def _hold_mid_step(engine) -> tuple[threading.Event, threading.Event]:
-    """(parked, release): the engine thread parks inside its next batched step (after the forward,
+    """(parked, release): the decode loop parks inside its next batched step (after the forward,
     before sampling), via an extension job with no sequences of its own, so the sequences of that
     step stay running until ``release`` is set."""
     parked, release = threading.Event(), threading.Event()
@@ -232,10 +233,10 @@ def test_engine_refuses_when_out_of_blocks(tiny_model_dir, redis_url):
     lm = load_model(str(tiny_model_dir), "float32")
     store = KVStore(redis_url, key_prefix="t-oob:")
     prefiller = Prefiller(lm, store, 16)
-    engine = DecodeEngine(lm, store, 16, 8)  # 128 token slots
+    engine = DecodeLoop(lm, store, 16, 8).start()  # 128 token slots
     releases: list[threading.Event] = []
     try:
-        # 1. admitted but not yet loaded: the engine thread is parked before it takes the request
+        # 1. admitted but not yet loaded: the decode loop is parked before it takes the request
         releases.append(_hold_engine(engine))
         running = _submit(engine, lm, prefiller, "A running request.", 60, "ok")
         with pytest.raises(OutOfBlocks, match="out of KV blocks"):
@@ -246,13 +247,13 @@ def test_engine_refuses_when_out_of_blocks(tiny_model_dir, redis_url):
         releases[0].set()
         assert parked.wait(timeout=120), "the engine did not run a step"
         now = engine.stats()
-        assert now["active_sequences"] == 1 and now["kv_blocks_in_use"] > 0 and not running.finish_reason, now
+        assert now.active_sequences == 1 and now.kv_blocks_in_use > 0 and not running.finish_reason, now
         with pytest.raises(OutOfBlocks, match="out of KV blocks"):
             _submit(engine, lm, prefiller, "One too many.", 60, "too-big")  # would fit in an empty pool
         releases[1].set()
         _wait(running)
         assert running.finish_reason == "length" and len(running.output_ids) == 60  # nothing lost
-        assert engine.stats()["kv_blocks_in_use"] == 0
+        assert engine.stats().kv_blocks_in_use == 0
     finally:
         for r in releases:
             r.set()
@@ -267,7 +268,7 @@ def test_engine_abort_frees_blocks(tiny_model_dir, redis_url):
 
     lm = load_model(str(tiny_model_dir), "float32")
     store = KVStore(redis_url, key_prefix="t-abort:")
-    engine = DecodeEngine(lm, store, 16, 32)
+    engine = DecodeLoop(lm, store, 16, 32).start()
     held = release = threading.Event()
     try:
         held = _hold_engine(engine)
@@ -275,13 +276,13 @@ def test_engine_abort_frees_blocks(tiny_model_dir, redis_url):
         parked, release = _hold_mid_step(engine)
         held.set()
         assert parked.wait(timeout=120), "the engine did not run a step"
-        assert engine.stats()["kv_blocks_in_use"] > 0 and not seq.finish_reason
+        assert engine.stats().kv_blocks_in_use > 0 and not seq.finish_reason
         engine.abort("x")
         release.set()
         _wait(seq)
         # prefill's token, the held step's, at most one more before the engine sees the abort
         assert seq.finish_reason == "abort" and 2 <= len(seq.output_ids) <= 3
-        assert engine.stats()["kv_blocks_in_use"] == 0
+        assert engine.stats().kv_blocks_in_use == 0
     finally:
         held.set()
         release.set()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from decode.engine import DecodeEngine
+from decode.loop import DecodeLoop
 from decode.particles import ParticleGroup
 from decode.worker import DecodeService
 from engine.sampling import SamplingParams, inverse_cdf, seeded_uniform
@@ -116,7 +116,7 @@ def engine(tiny_model_dir, redis_url):
     from engine.model import load_model
 
     lm = load_model(str(tiny_model_dir), "float32")
-    eng = DecodeEngine(lm, KVStore(redis_url, key_prefix="t-step:"), 16, 64)
+    eng = DecodeLoop(lm, KVStore(redis_url, key_prefix="t-step:"), 16, 64).start()
     yield eng
     eng.close()
 
@@ -127,7 +127,7 @@ def particle_group(engine, request_id: str, text: str) -> ParticleGroup:
     vocab = get_vocab(lm.tokenizer, size=lm.config.vocab_size, eos_ids=sorted(lm.eos_token_ids))
     params = SamplingParams(temperature=1.0, max_tokens=8, seed=1)
     prompt = lm.tokenizer(text)["input_ids"]
-    return ParticleGroup(request_id, [prompt], params, [PotentialSpec("max_tokens", n=8)], vocab, engine)
+    return ParticleGroup(request_id, prompt, params, [PotentialSpec("max_tokens", n=8)], vocab, engine)
 
 
 def test_a_failure_inside_a_particle_step_leaks_no_kv(engine):
@@ -136,13 +136,13 @@ def test_a_failure_inside_a_particle_step_leaks_no_kv(engine):
     group.fresh_potentials = lambda generated=(): [Exploding(vocab, 8)]
     Exploding.calls = 0
     engine.call(lambda: group.open([], ["a", "b"])).result()
-    assert engine.stats()["kv_blocks_in_use"] > 0
+    assert engine.stats().kv_blocks_in_use > 0
     job = engine.call(lambda: group.extend_job(0, [("a", 0, 2), ("b", 1, 2)])).result()
     with pytest.raises(RuntimeError, match="injected"):
         engine.extend(job).result()
     assert set(group.particles) == {"a", "b"}  # the parents are untouched, the half-built children freed
     engine.call(group.close).result()
-    assert engine.stats()["kv_blocks_in_use"] == 0
+    assert engine.stats().kv_blocks_in_use == 0
 
 
 # --------------------------------------------------------------------------- who is blamed (defect 5)
@@ -189,7 +189,7 @@ def test_closing_a_request_with_a_step_still_queued_leaks_no_kv(engine):
     with pytest.raises(RuntimeError, match="closed"):
         engine.extend(job).result()
     closed.result()
-    assert engine.stats()["kv_blocks_in_use"] == 0
+    assert engine.stats().kv_blocks_in_use == 0
 
 
 def test_a_chat_template_that_refuses_the_messages_is_the_clients_mistake():
@@ -207,3 +207,30 @@ def test_a_chat_template_that_refuses_the_messages_is_the_clients_mistake():
     req.chat.messages.add(role="user", content="b")
     with pytest.raises(InvalidRequest, match=r"^chat\.messages: .*alternate"):
         tokenize_request(req, Strict(), Limits(max_context=2048, max_tokens_limit=128, model_name=""))
+
+
+def test_a_companion_prompt_factor_enters_the_proposal_and_the_increment(engine):
+    """prompt_intersection on a worker: the particle also runs under the other prompt, and a child's
+    increment is log Σ_x p(x | P)·p(x | Q)^w, with both distributions recomputed here by the model."""
+    lm = engine.lm
+    vocab = get_vocab(lm.tokenizer, size=lm.config.vocab_size, eos_ids=sorted(lm.eos_token_ids))
+    params = SamplingParams(temperature=0.7, max_tokens=8, seed=3)
+    p, q = (lm.tokenizer(t)["input_ids"] for t in ("Name a fruit, please.", "Something red."))
+    spec = PotentialSpec("prompt_intersection", weight=0.5, prompt_ids=[q])
+    group = ParticleGroup("companion", p, params, [spec], vocab, engine)
+    assert group.prompts == [p, q]
+    engine.call(lambda: group.open([], ["a"])).result()
+    try:
+        job = engine.call(lambda: group.extend_job(0, [("a", 0, 1)])).result()
+        (child,) = engine.extend(job).result()
+        job = engine.call(lambda: group.extend_job(1, [(child.child_id, 0, 1)])).result()
+        (grandchild,) = engine.extend(job).result()
+    finally:
+        engine.call(group.close).result()
+    with torch.inference_mode():
+        for prefix, c in (([], child), ([child.token], grandchild)):
+            lp, lq = (
+                torch.log_softmax(lm.model(torch.tensor([x + prefix])).logits[0, -1].double() / 0.7, -1) for x in (p, q)
+            )
+            assert c.log_increment == pytest.approx(float(torch.logsumexp(lp + 0.5 * lq, 0)), abs=1e-4)
+    assert engine.stats().kv_blocks_in_use == 0

@@ -1,0 +1,177 @@
+"""Continuous batching on one decode worker: who waits, who runs, who leaves, and each step's plan.
+
+Bookkeeping only (a :class:`BlockManager`, no model, no lock): :class:`decode.loop.DecodeLoop`
+calls it under its lock and runs the plans. A step advances every running sequence and every SMC
+extension job by one token; admitted sequences join the step in which their prompt KV is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from decode.admission import check_fits
+from decode.sequence import DecodeEvent, DecodeSeq
+from engine.block_manager import BlockManager, BlockTable, OutOfBlocks
+from engine.finish import FinishReason
+from engine.model_runner import SeqBatchItem
+
+
+@dataclass
+class ExtendJob:
+    """Sequences outside the plain decode path (SMC particles) that ride in the next batched step.
+
+    ``complete`` receives their next-token logits (one row per table) in the loop's thread.
+    """
+
+    tables: list[BlockTable]
+    tokens: list[int]
+    complete: Callable[[Any], Any]
+    live: Callable[[], bool] = lambda: True  # False once its request was closed: the job is dropped
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Batch:
+    """What one forward runs: a slot per sequence and per job table; logits rows in this order."""
+
+    items: list[SeqBatchItem] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write, before the forward
+    seqs: list[DecodeSeq] = field(default_factory=list)  # rows 0 .. len(seqs) - 1
+    jobs: list[tuple[ExtendJob, int, int]] = field(default_factory=list)  # (job, first row, rows)
+
+
+@dataclass
+class StepPlan:
+    """One step, as :meth:`Batcher.schedule` decided it (aborted sequences are already retired)."""
+
+    joins: list[DecodeSeq]  # admitted; their prompt KV is loaded first, then they run in this step
+    running: list[DecodeSeq]  # running since an earlier step: one token each
+    jobs: list[ExtendJob]  # SMC extension jobs of open requests
+    aborted: list[DecodeSeq]  # retired before the step
+    batch: Batch | None = None  # the slots of the step, once the joins are loaded (:meth:`Batcher.allocate`)
+
+
+def append_slots(
+    bm: BlockManager, tables: list[BlockTable], tokens: list[int], copies: list[tuple[int, int]]
+) -> list[SeqBatchItem]:
+    """Give each table a slot for its next token; a shared block written into is copied first
+    (its (src, dst) is added to ``copies`` at once, so a failure half-way keeps the copies made so far).
+
+    Returns the items for :meth:`ModelRunner.forward`, which yields one row of next-token logits per table.
+    """
+    items = []
+    for table, token in zip(tables, tokens):
+        start = table.num_tokens
+        _, copy = bm.append_slot(table)
+        if copy is not None:
+            copies.append(copy)
+        items.append(SeqBatchItem([token], start, table.blocks))
+    return items
+
+
+class Batcher:
+    def __init__(self, bm: BlockManager, eos_token_ids: set[int]):
+        self.bm = bm
+        self.eos_token_ids = eos_token_ids
+        self.active: dict[str, DecodeSeq] = {}  # running, in the order they joined
+        self.pending: list[DecodeSeq] = []  # admitted, prompt KV not loaded yet
+        self.aborted: set[str] = set()
+        self.jobs: list[ExtendJob] = []
+        self.requests_served = 0
+        self.tokens_generated = 0
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.active) + len(self.pending)
+
+    def has_work(self) -> bool:
+        return bool(self.pending or self.active or self.aborted or self.jobs)
+
+    # --- requests arriving ---------------------------------------------------------------------
+    def submit(self, seq: DecodeSeq, first_token: int) -> None:
+        """Admit ``seq`` whose first completion token (from prefill) is ``first_token``, or raise
+        :class:`OutOfBlocks` when the pool cannot hold it next to what is already admitted."""
+        check_fits(self.bm, [*self.active.values(), *self.pending], seq)
+        self.requests_served += 1
+        self.emit(seq, first_token)
+        if not seq.finish_reason:
+            self.pending.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.add(request_id)
+
+    def add_job(self, job: ExtendJob) -> None:
+        self.jobs.append(job)
+
+    # --- steps ---------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        """The next step: joins, running sequences and live jobs; aborted sequences retire now and
+        jobs of closed requests are dropped (their futures fail)."""
+        pending, self.pending = self.pending, []
+        aborted, self.aborted = self.aborted, set()
+        jobs, self.jobs = self.jobs, []
+        plan = StepPlan([], [], [], [])
+        for seq in pending:
+            (plan.aborted if seq.request_id in aborted else plan.joins).append(seq)
+        plan.aborted += [self.active[rid] for rid in aborted if rid in self.active]
+        for seq in plan.aborted:
+            self.retire(seq, FinishReason.ABORT)
+        plan.running = list(self.active.values())
+        for job in jobs:
+            if job.live():
+                plan.jobs.append(job)
+            else:
+                job.future.set_exception(RuntimeError("the steering request was closed"))
+        return plan
+
+    def join(self, seq: DecodeSeq) -> None:
+        """``seq``'s prompt KV is loaded: it runs from now on."""
+        self.active[seq.request_id] = seq
+
+    def allocate(self, seqs: list[DecodeSeq], jobs: list[ExtendJob]) -> Batch:
+        """A slot for each sequence's and each job's next token. A sequence the pool cannot extend
+        retires (out of KV); a job that does not fit fails its future; the rest make the batch."""
+        batch = Batch()
+        full: list[tuple[DecodeSeq, OutOfBlocks]] = []
+        for seq in seqs:
+            try:
+                batch.items += append_slots(self.bm, [seq.table], [seq.output_ids[-1]], batch.copies)
+                batch.seqs.append(seq)
+            except OutOfBlocks as err:
+                full.append((seq, err))
+        for job in jobs:
+            try:
+                job_items = append_slots(self.bm, job.tables, job.tokens, batch.copies)
+            except OutOfBlocks as err:
+                job.future.set_exception(err)
+                continue
+            batch.jobs.append((job, len(batch.items), len(job_items)))
+            batch.items += job_items
+        for seq, err in full:
+            self.retire(seq, FinishReason.ERROR, str(err), out_of_kv=True)
+        return batch
+
+    def emit(self, seq: DecodeSeq, token: int) -> None:
+        """Record a sampled token, decide whether the sequence is finished and queue its event."""
+        seq.output_ids.append(token)
+        self.tokens_generated += 1
+        is_eos = token in self.eos_token_ids and not seq.params.ignore_eos
+        text = "" if is_eos else seq.detok.push(token)
+        if is_eos or seq.detok.stopped:
+            seq.finish_reason = FinishReason.STOP
+        elif len(seq.output_ids) >= seq.params.max_tokens:
+            seq.finish_reason = FinishReason.LENGTH
+        if seq.finish_reason and not seq.detok.stopped:
+            text += seq.detok.flush()
+        seq.events.put(DecodeEvent([token], text, seq.finish_reason, len(seq.output_ids)))
+
+    def retire(self, seq: DecodeSeq, reason: FinishReason, error: str = "", out_of_kv: bool = False) -> None:
+        """Free the sequence's KV and, unless it already finished, tell its stream why it ended."""
+        self.active.pop(seq.request_id, None)
+        self.bm.free_table(seq.table)
+        if not seq.finish_reason:
+            seq.finish_reason = reason
+            seq.events.put(DecodeEvent([], "", reason, len(seq.output_ids), error, out_of_kv))

@@ -1,0 +1,42 @@
+"""What an SMC particle group needs from the decode loop it lives in (:class:`decode.loop.DecodeLoop`).
+
+Every method runs in the loop's thread (inside :meth:`DecodeLoop.call`, or from a step's
+``ExtendJob.complete``), between or within steps, so the pool never changes under a forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from engine.block_manager import BlockTable
+
+
+class ParticleHost(Protocol):
+    block_size: int  # tokens per KV block
+
+    @property
+    def fingerprint(self) -> str:
+        """The model's, for KV block keys."""
+        ...
+
+    def fork(self, table: BlockTable) -> BlockTable:
+        """A table sharing every block of ``table`` (copy-on-write)."""
+        ...
+
+    def free(self, tables: Iterable[BlockTable]) -> None:
+        """Release every block of ``tables`` (they are left empty)."""
+        ...
+
+    def load(self, tokens: list[int], keys: list[str]) -> BlockTable:
+        """A table holding the KV of ``tokens`` (chained block keys ``keys``): from the worker's prefix
+        cache, else the KV store, else recomputed. Raises ``OutOfBlocks`` when the pool is full."""
+        ...
+
+    def save(self, table: BlockTable, tokens: list[int], keys: list[str]) -> None:
+        """Write ``table``'s blocks to the KV store under ``keys`` (and to the worker's prefix cache)."""
+        ...
+
+    def count_imported(self, n: int) -> None:
+        """Count ``n`` particles that migrated in from another worker (``WorkerStats.particles_imported``)."""
+        ...

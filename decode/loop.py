@@ -1,0 +1,278 @@
+"""The decode loop of one worker: continuous batching over paged KV, in one thread.
+
+Each iteration runs the calls queued for the thread (SMC bookkeeping), then one step:
+:meth:`DecodeLoop.schedule` (who joins, runs, leaves: :class:`decode.batcher.StepPlan`),
+:meth:`DecodeLoop.forward` (load the joining prompts' KV, one batched forward for every running
+sequence and SMC job) and :meth:`DecodeLoop.postprocess` (sample, stream, retire). gRPC threads
+only queue work (:meth:`submit`, :meth:`abort`, :meth:`call`, :meth:`extend`) and read :meth:`stats`.
+
+``engine/`` is the model runtime this loop drives (block manager, model runner, sampling).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from decode.batcher import Batcher, ExtendJob, StepPlan, append_slots
+from decode.sequence import DecodeSeq
+from engine.block_manager import BlockManager, BlockTable, OutOfBlocks
+from engine.finish import FinishReason
+from engine.model import LoadedModel
+from engine.model_runner import ModelRunner, SeqBatchItem
+from engine.sampling import sample_tokens
+from kvstore import KVStore
+from kvstore.transfer import KVTransfer
+
+log = logging.getLogger(__name__)
+
+
+def append_tokens(
+    bm: BlockManager, runner: ModelRunner, tables: list[BlockTable], tokens: list[int]
+) -> list[SeqBatchItem]:
+    """:func:`decode.batcher.append_slots` with its block copies done at once (for direct use of a pool)."""
+    copies: list[tuple[int, int]] = []
+    try:
+        return append_slots(bm, tables, tokens, copies)
+    finally:
+        for src, dst in copies:
+            runner.copy_block(src, dst)
+
+
+@dataclass
+class DecodeStats:
+    """A worker's decode pool and counters (the decode fields of ``WorkerStats``)."""
+
+    active_sequences: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_in_use: int
+    kv_blocks_shared: int
+    kv_blocks_cached: int
+    kv_bytes_in_use: int
+    requests_served: int
+    tokens_generated: int
+    prompt_recomputes: int
+    prompt_blocks_reused: int
+    kv_blocks_loaded: int
+    kv_load_ms: float
+    batch_steps: int
+    batched_tokens: int
+    max_batch_size: int
+    particles_imported: int
+
+
+class DecodeLoop:
+    """One worker's decode loop; the thread runs from :meth:`start` to :meth:`close`.
+
+    It is also the :class:`decode.host.ParticleHost` of the worker's SMC particle groups.
+    """
+
+    def __init__(self, lm: LoadedModel, store: KVStore, block_size: int, num_blocks: int):
+        self.lm = lm
+        self.block_size = block_size
+        self.bm = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(lm, num_blocks, block_size)
+        self.lock = threading.Lock()  # guards bm, batcher, calls and every counter
+        self.wakeup = threading.Condition(self.lock)
+        self.batcher = Batcher(self.bm, lm.eos_token_ids)
+        self.transfer = KVTransfer(store, self.bm, self.runner, self.lock)
+        self.calls: list[tuple[Callable[[], Any], Future]] = []
+        self.batch_steps = 0
+        self.batched_tokens = 0
+        self.max_batch_size = 0
+        self.particles_imported = 0
+        self.running = True
+        self.thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+
+    def start(self) -> DecodeLoop:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        with self.lock:
+            self.running = False
+            self.wakeup.notify()
+        if self.thread.ident is not None:
+            self.thread.join(timeout=10)
+
+    # --- called from gRPC threads -------------------------------------------------------------
+    def submit(self, seq: DecodeSeq, first_token: int) -> None:
+        """Start decoding ``seq`` whose first completion token (from prefill) is ``first_token``.
+
+        Raises :class:`OutOfBlocks` when the pool cannot hold it next to what is already admitted.
+        """
+        with self.lock:
+            self.batcher.submit(seq, first_token)
+            self.wakeup.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` in the loop's thread between steps (for SMC bookkeeping that touches the KV pool)."""
+        fut: Future = Future()
+        with self.lock:
+            self.calls.append((fn, fut))
+            self.wakeup.notify()
+        return fut
+
+    def extend(self, job: ExtendJob) -> Future:
+        """Advance ``job``'s tables by one token in the next batched step; its future gets ``complete``'s result."""
+        with self.lock:
+            self.batcher.add_job(job)
+            self.wakeup.notify()
+        return job.future
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            self.batcher.abort(request_id)
+            self.wakeup.notify()
+
+    def stats(self) -> DecodeStats:
+        with self.lock:
+            pool, kv = self.bm.stats(), self.transfer.stats
+            return DecodeStats(
+                active_sequences=self.batcher.num_sequences,
+                kv_blocks_total=pool["kv_blocks_total"],
+                kv_blocks_used=pool["kv_blocks_used"],
+                kv_blocks_in_use=pool["kv_blocks_in_use"],
+                kv_blocks_shared=pool["kv_blocks_shared"],
+                kv_blocks_cached=pool["kv_blocks_cached"],
+                kv_bytes_in_use=pool["kv_blocks_in_use"] * self.runner.block_bytes,
+                requests_served=self.batcher.requests_served,
+                tokens_generated=self.batcher.tokens_generated,
+                prompt_recomputes=kv.prompt_recomputes,
+                prompt_blocks_reused=kv.prompt_blocks_reused,
+                kv_blocks_loaded=kv.kv_blocks_loaded,
+                kv_load_ms=kv.kv_load_ms,
+                batch_steps=self.batch_steps,
+                batched_tokens=self.batched_tokens,
+                max_batch_size=self.max_batch_size,
+                particles_imported=self.particles_imported,
+            )
+
+    # --- the particle groups' interface (decode.host.ParticleHost); loop thread --------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.lm.fingerprint
+
+    def fork(self, table: BlockTable) -> BlockTable:
+        with self.lock:
+            return self.bm.fork(table)
+
+    def free(self, tables: Iterable[BlockTable]) -> None:
+        with self.lock:
+            for t in tables:
+                self.bm.free_table(t)
+
+    def load(self, tokens: list[int], keys: list[str]) -> BlockTable:
+        return self.transfer.load(tokens, keys)
+
+    def save(self, table: BlockTable, tokens: list[int], keys: list[str]) -> None:
+        self.transfer.save(table, tokens, keys)
+
+    def count_imported(self, n: int) -> None:
+        with self.lock:
+            self.particles_imported += n
+
+    # --- the loop's thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while self.running and not (self.calls or self.batcher.has_work()):
+                    self.wakeup.wait()
+                if not self.running:
+                    return
+                calls, self.calls = self.calls, []
+            for fn, fut in calls:
+                try:
+                    fut.set_result(fn())
+                except Exception as err:  # reported to the caller, never fatal to the loop
+                    fut.set_exception(err)
+            self.step()
+
+    def step(self) -> None:
+        plan = self.schedule()
+        if not (plan.joins or plan.running or plan.jobs):
+            return
+        try:
+            logits = self.forward(plan)
+        except Exception as err:
+            log.exception("decode step failed")
+            self._fail(plan, err)
+            return
+        self.postprocess(plan, logits)
+
+    def schedule(self) -> StepPlan:
+        with self.lock:
+            return self.batcher.schedule()
+
+    def forward(self, plan: StepPlan) -> torch.Tensor | None:
+        """Load the joining prompts' KV, give everything in the step a slot (``plan.batch``) and run
+        one batched forward: one row of next-token logits per slot (None when the batch is empty).
+        When no prompt loaded and nothing else runs, ``plan.batch`` stays None: there is no step."""
+        joined = [seq for seq in plan.joins if self._load_prompt(seq)]
+        if not (plan.running or joined or plan.jobs):
+            return None
+        with self.lock:
+            plan.batch = self.batcher.allocate(plan.running + joined, plan.jobs)
+        for src, dst in plan.batch.copies:
+            self.runner.copy_block(src, dst)
+        return self.runner.forward(plan.batch.items) if plan.batch.items else None
+
+    def postprocess(self, plan: StepPlan, logits: torch.Tensor | None) -> None:
+        """Hand the jobs their rows, sample a token for every sequence, stream it, retire the finished."""
+        batch = plan.batch
+        if batch is None:
+            return
+        for job, start, n in batch.jobs:
+            try:
+                job.future.set_result(job.complete(logits[start : start + n]))
+            except Exception as err:
+                job.future.set_exception(err)
+        with self.lock:
+            self.batch_steps += 1
+            self.batched_tokens += len(batch.items)
+            self.max_batch_size = max(self.max_batch_size, len(batch.items))
+        seqs = batch.seqs
+        if not seqs:
+            return
+        with self.lock:
+            tokens = sample_tokens(logits[: len(seqs)], [s.params for s in seqs], [s.num_tokens for s in seqs])
+            for seq, token in zip(seqs, tokens):
+                self.batcher.emit(seq, token)
+            for seq in seqs:
+                if seq.finish_reason:
+                    self.batcher.retire(seq, seq.finish_reason)
+
+    def _load_prompt(self, seq: DecodeSeq) -> bool:
+        """Load ``seq``'s prompt KV and let it run; on failure it retires (and False)."""
+        try:
+            seq.table = self.transfer.load(seq.prompt_ids, seq.block_keys)
+        except OutOfBlocks as err:
+            self._retire(seq, FinishReason.ERROR, str(err), out_of_kv=True)
+            return False
+        except Exception as err:  # a worker never dies on one request
+            log.exception("loading the prompt of %s failed", seq.request_id)
+            self._retire(seq, FinishReason.ERROR, f"loading the prompt failed: {type(err).__name__}")
+            return False
+        with self.lock:
+            self.batcher.join(seq)
+        return True
+
+    def _fail(self, plan: StepPlan, err: Exception) -> None:
+        """The step failed: every sequence in it ends with an error, every job's future fails."""
+        seqs = plan.batch.seqs if plan.batch else [*plan.running, *(s for s in plan.joins if not s.finish_reason)]
+        for seq in seqs:
+            self._retire(seq, FinishReason.ERROR, f"the decode step failed: {type(err).__name__}")
+        for job in plan.jobs:
+            if not job.future.done():
+                job.future.set_exception(err)
+
+    def _retire(self, seq: DecodeSeq, reason: FinishReason, error: str = "", out_of_kv: bool = False) -> None:
+        with self.lock:
+            self.batcher.retire(seq, reason, error, out_of_kv)
