@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
@@ -23,6 +21,7 @@ import ray
 from engine.kv import chain_keys
 from engine.sampling import SamplingParams
 from kvstore import KVStore
+from prefill.result import PrefillResult
 from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.conductor import (
     CostRecorder,
@@ -57,14 +56,14 @@ class PrefillHandle:
     queued: int = 0  # prefill calls sent and not yet answered
     served: int = 0
     queue_ms: float = 0.0  # predicted time to finish what it was sent
-    local_blocks: OrderedDict = field(default_factory=OrderedDict)  # blocks it computed or read (LRU)
+    local_blocks: set[str] = field(default_factory=set)  # the keys its own prefix cache holds, as it last said
+    local_version: int = 0  # the worker's prefill count at that report
 
-    def remember(self, keys: list[str], limit: int = 1 << 16) -> None:
-        for k in keys:
-            self.local_blocks[k] = None
-            self.local_blocks.move_to_end(k)
-        while len(self.local_blocks) > limit:
-            self.local_blocks.popitem(last=False)
+    def report(self, result: PrefillResult) -> None:
+        """Take the worker's own account of its prefix cache; an older one (answers to concurrent calls
+        may arrive out of order) is ignored."""
+        if result.local_version > self.local_version:
+            self.local_blocks, self.local_version = set(result.local_keys), result.local_version
 
 
 @dataclass(eq=False)
@@ -81,12 +80,21 @@ class DecodeHandle:
     kv_blocks_in_use: int = 0
     reserved_at_report: int = 0
     reported_at: float = -float("inf")  # time.monotonic() of that report
+    kv_blocks_loaded: int = 0  # its cumulative KV-store loads at that report: blocks, and the time they took
+    kv_load_ms: float = 0.0
 
-    def report(self, stats: smcserve_pb2.WorkerStats) -> None:
-        """Take the worker's ``Stats``: its KV pool and the blocks sequences and particles hold."""
+    def report(self, stats: smcserve_pb2.WorkerStats) -> tuple[int, float] | None:
+        """Take the worker's ``Stats``: its KV pool and the blocks sequences and particles hold. Returns the
+        KV-store loads since the last report as one (blocks, ms) sample for the cost model; None when none."""
         self.kv_blocks_total, self.kv_blocks_in_use = stats.kv_blocks_total, stats.kv_blocks_in_use
         self.reserved_at_report = self.reserved_blocks
         self.reported_at = time.monotonic()
+        blocks, ms = stats.kv_blocks_loaded, stats.kv_load_ms
+        if blocks < self.kv_blocks_loaded:  # counters that went back: a restarted worker, counting from 0
+            self.kv_blocks_loaded, self.kv_load_ms = 0, 0.0
+        load = (blocks - self.kv_blocks_loaded, ms - self.kv_load_ms)
+        self.kv_blocks_loaded, self.kv_load_ms = blocks, ms
+        return load if load[0] > 0 else None
 
     def free_blocks(self) -> int:
         """KV blocks a newly placed request can count on: the pool, less the blocks reserved for the
@@ -160,17 +168,14 @@ class SchedulerService:
     _stats_again: bool = False
 
     # --- placement (the Conductor) -----------------------------------------------------------------
-    async def place(self, prompt_ids: list[int], max_tokens: int) -> tuple[Placement, list[str]]:
+    async def place(self, prompt_ids: list[int], max_tokens: int) -> Placement:
         """Choose the prefill and decode workers and decide admission from predicted TTFT and TBT."""
         bs = self.model.block_size
         keys = chain_keys(self.model.fingerprint, prompt_ids, bs)
         reusable = keys[: (len(prompt_ids) - 1) // bs] if self.store is not None else []
         global_hits = await asyncio.to_thread(self.store.cached_prefix_len, reusable) if reusable else 0
         req = RequestInfo(reusable, len(prompt_ids), bs, max_tokens)
-        prefill = [
-            PrefillInstance(w.worker_id, w.queue_ms, w.local_blocks if self.store is not None else set())
-            for w in self.prefill
-        ]
+        prefill = [PrefillInstance(w.worker_id, w.queue_ms, w.local_blocks) for w in self.prefill]
         decode = [
             DecodeInstance(w.worker_id, batch=w.active + w.incoming, free_blocks=w.free_blocks()) for w in self.decode
         ]
@@ -185,7 +190,7 @@ class SchedulerService:
             self.cost.model,
             self.slo_ttft_ms or None,
             self.slo_tbt_ms or None,
-        ), keys
+        )
 
     def refresh_decode_stats_soon(self) -> None:
         """Refresh the decode workers' KV reports in the background: one refresh at a time, and one more
@@ -209,26 +214,28 @@ class SchedulerService:
 
     async def refresh_decode_stats(self, timeout: float = 5.0) -> list:
         """Ask every decode worker for its ``Stats`` and keep its KV report (a worker that does not answer
-        keeps its last one). Returns the answers, an exception where a worker failed."""
+        keeps its last one); its KV-store loads since the last report go to the cost model. Returns the
+        answers, an exception where a worker failed."""
         stats = await asyncio.gather(
             *(w.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout) for w in self.decode), return_exceptions=True
         )
         for w, st in zip(self.decode, stats):
-            if not isinstance(st, BaseException):
-                w.report(st)
+            if not isinstance(st, BaseException) and (load := w.report(st)) is not None:
+                self.cost.add_load(*load)
         return stats
 
     async def _prefill(
-        self, placement: Placement, keys: list[str], token_ids: list[int], params: SamplingParams, context
-    ) -> dict:
-        """Run the prefill on the chosen worker; feed the measured time to the cost model."""
+        self, placement: Placement, token_ids: list[int], params: SamplingParams, context
+    ) -> PrefillResult:
+        """Run the prefill on the chosen worker; feed its measured times to the cost model and take its
+        report of its own prefix cache."""
         pw = next(w for w in self.prefill if w.worker_id == placement.prefill.instance.id)
         cached = placement.prefill.cached_tokens
         predicted = self.cost.model.prefill_ms(len(token_ids) - cached, cached)
         pw.queued += 1
         pw.queue_ms += predicted
         try:
-            pre = await pw.actor.prefill.remote(token_ids, dataclasses.asdict(params))
+            pre = await pw.actor.prefill.remote(token_ids, params)
         except ray.exceptions.RayTaskError:  # prefill raised: our bug (the request was validated)
             log.exception("prefill worker %s failed", pw.worker_id)
             await context.abort(grpc.StatusCode.INTERNAL, "prefill failed (see the server log)")
@@ -239,8 +246,10 @@ class SchedulerService:
             pw.queued -= 1
             pw.served += 1
             pw.queue_ms = max(0.0, pw.queue_ms - predicted)
-        self.cost.add_prefill(len(token_ids) - pre["cached_tokens"], pre["cached_tokens"], pre["compute_ms"])
-        pw.remember(keys[: len(pre["block_keys"])])
+        self.cost.add_prefill(pre.prompt_tokens - pre.cached_tokens, pre.cached_tokens, pre.compute_ms)
+        if pre.loaded_blocks:
+            self.cost.add_load(pre.loaded_blocks, pre.load_ms)
+        pw.report(pre)
         return pre
 
     # --- RPCs --------------------------------------------------------------------------------------
@@ -263,13 +272,13 @@ class SchedulerService:
         t0 = time.perf_counter()
         prompt_ids, params, steering = await self._validate(request, context)
         request_id = await self._claim(request, context)
-        placement, keys = await self._admit(prompt_ids, params, context)
+        placement = await self._admit(prompt_ids, params, context)
         run = self.running[request_id] = Running()
         try:
             if steering is not None:
                 responses = self._steer(request_id, prompt_ids, params, steering, context, t0, run, placement)
             else:
-                responses = self._prefill_and_decode(request_id, prompt_ids, params, placement, keys, context, t0, run)
+                responses = self._prefill_and_decode(request_id, prompt_ids, params, placement, context, t0, run)
             async with contextlib.aclosing(responses) as stream:
                 async for response in stream:
                     yield response
@@ -313,13 +322,13 @@ class SchedulerService:
             )
         return request_id
 
-    async def _admit(self, prompt_ids: list[int], params: SamplingParams, context) -> tuple[Placement, list[str]]:
-        """The Conductor's placement and the prompt's block keys; RESOURCE_EXHAUSTED when it rejects the
-        request (no decode room, or a predicted SLO miss)."""
-        placement, keys = await self.place(prompt_ids, params.max_tokens)
+    async def _admit(self, prompt_ids: list[int], params: SamplingParams, context) -> Placement:
+        """The Conductor's placement; RESOURCE_EXHAUSTED when it rejects the request (no decode room, or a
+        predicted SLO miss)."""
+        placement = await self.place(prompt_ids, params.max_tokens)
         if not placement.admitted:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rejected at admission: {placement.reject_reason}")
-        return placement, keys
+        return placement
 
     async def _prefill_and_decode(
         self,
@@ -327,7 +336,6 @@ class SchedulerService:
         prompt_ids: list[int],
         params: SamplingParams,
         placement: Placement,
-        keys: list[str],
         context,
         t0: float,
         run: Running,
@@ -341,18 +349,18 @@ class SchedulerService:
         try:
             dw.incoming += 1
             try:
-                pre = await self._prefill(placement, keys, prompt_ids, params, context)
+                pre = await self._prefill(placement, prompt_ids, params, context)
             finally:
                 dw.incoming -= 1
-            usage = smcserve_pb2.Usage(prompt_tokens=len(prompt_ids), cached_prompt_tokens=pre["cached_tokens"])
+            usage = smcserve_pb2.Usage(prompt_tokens=len(prompt_ids), cached_prompt_tokens=pre.cached_tokens)
             if run.aborted:
                 yield self._final(request_id, "abort", usage, t0)
                 return
             decode_request = worker_pb2.DecodeRequest(
                 request_id=request_id,
                 prompt_token_ids=prompt_ids,
-                block_keys=pre["block_keys"],
-                first_token=pre["first_token"],
+                block_keys=pre.block_keys,
+                first_token=pre.first_token,
                 sampling=_sampling_proto(params),
             )
             async with contextlib.aclosing(self._stream(decode_request, dw, run, usage, context, t0)) as responses:
@@ -451,13 +459,13 @@ class SchedulerService:
         usage = smcserve_pb2.Usage(prompt_tokens=len(prompt_ids))
         keys = chain_keys(self.model.fingerprint, prompt_ids[:-1], self.model.block_size)
         if len(prompt_ids) > 1:  # the workers compute the last prompt token: its logits start every particle
-            pre = await self._prefill(placement, keys, prompt_ids[:-1], params, context)
-            keys, usage.cached_prompt_tokens = pre["block_keys"], pre["cached_tokens"]
-        # the intersected prompts' KV goes to the store too (workers recompute whatever is missing)
+            pre = await self._prefill(placement, prompt_ids[:-1], params, context)
+            keys, usage.cached_prompt_tokens = pre.block_keys, pre.cached_tokens
+        # the potentials' companion prompts' KV goes to the store too (workers recompute whatever is missing)
         await asyncio.gather(
             *(
-                min(self.prefill, key=lambda w: w.queue_ms).actor.prefill.remote(ids[:-1], dataclasses.asdict(params))
-                for ids, _ in cfg.intersect
+                min(self.prefill, key=lambda w: w.queue_ms).actor.prefill.remote(ids[:-1], params)
+                for ids in cfg.prompts
                 if len(ids) > 1
             ),
             return_exceptions=True,

