@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.timing import PROMPT, StreamClock
-from decode.engine import append_tokens
+from decode.loop import append_tokens
 from engine.block_manager import BlockManager, BlockTable
 from engine.kv import KVLayout
 from engine.model import load_model

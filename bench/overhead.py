@@ -52,7 +52,7 @@ def measure_hf(model_name: str | None, dtype: str, threads: int, tokens: int, ru
 
 def measure_stack(model_name: str | None, dtype: str, threads: int, tokens: int, runs: int) -> tuple[float, float]:
     from client import Client
-    from client.server_process import ServeProcess
+    from loadtest.server_process import ServeProcess
 
     args = ["--dtype", dtype, "--threads", str(threads)] + (["--model", model_name] if model_name else [])
     ttfts, tpots = [], []

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from client.server_process import ServeProcess
 from loadtest.runner import run_workload
+from loadtest.server_process import ServeProcess
 from loadtest.trace import (
     DEFAULT_TRACE,
     TraceScaling,

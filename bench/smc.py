@@ -206,7 +206,7 @@ def measure_llamppl(args, model_path: Path, dtype: str, prompt_ids, warmup_ids, 
 
 def measure_smcserve(args, dtype: str, threads: int) -> dict:
     from client import Client
-    from client.server_process import ServeProcess
+    from loadtest.server_process import ServeProcess
 
     potentials = [{"kind": "max_word_length", "max_len": args.max_len}]
     kw = dict(

@@ -1,4 +1,4 @@
-"""Python client and CLI for smcserve."""
+"""The Python client library for the smcserve gRPC API."""
 
 from client.client import Client, Completion
 

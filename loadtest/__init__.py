@@ -5,6 +5,7 @@
 - :mod:`loadtest.metrics`: per-request records and vLLM-style aggregate metrics;
 - :mod:`loadtest.runner`: drives a workload over gRPC (``grpc.aio``) and implements ``smcserve bench``;
 - :mod:`loadtest.report`: the terminal summary, JSON, JSONL records and PNG plots.
+- :mod:`loadtest.server_process`: starts ``smcserve serve`` in a subprocess (tests, benchmarks).
 
 Examples (a server on the default loopback address)::
 

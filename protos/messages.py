@@ -1,9 +1,9 @@
 """What the public API's clients share below ``client/`` and ``loadtest/``: the default address and
 how a request is built from plain Python values.
 
-:data:`DEFAULT_PORT` is where ``smcserve serve`` listens and :data:`DEFAULT_ADDRESS` where the client,
-the CLI and ``smcserve bench`` connect, unless told otherwise. Both the client library and the load
-tester import from here (the lowest layer), so neither has to import the other.
+:data:`DEFAULT_HOST` and :data:`DEFAULT_PORT` are where ``smcserve serve`` listens and :data:`DEFAULT_ADDRESS`
+where the client, the CLI and ``smcserve bench`` connect, unless told otherwise. Both the client library
+and the load tester import from here (a layer below both), so neither has to import the other.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from protos import smcserve_pb2 as pb
 
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
-DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_ADDRESS = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 
 
 # the built-in kinds: the fields of Potential's ``kind`` oneof, each a message of the kind's parameters

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.server_process import ServeProcess
+from loadtest.server_process import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""The ``smcserve`` command line (client/cli.py) and the client library's request building, without a server:
+"""The ``smcserve`` command line (entrypoints/) and the client library's request building, without a server:
 argument parsing, the potentials ``steer`` sends, plugin options end to end through the proto into
 ``PotentialSpec``, the particle table, ``--help`` defaults, and the README's example plugin."""
 
@@ -7,14 +7,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import tomllib
 
-from client.cli import build_parser, format_particles, format_weight, main, parse_option_value, steer_potentials
 from client.client import build_request, potential_message
+from entrypoints.cli import build_parser, main
+from entrypoints.serve import config_from_args
+from entrypoints.steer import format_particles, format_weight, parse_option_value, steer_potentials
 from protos import smcserve_pb2 as pb
 from smc.potentials import PotentialSpec
 
@@ -342,6 +345,57 @@ def test_every_help_shows_defaults():
         assert piece in steer_help, piece
     assert "(default: 50051)" in " ".join(_help("serve").split())
     assert "(default: 600.0)" in " ".join(_help("bench").split())
+
+
+# --- serve: the flags are ServeConfig's fields ---------------------------------------------------------------
+def test_serve_flags_are_the_config_fields():
+    from dataclasses import fields
+
+    from engine.dtype import CANDIDATES
+    from scheduler.conductor.policies import POLICY_NAMES
+    from scheduler.stack import ServeConfig
+
+    serve = _subparsers()["serve"]
+    flags = {a.dest: a for a in serve._actions if a.option_strings and a.dest != "help"}
+    assert set(flags) == {f.name for f in fields(ServeConfig)}
+    for f in fields(ServeConfig):
+        (flag,) = flags[f.name].option_strings
+        assert flag == ("--no-" if f.default is True else "--") + f.name.replace("_", "-")
+        assert flags[f.name].default == f.default and f.metadata["help"] in flags[f.name].help
+    # the flags the README and deploy/ scripts use keep their names
+    for flag in ("--block-size", "--redis-url", "--ray-address", "--prefill-workers", "--no-prefix-cache", "--port"):
+        assert flag in serve._option_string_actions, flag
+    assert tuple(flags["policy"].choices) == POLICY_NAMES
+    assert tuple(flags["dtype"].choices) == ("auto", *CANDIDATES)
+    # no flags: the config's own defaults; each flag sets its field, with the field's type
+    assert config_from_args(build_parser().parse_args(["serve"])) == ServeConfig()
+    args = ["serve", "--block-size", "32", "--redis-url", "redis://h:1", "--worker-cpus", "0.5", "--no-prefix-cache"]
+    cfg = config_from_args(build_parser().parse_args([*args, "--policy", "load", "--slo-ttft-ms", "250"]))
+    assert (cfg.block_size, cfg.redis_url, cfg.worker_cpus, cfg.prefix_cache) == (32, "redis://h:1", 0.5, False)
+    assert (cfg.policy, cfg.slo_ttft_ms) == ("load", 250.0) and type(cfg.slo_ttft_ms) is float
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--policy", "nearest"])
+    help_text = " ".join(_help("serve").split())
+    assert "--no-prefix-cache turn off the prefix cache" in help_text and "(default: on)" in help_text
+
+
+def test_steer_schemes_are_the_smc_schemes():
+    from smc import SCHEMES
+    from smc.step import WITHOUT_REPLACEMENT
+
+    (scheme,) = (a for a in _subparsers()["steer"]._actions if a.dest == "scheme")
+    assert tuple(scheme.choices) == (WITHOUT_REPLACEMENT, *SCHEMES) and scheme.default == WITHOUT_REPLACEMENT
+
+
+def test_client_commands_do_not_import_the_server():
+    """``smcserve generate`` (info, bench) builds only its own flags: no torch, Ray or scheduler imported."""
+    code = (
+        "import sys\nfrom entrypoints.cli import main\n"
+        "try:\n    main(['generate', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'ray', 'scheduler.stack', 'smc') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "--temperature" in out and out.strip().endswith("[]")
 
 
 # --- the README's example plugin ------------------------------------------------------------------------

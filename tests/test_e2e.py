@@ -191,7 +191,7 @@ def test_cli_generate_streams(server):
         [
             sys.executable,
             "-m",
-            "client.cli",
+            "entrypoints.cli",
             "generate",
             "What is the capital of France?",
             "--temperature",
@@ -213,7 +213,7 @@ def test_cli_generate_streams(server):
 def test_unreachable_redis_is_a_clear_error():
     url = "redis://127.0.0.1:1"
     out = subprocess.run(
-        [sys.executable, "-m", "client.cli", "serve", "--redis-url", url, "--port", "0"],
+        [sys.executable, "-m", "entrypoints.cli", "serve", "--redis-url", url, "--port", "0"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -224,7 +224,7 @@ def test_unreachable_redis_is_a_clear_error():
 
 def test_unknown_model_dir_is_a_clear_error(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "client.cli", "serve", "--model", str(tmp_path / "nope"), "--port", "0"],
+        [sys.executable, "-m", "entrypoints.cli", "serve", "--model", str(tmp_path / "nope"), "--port", "0"],
         cwd=REPO,
         capture_output=True,
         text=True,

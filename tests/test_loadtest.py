@@ -252,7 +252,7 @@ def test_trace_parsing_slicing_and_hit_rate(tmp_path):
 
 
 def test_trace_ships_with_the_repository():
-    # data/traces/ holds the trace with its provenance; nothing reads ../shared
+    # data/traces/ holds the trace with its provenance; nothing reads a trace from outside the repository
     import hashlib
 
     root = Path(__file__).resolve().parents[1]

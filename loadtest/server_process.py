@@ -1,4 +1,5 @@
-"""Run ``smcserve serve`` in a subprocess and wait until it listens (tests, benchmarks, load tests)."""
+"""Run ``smcserve serve`` in a subprocess and wait until it listens (tests, benchmarks, load tests). The
+command runs as a separate process (``python -m entrypoints.cli``), so this module imports nothing above it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from protos.messages import DEFAULT_HOST
+
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((DEFAULT_HOST, 0))
         return s.getsockname()[1]
 
 
@@ -22,11 +25,11 @@ class ServeProcess:
 
     def __init__(self, *args: str, timeout: float = 300, log_path: str | Path | None = None):
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{DEFAULT_HOST}:{self.port}"
         self.log_path = Path(log_path or tempfile.mkstemp(prefix=f"smcserve-{self.port}-", suffix=".log")[1])
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", "serve", "--port", str(self.port), *args],
+            [sys.executable, "-m", "entrypoints.cli", "serve", "--port", str(self.port), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
