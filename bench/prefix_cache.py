@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from loadtest.runner import run_workload
-from loadtest.server_process import ServeProcess
-from loadtest.trace import (
+from smcserve.loadtest.runner import run_workload
+from smcserve.loadtest.server_process import ServeProcess
+from smcserve.loadtest.trace import (
     DEFAULT_TRACE,
     TraceScaling,
     load_trace,
@@ -28,7 +28,7 @@ from loadtest.trace import (
     unbounded_hit_rate,
 )
 
-TRACE = DEFAULT_TRACE  # data/traces/synthetic_trace.jsonl, shipped in the repository
+TRACE = DEFAULT_TRACE  # loadtest/traces/synthetic_trace.jsonl, shipped in the repository
 
 
 def replay(rows, scaling, concurrency: int, *serve_args: str) -> dict:

@@ -1,6 +1,6 @@
 """Replay the Mooncake synthetic trace through the simulator under the five placement policies.
 
-    python -m bench.simulate [--trace data/traces/synthetic_trace.jsonl] [--prefill 8] [--decode 8]
+    python -m bench.simulate [--trace loadtest/traces/synthetic_trace.jsonl] [--prefill 8] [--decode 8]
                              [--cache-blocks 4096] [--slo-ttft-s 30] [--slo-tbt-ms 100] [--no-sweep]
 
 The policies are the real ``scheduler.conductor`` objects; the costs come from a stated, ASSUMED
@@ -26,9 +26,15 @@ import json
 import time
 from pathlib import Path
 
-from loadtest.trace import DEFAULT_TRACE, load_trace
-from scheduler.conductor import POLICY_NAMES, RequestInfo, cached_tokens_for
-from scheduler.conductor.simulator import DEFAULT_PROFILE, SimConfig, rows_to_requests, simulate, trace_hit_rate
+from smcserve.loadtest.trace import DEFAULT_TRACE, load_trace
+from smcserve.scheduler.conductor import POLICY_NAMES, RequestInfo, cached_tokens_for
+from smcserve.scheduler.conductor.simulator import (
+    DEFAULT_PROFILE,
+    SimConfig,
+    rows_to_requests,
+    simulate,
+    trace_hit_rate,
+)
 
 MOONCAKE_MEAN_TTFT_S = {"random": 19.65, "load": 5.27, "cache_local": 3.58, "cache_global": 3.07}
 ORDER = ("random", "load", "cache_local", "cache_global")

@@ -205,8 +205,8 @@ def measure_llamppl(args, model_path: Path, dtype: str, prompt_ids, warmup_ids, 
 
 
 def measure_smcserve(args, dtype: str, threads: int) -> dict:
-    from client import Client
-    from loadtest.server_process import ServeProcess
+    from smcserve.client import Client
+    from smcserve.loadtest.server_process import ServeProcess
 
     potentials = [{"kind": "max_word_length", "max_len": args.max_len}]
     kw = dict(
@@ -252,7 +252,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
-    from engine.model import resolve_dtype, resolve_model_path
+    from smcserve.engine.model import resolve_dtype, resolve_model_path
 
     model_path = resolve_model_path(None)
     dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")

@@ -1,5 +1,5 @@
 """The Python client library for the smcserve gRPC API."""
 
-from client.client import Client, Completion
+from smcserve.client.client import Client, Completion
 
 __all__ = ["Client", "Completion"]

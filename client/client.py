@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from protos import smcserve_pb2 as pb
-from protos import smcserve_pb2_grpc
-from protos.messages import BUILTIN_KINDS, DEFAULT_ADDRESS, build_request, potential_message
+from smcserve.protos import smcserve_pb2 as pb
+from smcserve.protos import smcserve_pb2_grpc
+from smcserve.protos.messages import BUILTIN_KINDS, DEFAULT_ADDRESS, build_request, potential_message
 
 __all__ = ["BUILTIN_KINDS", "DEFAULT_ADDRESS", "Client", "Completion", "build_request", "potential_message"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from decode.sequence import DecodeSeq
-from engine.block_manager import BlockManager, OutOfBlocks
+from smcserve.decode.sequence import DecodeSeq
+from smcserve.engine.block_manager import BlockManager, OutOfBlocks
 
 
 def blocks_needed(bm: BlockManager, seq: DecodeSeq) -> int:

@@ -12,11 +12,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from decode.admission import check_fits
-from decode.sequence import DecodeEvent, DecodeSeq
-from engine.block_manager import BlockManager, BlockTable, OutOfBlocks
-from engine.finish import FinishReason
-from engine.model_runner import SeqBatchItem
+from smcserve.decode.admission import check_fits
+from smcserve.decode.sequence import DecodeEvent, DecodeSeq
+from smcserve.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
+from smcserve.engine.finish import FinishReason
+from smcserve.engine.model_runner import SeqBatchItem
 
 
 @dataclass

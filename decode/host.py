@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from engine.block_manager import BlockTable
+from smcserve.engine.block_manager import BlockTable
 
 
 class ParticleHost(Protocol):

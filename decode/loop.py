@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from decode.batcher import Batcher, ExtendJob, StepPlan, append_slots
-from decode.sequence import DecodeSeq
-from engine.block_manager import BlockManager, BlockTable, OutOfBlocks
-from engine.finish import FinishReason
-from engine.model import LoadedModel
-from engine.model_runner import ModelRunner, SeqBatchItem
-from engine.sampling import sample_tokens
-from kvstore import KVStore
-from kvstore.transfer import KVTransfer
+from smcserve.decode.batcher import Batcher, ExtendJob, StepPlan, append_slots
+from smcserve.decode.sequence import DecodeSeq
+from smcserve.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
+from smcserve.engine.finish import FinishReason
+from smcserve.engine.model import LoadedModel
+from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
+from smcserve.engine.sampling import sample_tokens
+from smcserve.kvstore import KVStore
+from smcserve.kvstore.transfer import KVTransfer
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decode.batcher import ExtendJob
-from decode.host import ParticleHost
-from engine.block_manager import BlockTable
-from engine.kv import chain_keys
-from engine.sampling import SamplingParams, seeded_uniform
-from smc.extension import extend
-from smc.potentials import Potential, build_potentials, clone_all, combined_log_factor, combined_mask, companion_prompts
-from smc.proposal import propose, stacked_masks, with_factors
-from smc.vocab import Vocab
+from smcserve.decode.batcher import ExtendJob
+from smcserve.decode.host import ParticleHost
+from smcserve.engine.block_manager import BlockTable
+from smcserve.engine.kv import chain_keys
+from smcserve.engine.sampling import SamplingParams, seeded_uniform
+from smcserve.smc.extension import extend
+from smcserve.smc.potentials import (
+    Potential,
+    build_potentials,
+    clone_all,
+    combined_log_factor,
+    combined_mask,
+    companion_prompts,
+)
+from smcserve.smc.proposal import propose, stacked_masks, with_factors
+from smcserve.smc.vocab import Vocab
 
 
 @dataclass

@@ -5,10 +5,10 @@ from __future__ import annotations
 import queue
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockTable
-from engine.detok import IncrementalDetokenizer
-from engine.finish import FinishReason
-from engine.sampling import SamplingParams
+from smcserve.engine.block_manager import BlockTable
+from smcserve.engine.detok import IncrementalDetokenizer
+from smcserve.engine.finish import FinishReason
+from smcserve.engine.sampling import SamplingParams
 
 
 @dataclass

@@ -11,20 +11,20 @@ from concurrent import futures
 import grpc
 import ray
 
-from decode.loop import DecodeLoop
-from decode.particles import ParticleGroup
-from decode.sequence import DecodeSeq
-from engine.block_manager import OutOfBlocks
-from engine.config import WorkerConfig
-from engine.detok import IncrementalDetokenizer
-from engine.finish import FinishReason
-from engine.kv import KVLayout
-from engine.model import load_model
-from engine.sampling import SamplingParams
-from kvstore import KVStore
-from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
-from smc.potentials import PotentialSpec
-from smc.vocab import get_vocab
+from smcserve.decode.loop import DecodeLoop
+from smcserve.decode.particles import ParticleGroup
+from smcserve.decode.sequence import DecodeSeq
+from smcserve.engine.block_manager import OutOfBlocks
+from smcserve.engine.config import WorkerConfig
+from smcserve.engine.detok import IncrementalDetokenizer
+from smcserve.engine.finish import FinishReason
+from smcserve.engine.kv import KVLayout
+from smcserve.engine.model import load_model
+from smcserve.engine.sampling import SamplingParams
+from smcserve.kvstore import KVStore
+from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
+from smcserve.smc.potentials import PotentialSpec
+from smcserve.smc.vocab import get_vocab
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.kv import DEFAULT_BLOCK_SIZE
+from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 
 
 @dataclass

@@ -169,7 +169,7 @@ def cache_key(dims: ModelDims, threads: int) -> str:
 
 
 def default_cache_path() -> Path:
-    from engine.model import cache_dir
+    from smcserve.engine.model import cache_dir
 
     return cache_dir() / CACHE_FILE
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from engine.dtype import DtypeChoice, ModelDims, resolve
+from smcserve.engine.dtype import DtypeChoice, ModelDims, resolve
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.kv import KVLayout
-from engine.model import LoadedModel
+from smcserve.engine.kv import KVLayout
+from smcserve.engine.model import LoadedModel
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from protos.messages import DEFAULT_ADDRESS
+from smcserve.protos.messages import DEFAULT_ADDRESS
 
 
 # --- generate and info ------------------------------------------------------------------------------
 def _generate(args) -> int:
-    from client.client import Client
+    from smcserve.client.client import Client
 
     kw = dict(
         temperature=args.temperature,
@@ -71,7 +71,7 @@ def _generate_arguments(g: argparse.ArgumentParser) -> None:
 def _info(args) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from client.client import Client
+    from smcserve.client.client import Client
 
     with Client(args.address) as client:
         try:
@@ -89,21 +89,21 @@ def _info_arguments(i: argparse.ArgumentParser) -> None:
 
 # --- the commands that live in their own modules -------------------------------------------------------
 def _serve_arguments(s: argparse.ArgumentParser) -> None:
-    from entrypoints import serve
+    from smcserve.entrypoints import serve
 
     serve.add_arguments(s)
     s.set_defaults(func=serve.run)
 
 
 def _steer_arguments(t: argparse.ArgumentParser) -> None:
-    from entrypoints import steer
+    from smcserve.entrypoints import steer
 
     steer.add_arguments(t)
     t.set_defaults(func=steer.run)
 
 
 def _bench_arguments(b: argparse.ArgumentParser) -> None:
-    from loadtest.runner import add_arguments, bench_main
+    from smcserve.loadtest.runner import add_arguments, bench_main
 
     add_arguments(b)
     b.set_defaults(func=bench_main)

@@ -10,7 +10,7 @@ import sys
 import typing
 from dataclasses import MISSING, fields
 
-from scheduler.stack import ServeConfig, Stack
+from smcserve.scheduler.stack import ServeConfig, Stack
 
 
 def value_type(hint) -> type:

@@ -12,10 +12,10 @@ from collections import Counter
 
 import grpc
 
-from client.client import Client
-from protos.messages import DEFAULT_ADDRESS
-from smc import SCHEMES
-from smc.step import WITHOUT_REPLACEMENT
+from smcserve.client.client import Client
+from smcserve.protos.messages import DEFAULT_ADDRESS
+from smcserve.smc import SCHEMES
+from smcserve.smc.step import WITHOUT_REPLACEMENT
 
 # --- potentials from the command line --------------------------------------------------------
 # the flag that makes each built-in kind (accepted as an alias of the kind in --weight)

@@ -1,8 +1,8 @@
 """Redis-backed KV-cache block store: binary block codec, store client, embedded server."""
 
-from kvstore.codec import BlockDecodeError, decode_block, encode_block
-from kvstore.embedded import EmbeddedRedis, connect_redis, start_or_connect
-from kvstore.store import KVStore
+from smcserve.kvstore.codec import BlockDecodeError, decode_block, encode_block
+from smcserve.kvstore.embedded import EmbeddedRedis, connect_redis, start_or_connect
+from smcserve.kvstore.store import KVStore
 
 __all__ = [
     "KVStore",

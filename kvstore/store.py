@@ -9,8 +9,8 @@ from typing import Any
 import redis
 import torch
 
-from kvstore.codec import BlockDecodeError, decode_block, encode_block
-from kvstore.embedded import connect_redis, ping_url
+from smcserve.kvstore.codec import BlockDecodeError, decode_block, encode_block
+from smcserve.kvstore.embedded import connect_redis, ping_url
 
 log = logging.getLogger(__name__)
 

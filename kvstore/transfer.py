@@ -12,9 +12,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from engine.block_manager import BlockManager, BlockTable
-from engine.model_runner import ModelRunner, SeqBatchItem
-from kvstore.store import KVStore
+from smcserve.engine.block_manager import BlockManager, BlockTable
+from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
+from smcserve.kvstore.store import KVStore
 
 
 @dataclass

@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from loadtest.metrics import RequestRecord
+from smcserve.loadtest.metrics import RequestRecord
 
 _W = 50
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from loadtest.metrics import DEFAULT_PERCENTILES, RequestRecord, compute_metrics, parse_slo
-from loadtest.workloads import Workload
-from protos.messages import DEFAULT_ADDRESS
+from smcserve.loadtest.metrics import DEFAULT_PERCENTILES, RequestRecord, compute_metrics, parse_slo
+from smcserve.loadtest.workloads import Workload
+from smcserve.protos.messages import DEFAULT_ADDRESS
 
 DECODE_COUNTERS = (
     "requests_served",
@@ -171,7 +171,7 @@ def _server_summary(info) -> dict:
 
 
 async def _model_info(stub, timeout: float = 10.0) -> dict:
-    from protos import smcserve_pb2 as pb
+    from smcserve.protos import smcserve_pb2 as pb
 
     try:
         return _server_summary(await stub.GetModelInfo(pb.ModelInfoRequest(), timeout=timeout))
@@ -193,8 +193,8 @@ async def run_workload_async(
     connect_timeout: float = 15.0,
     stop: asyncio.Event | None = None,
 ) -> RunResult:
-    from protos import smcserve_pb2_grpc
-    from protos.messages import build_request
+    from smcserve.protos import smcserve_pb2_grpc
+    from smcserve.protos.messages import build_request
 
     check_address(address, allow_remote)
     stop = stop or asyncio.Event()
@@ -407,24 +407,12 @@ def progress_postfix(counts: dict, in_flight: int = 0) -> dict:
 
 
 def _progress_bar(total: int | None, desc: str, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        enabled = False
-    if not enabled:
+    """tqdm on stderr; when not ``enabled``, the same object with every call a no-op."""
+    from tqdm import tqdm
 
-        class _Null:
-            def update(self, n=1):
-                pass
-
-            def set_postfix(self, **kw):
-                pass
-
-            def close(self):
-                pass
-
-        return _Null()
-    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True, leave=True)
+    return tqdm(
+        total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True, leave=True, disable=not enabled
+    )
 
 
 # --- smcserve bench -----------------------------------------------------------------------------------
@@ -497,8 +485,8 @@ def workload_kind(args) -> str:
 
 
 def build_workloads(args) -> list[Workload]:
-    from loadtest import trace as tr
-    from loadtest.workloads import SmcMix, concurrency_workload, rate_workload, sweep_workloads
+    from smcserve.loadtest import trace as tr
+    from smcserve.loadtest.workloads import SmcMix, concurrency_workload, rate_workload, sweep_workloads
 
     kind = workload_kind(args)
     smc = SmcMix(args.smc_ratio, args.smc_particles, args.smc_max_word_length, args.smc_max_tokens)
@@ -562,7 +550,7 @@ def overload_hint(m: dict) -> str:
 
 def bench_main(args) -> int:
     """``smcserve bench``: run, print the summary, write JSON / records / plots as asked."""
-    from loadtest import report
+    from smcserve.loadtest import report
 
     try:
         slo = parse_slo(args.slo)

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from protos.messages import DEFAULT_HOST
+from smcserve.protos.messages import DEFAULT_HOST
 
 
 def free_port() -> int:
@@ -29,7 +29,7 @@ class ServeProcess:
         self.log_path = Path(log_path or tempfile.mkstemp(prefix=f"smcserve-{self.port}-", suffix=".log")[1])
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "entrypoints.cli", "serve", "--port", str(self.port), *args],
+            [sys.executable, "-m", "smcserve.entrypoints.cli", "serve", "--port", str(self.port), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),

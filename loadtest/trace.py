@@ -19,7 +19,7 @@ second replay against the same server finds the first one's blocks in its prefix
 another salt.
 
 :data:`DEFAULT_TRACE` is the Mooncake synthetic trace shipped in the repository
-(``data/traces/synthetic_trace.jsonl``; source, license and checksum in ``data/traces/README.md``).
+(``loadtest/traces/synthetic_trace.jsonl``; source, license and checksum in ``loadtest/traces/README.md``).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.workloads import RequestSpec, SmcMix, Workload, ids_to_text, request_seed, word_block
+from smcserve.loadtest.workloads import RequestSpec, SmcMix, Workload, ids_to_text, request_seed, word_block
 
 TRACE_BLOCK_TOKENS = 512
 # the Mooncake synthetic trace, shipped with the repository (read relative to it: an editable install)
-DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "synthetic_trace.jsonl"
+DEFAULT_TRACE = Path(__file__).resolve().parent / "traces" / "synthetic_trace.jsonl"
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import threading
 import time
 
-from engine.block_manager import BlockManager, BlockTable
-from engine.kv import chain_keys
-from engine.model import LoadedModel
-from engine.model_runner import ModelRunner, SeqBatchItem
-from engine.sampling import SamplingParams, sample_token
-from kvstore import KVStore
-from kvstore.transfer import KVTransfer
-from prefill.result import PrefillResult
+from smcserve.engine.block_manager import BlockManager, BlockTable
+from smcserve.engine.kv import chain_keys
+from smcserve.engine.model import LoadedModel
+from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
+from smcserve.engine.sampling import SamplingParams, sample_token
+from smcserve.kvstore import KVStore
+from smcserve.kvstore.transfer import KVTransfer
+from smcserve.prefill.result import PrefillResult
 
 DEFAULT_CACHE_BLOCKS = 256
 

@@ -6,13 +6,13 @@ import os
 
 import ray
 
-from engine.config import WorkerConfig
-from engine.kv import KVLayout
-from engine.model import load_model
-from engine.sampling import SamplingParams
-from kvstore import KVStore
-from prefill.prefiller import Prefiller
-from prefill.result import PrefillResult, PrefillStats
+from smcserve.engine.config import WorkerConfig
+from smcserve.engine.kv import KVLayout
+from smcserve.engine.model import load_model
+from smcserve.engine.sampling import SamplingParams
+from smcserve.kvstore import KVStore
+from smcserve.prefill.prefiller import Prefiller
+from smcserve.prefill.result import PrefillResult, PrefillStats
 
 
 @ray.remote

@@ -31,28 +31,35 @@ def generate() -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _stale():
             return
-        root = PROTO_DIR.parent
-        with tempfile.TemporaryDirectory() as out:
+        with tempfile.TemporaryDirectory() as tmp:
+            # compile under the import root's path, so the generated modules import each other as
+            # ``smcserve.protos.*`` (worker.proto imports "smcserve/protos/smcserve.proto")
+            src = Path(tmp, "src", "smcserve", "protos")
+            src.mkdir(parents=True)
+            for name in PROTOS:
+                shutil.copyfile(PROTO_DIR / name, src / name)
+            out = Path(tmp, "out")
+            out.mkdir()
             include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
             args = [
                 "protoc",
-                f"-I{root}",
+                f"-I{Path(tmp, 'src')}",
                 f"-I{include}",
                 f"--python_out={out}",
                 f"--pyi_out={out}",
                 f"--grpc_python_out={out}",
-            ] + [f"protos/{p}" for p in PROTOS]
+            ] + [f"smcserve/protos/{p}" for p in PROTOS]
             if protoc.main(args) != 0:
                 raise RuntimeError("protoc failed on " + ", ".join(PROTOS))
-            for f in Path(out, "protos").iterdir():
-                tmp = PROTO_DIR / f".{f.name}.tmp"
-                shutil.copyfile(f, tmp)
-                os.replace(tmp, PROTO_DIR / f.name)
+            for f in Path(out, "smcserve", "protos").iterdir():
+                tmp_file = PROTO_DIR / f".{f.name}.tmp"
+                shutil.copyfile(f, tmp_file)
+                os.replace(tmp_file, PROTO_DIR / f.name)
 
 
 if _stale():
     generate()
 
-from protos import smcserve_pb2, smcserve_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
+from smcserve.protos import smcserve_pb2, smcserve_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 
 __all__ = ["smcserve_pb2", "smcserve_pb2_grpc", "worker_pb2", "worker_pb2_grpc", "generate"]

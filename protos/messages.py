@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 
-from protos import smcserve_pb2 as pb
+from smcserve.protos import smcserve_pb2 as pb
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import grpc
 import ray
 
-from engine.kv import chain_keys
-from engine.sampling import SamplingParams
-from kvstore import KVStore
-from prefill.result import PrefillResult
-from protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
-from scheduler.conductor import (
+from smcserve.engine.kv import chain_keys
+from smcserve.engine.sampling import SamplingParams
+from smcserve.kvstore import KVStore
+from smcserve.prefill.result import PrefillResult
+from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
+from smcserve.scheduler.conductor import (
     CostRecorder,
     DecodeInstance,
     Placement,
@@ -34,8 +34,8 @@ from scheduler.conductor import (
     make_policy,
     place,
 )
-from scheduler.steering import SteeringConfig, SteeringRun, validate_steering
-from scheduler.validate import (
+from smcserve.scheduler.steering import SteeringConfig, SteeringRun, validate_steering
+from smcserve.scheduler.validate import (
     BadUtf8,
     InvalidRequest,
     Limits,
@@ -43,7 +43,7 @@ from scheduler.validate import (
     tokenize_request,
     validate_sampling,
 )
-from smc.vocab import get_vocab
+from smcserve.smc.vocab import get_vocab
 
 log = logging.getLogger(__name__)
 

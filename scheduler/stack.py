@@ -12,16 +12,16 @@ import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.config import WorkerConfig, parse_size
-from engine.dtype import CANDIDATES as DTYPE_CANDIDATES
-from engine.kv import DEFAULT_BLOCK_SIZE
-from engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype_choice, resolve_model_path
-from kvstore import EmbeddedRedis, KVStore, start_or_connect
-from protos import smcserve_pb2, worker_pb2_grpc
-from protos.messages import DEFAULT_HOST, DEFAULT_PORT
-from scheduler.conductor import POLICY_NAMES, make_policy
-from scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
-from scheduler.validate import Limits
+from smcserve.engine.config import WorkerConfig, parse_size
+from smcserve.engine.dtype import CANDIDATES as DTYPE_CANDIDATES
+from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
+from smcserve.engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype_choice, resolve_model_path
+from smcserve.kvstore import EmbeddedRedis, KVStore, start_or_connect
+from smcserve.protos import smcserve_pb2, worker_pb2_grpc
+from smcserve.protos.messages import DEFAULT_HOST, DEFAULT_PORT
+from smcserve.scheduler.conductor import POLICY_NAMES, make_policy
+from smcserve.scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
+from smcserve.scheduler.validate import Limits
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = smcserve_pb2.DESCRIPTOR.services_by_name["SmcServe"].full_name
@@ -56,7 +56,7 @@ class ServeConfig:
     max_inflight: int = _field(256, "requests in flight before RESOURCE_EXHAUSTED")
     threads: int = _field(0, "torch threads per worker; 0: all cores")
     worker_cpus: float = _field(1.0, "Ray CPU resource each worker reserves")
-    kv_cache: str = _field("1gb", "paged KV pool per decode worker (e.g. 512mb, 2gb)")
+    kv_cache: str = _field("1gb", "paged KV pool per worker (e.g. 512mb, 2gb); prefill: its prefix cache")
     prefix_cache: bool = _field(True, "the prefix cache: prefill reuses prompt blocks already in the KV store")
     policy: str = _field("cache_global", "placement policy of the Conductor", choices=POLICY_NAMES)
     slo_ttft_ms: float = _field(0.0, "reject requests predicted to miss this TTFT; 0: off")
@@ -84,8 +84,8 @@ class Stack:
     async def start(self) -> Stack:
         from transformers import AutoConfig, AutoTokenizer
 
-        from decode.worker import DecodeWorker
-        from prefill.worker import PrefillWorker
+        from smcserve.decode.worker import DecodeWorker
+        from smcserve.prefill.worker import PrefillWorker
 
         cfg = self.config
         model_path = resolve_model_path(cfg.model)  # fetch + convert once, before the workers start

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.sampling import SamplingParams
-from protos import smcserve_pb2 as pb
-from protos import worker_pb2
-from scheduler.validate import InvalidRequest
-from smc import SCHEMES, ess, logsumexp, normalize
-from smc.potentials import PotentialError, PotentialSpec, build_potential, companion_prompts
-from smc.step import LENGTH, OK, WITHOUT_REPLACEMENT, smc_step
+from smcserve.engine.sampling import SamplingParams
+from smcserve.protos import smcserve_pb2 as pb
+from smcserve.protos import worker_pb2
+from smcserve.scheduler.validate import InvalidRequest
+from smcserve.smc import SCHEMES, ess, logsumexp, normalize
+from smcserve.smc.potentials import PotentialError, PotentialSpec, build_potential, companion_prompts
+from smcserve.smc.step import LENGTH, OK, WITHOUT_REPLACEMENT, smc_step
 
 
 async def settled(*calls):

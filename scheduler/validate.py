@@ -9,8 +9,8 @@ from google.protobuf import descriptor, empty_pb2, message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from jinja2 import TemplateError
 
-from engine.sampling import SamplingParams
-from protos import smcserve_pb2
+from smcserve.engine.sampling import SamplingParams
+from smcserve.protos import smcserve_pb2
 
 DEFAULT_MAX_TOKENS = 128
 CHAT_ROLES = ("system", "user", "assistant")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling import inverse_cdf
+from smcserve.engine.sampling import inverse_cdf
 
 
 @dataclass(frozen=True)

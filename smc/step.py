@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.finish import FinishReason
+from smcserve.engine.finish import FinishReason
 
 from .resampling import IntArray, resample
 from .weights import FloatArray, as_log_weights, ess

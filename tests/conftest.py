@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loadtest.server_process import ServeProcess
+from smcserve.loadtest.server_process import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer Llama with the real tokenizer (fast; for unit tests only)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from engine.model import resolve_model_path
+    from smcserve.engine.model import resolve_model_path
 
     real = resolve_model_path(None)
     tok = AutoTokenizer.from_pretrained(real)
@@ -49,14 +49,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_model():
-    from engine.model import load_model
+    from smcserve.engine.model import load_model
 
     return load_model(None, "float32")
 
 
 @pytest.fixture(scope="session")
 def redis_url():
-    from kvstore import EmbeddedRedis
+    from smcserve.kvstore import EmbeddedRedis
 
     server = EmbeddedRedis(maxmemory="512mb")
     yield server.url
@@ -74,7 +74,7 @@ def server():
 
 @pytest.fixture()
 def client(server):
-    from client import Client
+    from smcserve.client import Client
 
     with Client(server.address) as c:
         yield c

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from client.client import build_request, potential_message
-from entrypoints.cli import build_parser, main
-from entrypoints.serve import config_from_args
-from entrypoints.steer import format_particles, format_weight, parse_option_value, steer_potentials
-from protos import smcserve_pb2 as pb
-from smc.potentials import PotentialSpec
+from smcserve.client.client import build_request, potential_message
+from smcserve.entrypoints.cli import build_parser, main
+from smcserve.entrypoints.serve import config_from_args
+from smcserve.entrypoints.steer import format_particles, format_weight, parse_option_value, steer_potentials
+from smcserve.protos import smcserve_pb2 as pb
+from smcserve.smc.potentials import PotentialSpec
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -193,7 +193,7 @@ def test_potential_spec_from_proto_reads_options():
     assert type(spec.options["n"]) is int and type(spec.options["flags"][0]) is int
     assert PotentialSpec.from_proto(pb.Potential(regex=pb.RegexPotential(pattern="a"))).options == {}
     # a plugin may not take a built-in kind's name (a built-in's parameters have their own message)
-    from smc.potentials import PotentialError
+    from smcserve.smc.potentials import PotentialError
 
     bad = pb.Potential(plugin=pb.PluginPotential(name="max_word_length"))
     bad.plugin.options.update({"x": 1})
@@ -351,9 +351,9 @@ def test_every_help_shows_defaults():
 def test_serve_flags_are_the_config_fields():
     from dataclasses import fields
 
-    from engine.dtype import CANDIDATES
-    from scheduler.conductor.policies import POLICY_NAMES
-    from scheduler.stack import ServeConfig
+    from smcserve.engine.dtype import CANDIDATES
+    from smcserve.scheduler.conductor.policies import POLICY_NAMES
+    from smcserve.scheduler.stack import ServeConfig
 
     serve = _subparsers()["serve"]
     flags = {a.dest: a for a in serve._actions if a.option_strings and a.dest != "help"}
@@ -380,8 +380,8 @@ def test_serve_flags_are_the_config_fields():
 
 
 def test_steer_schemes_are_the_smc_schemes():
-    from smc import SCHEMES
-    from smc.step import WITHOUT_REPLACEMENT
+    from smcserve.smc import SCHEMES
+    from smcserve.smc.step import WITHOUT_REPLACEMENT
 
     (scheme,) = (a for a in _subparsers()["steer"]._actions if a.dest == "scheme")
     assert tuple(scheme.choices) == (WITHOUT_REPLACEMENT, *SCHEMES) and scheme.default == WITHOUT_REPLACEMENT
@@ -390,9 +390,9 @@ def test_steer_schemes_are_the_smc_schemes():
 def test_client_commands_do_not_import_the_server():
     """``smcserve generate`` (info, bench) builds only its own flags: no torch, Ray or scheduler imported."""
     code = (
-        "import sys\nfrom entrypoints.cli import main\n"
+        "import sys\nfrom smcserve.entrypoints.cli import main\n"
         "try:\n    main(['generate', '--help'])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('torch', 'ray', 'scheduler.stack', 'smc') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'ray', 'smcserve.scheduler.stack', 'smcserve.smc') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "--temperature" in out and out.strip().endswith("[]")
@@ -411,8 +411,8 @@ def _readme_file(name: str) -> str:
 def vocab():
     from transformers import AutoTokenizer
 
-    from engine.model import resolve_model_path
-    from smc.vocab import get_vocab
+    from smcserve.engine.model import resolve_model_path
+    from smcserve.smc.vocab import get_vocab
 
     return get_vocab(AutoTokenizer.from_pretrained(resolve_model_path(None)))
 
@@ -420,7 +420,7 @@ def vocab():
 def test_readme_plugin_is_a_working_entry_point(tmp_path, monkeypatch, vocab):
     """Install the README's plugin package as pip would (a module + a dist-info with entry_points.txt on
     sys.path), then drive it as the CLI and the server would: parsed args → proto → PotentialSpec → plugin."""
-    from smc import potentials as P_
+    from smcserve.smc import potentials as P_
 
     project = tomllib.loads(_readme_file("smcserve-max-bytes/pyproject.toml"))
     eps = project["project"]["entry-points"]["smcserve.potentials"]

@@ -8,11 +8,11 @@ import grpc
 import pytest
 import torch
 
-from client import Client
-from engine.sampling import SamplingParams
-from kvstore import KVStore
-from prefill.worker import Prefiller
-from scheduler.conductor import CostRecorder
+from smcserve.client import Client
+from smcserve.engine.sampling import SamplingParams
+from smcserve.kvstore import KVStore
+from smcserve.prefill.worker import Prefiller
+from smcserve.scheduler.conductor import CostRecorder
 
 
 def test_ttft_predictor_fits_measured_prefill(real_model, redis_url):
@@ -63,7 +63,7 @@ def live_stack(monkeypatch):
 
     import ray
 
-    import scheduler.stack as stack_mod
+    import smcserve.scheduler.stack as stack_mod
 
     services = []
     real_service = stack_mod.SchedulerService

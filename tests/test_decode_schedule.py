@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from decode.admission import blocks_needed
-from decode.batcher import Batcher, ExtendJob
-from decode.sequence import DecodeSeq
-from engine.block_manager import BlockManager, BlockTable, OutOfBlocks
-from engine.finish import FinishReason
-from engine.sampling import SamplingParams
+from smcserve.decode.admission import blocks_needed
+from smcserve.decode.batcher import Batcher, ExtendJob
+from smcserve.decode.sequence import DecodeSeq
+from smcserve.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
+from smcserve.engine.finish import FinishReason
+from smcserve.engine.sampling import SamplingParams
 
 EOS = 0
 BS = 4  # tokens per block

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from client import Client
-from loadtest.server_process import ServeProcess
+from smcserve.client import Client
+from smcserve.loadtest.server_process import ServeProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-import engine.dtype as dt
-from engine.dtype import SHAPES, ModelDims, choose_auto, decide, resolve
+import smcserve.engine.dtype as dt
+from smcserve.engine.dtype import SHAPES, ModelDims, choose_auto, decide, resolve
 
 
 def fake_timer(ms: dict[str, dict[str, float]], calls: list | None = None):
@@ -166,7 +166,7 @@ def test_model_dims_from_a_config():
 
 def test_load_model_resolves_auto_through_the_chooser(cache, monkeypatch, tiny_model_dir):
     """``load_model(..., "auto")`` asks the chooser with the model's own sizes (timing injected)."""
-    from engine.model import load_model
+    from smcserve.engine.model import load_model
 
     seen = []
     monkeypatch.setattr(dt, "Timer", lambda: fake_timer(FAST_BF16, seen))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode.loop import DecodeLoop
-from decode.sequence import DecodeSeq
-from engine.detok import IncrementalDetokenizer
-from engine.kv import chain_keys
-from engine.model import load_model, model_fingerprint
-from engine.sampling import SamplingParams, sample_token
-from kvstore import KVStore
-from prefill.worker import Prefiller
+from smcserve.decode.loop import DecodeLoop
+from smcserve.decode.sequence import DecodeSeq
+from smcserve.engine.detok import IncrementalDetokenizer
+from smcserve.engine.kv import chain_keys
+from smcserve.engine.model import load_model, model_fingerprint
+from smcserve.engine.sampling import SamplingParams, sample_token
+from smcserve.kvstore import KVStore
+from smcserve.prefill.worker import Prefiller
 
 
 def test_greedy_and_seeded_sampling():

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvstore import BlockDecodeError, EmbeddedRedis, KVStore, decode_block, encode_block
-from kvstore.codec import HEADER
-from kvstore.embedded import start_or_connect
+from smcserve.kvstore import BlockDecodeError, EmbeddedRedis, KVStore, decode_block, encode_block
+from smcserve.kvstore.codec import HEADER
+from smcserve.kvstore.embedded import start_or_connect
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = (30, 2, 3, 16, 64)

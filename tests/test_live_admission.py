@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from prefill.result import PrefillResult
-from protos import smcserve_pb2 as pb
-from protos import worker_pb2
-from scheduler.conductor import CostRecorder, make_policy
-from scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
-from scheduler.validate import Limits
+from smcserve.prefill.result import PrefillResult
+from smcserve.protos import smcserve_pb2 as pb
+from smcserve.protos import worker_pb2
+from smcserve.scheduler.conductor import CostRecorder, make_policy
+from smcserve.scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
+from smcserve.scheduler.validate import Limits
 
 BS = 4
 

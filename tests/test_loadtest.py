@@ -15,10 +15,10 @@ import grpc
 import numpy as np
 import pytest
 
-from loadtest import report
-from loadtest.metrics import RequestRecord, compute_metrics, parse_slo, reason_prefix
-from loadtest.runner import check_address, is_loopback, run_workload
-from loadtest.trace import (
+from smcserve.loadtest import report
+from smcserve.loadtest.metrics import RequestRecord, compute_metrics, parse_slo, reason_prefix
+from smcserve.loadtest.runner import check_address, is_loopback, run_workload
+from smcserve.loadtest.trace import (
     DEFAULT_TRACE,
     TraceRow,
     TraceScaling,
@@ -31,7 +31,7 @@ from loadtest.trace import (
     trace_workload,
     unbounded_hit_rate,
 )
-from loadtest.workloads import (
+from smcserve.loadtest.workloads import (
     WORDS,
     RequestSpec,
     SmcMix,
@@ -44,10 +44,10 @@ from loadtest.workloads import (
     sweep_workloads,
     word_block,
 )
-from protos import smcserve_pb2 as pb
-from protos import smcserve_pb2_grpc
+from smcserve.protos import smcserve_pb2 as pb
+from smcserve.protos import smcserve_pb2_grpc
 
-TRACE = DEFAULT_TRACE  # data/traces/synthetic_trace.jsonl, shipped in the repository
+TRACE = DEFAULT_TRACE  # loadtest/traces/synthetic_trace.jsonl, shipped in the repository
 
 
 # --- metrics ------------------------------------------------------------------------------------------
@@ -252,11 +252,11 @@ def test_trace_parsing_slicing_and_hit_rate(tmp_path):
 
 
 def test_trace_ships_with_the_repository():
-    # data/traces/ holds the trace with its provenance; nothing reads a trace from outside the repository
+    # loadtest/traces/ holds the trace with its provenance; nothing reads a trace from outside the repository
     import hashlib
 
     root = Path(__file__).resolve().parents[1]
-    assert TRACE == root / "data" / "traces" / "synthetic_trace.jsonl" and TRACE.is_file()
+    assert TRACE == root / "loadtest" / "traces" / "synthetic_trace.jsonl" and TRACE.is_file()
     digest = hashlib.sha256(TRACE.read_bytes()).hexdigest()
     readme = (TRACE.parent / "README.md").read_text()
     assert digest == "bd070915a98fc0ed264d7cfef2ce746002eb3076a695ec31ba2674c0111ec131" and digest in readme
@@ -419,7 +419,7 @@ def test_cut_off_requests_are_counted_in_the_bar_the_table_and_the_json(fake_ser
     # table and the JSON must all count them (the bar used to show err=0 while every request was CANCELLED).
     import os
 
-    from loadtest import runner
+    from smcserve.loadtest import runner
 
     postfixes = []
 
@@ -472,7 +472,7 @@ def test_cut_off_requests_are_counted_in_the_bar_the_table_and_the_json(fake_ser
 def test_machine_info(monkeypatch):
     import os
 
-    from loadtest import runner
+    from smcserve.loadtest import runner
 
     mc = runner.machine_info()
     assert mc["cpu_count"] == os.cpu_count() and mc["loadavg_end"] is None
@@ -524,3 +524,14 @@ def test_trace_replay_against_server(server):
     assert m["cache_hit_rate"] > 0
     assert m["cache_hit_rate"] >= 0.5 * expected, (m["cache_hit_rate"], expected, m["rejected"])
     assert m["mean_ttft_ms"] > 0 and m["mean_e2el_ms"] >= m["mean_ttft_ms"]
+
+
+def test_the_disabled_progress_bar_takes_the_runners_calls():
+    """Without a progress bar (``--no-progress``, benchmarks) the runner's calls are no-ops, not a
+    TypeError raised in every request's task (``bench.prefix_cache`` logged 240 of them)."""
+    from smcserve.loadtest import runner
+
+    bar = runner._progress_bar(3, "x", enabled=False)
+    bar.update(1)
+    bar.set_postfix(runner.progress_postfix({"ok": 1}, 2), refresh=False)
+    bar.close()

@@ -9,15 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decode.batcher import ExtendJob
-from decode.loop import DecodeLoop, append_tokens
-from decode.sequence import DecodeSeq
-from engine.block_manager import BlockManager, BlockTable, OutOfBlocks
-from engine.detok import IncrementalDetokenizer
-from engine.model_runner import ModelRunner, SeqBatchItem
-from engine.sampling import SamplingParams
-from kvstore import KVStore
-from prefill.worker import Prefiller
+from smcserve.decode.batcher import ExtendJob
+from smcserve.decode.loop import DecodeLoop, append_tokens
+from smcserve.decode.sequence import DecodeSeq
+from smcserve.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
+from smcserve.engine.detok import IncrementalDetokenizer
+from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
+from smcserve.engine.sampling import SamplingParams
+from smcserve.kvstore import KVStore
+from smcserve.prefill.worker import Prefiller
 
 ATOL = 2e-3  # fp32 logits are O(10); the paged path reorders sums only
 
@@ -163,7 +163,7 @@ def _wait(seq):
 
 
 def test_engine_batches_requests_and_leaks_nothing(tiny_model_dir, redis_url):
-    from engine.model import load_model
+    from smcserve.engine.model import load_model
 
     lm = load_model(str(tiny_model_dir), "float32")
     store = KVStore(redis_url, key_prefix="t-paged:")
@@ -228,7 +228,7 @@ def test_engine_refuses_when_out_of_blocks(tiny_model_dir, redis_url):
     """A request that does not fit next to an admitted one is refused, and the admitted one loses
     nothing. The engine is held while the second arrives, so the first cannot finish early on a fast
     machine: both while it waits to be loaded and while it is running mid-step."""
-    from engine.model import load_model
+    from smcserve.engine.model import load_model
 
     lm = load_model(str(tiny_model_dir), "float32")
     store = KVStore(redis_url, key_prefix="t-oob:")
@@ -264,7 +264,7 @@ def test_engine_abort_frees_blocks(tiny_model_dir, redis_url):
     """An abort ends a running sequence and frees its KV. The abort lands while the engine is held
     inside a step that advances the sequence, so the sequence is certainly running then and cannot
     finish first, however fast the machine is."""
-    from engine.model import load_model
+    from smcserve.engine.model import load_model
 
     lm = load_model(str(tiny_model_dir), "float32")
     store = KVStore(redis_url, key_prefix="t-abort:")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from scheduler.conductor import (
+from smcserve.scheduler.conductor import (
     POLICY_NAMES,
     CostModel,
     CostRecorder,

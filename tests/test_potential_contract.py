@@ -44,7 +44,7 @@ import numpy as np
 import pytest
 import torch
 
-from smc.potentials import (
+from smcserve.smc.potentials import (
     BUILTIN_KINDS,
     Potential,
     build_potential,
@@ -54,8 +54,8 @@ from smc.potentials import (
     scaled,
     unregister_potential,
 )
-from smc.proposal import propose
-from smc.vocab import get_vocab
+from smcserve.smc.proposal import propose
+from smcserve.smc.vocab import get_vocab
 
 NEG_INF = -math.inf
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -187,7 +187,7 @@ def test_every_builtin_kind_has_a_case():
 def tok():
     from transformers import AutoTokenizer
 
-    from engine.model import resolve_model_path
+    from smcserve.engine.model import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path(None))
 

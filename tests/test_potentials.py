@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from smc.potentials import (
+from smcserve.smc.potentials import (
     BUILTIN_KINDS,
     Potential,
     PotentialError,
@@ -40,7 +40,7 @@ from smc.potentials import (
     register_potential,
     unregister_potential,
 )
-from smc.vocab import Vocab, get_vocab
+from smcserve.smc.vocab import Vocab, get_vocab
 
 NEG_INF = -math.inf
 DATE = r"\d{4}-\d{2}-\d{2}"
@@ -50,7 +50,7 @@ DATE = r"\d{4}-\d{2}-\d{2}"
 def tok():
     from transformers import AutoTokenizer
 
-    from engine.model import resolve_model_path
+    from smcserve.engine.model import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path(None))
 
@@ -662,7 +662,7 @@ def test_bad_specs(vocab, bad, prefix):
 
 
 def test_specs_from_dict_and_proto(tok, vocab):
-    from protos import smcserve_pb2 as pb
+    from smcserve.protos import smcserve_pb2 as pb
 
     pots = build_potentials(
         [{"kind": "regex", "pattern": "[0-9]+"}, {"kind": "max_tokens", "n": 4, "weight": 2}], vocab
@@ -732,8 +732,8 @@ def test_every_builtin_kind_is_in_the_proto():
     """Potential's kind oneof has one field per built-in kind (plus plugin), and each kind's message
     carries exactly the kind's parameters (case_sensitive standing for forbidden_chars'
     case_insensitive; prompt_intersection's prompt_ids are filled in by the scheduler)."""
-    from protos import smcserve_pb2 as pb
-    from smc.potentials.spec import _KIND_PARAMS
+    from smcserve.protos import smcserve_pb2 as pb
+    from smcserve.smc.potentials.spec import _KIND_PARAMS
 
     oneof = {f.name: f.message_type for f in pb.Potential.DESCRIPTOR.oneofs_by_name["kind"].fields}
     assert set(oneof) == set(BUILTIN_KINDS) | {"plugin"}

@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.model import load_model
-from engine.sampling import SamplingParams
-from kvstore import KVStore
-from prefill.prefiller import Prefiller
-from prefill.result import PrefillResult
-from scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
-from scheduler.validate import Limits
+from smcserve.engine.model import load_model
+from smcserve.engine.sampling import SamplingParams
+from smcserve.kvstore import KVStore
+from smcserve.prefill.prefiller import Prefiller
+from smcserve.prefill.result import PrefillResult
+from smcserve.scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
+from smcserve.scheduler.validate import Limits
 
 ATOL = 2e-3  # fp32 logits are O(10); the paged path reorders sums only
 GREEDY = SamplingParams(temperature=0.0)

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from decode.loop import DecodeLoop
-from decode.particles import ParticleGroup
-from decode.worker import DecodeService
-from engine.sampling import SamplingParams, inverse_cdf, seeded_uniform
-from kvstore import KVStore
-from scheduler.server import worker_status
-from smc.potentials import MaxTokens, PotentialSpec
-from smc.proposal import propose
-from smc.step import ALL_VIOLATED, smc_step
-from smc.vocab import get_vocab
+from smcserve.decode.loop import DecodeLoop
+from smcserve.decode.particles import ParticleGroup
+from smcserve.decode.worker import DecodeService
+from smcserve.engine.sampling import SamplingParams, inverse_cdf, seeded_uniform
+from smcserve.kvstore import KVStore
+from smcserve.scheduler.server import worker_status
+from smcserve.smc.potentials import MaxTokens, PotentialSpec
+from smcserve.smc.proposal import propose
+from smcserve.smc.step import ALL_VIOLATED, smc_step
+from smcserve.smc.vocab import get_vocab
 
 
 # --------------------------------------------------------------------------- seeds (defect 1)
@@ -113,7 +113,7 @@ class Exploding(MaxTokens):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, redis_url):
-    from engine.model import load_model
+    from smcserve.engine.model import load_model
 
     lm = load_model(str(tiny_model_dir), "float32")
     eng = DecodeLoop(lm, KVStore(redis_url, key_prefix="t-step:"), 16, 64).start()
@@ -195,8 +195,8 @@ def test_closing_a_request_with_a_step_still_queued_leaks_no_kv(engine):
 def test_a_chat_template_that_refuses_the_messages_is_the_clients_mistake():
     from jinja2 import TemplateError
 
-    from protos import smcserve_pb2
-    from scheduler.validate import InvalidRequest, Limits, tokenize_request
+    from smcserve.protos import smcserve_pb2
+    from smcserve.scheduler.validate import InvalidRequest, Limits, tokenize_request
 
     class Strict:
         def apply_chat_template(self, *a, **kw):

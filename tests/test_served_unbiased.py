@@ -54,7 +54,7 @@ import pytest
 from test_smc import llamppl_find_c
 from tiny_vocab import EOS_ID, PIECES, TEXTS, build_tiny_llama, exact_z, hard_ok, next_token_logprobs
 
-from client import Client
+from smcserve.client import Client
 
 pytestmark = pytest.mark.e2e
 
@@ -122,7 +122,7 @@ def stack(tiny_dir):
     """The real stack on the tiny model, its scheduler in this process (see the module docstring)."""
     import ray
 
-    from scheduler.stack import ServeConfig, Stack
+    from smcserve.scheduler.stack import ServeConfig, Stack
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="scheduler-loop", daemon=True)
@@ -224,7 +224,7 @@ def test_tiny_model_is_served_with_its_vocabulary(stack, client):
     """The stack serves the tiny model: its 8-token vocab, both decode workers, token texts right."""
     from transformers import AutoTokenizer
 
-    from smc.vocab import get_vocab
+    from smcserve.smc.vocab import get_vocab
 
     info = client.info()
     assert info.vocab_size == len(PIECES) and info.dtype == "float32" and len(info.decode_workers) == 2
@@ -276,8 +276,8 @@ def test_served_smc_is_unbiased(client, tables, scheme):
 def test_control_biased_c_star_is_detected(client, tables, monkeypatch):
     """Algorithm 4 with llamppl's c in place of c* (I_det = {c·ŵ ≥ 1}, stochastic survivors weighted
     (N/N′)·Σw/c), patched into the scheduler's resampling: the same check must now fail."""
-    import smc.without_replacement as wr
-    from smc.weights import as_log_weights, logsumexp
+    import smcserve.smc.without_replacement as wr
+    from smcserve.smc.weights import as_log_weights, logsumexp
 
     real = wr.resample_without_replacement
     calls = []

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from loadtest.trace import DEFAULT_TRACE, load_trace
-from scheduler.conductor import POLICY_NAMES, CostModel
-from scheduler.conductor.simulator import (
+from smcserve.loadtest.trace import DEFAULT_TRACE, load_trace
+from smcserve.scheduler.conductor import POLICY_NAMES, CostModel
+from smcserve.scheduler.conductor.simulator import (
     DEFAULT_PROFILE,
     HardwareProfile,
     SimConfig,
@@ -18,7 +18,7 @@ from scheduler.conductor.simulator import (
     trace_hit_rate,
 )
 
-TRACE = DEFAULT_TRACE  # data/traces/synthetic_trace.jsonl, shipped in the repository
+TRACE = DEFAULT_TRACE  # loadtest/traces/synthetic_trace.jsonl, shipped in the repository
 
 # 1 ms per new token, 2 ms per fetched block, TBT = 20 + batch ms; 4-token blocks.
 COST = CostModel(a=0.0, b=1.0, c=0.0, d=2.0, e=20.0, f=1.0)

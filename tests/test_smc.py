@@ -22,8 +22,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import smc.step as smc_step_module
-from smc import (
+import smcserve.smc.step as smc_step_module
+from smcserve.smc import (
     ALL_VIOLATED,
     OK,
     SCHEMES,
@@ -43,7 +43,7 @@ from smc import (
     steer_candidates,
     steer_resample,
 )
-from smc.potentials import (
+from smcserve.smc.potentials import (
     Potential,
     advance_all,
     build_potential,
@@ -52,8 +52,8 @@ from smc.potentials import (
     companion_prompts,
     finish_all,
 )
-from smc.resampling import inverse_cdf
-from smc.without_replacement import ALL_ZERO
+from smcserve.smc.resampling import inverse_cdf
+from smcserve.smc.without_replacement import ALL_ZERO
 
 # --------------------------------------------------------------------------- the toy model
 

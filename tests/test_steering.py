@@ -169,7 +169,7 @@ def test_prompt_intersection_weights_are_the_product_normalisers(client, real_mo
     ],
 )
 def test_bad_steering_specs(client, steering, field):
-    from client.client import build_request
+    from smcserve.client.client import build_request
 
     with pytest.raises(grpc.RpcError) as err:
         list(client.stub.Generate(build_request(messages=chat("hi"), steering=steering)))
@@ -228,7 +228,7 @@ def test_particles_say_why_they_ended(client):
 )
 def test_sampling_options_steering_cannot_honour_are_refused(client, sampling, field):
     """The proposal is the whole masked LM: truncating it would change the target without a word."""
-    from client.client import build_request
+    from smcserve.client.client import build_request
 
     with pytest.raises(grpc.RpcError) as err:
         list(client.stub.Generate(build_request(messages=chat("hi"), steering={"particles": 2}, **sampling)))

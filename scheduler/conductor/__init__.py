@@ -26,9 +26,9 @@ and measured timings go to a :class:`CostRecorder`, whose ``model`` is the cost 
 
 from __future__ import annotations
 
-from scheduler.conductor.admission import Placement, admit, place
-from scheduler.conductor.cost import CostModel, CostRecorder
-from scheduler.conductor.policies import (
+from smcserve.scheduler.conductor.admission import Placement, admit, place
+from smcserve.scheduler.conductor.cost import CostModel, CostRecorder
+from smcserve.scheduler.conductor.policies import (
     POLICY_NAMES,
     CacheGlobalPolicy,
     CacheLocalPolicy,

@@ -11,8 +11,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scheduler.conductor.cost import CostModel
-from scheduler.conductor.policies.base import (
+from smcserve.scheduler.conductor.cost import CostModel
+from smcserve.scheduler.conductor.policies.base import (
     DecodeInstance,
     Policy,
     PrefillChoice,

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler.conductor.admission import place
-from scheduler.conductor.cost import CostModel
-from scheduler.conductor.policies import (
+from smcserve.scheduler.conductor.admission import place
+from smcserve.scheduler.conductor.cost import CostModel
+from smcserve.scheduler.conductor.policies import (
     DecodeInstance,
     Policy,
     PrefillInstance,

@@ -9,7 +9,7 @@ shared helpers are in :mod:`scheduler.conductor.policies.base`.
 
 from __future__ import annotations
 
-from scheduler.conductor.policies.base import (
+from smcserve.scheduler.conductor.policies.base import (
     DecodeByLoad,
     DecodeInstance,
     Policy,
@@ -23,11 +23,11 @@ from scheduler.conductor.policies.base import (
     predict_ttft_ms,
     prefix_hits,
 )
-from scheduler.conductor.policies.cache_global import CacheGlobalPolicy
-from scheduler.conductor.policies.cache_local import CacheLocalPolicy
-from scheduler.conductor.policies.load import LoadPolicy
-from scheduler.conductor.policies.random import RandomPolicy
-from scheduler.conductor.policies.round_robin import RoundRobinPolicy
+from smcserve.scheduler.conductor.policies.cache_global import CacheGlobalPolicy
+from smcserve.scheduler.conductor.policies.cache_local import CacheLocalPolicy
+from smcserve.scheduler.conductor.policies.load import LoadPolicy
+from smcserve.scheduler.conductor.policies.random import RandomPolicy
+from smcserve.scheduler.conductor.policies.round_robin import RoundRobinPolicy
 
 POLICY_NAMES = ("random", "round_robin", "load", "cache_local", "cache_global")
 

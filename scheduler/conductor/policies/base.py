@@ -12,7 +12,7 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from scheduler.conductor.cost import CostModel
+from smcserve.scheduler.conductor.cost import CostModel
 
 
 @dataclass

@@ -3,7 +3,7 @@ the transfer time of the blocks the instance lacks."""
 
 from __future__ import annotations
 
-from scheduler.conductor.policies.base import (
+from smcserve.scheduler.conductor.policies.base import (
     DecodeByLoad,
     PrefillChoice,
     predict_ttft_ms,

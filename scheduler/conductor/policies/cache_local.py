@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scheduler.conductor.policies.cache_global import CacheGlobalPolicy
+from smcserve.scheduler.conductor.policies.cache_global import CacheGlobalPolicy
 
 
 class CacheLocalPolicy(CacheGlobalPolicy):

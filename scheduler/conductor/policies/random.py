@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random as _random
 
-from scheduler.conductor.policies.base import DecodeByLoad, no_cache_choice, require_instances
+from smcserve.scheduler.conductor.policies.base import DecodeByLoad, no_cache_choice, require_instances
 
 
 class RandomPolicy(DecodeByLoad):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scheduler.conductor.policies.base import DecodeByLoad, no_cache_choice, require_instances
+from smcserve.scheduler.conductor.policies.base import DecodeByLoad, no_cache_choice, require_instances
 
 
 class RoundRobinPolicy(DecodeByLoad):
