@@ -271,10 +271,9 @@ class SchedulerService:
         ending with its final message."""
         t0 = time.perf_counter()
         prompt_ids, params, steering = await self._validate(request, context)
-        request_id = await self._claim(request, context)
-        placement = await self._admit(prompt_ids, params, context)
-        run = self.running[request_id] = Running()
+        request_id, run = await self._claim(request, context)
         try:
+            placement = await self._admit(prompt_ids, params, context)
             if steering is not None:
                 responses = self._steer(request_id, prompt_ids, params, steering, context, t0, run, placement)
             else:
@@ -309,18 +308,21 @@ class SchedulerService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         return prompt_ids, params, steering
 
-    async def _claim(self, request, context) -> str:
-        """The request's id (a fresh one when unset): INVALID_ARGUMENT when a request with that id is
-        running, RESOURCE_EXHAUSTED when ``max_inflight`` requests are."""
+    async def _claim(self, request, context) -> tuple[str, Running]:
+        """The request's id (a fresh one when unset), registered as running: ALREADY_EXISTS when a request
+        with that id is running, RESOURCE_EXHAUSTED when ``max_inflight`` requests are. Check and
+        registration happen with no await between them, so two requests with one id, or one request past
+        the limit, cannot both get through while an earlier one is still being admitted."""
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self.running:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {request_id!r} is already running")
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already running")
         if len(self.running) >= self.max_inflight:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server busy: {len(self.running)} requests in flight (limit {self.max_inflight})",
             )
-        return request_id
+        run = self.running[request_id] = Running()
+        return request_id, run
 
     async def _admit(self, prompt_ids: list[int], params: SamplingParams, context) -> Placement:
         """The Conductor's placement; RESOURCE_EXHAUSTED when it rejects the request (no decode room, or a

@@ -249,11 +249,43 @@ def test_duplicate_id_and_server_busy():
         svc = service(FakeDecodeStub(events=events(1)))
         svc.running["dup"] = object()
         _, ctx = await generate(svc, request(request_id="dup"))
-        assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and ctx.details == "request_id: 'dup' is already running"
+        assert ctx.code == grpc.StatusCode.ALREADY_EXISTS and ctx.details == "request_id: 'dup' is already running"
         svc.max_inflight = 1
         _, ctx = await generate(svc, request(request_id="other"))
         assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert ctx.details == "server busy: 1 requests in flight (limit 1)"
+
+    asyncio.run(main())
+
+
+def test_a_duplicate_id_is_refused_while_the_first_is_still_being_admitted():
+    """The first request with an id is held inside placement; a second with the same id arrives then and
+    gets ALREADY_EXISTS (it used to pass the check too, as the id was registered only after placement:
+    both ran, one hung), and the in-flight limit counts the held one."""
+
+    async def main():
+        svc = service(FakeDecodeStub(events=events(1)))
+        held, release = asyncio.Event(), asyncio.Event()
+        place = svc.place
+
+        async def held_place(prompt_ids, max_tokens):
+            if not held.is_set():  # only the first request waits: a second one placed would run through
+                held.set()
+                await release.wait()
+            return await place(prompt_ids, max_tokens)
+
+        svc.place = held_place
+        first = asyncio.create_task(generate(svc, request(request_id="dup")))
+        await held.wait()
+        out, ctx = await generate(svc, request(request_id="dup"))
+        assert out == [] and ctx.code == grpc.StatusCode.ALREADY_EXISTS
+        svc.max_inflight = 1
+        _, ctx = await generate(svc, request(request_id="other"))
+        assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        out, ctx = await first
+        assert ctx.code is None and out[-1].finish_reason == "length"
+        assert svc.running == {}
 
     asyncio.run(main())
 
