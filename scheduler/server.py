@@ -494,6 +494,8 @@ class SchedulerService:
         return smcserve_pb2.GenerateResponse(request_id=request_id, finish_reason=reason, usage=usage)
 
     async def Abort(self, request, context):
+        if isinstance(request, BadUtf8):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: invalid UTF-8")
         run = self.running.get(request.request_id)
         if run is None:
             return smcserve_pb2.AbortResponse(found=False)
@@ -541,7 +543,7 @@ class SchedulerService:
                 ),
                 "Abort": grpc.unary_unary_rpc_method_handler(
                     self.Abort,
-                    request_deserializer=pb.AbortRequest.FromString,
+                    request_deserializer=lenient_deserializer(pb.AbortRequest),
                     response_serializer=pb.AbortResponse.SerializeToString,
                 ),
                 "GetModelInfo": grpc.unary_unary_rpc_method_handler(

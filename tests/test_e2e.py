@@ -119,6 +119,16 @@ def test_invalid_utf8_is_invalid_argument(server, client):
         with pytest.raises(grpc.RpcError) as err:
             list(call(raw))
     assert err.value.code() == INVALID and err.value.details().startswith("prompt:")
+    raw = pb.AbortRequest(request_id="héllo").SerializeToString().replace("héllo".encode(), b"h\xff\xfello")
+    with grpc.insecure_channel(server.address) as ch:
+        abort = ch.unary_unary(
+            "/smcserve.v1.SmcServe/Abort",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.AbortResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            abort(raw)
+    assert err.value.code() == INVALID and err.value.details() == "request_id: invalid UTF-8"
     assert client.generate(prompt="Hi", max_tokens=2).finish_reason  # still serving
 
 
