@@ -621,6 +621,11 @@ OK_SPEC = PotentialSpec("max_tokens", n=5)
             "steering.potentials[2].schema: invalid JSON schema: ",
         ),
         (PotentialSpec("json_schema", schema="[1, 2]"), "steering.potentials[2].schema: invalid JSON schema: "),
+        (PotentialSpec("json_schema", schema="[" * 100_000), "steering.potentials[2].schema: nested deeper than 64"),
+        (
+            PotentialSpec("json_schema", schema='{"items": ' * 1000 + "{}" + "}" * 1000),
+            "steering.potentials[2].schema: nested deeper than 64",
+        ),
         (
             PotentialSpec("json_schema", schema='{"$ref": "#/defs/x"}'),
             "steering.potentials[2].schema: invalid JSON schema: ",

@@ -195,11 +195,42 @@ def _build_cfg(spec: PotentialSpec, vocab: Vocab, where: str) -> Potential:
     return GrammarPotential(_compile(vocab, fmt, grammar, f"{where}.grammar", what).deep_copy(), vocab, spec.weight)
 
 
+MAX_SCHEMA_DEPTH = 64  # nesting of objects and arrays in a JSON schema; deeper is refused before parsing
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of ``{``/``[`` in JSON text (strings skipped), found by one scan, with no
+    recursion: ``json.loads`` of ``[`` × 100,000 raises RecursionError instead of a parse error."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def _build_json_schema(spec: PotentialSpec, vocab: Vocab, where: str) -> Potential:
     schema = spec.schema
     if isinstance(schema, Mapping):
-        schema = json.dumps(schema)
+        try:
+            schema = json.dumps(schema)
+        except RecursionError:
+            raise PotentialError(f"{where}.schema: nested deeper than {MAX_SCHEMA_DEPTH} levels") from None
     schema = _req_str(PotentialSpec(kind="json_schema", schema=schema), "schema", where, allow_empty=False)
+    if json_depth(schema) > MAX_SCHEMA_DEPTH:
+        raise PotentialError(f"{where}.schema: nested deeper than {MAX_SCHEMA_DEPTH} levels")
     try:
         parsed = json.loads(schema)
     except json.JSONDecodeError as e:
