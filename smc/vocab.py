@@ -26,6 +26,7 @@ from __future__ import annotations
 import codecs
 import functools
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -73,7 +74,7 @@ class Vocab:
             raise ValueError(f"EOS ids {bad} outside the vocabulary of size {self.size}")
         self.eos_set = frozenset(self.eos_ids)
         self.name = str(getattr(tokenizer, "name_or_path", "") or "")
-        self._derived: dict[Any, Any] = {}
+        self._derived: OrderedDict[Any, Any] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -191,16 +192,20 @@ class Vocab:
 
     # ---- per-vocab caches for potentials ------------------------------------------------------
     def derived(self, key: Any, factory: Callable[[], Any]) -> Any:
-        """``factory()`` computed once per (vocab, key) and shared."""
-        try:
-            return self._derived[key]
-        except KeyError:
-            pass
+        """``factory()`` computed once per (vocab, key) and shared; at most ``MAX_DERIVED`` kept, least
+        recently used evicted (keys come from client input, e.g. forbidden_chars' characters: an
+        unbounded cache grew by every distinct request)."""
         with self._lock:
-            if key not in self._derived:
-                self._derived[key] = factory()
-            return self._derived[key]
+            if key in self._derived:
+                self._derived.move_to_end(key)
+                return self._derived[key]
+            value = self._derived[key] = factory()
+            while len(self._derived) > MAX_DERIVED:
+                self._derived.popitem(last=False)
+            return value
 
+
+MAX_DERIVED = 64
 
 _LLTOKS: dict[tuple, Any] = {}
 _LLTOKS_LOCK = threading.Lock()

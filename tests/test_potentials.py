@@ -844,3 +844,15 @@ def test_register_potential(vocab):
         build_potentials([PotentialSpec("no_digits_reg")], vocab)
     with pytest.raises(ValueError):
         register_potential("regex", _no_digits)
+
+
+def test_tables_built_from_client_input_are_bounded(vocab):
+    """Each distinct forbidden_chars set builds a vocab-wide table; the vocab keeps at most MAX_DERIVED of
+    them (least recently used out), so distinct requests cannot grow a server's memory without end."""
+    from smcserve.smc.vocab import MAX_DERIVED
+
+    chars = [chr(0x4E00 + i) for i in range(MAX_DERIVED + 8)]
+    masks = [build_potentials([PotentialSpec("forbidden_chars", chars=c)], vocab)[0].mask() for c in chars]
+    assert len(vocab._derived) <= MAX_DERIVED
+    again = build_potentials([PotentialSpec("forbidden_chars", chars=chars[0])], vocab)[0].mask()  # rebuilt
+    assert torch.equal(again, masks[0])
