@@ -109,26 +109,21 @@ def test_bad_input_is_invalid_argument(client, kwargs, field):
 
 
 def test_invalid_utf8_is_invalid_argument(server, client):
-    raw = build_request("héllo").SerializeToString().replace("héllo".encode(), b"h\xff\xfello")
+    def bad(msg) -> bytes:  # the message with "héllo" made invalid UTF-8 on the wire
+        return msg.SerializeToString().replace("héllo".encode(), b"h\xff\xfello")
+
     with grpc.insecure_channel(server.address) as ch:
-        call = ch.unary_stream(
-            "/smcserve.v1.SmcServe/Generate",
-            request_serializer=lambda b: b,
-            response_deserializer=pb.GenerateResponse.FromString,
+        # no request serializer: the bytes go out as they are
+        generate = ch.unary_stream(
+            "/smcserve.v1.SmcServe/Generate", response_deserializer=pb.GenerateResponse.FromString
         )
+        abort = ch.unary_unary("/smcserve.v1.SmcServe/Abort", response_deserializer=pb.AbortResponse.FromString)
         with pytest.raises(grpc.RpcError) as err:
-            list(call(raw))
-    assert err.value.code() == INVALID and err.value.details().startswith("prompt:")
-    raw = pb.AbortRequest(request_id="héllo").SerializeToString().replace("héllo".encode(), b"h\xff\xfello")
-    with grpc.insecure_channel(server.address) as ch:
-        abort = ch.unary_unary(
-            "/smcserve.v1.SmcServe/Abort",
-            request_serializer=lambda b: b,
-            response_deserializer=pb.AbortResponse.FromString,
-        )
+            list(generate(bad(build_request("héllo"))))
+        assert err.value.code() == INVALID and err.value.details().startswith("prompt:")
         with pytest.raises(grpc.RpcError) as err:
-            abort(raw)
-    assert err.value.code() == INVALID and err.value.details() == "request_id: invalid UTF-8"
+            abort(bad(pb.AbortRequest(request_id="héllo")))
+        assert err.value.code() == INVALID and err.value.details() == "request_id: invalid UTF-8"
     assert client.generate(prompt="Hi", max_tokens=2).finish_reason  # still serving
 
 
