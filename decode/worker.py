@@ -222,10 +222,8 @@ class DecodeWorker:
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
         self.lm = load_model(config.model, config.dtype, threads=config.threads or os.cpu_count())
-        block_bytes = (
-            KVLayout.from_config(self.lm.config, self.lm.dtype, config.block_size).bytes_per_token * config.block_size
-        )
-        num_blocks = max(1, config.kv_cache_bytes // block_bytes)
+        layout = KVLayout.from_config(self.lm.config, self.lm.dtype, config.block_size)
+        num_blocks = max(1, layout.blocks_in(config.kv_cache_bytes))
         self.loop = DecodeLoop(self.lm, KVStore(config.redis_url), config.block_size, num_blocks).start()
         node_id = ray.get_runtime_context().get_node_id()
         host = config.host or _node_ip(node_id)

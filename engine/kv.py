@@ -39,6 +39,10 @@ class KVLayout:
     def bytes_per_token(self) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
+    def blocks_in(self, nbytes: int) -> int:
+        """Whole blocks that ``nbytes`` of KV holds (a worker's ``--kv-cache``)."""
+        return nbytes // (self.bytes_per_token * self.block_size)
+
 
 def block_key(fingerprint: str, parent: str | None, token_ids: Sequence[int]) -> str:
     """Chained prefix hash of one block."""

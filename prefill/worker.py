@@ -23,8 +23,7 @@ class PrefillWorker:
         self.worker_id = worker_id
         self.lm = load_model(config.model, config.dtype, threads=config.threads or os.cpu_count())
         bs = config.block_size
-        block_bytes = KVLayout.from_config(self.lm.config, self.lm.dtype, bs).bytes_per_token * bs
-        cache_blocks = config.kv_cache_bytes // block_bytes
+        cache_blocks = KVLayout.from_config(self.lm.config, self.lm.dtype, bs).blocks_in(config.kv_cache_bytes)
         self.prefiller = Prefiller(self.lm, KVStore(config.redis_url), bs, config.prefix_cache, cache_blocks)
         self.served = 0
         self.tokens = 0
