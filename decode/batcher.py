@@ -100,6 +100,13 @@ class Batcher:
         if not seq.finish_reason:
             self.pending.append(seq)
 
+    def resume(self, seq: DecodeSeq) -> None:
+        """Admit ``seq`` that continues a generation begun elsewhere: its ``output_ids`` (already
+        streamed) are set and none is emitted again; :class:`OutOfBlocks` as in :meth:`submit`."""
+        check_fits(self.bm, [*self.active.values(), *self.pending], seq)
+        self.requests_served += 1
+        self.pending.append(seq)
+
     def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)
 

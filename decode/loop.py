@@ -112,6 +112,12 @@ class DecodeLoop:
             self.batcher.submit(seq, first_token)
             self.wakeup.notify()
 
+    def resume(self, seq: DecodeSeq) -> None:
+        """Continue a generation begun on another worker (:meth:`Batcher.resume`)."""
+        with self.lock:
+            self.batcher.resume(seq)
+            self.wakeup.notify()
+
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` in the loop's thread between steps (for SMC bookkeeping that touches the KV pool)."""
         fut: Future = Future()
@@ -252,7 +258,7 @@ class DecodeLoop:
     def _load_prompt(self, seq: DecodeSeq) -> bool:
         """Load ``seq``'s prompt KV and let it run; on failure it retires (and False)."""
         try:
-            seq.table = self.transfer.load(seq.prompt_ids, seq.block_keys)
+            seq.table = self.transfer.load(seq.kv_token_ids(), seq.block_keys)
         except OutOfBlocks as err:
             self._retire(seq, FinishReason.ERROR, str(err), out_of_kv=True)
             return False

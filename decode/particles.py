@@ -98,6 +98,9 @@ class ParticleGroup:
 
     # --- operations (each runs in the decode loop's thread) ---------------------------------------
     def open(self, block_keys: list[str], particle_ids: list[str]) -> None:
+        """Create ``particle_ids`` from the prompt's KV; none: an empty group (particles will be imported)."""
+        if not particle_ids:
+            return
         pots = [self.fresh_potentials() for _ in particle_ids]  # before any KV is held
         roots: list[BlockTable] = []
         try:

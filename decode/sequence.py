@@ -33,6 +33,10 @@ class DecodeSeq:
     finish_reason: FinishReason | None = None
     events: queue.Queue[DecodeEvent] = field(default_factory=queue.Queue)
 
+    def kv_token_ids(self) -> list[int]:
+        """The tokens whose KV ``table`` must hold before the sequence runs (``block_keys`` are their keys)."""
+        return self.prompt_ids + self.output_ids[:-1]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

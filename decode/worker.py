@@ -53,17 +53,22 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.ServicerContext):
         params = sampling_from_proto(request.sampling)
+        resumed = list(request.resume_token_ids)  # a generation another worker began: its detokenizer picks up
         seq = DecodeSeq(
             request_id=request.request_id,
             prompt_ids=list(request.prompt_token_ids),
             block_keys=list(request.block_keys),
             params=params,
-            detok=IncrementalDetokenizer(self.loop.lm.tokenizer, params.stop),
+            detok=IncrementalDetokenizer(self.loop.lm.tokenizer, params.stop, resumed, request.resume_text_chars),
+            output_ids=list(resumed),
         )
         # Client gone (cancel, disconnect, deadline) → stop generating and free the KV.
         context.add_callback(lambda: self.loop.abort(seq.request_id))
         try:
-            self.loop.submit(seq, request.first_token)
+            if resumed:
+                self.loop.resume(seq)
+            else:
+                self.loop.submit(seq, request.first_token)
         except OutOfBlocks as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.worker_id}: {err}")
         except Exception:

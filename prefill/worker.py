@@ -15,9 +15,10 @@ from smcserve.prefill.prefiller import Prefiller
 from smcserve.prefill.result import PrefillResult, PrefillStats
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"health": 1})
 class PrefillWorker:
-    """Ray actor around a :class:`Prefiller`; its own prefix cache is ``config.kv_cache_bytes`` of KV."""
+    """Ray actor around a :class:`Prefiller`; its own prefix cache is ``config.kv_cache_bytes`` of KV.
+    Prefills run one at a time; ``ping`` answers from its own thread meanwhile (the scheduler's liveness check)."""
 
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
@@ -32,6 +33,10 @@ class PrefillWorker:
 
     def ready(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> None:
+        pass
 
     def prefill(self, token_ids: list[int], params: SamplingParams) -> PrefillResult:
         result = self.prefiller.prefill(token_ids, params)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,7 +23,7 @@ from smcserve.engine.kv import chain_keys
 from smcserve.engine.sampling import SamplingParams
 from smcserve.kvstore import KVStore
 from smcserve.prefill.result import PrefillResult
-from smcserve.protos import smcserve_pb2, worker_pb2
+from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 from smcserve.scheduler.conductor import (
     CostRecorder,
     DecodeInstance,
@@ -35,6 +36,7 @@ from smcserve.scheduler.conductor import (
     place,
 )
 from smcserve.scheduler.handles import DecodeHandle, PrefillHandle
+from smcserve.scheduler.liveness import Liveness, NoWorker
 from smcserve.scheduler.steering import SteeringConfig, SteeringRun, validate_steering
 from smcserve.scheduler.validate import (
     BadUtf8,
@@ -47,6 +49,13 @@ from smcserve.scheduler.validate import (
 from smcserve.smc.vocab import get_vocab
 
 log = logging.getLogger(__name__)
+
+PREFILL_ATTEMPTS = 3  # a prefill whose worker dies runs again, on a live worker, this many times in all
+DECODE_ATTEMPTS = 4  # a generation whose worker dies mid-stream resumes elsewhere, this many workers in all
+
+
+def connect_decode(address: str) -> worker_pb2_grpc.DecodeWorkerStub:
+    return worker_pb2_grpc.DecodeWorkerStub(grpc.aio.insecure_channel(address))
 
 
 @dataclass
@@ -104,10 +113,16 @@ class SchedulerService:
     slo_ttft_ms: float = 0.0  # 0: no SLO
     slo_tbt_ms: float = 0.0
     stats_interval_s: float = 2.0  # decode workers' Stats older than this are refreshed (in the background)
+    connect: Callable[[str], worker_pb2_grpc.DecodeWorkerStub] = connect_decode  # a decode worker's stub
+    liveness: Liveness | None = None  # who is alive (made from the pools and the store when not given)
     _vocab: object = None
     running: dict[str, Running] = field(default_factory=dict)
     _stats_task: asyncio.Task | None = None
     _stats_again: bool = False
+
+    def __post_init__(self) -> None:
+        if self.liveness is None:
+            self.liveness = Liveness(self.prefill, self.decode, self.connect, self.store)
 
     # --- placement (the Conductor) -----------------------------------------------------------------
     async def place(self, prompt_ids: list[int], max_tokens: int) -> Placement:
@@ -115,11 +130,13 @@ class SchedulerService:
         bs = self.model.block_size
         keys = chain_keys(self.model.fingerprint, prompt_ids, bs)
         reusable = keys[: (len(prompt_ids) - 1) // bs] if self.store is not None else []
-        global_hits = await asyncio.to_thread(self.store.cached_prefix_len, reusable) if reusable else 0
+        store_up = self.liveness.store_state == "ok"  # while it is down every lookup would be a miss anyway
+        global_hits = await asyncio.to_thread(self.store.cached_prefix_len, reusable) if reusable and store_up else 0
         req = RequestInfo(reusable, len(prompt_ids), bs, max_tokens)
-        prefill = [PrefillInstance(w.worker_id, w.queue_ms, w.local_blocks) for w in self.prefill]
+        prefill = [PrefillInstance(w.worker_id, w.queue_ms, w.local_blocks) for w in self.liveness.alive_prefill()]
         decode = [
-            DecodeInstance(w.worker_id, batch=w.active + w.incoming, free_blocks=w.free_blocks()) for w in self.decode
+            DecodeInstance(w.worker_id, batch=w.active + w.incoming, free_blocks=w.free_blocks())
+            for w in self.liveness.alive_decode()
         ]
         if any(time.monotonic() - w.reported_at > self.stats_interval_s for w in self.decode):
             self.refresh_decode_stats_soon()
@@ -157,37 +174,53 @@ class SchedulerService:
     async def refresh_decode_stats(self, timeout: float = 5.0) -> list:
         """Ask every decode worker for its ``Stats`` and keep its KV report (a worker that does not answer
         keeps its last one); its KV-store loads since the last report go to the cost model. Returns the
-        answers, an exception where a worker failed."""
-        stats = await asyncio.gather(
-            *(w.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout) for w in self.decode), return_exceptions=True
+        answers, an exception where a worker failed (or is not alive); an unreachable one is lost."""
+        workers = self.liveness.alive_decode()
+        answers = await asyncio.gather(
+            *(w.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout) for w in workers), return_exceptions=True
         )
-        for w, st in zip(self.decode, stats):
-            if not isinstance(st, BaseException) and (load := w.report(st)) is not None:
+        stats = dict(zip(workers, answers))
+        for w, st in stats.items():
+            if isinstance(st, grpc.aio.AioRpcError) and st.code() == grpc.StatusCode.UNAVAILABLE:
+                self.liveness.lost(w, "Stats unanswered")
+            elif not isinstance(st, BaseException) and (load := w.report(st)) is not None:
                 self.cost.add_load(*load)
-        return stats
+        return [stats.get(w, LookupError("not alive")) for w in self.decode]
 
     async def _prefill(
         self, placement: Placement, token_ids: list[int], params: SamplingParams, context
     ) -> PrefillResult:
         """Run the prefill on the chosen worker; feed its measured times to the cost model and take its
-        report of its own prefix cache."""
+        report of its own prefix cache. A worker that dies meanwhile is lost and the prefill runs again
+        on a live one (the least queued; the restarted one when it is the only one), up to
+        ``PREFILL_ATTEMPTS`` times."""
         pw = next(w for w in self.prefill if w.worker_id == placement.prefill.instance.id)
         cached = placement.prefill.cached_tokens
         predicted = self.cost.model.prefill_ms(len(token_ids) - cached, cached)
-        pw.queued += 1
-        pw.queue_ms += predicted
-        try:
-            pre = await pw.actor.prefill.remote(token_ids, params)
-        except ray.exceptions.RayTaskError:  # prefill raised: our bug (the request was validated)
-            log.exception("prefill worker %s failed", pw.worker_id)
-            await context.abort(grpc.StatusCode.INTERNAL, "prefill failed (see the server log)")
-        except ray.exceptions.RayError as err:  # the worker is gone
-            log.warning("prefill worker %s unavailable: %s", pw.worker_id, err)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {pw.worker_id} is unavailable")
-        finally:
-            pw.queued -= 1
-            pw.served += 1
-            pw.queue_ms = max(0.0, pw.queue_ms - predicted)
+        pre = None
+        for attempt in range(PREFILL_ATTEMPTS):
+            if attempt:
+                try:
+                    pw = min(await self.liveness.wait_for(self.liveness.alive_prefill), key=lambda w: w.queue_ms)
+                except NoWorker:
+                    break
+                log.info("prefill of a request retried on %s", pw.worker_id)
+            pw.queued += 1
+            pw.queue_ms += predicted
+            try:
+                pre = await pw.actor.prefill.remote(token_ids, params)
+                break
+            except ray.exceptions.RayTaskError:  # prefill raised: our bug (the request was validated)
+                log.exception("prefill worker %s failed", pw.worker_id)
+                await context.abort(grpc.StatusCode.INTERNAL, "prefill failed (see the server log)")
+            except ray.exceptions.RayActorError as err:  # the worker died (Ray restarts it)
+                self.liveness.lost(pw, type(err).__name__)
+            finally:
+                pw.queued -= 1
+                pw.served += 1
+                pw.queue_ms = max(0.0, pw.queue_ms - predicted)
+        if pre is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no prefill worker is available; try again")
         self.cost.add_prefill(pre.prompt_tokens - pre.cached_tokens, pre.cached_tokens, pre.compute_ms)
         if pre.loaded_blocks:
             self.cost.add_load(pre.loaded_blocks, pre.load_ms)
@@ -269,6 +302,11 @@ class SchedulerService:
     async def _admit(self, prompt_ids: list[int], params: SamplingParams, context) -> Placement:
         """The Conductor's placement; RESOURCE_EXHAUSTED when it rejects the request (no decode room, or a
         predicted SLO miss)."""
+        try:  # a pool with no live worker (all restarting): wait for one, a while
+            await self.liveness.wait_for(self.liveness.alive_prefill)
+            await self.liveness.wait_for(self.liveness.alive_decode)
+        except NoWorker:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is available; try again")
         placement = await self.place(prompt_ids, params.max_tokens)
         if not placement.admitted:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rejected at admission: {placement.reject_reason}")
@@ -353,9 +391,26 @@ class SchedulerService:
 
     async def _decode(self, request: worker_pb2.DecodeRequest, run: Running, preferred: DecodeHandle):
         """Stream the request from the chosen decode worker, or the least loaded other one that can take
-        it: a worker that is full, or unreachable before it streamed anything, passes it on."""
-        refusal = None
-        for dw in [preferred] + sorted((w for w in self.decode if w is not preferred), key=lambda w: w.active):
+        it: a worker that is full, or unreachable, before it streamed anything passes it on. A worker that
+        dies mid-stream is lost and the generation resumes on a live one from the tokens and text already
+        streamed (``resume_token_ids``; its KV from the store where present, else recomputed; seeded
+        sampling draws by position, so the continuation is the one the dead worker would have made):
+        the client sees one stream."""
+        generated: list[int] = []
+        chars = 0
+        tried: set[DecodeHandle] = set()
+        dw: DecodeHandle | None = preferred
+        err: grpc.aio.AioRpcError | None = None
+        for _ in range(DECODE_ATTEMPTS + len(self.decode)):
+            if dw is None:  # every live worker was tried: one that came back (or a restart) may take it
+                try:
+                    live = await self.liveness.wait_for(self.liveness.alive_decode)
+                except NoWorker:
+                    break
+                dw = min(live, key=lambda w: w.active)
+            tried.add(dw)
+            if generated:
+                request = self._resume_request(request, generated, chars)
             run.call = dw.stub.Decode(request)
             dw.active += 1
             streamed = False
@@ -363,16 +418,37 @@ class SchedulerService:
                 ev = await run.call.read()
                 while ev is not grpc.aio.EOF:
                     streamed = True
+                    generated += ev.token_ids
+                    chars += len(ev.text)
                     yield ev
                     ev = await run.call.read()
                 return
-            except grpc.aio.AioRpcError as err:
-                if streamed or err.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
-                    raise  # after the first token another worker would repeat it
-                refusal = err  # this worker is full or gone: try the next one
+            except grpc.aio.AioRpcError as e:
+                err, code = e, e.code()
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self.liveness.lost(dw, "Decode stream broke")
+                elif streamed or code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise  # out of KV mid-stream, or the worker failed: not a worker to replace
             finally:
                 dw.active -= 1
-        raise refusal
+            if run.aborted:
+                break
+            untried = [w for w in self.liveness.alive_decode() if w not in tried]
+            dw = min(untried, key=lambda w: w.active) if untried else None
+            if dw is None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not generated:
+                break  # every worker is full
+        if err is not None and not run.aborted:
+            raise err
+
+    def _resume_request(self, request: worker_pb2.DecodeRequest, generated: list[int], chars: int):
+        """``request`` continued after ``generated`` (its first ``chars`` characters of text sent)."""
+        resumed = worker_pb2.DecodeRequest()
+        resumed.CopyFrom(request)
+        prompt = list(request.prompt_token_ids)
+        resumed.block_keys[:] = chain_keys(self.model.fingerprint, prompt + generated[:-1], self.model.block_size)
+        resumed.resume_token_ids[:] = generated
+        resumed.resume_text_chars = chars
+        return resumed
 
     def _tokenize_like(self, request, text: str) -> list[int]:
         """Token ids of ``text`` in the same form as the request's input (a chat user message, or raw)."""
@@ -408,13 +484,17 @@ class SchedulerService:
         # the potentials' companion prompts' KV goes to the store too (workers recompute whatever is missing)
         await asyncio.gather(
             *(
-                min(self.prefill, key=lambda w: w.queue_ms).actor.prefill.remote(ids[:-1], params)
+                min(self.liveness.alive_prefill() or self.prefill, key=lambda w: w.queue_ms).actor.prefill.remote(
+                    ids[:-1], params
+                )
                 for ids in cfg.prompts
                 if len(ids) > 1
             ),
             return_exceptions=True,
         )
-        steer = SteeringRun(request_id, prompt_ids, params, cfg, self.decode, self.tokenizer)
+        steer = SteeringRun(
+            request_id, prompt_ids, params, cfg, self.liveness.alive_decode(), self.tokenizer, self.liveness
+        )
         try:
             pop = await steer.open(keys)
             while not pop.finished.all() and steer.status == "ok" and not running.aborted:
@@ -456,6 +536,8 @@ class SchedulerService:
             max_context=self.limits.max_context,
             block_size=self.model.block_size,
             max_tokens_limit=self.limits.max_tokens_limit,
+            kv_store=self.liveness.store_state,
+            kv_store_restarts=self.liveness.store_restarts,
         )
         for w in self.prefill:
             info.prefill_workers.add(
@@ -464,12 +546,15 @@ class SchedulerService:
                 node_id=w.node_id,
                 queue_length=w.queued,
                 requests_served=w.served,
+                alive=w.alive,
+                restarts=w.restarts,
             )
         for w, st in zip(self.decode, decode):
             if isinstance(st, BaseException):
                 info.decode_workers.add(worker_id=w.worker_id, role="decode", address=w.address)
             else:
                 info.decode_workers.append(st)
+            info.decode_workers[-1].alive, info.decode_workers[-1].restarts = w.alive, w.restarts
         return info
 
     def handlers(self) -> grpc.GenericRpcHandler:

@@ -17,10 +17,11 @@ from smcserve.engine.dtype import CANDIDATES as DTYPE_CANDIDATES
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 from smcserve.engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype_choice, resolve_model_path
 from smcserve.kvstore import EmbeddedRedis, KVStore, start_or_connect
-from smcserve.protos import smcserve_pb2, worker_pb2_grpc
+from smcserve.protos import smcserve_pb2
 from smcserve.protos.messages import DEFAULT_HOST, DEFAULT_PORT
 from smcserve.scheduler.conductor import POLICY_NAMES, make_policy
-from smcserve.scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
+from smcserve.scheduler.liveness import Liveness
+from smcserve.scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService, connect_decode
 from smcserve.scheduler.validate import Limits
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Stack:
         self.prefill: list[PrefillHandle] = []
         self.decode: list[DecodeHandle] = []
         self.started_ray = False
+        self.liveness: Liveness | None = None
         self.dtype = ""  # the concrete dtype every worker runs ("float32" or "bfloat16")
         self.dtype_reason = ""  # why: as given, or the timings that decided ``--dtype auto``
 
@@ -118,18 +120,35 @@ class Stack:
             prefix_cache=cfg.prefix_cache,
             host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"),
         )
-        opts = {"num_cpus": cfg.worker_cpus, "scheduling_strategy": "SPREAD"}  # pools spread over the nodes
+        # pools spread over the nodes; a worker that dies is started again by Ray (scheduler.liveness)
+        opts = {"num_cpus": cfg.worker_cpus, "scheduling_strategy": "SPREAD", "max_restarts": -1}
         prefill = [PrefillWorker.options(**opts).remote(wcfg, f"prefill-{i}") for i in range(cfg.prefill_workers)]
         decode = [DecodeWorker.options(**opts).remote(wcfg, f"decode-{i}") for i in range(cfg.decode_workers)]
         nodes = await asyncio.gather(*(a.ready.remote() for a in prefill))
         addresses = await asyncio.gather(*(a.address_of.remote() for a in decode))
         self.prefill = [PrefillHandle(f"prefill-{i}", a, node) for i, (a, node) in enumerate(zip(prefill, nodes))]
         self.decode = [
-            DecodeHandle(f"decode-{i}", a, addr, worker_pb2_grpc.DecodeWorkerStub(grpc.aio.insecure_channel(addr)))
+            DecodeHandle(f"decode-{i}", a, addr, connect_decode(addr))
             for i, (a, addr) in enumerate(zip(decode, addresses))
         ]
 
         hf_config = AutoConfig.from_pretrained(model_path)
+        health_servicer = health.aio.HealthServicer()
+
+        async def set_health(serving: bool) -> None:
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+
+        store = KVStore(self.redis_url) if cfg.prefix_cache else None
+        self.liveness = Liveness(
+            self.prefill,
+            self.decode,
+            connect_decode,
+            store,
+            restart_store=self.redis.restart if self.redis is not None else None,
+            set_health=set_health,
+        )
         service = SchedulerService(
             tokenizer=AutoTokenizer.from_pretrained(model_path),
             limits=Limits(
@@ -147,14 +166,15 @@ class Stack:
             prefill=self.prefill,
             decode=self.decode,
             max_inflight=cfg.max_inflight,
-            store=KVStore(self.redis_url) if cfg.prefix_cache else None,
+            store=store,
+            connect=connect_decode,
+            liveness=self.liveness,
             policy=make_policy(cfg.policy),
             slo_ttft_ms=cfg.slo_ttft_ms,
             slo_tbt_ms=cfg.slo_tbt_ms,
         )
         self.server = grpc.aio.server()
         self.server.add_generic_rpc_handlers((service.handlers(),))
-        health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -165,11 +185,13 @@ class Stack:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         self.address = f"{cfg.host}:{port}"
         await self.server.start()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await set_health(True)
+        self.liveness.start()
         return self
 
     async def stop(self) -> None:
+        if self.liveness is not None:
+            await self.liveness.stop()
         if self.server is not None:
             await self.server.stop(grace=2)
         for w in self.decode:

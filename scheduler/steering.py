@@ -16,6 +16,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 from smcserve.engine.sampling import SamplingParams
@@ -25,6 +26,8 @@ from smcserve.scheduler.validate import InvalidRequest
 from smcserve.smc import SCHEMES, ess, logsumexp, normalize
 from smcserve.smc.potentials import PotentialError, PotentialSpec, build_potential, companion_prompts
 from smcserve.smc.step import LENGTH, OK, WITHOUT_REPLACEMENT, smc_step
+
+MAX_RECOVERIES = 3  # worker losses one steering request survives
 
 
 async def settled(*calls):
@@ -99,6 +102,10 @@ class _Population:
     reasons: list[str]  # how each particle ended ("" while running): stop, length, violated
     targets: dict = field(default_factory=dict)  # worker handle → how many particles it holds
 
+    def copy(self) -> _Population:
+        """A copy that steps on this one never change (they replace its lists and arrays, and add to ``where``)."""
+        return dataclasses.replace(self, ids=list(self.ids), where=dict(self.where), targets=dict(self.targets))
+
 
 class SteeringRun:
     """One steering request's particle set, driven over the decode workers.
@@ -124,6 +131,12 @@ class SteeringRun:
     of ``step`` as a gRPC error once every concurrent call of that phase has finished
     (``settled``); the caller then ``close``s, which frees the request's particles on every worker
     (a worker keeps all of them reachable when a step or reshape fails half-way, so nothing leaks).
+
+    A worker that dies (a call UNAVAILABLE) is survived: the run finds which workers stopped answering
+    (``liveness`` loses them), frees the request everywhere, rebuilds the population as it was before
+    the step on the live workers (``_rebuild``: each particle imported from its tokens, its KV read
+    from the store or recomputed) and runs the step again with the generator state it had. Draws are
+    hashed by (seed, step, index, child), so the rerun makes exactly the draws the lost one made.
     """
 
     def __init__(
@@ -134,13 +147,19 @@ class SteeringRun:
         cfg: SteeringConfig,
         workers: list,
         tokenizer,
+        liveness=None,
     ):
+        """``workers``: the live decode workers; ``liveness`` (a :class:`scheduler.liveness.Liveness`)
+        tells who is still alive when a call fails (None: a failed worker ends the run)."""
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
         self.cfg = cfg
         self.workers = workers
         self.tokenizer = tokenizer
+        self.liveness = liveness
+        self.block_keys: list[str] = []
+        self.recoveries = 0
         self.rng = np.random.default_rng(params.seed)
         self.steps = 0
         self.resamples = 0
@@ -153,6 +172,34 @@ class SteeringRun:
         )
 
     async def open(self, block_keys: list[str]) -> _Population:
+        self.block_keys = block_keys
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                return await self._open(block_keys)
+            except grpc.aio.AioRpcError as err:
+                if not await self._survivable(err, attempt):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _survivable(self, err: grpc.aio.AioRpcError, attempt: int) -> bool:
+        """After a failed call: whether to go on, on the workers still alive (the request freed everywhere)."""
+        if err.code() != grpc.StatusCode.UNAVAILABLE or self.liveness is None or attempt == MAX_RECOVERIES:
+            return False
+        await self.close()
+        answers = await asyncio.gather(
+            *(h.stub.Stats(worker_pb2.StatsRequest(), timeout=30) for h in self.workers), return_exceptions=True
+        )
+        for h, a in zip(self.workers, answers):
+            if isinstance(a, grpc.aio.AioRpcError) and a.code() == grpc.StatusCode.UNAVAILABLE:
+                self.liveness.lost(h, "a steering call failed")
+        try:
+            self.workers = await self.liveness.wait_for(self.liveness.alive_decode)
+        except Exception:  # NoWorker: nobody to go on with
+            return False
+        self.recoveries += 1
+        return True
+
+    async def _open(self, block_keys: list[str]) -> _Population:
         n, w = self.cfg.particles, len(self.workers)
         order = sorted(self.workers, key=lambda h: h.active)
         counts = {h: n // w + (1 if i < n % w else 0) for i, h in enumerate(order)}
@@ -164,21 +211,22 @@ class SteeringRun:
             start += counts[h]
         await settled(
             *(
-                h.stub.SmcOpen(
-                    worker_pb2.SmcOpenRequest(
-                        request_id=self.request_id,
-                        prompt_token_ids=self.prompt_ids,
-                        block_keys=block_keys,
-                        sampling=self._sampling(),
-                        potentials=self.cfg.potentials,
-                        particle_ids=[pid for pid in ids if where[pid] is h],
-                    )
-                )
+                h.stub.SmcOpen(self._open_request(block_keys, [pid for pid in ids if where[pid] is h]))
                 for h in order
                 if counts[h]
             )
         )
         return _Population(ids, where, [[] for _ in range(n)], np.zeros(n, bool), np.zeros(n), [""] * n, counts)
+
+    def _open_request(self, block_keys: list[str], particle_ids: list[str]) -> worker_pb2.SmcOpenRequest:
+        return worker_pb2.SmcOpenRequest(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_ids,
+            block_keys=block_keys,
+            sampling=self._sampling(),
+            potentials=self.cfg.potentials,
+            particle_ids=particle_ids,
+        )
 
     async def close(self) -> None:
         await asyncio.gather(
@@ -187,7 +235,39 @@ class SteeringRun:
         )
 
     async def step(self, pop: _Population) -> bool:
-        """One step for every live particle (``smc.step.smc_step``); returns whether it resampled."""
+        """One step for every live particle (``smc.step.smc_step``); returns whether it resampled. A
+        worker lost during it: the population is rebuilt as it was on the live workers and the step rerun."""
+        saved = (pop.copy(), self.rng.bit_generator.state, self.steps, self.resamples)
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                if attempt:
+                    await self._rebuild(pop)
+                return await self._step(pop)
+            except grpc.aio.AioRpcError as err:
+                if not await self._survivable(err, attempt):
+                    raise
+                before, self.rng.bit_generator.state, self.steps, self.resamples = saved
+                pop.__dict__.update(before.copy().__dict__)
+        raise AssertionError("unreachable")
+
+    async def _rebuild(self, pop: _Population) -> None:
+        """The population onto ``self.workers`` afresh (the request is closed everywhere): each worker
+        opens the request with no particles and imports its share from the particles' tokens."""
+        n, w = len(pop.ids), len(self.workers)
+        order = sorted(self.workers, key=lambda h: h.active)
+        counts = {h: n // w + (1 if i < n % w else 0) for i, h in enumerate(order)}
+        plans = {h: worker_pb2.SmcReshapeRequest(request_id=self.request_id) for h in order}
+        where, start = {}, 0
+        for h in order:
+            for i in range(start, start + counts[h]):
+                where[pop.ids[i]] = h
+                plans[h].imports.add(particle_id=pop.ids[i], generated=pop.tokens[i], finished=bool(pop.finished[i]))
+            start += counts[h]
+        await settled(*(h.stub.SmcOpen(self._open_request(self.block_keys, [])) for h in order))
+        await settled(*(h.stub.SmcReshape(plans[h]) for h in order if counts[h]))
+        pop.where, pop.targets = where, counts
+
+    async def _step(self, pop: _Population) -> bool:
         n, k = self.cfg.particles, self.cfg.extensions
         by_worker: dict = {}
         for i in np.flatnonzero(~pop.finished):

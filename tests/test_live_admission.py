@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from smcserve.engine.kv import chain_keys
 from smcserve.prefill.result import PrefillResult
 from smcserve.protos import smcserve_pb2 as pb
 from smcserve.protos import worker_pb2
@@ -80,14 +81,22 @@ class FakeContext:
         raise grpc.aio.AbortError()
 
 
+class FakeDecodeActor:
+    """A decode worker's actor as the scheduler's liveness sees it: after a loss it answers its address."""
+
+    def __init__(self, address):
+        self.address_of = SimpleNamespace(remote=lambda: asyncio.sleep(0, address))
+
+
 def service(*stubs: FakeDecodeStub, policy="cache_global") -> SchedulerService:
     return SchedulerService(
         tokenizer=WordTokenizer(),
         limits=Limits(max_context=4096, max_tokens_limit=1000, model_name="m"),
         model=ModelSummary("m", "fp", "float32", 100, BS),
         prefill=[PrefillHandle("prefill-0", FakePrefill())],
-        decode=[DecodeHandle(f"decode-{i}", None, f"addr-{i}", s) for i, s in enumerate(stubs)],
+        decode=[DecodeHandle(f"decode-{i}", FakeDecodeActor(f"addr-{i}"), f"addr-{i}", s) for i, s in enumerate(stubs)],
         policy=make_policy(policy),
+        connect=lambda address: stubs[int(address.split("-")[1])],
     )
 
 
@@ -298,7 +307,6 @@ def _rpc_error(code):
     "code, expected",
     [
         (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
         (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL),
     ],
 )
@@ -310,6 +318,28 @@ def test_a_decode_worker_error_after_the_first_token_maps_through_worker_status(
         assert [r.token_ids[:] for r in out] == [[10]]  # streamed once: never passed on
         assert ctx.code == expected and ctx.details == "decode failed: boom"
         assert svc.decode[1].stub.decodes == [] and not svc.running and svc.decode[0].reserved_blocks == 0
+
+    asyncio.run(main())
+
+
+def test_a_worker_lost_mid_stream_is_resumed_on_another_from_what_was_streamed():
+    async def main():
+        first = worker_pb2.DecodeEvent(token_ids=[10], text="t0", completion_tokens=1)
+        rest = events(3)[1:]
+        svc = service(
+            FakeDecodeStub(events=[first], error=_rpc_error(grpc.StatusCode.UNAVAILABLE)), FakeDecodeStub(events=rest)
+        )
+        out, ctx = await generate(svc, request())
+        assert ctx.code is None and [r.token_ids[:] for r in out] == [[10], [11], [12]]
+        assert "".join(r.text for r in out) == "t0t1t2" and out[-1].finish_reason == "length"
+        ((resumed, _),) = svc.decode[1].stub.decodes
+        assert resumed.resume_token_ids == [10] and resumed.resume_text_chars == 2
+        assert resumed.first_token == 7 and list(resumed.prompt_token_ids) == list(range(1, 9))
+        # KV to load: the prompt and the resumed tokens but the last (fed next)
+        assert resumed.block_keys == chain_keys("fp", list(range(1, 9)), BS)
+        assert not svc.decode[0].alive  # lost: out of placement until it rejoins
+        await asyncio.sleep(0.05)
+        assert svc.decode[0].alive and svc.decode[0].restarts == 1  # its actor answered again
 
     asyncio.run(main())
 
