@@ -71,11 +71,15 @@ def kill(pid: int) -> float:
     return time.monotonic()
 
 
-def redis_pid(server: ServeProcess) -> int:
+def redis_client(server: ServeProcess):
+    """A client of the server's embedded Redis (its URL is in the listening line)."""
     import redis
 
-    url = re.search(r"redis (unix://\S+)", server.output()).group(1).rstrip(",")
-    return int(redis.Redis.from_url(url).info("server")["process_id"])
+    return redis.Redis.from_url(re.search(r"redis (unix://\S+)", server.output()).group(1).rstrip(","))
+
+
+def redis_pid(server: ServeProcess) -> int:
+    return int(redis_client(server).info("server")["process_id"])
 
 
 def health(server: ServeProcess) -> int:
