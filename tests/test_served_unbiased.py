@@ -184,14 +184,20 @@ def imported(client) -> int:
     return sum(w.particles_imported for w in client.info().decode_workers)
 
 
-def estimates(client, scheme: str, seeds, exact: dict) -> dict[str, np.ndarray]:
+def estimates(client, scheme: str, seeds, exact: dict, on_done=None) -> dict[str, np.ndarray]:
     """Per request: Ẑ = exp(log_z), and (1/N) Σ_i w_i 1[x_i ∈ A] for each event A of ``exact``
-    (an unbiased estimate of Z·π(A), as Ẑ is of Z)."""
+    (an unbiased estimate of Z·π(A), as Ẑ is of Z). ``on_done(n)`` is called as the n-th request ends."""
     kw, temperature = SCHEMES[scheme]
+    done = iter(range(1, len(seeds) + 1))
+    lock = threading.Lock()
 
     def one(seed):
         res = steer(client, seed, temperature, **kw)
         check_particles(res)
+        if on_done is not None:
+            with lock:
+                n = next(done)
+            on_done(n)
         return [
             math.exp(res.log_z)
             if inside is None
@@ -255,13 +261,7 @@ def test_served_smc_is_unbiased(client, tables, scheme):
     exact = targets(tables, SCHEMES[scheme][1])
     before = imported(client)
     t0 = time.perf_counter()
-    stats = report(scheme, exact, estimates(client, scheme, range(M), exact), time.perf_counter() - t0)
-    for name, (value, mean, se) in stats.items():
-        power = 0.05 if name == "Z" else 0.10  # ended-early mass is small and noisy at T = 0.8
-        assert se < power * value, f"{name}: too few requests for the check to have power"
-        assert abs(mean - value) < 3 * se, (
-            f"{name}: mean {mean:.6g} vs exact {value:.6g}: {(mean - value) / se:+.2f} standard errors"
-        )
+    check_unbiased(report(scheme, exact, estimates(client, scheme, range(M), exact), time.perf_counter() - t0))
     workers = client.info().decode_workers
     print(
         "  decode workers: "
@@ -271,6 +271,46 @@ def test_served_smc_is_unbiased(client, tables, scheme):
     )
     assert all(w.batch_steps > 0 for w in workers)
     assert imported(client) > before, "resampling never moved a particle between the two decode workers"
+
+
+def check_unbiased(stats: dict) -> None:
+    for name, (value, mean, se) in stats.items():
+        power = 0.05 if name == "Z" else 0.10  # ended-early mass is small and noisy at T = 0.8
+        assert se < power * value, f"{name}: too few requests for the check to have power"
+        assert abs(mean - value) < 3 * se, (
+            f"{name}: mean {mean:.6g} vs exact {value:.6g}: {(mean - value) / se:+.2f} standard errors"
+        )
+
+
+def test_served_smc_is_unbiased_with_a_decode_worker_killed(stack, client, tables):
+    """kill -9 of a decode worker half-way through the requests (several in flight): their steps rerun
+    on the other worker, Ray restarts the killed one and it rejoins; the estimates stay unbiased."""
+    import os
+    import signal
+
+    import psutil
+
+    port = int(stack.decode[0].address.rsplit(":", 1)[1])
+    (pid,) = [
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections("tcp"))
+    ]
+    before = stack.decode[0].restarts
+
+    def kill_half_way(n):
+        if n == M // 2:
+            os.kill(pid, signal.SIGKILL)
+
+    exact = targets(tables, SCHEMES["without_replacement"][1])
+    t0 = time.perf_counter()
+    est = estimates(client, "without_replacement", range(M), exact, on_done=kill_half_way)
+    check_unbiased(report("without_replacement, a worker killed", exact, est, time.perf_counter() - t0))
+    deadline = time.monotonic() + 300  # only a worker that never comes back reaches it
+    while stack.decode[0].restarts == before:
+        assert time.monotonic() < deadline, "the killed decode worker never rejoined"
+        time.sleep(0.2)
+    assert stack.decode[0].alive
 
 
 def test_control_biased_c_star_is_detected(client, tables, monkeypatch):
