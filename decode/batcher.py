@@ -19,6 +19,10 @@ from smcserve.engine.finish import FinishReason
 from smcserve.engine.model_runner import SeqBatchItem
 
 
+class RequestClosed(Exception):
+    """Work for a steering request that was closed (cancelled) meanwhile: dropped, nothing to report."""
+
+
 @dataclass
 class ExtendJob:
     """Sequences outside the plain decode path (SMC particles) that ride in the next batched step.
@@ -131,7 +135,7 @@ class Batcher:
             if job.live():
                 plan.jobs.append(job)
             else:
-                job.future.set_exception(RuntimeError("the steering request was closed"))
+                job.future.set_exception(RequestClosed("the steering request was closed"))
         return plan
 
     def join(self, seq: DecodeSeq) -> None:

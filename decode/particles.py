@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from smcserve.decode.batcher import ExtendJob
+from smcserve.decode.batcher import ExtendJob, RequestClosed
 from smcserve.decode.host import ParticleHost
 from smcserve.engine.block_manager import BlockTable
 from smcserve.engine.kv import chain_keys
@@ -99,6 +99,7 @@ class ParticleGroup:
     # --- operations (each runs in the decode loop's thread) ---------------------------------------
     def open(self, block_keys: list[str], particle_ids: list[str]) -> None:
         """Create ``particle_ids`` from the prompt's KV; none: an empty group (particles will be imported)."""
+        self._check_open()
         if not particle_ids:
             return
         pots = [self.fresh_potentials() for _ in particle_ids]  # before any KV is held
@@ -142,6 +143,7 @@ class ParticleGroup:
         their KV is read from the store under its content keys (recomputed where missing). Every
         particle not kept is freed. On failure every particle, old or new, stays reachable from
         ``self.particles``, so closing the request frees all of it."""
+        self._check_open()
         new: dict[str, Particle] = {}
         try:
             for source, new_ids in keep:
@@ -172,6 +174,11 @@ class ParticleGroup:
         self._free(self.particles.values())
         self.particles = {}
 
+    def _check_open(self) -> None:
+        """A call that arrives after ``close`` (it raced a cancel) must not hold KV again."""
+        if self.closed:
+            raise RequestClosed(f"steering request {self.request_id} was closed")
+
     def _free(self, particles) -> None:
         for p in particles:
             self.host.free(p.tables or [])
@@ -179,6 +186,7 @@ class ParticleGroup:
 
     # --- extension: one batched step ---------------------------------------------------------------
     def extend_job(self, step: int, items: list[tuple[str, int, int]]) -> ExtendJob:
+        self._check_open()
         parents = [self.particles[pid] for pid, _, _ in items]
         for (pid, _, _), p in zip(items, parents):
             if p.finished:

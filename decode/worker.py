@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
 import queue
+import threading
 from concurrent import futures
 
 import grpc
 import ray
 
+from smcserve.decode.batcher import RequestClosed
 from smcserve.decode.loop import DecodeLoop
 from smcserve.decode.particles import ParticleGroup
 from smcserve.decode.sequence import DecodeSeq
@@ -27,6 +30,8 @@ from smcserve.smc.potentials import PotentialSpec
 from smcserve.smc.vocab import get_vocab
 
 log = logging.getLogger(__name__)
+
+MAX_CLOSED_REMEMBERED = 4096  # ids of steering requests closed before they opened, remembered (oldest forgotten)
 
 
 def sampling_from_proto(p: smcserve_pb2.SamplingParams) -> SamplingParams:
@@ -49,6 +54,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.address = address
         self.node_id = node_id
         self.groups: dict[str, ParticleGroup] = {}
+        # steering requests closed before their SmcOpen arrived (a cancel racing the open): never opened
+        self.closed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.groups_lock = threading.Lock()  # opens and closes run in gRPC threads
         self.vocab = None
 
     def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.ServicerContext):
@@ -112,6 +120,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             return future.result()
         except OutOfBlocks as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.worker_id}: {err}")
+        except RequestClosed:  # the request was cancelled meanwhile: nothing to report
+            context.abort(grpc.StatusCode.CANCELLED, "the steering request was closed")
         except Exception:
             self._internal(context, what)
 
@@ -140,7 +150,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             self.vocab,
             self.loop,
         )
-        self.groups[request.request_id] = group
+        with self.groups_lock:
+            refused = request.request_id in self.closed  # closed (cancelled) before this open arrived
+            if not refused:
+                self.groups[request.request_id] = group
+        if refused:
+            context.abort(grpc.StatusCode.CANCELLED, "request_id: the steering request was closed")
         self._run(lambda: group.open(list(request.block_keys), list(request.particle_ids)), context, "SmcOpen")
         return worker_pb2.SmcAck()
 
@@ -180,7 +195,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2.SmcAck()
 
     def SmcClose(self, request, context):
-        group = self.groups.pop(request.request_id, None)
+        with self.groups_lock:
+            group = self.groups.pop(request.request_id, None)
+            if group is None:  # an open may still be on its way: it must not open after this
+                self.closed[request.request_id] = None
+                while len(self.closed) > MAX_CLOSED_REMEMBERED:
+                    self.closed.popitem(last=False)
         if group is not None:
             self._run(group.close, context, "SmcClose")
         return worker_pb2.SmcAck()

@@ -508,8 +508,8 @@ class SchedulerService:
             yield final
         except grpc.aio.AioRpcError as err:
             await context.abort(worker_status(err), f"steering failed: {err.details() or err.code().name}")
-        finally:
-            await steer.close()
+        finally:  # shielded: a cancelled request (the client gone) still frees its particles everywhere
+            await asyncio.shield(steer.close())
 
     def _final(self, request_id: str, reason: str, usage: smcserve_pb2.Usage, t0: float):
         usage.e2e_ms = (time.perf_counter() - t0) * 1e3

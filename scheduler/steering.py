@@ -160,6 +160,7 @@ class SteeringRun:
         self.liveness = liveness
         self.block_keys: list[str] = []
         self.recoveries = 0
+        self.group_id = request_id  # the request's particles on the workers; a new one after each recovery
         self.rng = np.random.default_rng(params.seed)
         self.steps = 0
         self.resamples = 0
@@ -197,6 +198,8 @@ class SteeringRun:
         except Exception:  # NoWorker: nobody to go on with
             return False
         self.recoveries += 1
+        # a fresh id: a worker that never saw the old one remembers its close, and must not refuse the reopen
+        self.group_id = f"{self.request_id}@{self.recoveries}"
         return True
 
     async def _open(self, block_keys: list[str]) -> _Population:
@@ -220,7 +223,7 @@ class SteeringRun:
 
     def _open_request(self, block_keys: list[str], particle_ids: list[str]) -> worker_pb2.SmcOpenRequest:
         return worker_pb2.SmcOpenRequest(
-            request_id=self.request_id,
+            request_id=self.group_id,
             prompt_token_ids=self.prompt_ids,
             block_keys=block_keys,
             sampling=self._sampling(),
@@ -230,7 +233,7 @@ class SteeringRun:
 
     async def close(self) -> None:
         await asyncio.gather(
-            *(h.stub.SmcClose(worker_pb2.SmcCloseRequest(request_id=self.request_id)) for h in self.workers),
+            *(h.stub.SmcClose(worker_pb2.SmcCloseRequest(request_id=self.group_id)) for h in self.workers),
             return_exceptions=True,
         )
 
@@ -256,7 +259,7 @@ class SteeringRun:
         n, w = len(pop.ids), len(self.workers)
         order = sorted(self.workers, key=lambda h: h.active)
         counts = {h: n // w + (1 if i < n % w else 0) for i, h in enumerate(order)}
-        plans = {h: worker_pb2.SmcReshapeRequest(request_id=self.request_id) for h in order}
+        plans = {h: worker_pb2.SmcReshapeRequest(request_id=self.group_id) for h in order}
         where, start = {}, 0
         for h in order:
             for i in range(start, start + counts[h]):
@@ -276,7 +279,7 @@ class SteeringRun:
             )
         replies = await settled(
             *(
-                h.stub.SmcExtend(worker_pb2.SmcExtendRequest(request_id=self.request_id, step=self.steps, items=items))
+                h.stub.SmcExtend(worker_pb2.SmcExtendRequest(request_id=self.group_id, step=self.steps, items=items))
                 for h, items in by_worker.items()
             )
         )
@@ -349,14 +352,14 @@ class SteeringRun:
         if migrating:
             replies = await settled(
                 *(
-                    h.stub.SmcExport(worker_pb2.SmcExportRequest(request_id=self.request_id, particle_ids=sorted(ids)))
+                    h.stub.SmcExport(worker_pb2.SmcExportRequest(request_id=self.group_id, particle_ids=sorted(ids)))
                     for h, ids in migrating.items()
                 )
             )
             for reply in replies:
                 for st in reply.particles:
                     exported[st.particle_id] = st
-        plans = {h: worker_pb2.SmcReshapeRequest(request_id=self.request_id) for h in self.workers}
+        plans = {h: worker_pb2.SmcReshapeRequest(request_id=self.group_id) for h in self.workers}
         keep: dict = {}
         for i, src in enumerate(sources):
             h = assign[i]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from smcserve.decode.admission import blocks_needed
-from smcserve.decode.batcher import Batcher, ExtendJob
+from smcserve.decode.batcher import Batcher, ExtendJob, RequestClosed
 from smcserve.decode.sequence import DecodeSeq
 from smcserve.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
 from smcserve.engine.finish import FinishReason
@@ -164,7 +164,7 @@ def test_an_extend_job_of_a_closed_request_is_dropped():
     b.add_job(live)
     plan = b.schedule()
     assert plan.jobs == [live]
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(RequestClosed, match="closed"):
         closed.future.result(timeout=0)
     assert table.num_tokens == 5  # the dropped job took no slot
     batch = b.allocate(plan.running, plan.jobs)

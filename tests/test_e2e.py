@@ -6,11 +6,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from conftest import REPO
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -19,6 +19,8 @@ from smcserve.protos import smcserve_pb2 as pb
 
 pytestmark = pytest.mark.e2e
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+REPO = Path(__file__).resolve().parent.parent  # (not from conftest: tests/fault has a conftest too)
 
 
 def chat(q: str) -> list[dict]:

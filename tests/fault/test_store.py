@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import kill, redis_client, redis_pid, report, wait_until
+from faults import kill, redis_client, redis_pid, report, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import all_back, decode_pid, health, kill, report, wait_until, worker_processes
+from faults import all_back, decode_pid, health, kill, report, wait_until, worker_processes
 from grpc_health.v1 import health_pb2
 
 from smcserve.client import Client
