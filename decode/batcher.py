@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from smcserve.decode.admission import check_fits
+from smcserve.decode.admission import check_fits, require, unreserved
 from smcserve.decode.sequence import DecodeEvent, DecodeSeq
 from smcserve.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
 from smcserve.engine.finish import FinishReason
@@ -21,6 +21,18 @@ from smcserve.engine.model_runner import SeqBatchItem
 
 class RequestClosed(Exception):
     """Work for a steering request that was closed (cancelled) meanwhile: dropped, nothing to report."""
+
+
+@dataclass
+class Reservation:
+    """The KV blocks a steering request's particles may hold at most on this worker; ``held()`` counts
+    the distinct blocks they hold now (the rest, ``unheld``, stays claimed for them)."""
+
+    blocks: int
+    held: Callable[[], int]
+
+    def unheld(self) -> int:
+        return max(0, self.blocks - self.held())
 
 
 @dataclass
@@ -84,6 +96,7 @@ class Batcher:
         self.pending: list[DecodeSeq] = []  # admitted, prompt KV not loaded yet
         self.aborted: set[str] = set()
         self.jobs: list[ExtendJob] = []
+        self.reservations: dict[str, Reservation] = {}  # open steering requests on this worker
         self.requests_served = 0
         self.tokens_generated = 0
 
@@ -98,7 +111,7 @@ class Batcher:
     def submit(self, seq: DecodeSeq, first_token: int) -> None:
         """Admit ``seq`` whose first completion token (from prefill) is ``first_token``, or raise
         :class:`OutOfBlocks` when the pool cannot hold it next to what is already admitted."""
-        check_fits(self.bm, [*self.active.values(), *self.pending], seq)
+        check_fits(self.bm, [*self.active.values(), *self.pending], seq, self.groups_unheld())
         self.requests_served += 1
         self.emit(seq, first_token)
         if not seq.finish_reason:
@@ -107,12 +120,25 @@ class Batcher:
     def resume(self, seq: DecodeSeq) -> None:
         """Admit ``seq`` that continues a generation begun elsewhere: its ``output_ids`` (already
         streamed) are set and none is emitted again; :class:`OutOfBlocks` as in :meth:`submit`."""
-        check_fits(self.bm, [*self.active.values(), *self.pending], seq)
+        check_fits(self.bm, [*self.active.values(), *self.pending], seq, self.groups_unheld())
         self.requests_served += 1
         self.pending.append(seq)
 
     def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)
+
+    def groups_unheld(self) -> int:
+        return sum(r.unheld() for r in self.reservations.values())
+
+    def reserve(self, request_id: str, reservation: Reservation) -> None:
+        """Hold ``reservation.blocks`` for a steering request until :meth:`release`, or raise
+        :class:`OutOfBlocks` (before it loads anything) when they are not free of other claims."""
+        free = unreserved(self.bm, [*self.active.values(), *self.pending], self.groups_unheld())
+        require(self.bm, reservation.blocks, free, "the steering request")
+        self.reservations[request_id] = reservation
+
+    def release(self, request_id: str) -> None:
+        self.reservations.pop(request_id, None)
 
     def add_job(self, job: ExtendJob) -> None:
         self.jobs.append(job)

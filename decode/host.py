@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+from smcserve.decode.batcher import Reservation
 from smcserve.engine.block_manager import BlockTable
 
 
@@ -35,6 +36,14 @@ class ParticleHost(Protocol):
 
     def save(self, table: BlockTable, tokens: list[int], keys: list[str]) -> None:
         """Write ``table``'s blocks to the KV store under ``keys`` (and to the worker's prefix cache)."""
+        ...
+
+    def reserve(self, request_id: str, reservation: Reservation) -> None:
+        """Claim the blocks a steering request may hold (``Batcher.reserve``); ``OutOfBlocks`` if not free."""
+        ...
+
+    def release(self, request_id: str) -> None:
+        """Drop the request's claim (its particles are freed)."""
         ...
 
     def count_imported(self, n: int) -> None:

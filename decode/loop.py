@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from smcserve.decode.batcher import Batcher, ExtendJob, StepPlan, append_slots
+from smcserve.decode.batcher import Batcher, ExtendJob, Reservation, StepPlan, append_slots
 from smcserve.decode.sequence import DecodeSeq
 from smcserve.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
 from smcserve.engine.finish import FinishReason
@@ -180,6 +180,14 @@ class DecodeLoop:
 
     def save(self, table: BlockTable, tokens: list[int], keys: list[str]) -> None:
         self.transfer.save(table, tokens, keys)
+
+    def reserve(self, request_id: str, reservation: Reservation) -> None:
+        with self.lock:
+            self.batcher.reserve(request_id, reservation)
+
+    def release(self, request_id: str) -> None:
+        with self.lock:
+            self.batcher.release(request_id)
 
     def count_imported(self, n: int) -> None:
         with self.lock:

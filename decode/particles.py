@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from smcserve.decode.batcher import ExtendJob, RequestClosed
+from smcserve.decode.batcher import ExtendJob, RequestClosed, Reservation
 from smcserve.decode.host import ParticleHost
 from smcserve.engine.block_manager import BlockTable
 from smcserve.engine.kv import chain_keys
@@ -70,6 +70,7 @@ class ParticleGroup:
     host: ParticleHost  # the decode loop: KV pool and store operations
     particles: dict[str, Particle] = field(default_factory=dict)
     closed: bool = False
+    held_blocks: int = 0  # distinct KV blocks the particles held at the end of the last operation
     prompts: list[list[int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -97,9 +98,13 @@ class ParticleGroup:
         return [self.host.fork(t) for t in tables]
 
     # --- operations (each runs in the decode loop's thread) ---------------------------------------
-    def open(self, block_keys: list[str], particle_ids: list[str]) -> None:
-        """Create ``particle_ids`` from the prompt's KV; none: an empty group (particles will be imported)."""
+    def open(self, block_keys: list[str], particle_ids: list[str], reserve: int = 0) -> None:
+        """Reserve the KV of ``reserve`` particles (default: as many as ``particle_ids``) up front, then
+        create ``particle_ids`` from the prompt's KV; none: an empty group (particles will be imported).
+        ``OutOfBlocks`` before anything is loaded when the pool cannot promise that much."""
         self._check_open()
+        need = self.blocks_needed(reserve or len(particle_ids))
+        self.host.reserve(self.request_id, Reservation(need, lambda: self.held_blocks))
         if not particle_ids:
             return
         pots = [self.fresh_potentials() for _ in particle_ids]  # before any KV is held
@@ -113,6 +118,22 @@ class ParticleGroup:
             raise
         for i, pid in enumerate(particle_ids):
             self.particles[pid] = Particle([], pots[i], roots if i == 0 else self._fork(roots))
+        self._count_held()
+
+    def blocks_needed(self, n: int) -> int:
+        """The most KV blocks ``n`` particles may hold at once: each prompt's KV (shared by all), and for
+        each particle and prompt the blocks its generated tokens fill (up to ``max_tokens``, starting in
+        the prompt's partial block) plus one copy-on-write copy in flight."""
+        bs, t = self.host.block_size, self.params.max_tokens
+        ceil = lambda tokens: -(-tokens // bs)  # noqa: E731
+        shared = sum(ceil(len(p) - 1) for p in self.prompts)
+        own = sum(ceil(len(p) - 1 + t) - (len(p) - 1) // bs + 1 for p in self.prompts)
+        return shared + n * own
+
+    def _count_held(self) -> None:
+        """Count the distinct KV blocks the particles hold, after each operation (in the loop's thread),
+        for the reservation to read from other threads (between counts it overstates the claim)."""
+        self.held_blocks = len({b for p in self.particles.values() for t in p.tables or () for b in t.blocks})
 
     def export(self, ids: list[str]) -> list[tuple[str, list[int], bool]]:
         """Write the listed particles' KV to the store and return (id, generated tokens, finished) of
@@ -154,18 +175,19 @@ class ParticleGroup:
                         if j == 0
                         else Particle(list(p.generated), clone_all(p.potentials), self._fork(p.tables), p.finished)
                     )
-            for nid, generated, finished in imports:
-                p = new[nid] = Particle(list(generated), self.fresh_potentials(generated), None, finished)
-                if not finished:
-                    p.tables = []  # filled one by one: a failure half-way still frees what was loaded
-                    for prompt in self.prompts:
-                        tokens = self.kv_tokens(p, prompt)
-                        p.tables.append(self.host.load(tokens, self.keys(tokens)))
         except BaseException:
             self.particles.update(new)
             raise
-        self._free(self.particles.values())
+        self._free(self.particles.values())  # the particles not kept, before any import takes blocks
         self.particles = new
+        for nid, generated, finished in imports:  # a failure half-way leaves them in self.particles (freed on close)
+            p = new[nid] = Particle(list(generated), self.fresh_potentials(generated), None, finished)
+            if not finished:
+                p.tables = []
+                for prompt in self.prompts:
+                    tokens = self.kv_tokens(p, prompt)
+                    p.tables.append(self.host.load(tokens, self.keys(tokens)))
+        self._count_held()
         self.host.count_imported(len(imports))
 
     def close(self) -> None:
@@ -173,6 +195,7 @@ class ParticleGroup:
         self.closed = True
         self._free(self.particles.values())
         self.particles = {}
+        self.host.release(self.request_id)
 
     def _check_open(self) -> None:
         """A call that arrives after ``close`` (it raced a cancel) must not hold KV again."""
@@ -244,4 +267,5 @@ class ParticleGroup:
             self._free([p])
             del self.particles[pid]
         self.particles.update(made)
+        self._count_held()
         return out

@@ -156,7 +156,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 self.groups[request.request_id] = group
         if refused:
             context.abort(grpc.StatusCode.CANCELLED, "request_id: the steering request was closed")
-        self._run(lambda: group.open(list(request.block_keys), list(request.particle_ids)), context, "SmcOpen")
+        self._run(
+            lambda: group.open(list(request.block_keys), list(request.particle_ids), request.reserve_particles),
+            context,
+            "SmcOpen",
+        )
         return worker_pb2.SmcAck()
 
     def SmcExtend(self, request, context):

@@ -221,8 +221,9 @@ class SteeringRun:
         )
         return _Population(ids, where, [[] for _ in range(n)], np.zeros(n, bool), np.zeros(n), [""] * n, counts)
 
-    def _open_request(self, block_keys: list[str], particle_ids: list[str]) -> worker_pb2.SmcOpenRequest:
+    def _open_request(self, block_keys: list[str], particle_ids: list[str], reserve: int = 0):
         return worker_pb2.SmcOpenRequest(
+            reserve_particles=reserve,
             request_id=self.group_id,
             prompt_token_ids=self.prompt_ids,
             block_keys=block_keys,
@@ -266,7 +267,7 @@ class SteeringRun:
                 where[pop.ids[i]] = h
                 plans[h].imports.add(particle_id=pop.ids[i], generated=pop.tokens[i], finished=bool(pop.finished[i]))
             start += counts[h]
-        await settled(*(h.stub.SmcOpen(self._open_request(self.block_keys, [])) for h in order))
+        await settled(*(h.stub.SmcOpen(self._open_request(self.block_keys, [], counts[h])) for h in order if counts[h]))
         await settled(*(h.stub.SmcReshape(plans[h]) for h in order if counts[h]))
         pop.where, pop.targets = where, counts
 
