@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from smcserve.engine.block_manager import BlockManager, BlockTable
 from smcserve.engine.kv import chain_keys
@@ -23,6 +24,11 @@ from smcserve.kvstore.transfer import KVTransfer
 from smcserve.prefill.result import PrefillResult
 
 DEFAULT_CACHE_BLOCKS = 256
+CHUNK_TOKENS = 512  # a long prompt runs in chunks of this many tokens: a cancelled one stops between them
+
+
+class PrefillCancelled(Exception):
+    """The request was cancelled (its client left) while its prompt was computed."""
 
 
 class Prefiller:
@@ -49,7 +55,11 @@ class Prefiller:
         self.kv = KVTransfer(store, self.bm, self.runner, threading.Lock())  # one thread: the lock is never contended
         self.version = 0  # prefills run: tells the scheduler which report of the cache is newest
 
-    def prefill(self, token_ids: list[int], params: SamplingParams) -> PrefillResult:
+    def prefill(
+        self, token_ids: list[int], params: SamplingParams, cancelled: Callable[[], bool] = lambda: False
+    ) -> PrefillResult:
+        """The prompt's KV into the store and its first token. ``cancelled()`` is asked between chunks:
+        True stops the work (:class:`PrefillCancelled`; what was computed is freed, nothing stored)."""
         n, bs = len(token_ids), self.bm.block_size
         if not 0 < n <= self.max_prompt_tokens:
             raise ValueError(f"prompt: {n} tokens; the prefill pool holds 1 to {self.max_prompt_tokens}")
@@ -68,7 +78,11 @@ class Prefiller:
             start = table.num_tokens = len(table.blocks) * bs
             for _ in range(start, n):
                 self.bm.append_slot(table)
-            logits = self.runner.forward([SeqBatchItem(token_ids[start:], start, table.blocks)])[0]
+            for s in range(start, n, CHUNK_TOKENS):
+                if cancelled():
+                    raise PrefillCancelled()
+                e = min(n, s + CHUNK_TOKENS)
+                logits = self.runner.forward([SeqBatchItem(token_ids[s:e], s, table.blocks)])[0]
             first = sample_token(logits, params, position=n)
             self.kv.save(table, token_ids, keys, cache=False)
             if self.prefix_cache:  # whole blocks only: a prompt's last token is always computed

@@ -11,7 +11,7 @@ from smcserve.engine.kv import KVLayout
 from smcserve.engine.model import load_model
 from smcserve.engine.sampling import SamplingParams
 from smcserve.kvstore import KVStore
-from smcserve.prefill.prefiller import Prefiller
+from smcserve.prefill.prefiller import PrefillCancelled, Prefiller
 from smcserve.prefill.result import PrefillResult, PrefillStats
 
 
@@ -27,6 +27,7 @@ class PrefillWorker:
         cache_blocks = KVLayout.from_config(self.lm.config, self.lm.dtype, bs).blocks_in(config.kv_cache_bytes)
         self.prefiller = Prefiller(self.lm, KVStore(config.redis_url), bs, config.prefix_cache, cache_blocks)
         self.served = 0
+        self.cancelled: set[str] = set()  # tickets of running prefills to stop (set from the health thread)
         self.tokens = 0
         self.local_hit_blocks = 0
         self.loaded_blocks = 0
@@ -38,14 +39,27 @@ class PrefillWorker:
     def ping(self) -> None:
         pass
 
-    def prefill(self, token_ids: list[int], params: SamplingParams) -> PrefillResult:
-        result = self.prefiller.prefill(token_ids, params)
+    @ray.method(concurrency_group="health")
+    def cancel(self, ticket: str) -> None:
+        """Stop the prefill of ``ticket`` between two chunks, if it is running (the scheduler also
+        ``ray.cancel``s it, which drops it while queued)."""
+        self.cancelled.add(ticket)
+
+    def prefill(self, token_ids: list[int], params: SamplingParams, ticket: str = "") -> PrefillResult | None:
+        """None: cancelled (``cancel(ticket)``) before or while it ran."""
+        try:
+            result = self.prefiller.prefill(token_ids, params, lambda: ticket in self.cancelled)
+        except PrefillCancelled:
+            return None
+        finally:
+            self.cancelled.discard(ticket)
         self.served += 1
         self.tokens += len(token_ids) - result.cached_tokens
         self.local_hit_blocks += result.local_hit_blocks
         self.loaded_blocks += result.loaded_blocks
         return result
 
+    @ray.method(concurrency_group="health")  # answers while a prefill runs
     def stats(self) -> PrefillStats:
         return PrefillStats(
             worker_id=self.worker_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -54,6 +55,13 @@ PREFILL_ATTEMPTS = 3  # a prefill whose worker dies runs again, on a live worker
 DECODE_ATTEMPTS = 4  # a generation whose worker dies mid-stream resumes elsewhere, this many workers in all
 
 
+def cancel_prefill(pw: PrefillHandle, ref: ray.ObjectRef, ticket: str) -> None:
+    """Stop a prefill: Ray drops it while it is queued on the worker; the worker stops it between
+    chunks while it runs."""
+    ray.cancel(ref)
+    pw.actor.cancel.remote(ticket)
+
+
 def connect_decode(address: str) -> worker_pb2_grpc.DecodeWorkerStub:
     return worker_pb2_grpc.DecodeWorkerStub(grpc.aio.insecure_channel(address))
 
@@ -62,6 +70,7 @@ def connect_decode(address: str) -> worker_pb2_grpc.DecodeWorkerStub:
 class Running:
     call: grpc.aio.UnaryStreamCall | None = None
     aborted: bool = False
+    cancel_prefill: Callable[[], None] | None = None  # while its prefill runs: stop it (Abort)
 
 
 @dataclass
@@ -188,12 +197,13 @@ class SchedulerService:
         return [stats.get(w, LookupError("not alive")) for w in self.decode]
 
     async def _prefill(
-        self, placement: Placement, token_ids: list[int], params: SamplingParams, context
-    ) -> PrefillResult:
+        self, placement: Placement, token_ids: list[int], params: SamplingParams, context, run: Running
+    ) -> PrefillResult | None:
         """Run the prefill on the chosen worker; feed its measured times to the cost model and take its
         report of its own prefix cache. A worker that dies meanwhile is lost and the prefill runs again
         on a live one (the least queued; the restarted one when it is the only one), up to
-        ``PREFILL_ATTEMPTS`` times."""
+        ``PREFILL_ATTEMPTS`` times. The client leaving (this task cancelled) or an Abort (then None is
+        returned) stops the prefill: dropped while queued, stopped between chunks while running."""
         pw = next(w for w in self.prefill if w.worker_id == placement.prefill.instance.id)
         cached = placement.prefill.cached_tokens
         predicted = self.cost.model.prefill_ms(len(token_ids) - cached, cached)
@@ -207,15 +217,26 @@ class SchedulerService:
                 log.info("prefill of a request retried on %s", pw.worker_id)
             pw.queued += 1
             pw.queue_ms += predicted
+            ticket = uuid.uuid4().hex
+            ref = pw.actor.prefill.remote(token_ids, params, ticket)
+            run.cancel_prefill = functools.partial(cancel_prefill, pw, ref, ticket)
             try:
-                pre = await pw.actor.prefill.remote(token_ids, params)
+                pre = await ref
+                if pre is None:  # stopped by an Abort
+                    return None
                 break
+            except asyncio.CancelledError:  # the client left: stop the work
+                cancel_prefill(pw, ref, ticket)
+                raise
+            except ray.exceptions.TaskCancelledError:  # dropped from the worker's queue by an Abort
+                return None
             except ray.exceptions.RayTaskError:  # prefill raised: our bug (the request was validated)
                 log.exception("prefill worker %s failed", pw.worker_id)
                 await context.abort(grpc.StatusCode.INTERNAL, "prefill failed (see the server log)")
             except ray.exceptions.RayActorError as err:  # the worker died (Ray restarts it)
                 self.liveness.lost(pw, type(err).__name__)
             finally:
+                run.cancel_prefill = None
                 pw.queued -= 1
                 pw.served += 1
                 pw.queue_ms = max(0.0, pw.queue_ms - predicted)
@@ -331,11 +352,13 @@ class SchedulerService:
         try:
             dw.incoming += 1
             try:
-                pre = await self._prefill(placement, prompt_ids, params, context)
+                pre = await self._prefill(placement, prompt_ids, params, context, run)
             finally:
                 dw.incoming -= 1
-            usage = smcserve_pb2.Usage(prompt_tokens=len(prompt_ids), cached_prompt_tokens=pre.cached_tokens)
-            if run.aborted:
+            usage = smcserve_pb2.Usage(prompt_tokens=len(prompt_ids))
+            if pre is not None:
+                usage.cached_prompt_tokens = pre.cached_tokens
+            if run.aborted or pre is None:
                 yield self._final(request_id, "abort", usage, t0)
                 return
             decode_request = worker_pb2.DecodeRequest(
@@ -479,7 +502,10 @@ class SchedulerService:
         usage = smcserve_pb2.Usage(prompt_tokens=len(prompt_ids))
         keys = chain_keys(self.model.fingerprint, prompt_ids[:-1], self.model.block_size)
         if len(prompt_ids) > 1:  # the workers compute the last prompt token: its logits start every particle
-            pre = await self._prefill(placement, prompt_ids[:-1], params, context)
+            pre = await self._prefill(placement, prompt_ids[:-1], params, context, running)
+            if pre is None:  # aborted during the prefill
+                yield self._final(request_id, "abort", usage, t0)
+                return
             keys, usage.cached_prompt_tokens = pre.block_keys, pre.cached_tokens
         # the potentials' companion prompts' KV goes to the store too (workers recompute whatever is missing)
         await asyncio.gather(
@@ -524,6 +550,8 @@ class SchedulerService:
         run.aborted = True
         if run.call is not None:
             run.call.cancel()
+        if run.cancel_prefill is not None:
+            run.cancel_prefill()
         return smcserve_pb2.AbortResponse(found=True)
 
     async def GetModelInfo(self, request, context):
@@ -539,7 +567,10 @@ class SchedulerService:
             kv_store=self.liveness.store_state,
             kv_store_restarts=self.liveness.store_restarts,
         )
-        for w in self.prefill:
+        own = await asyncio.gather(  # the workers' own counts (answered from a thread of their own)
+            *(asyncio.wait_for(w.actor.stats.remote(), 10) for w in self.prefill), return_exceptions=True
+        )
+        for w, st in zip(self.prefill, own):
             info.prefill_workers.add(
                 worker_id=w.worker_id,
                 role="prefill",
@@ -548,6 +579,7 @@ class SchedulerService:
                 requests_served=w.served,
                 alive=w.alive,
                 restarts=w.restarts,
+                prompt_tokens_computed=0 if isinstance(st, BaseException) else st.tokens_computed,
             )
         for w, st in zip(self.decode, decode):
             if isinstance(st, BaseException):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+import ray
 
 from smcserve.engine.kv import chain_keys
 from smcserve.prefill.result import PrefillResult
@@ -34,8 +35,10 @@ class FakePrefill:
     def __init__(self):
         self.calls = 0
         self.prefill = SimpleNamespace(remote=self._prefill)
+        self.cancelled: list[str] = []  # tickets the scheduler asked to stop
+        self.cancel = SimpleNamespace(remote=self.cancelled.append)
 
-    async def _prefill(self, token_ids, params):
+    async def _prefill(self, token_ids, params, ticket=""):
         self.calls += 1
         return PrefillResult(7, [], prompt_tokens=len(token_ids), cached_tokens=0, compute_ms=1.0)
 
@@ -356,12 +359,17 @@ def test_a_full_worker_passes_the_request_on_before_its_first_token():
     asyncio.run(main())
 
 
-def test_an_abort_during_prefill_ends_with_an_abort_message():
+def test_an_abort_during_prefill_stops_it_and_ends_with_an_abort_message(monkeypatch):
+    dropped = []
+    monkeypatch.setattr(ray, "cancel", dropped.append)  # Ray's drop from the worker's queue
+
     async def main():
         svc = service(FakeDecodeStub(events=events(2)))
         actor = svc.prefill[0].actor
+        tickets = []
 
-        async def prefill_then_abort(token_ids, params):
+        async def prefill_then_abort(token_ids, params, ticket):
+            tickets.append(ticket)
             await svc.Abort(pb.AbortRequest(request_id="r"), None)
             return await FakePrefill._prefill(actor, token_ids, params)
 
@@ -369,5 +377,7 @@ def test_an_abort_during_prefill_ends_with_an_abort_message():
         out, ctx = await generate(svc, request(request_id="r"))
         assert ctx.code is None and [r.finish_reason for r in out] == ["abort"]
         assert svc.decode[0].stub.decodes == [] and not svc.running
+        assert actor.cancelled == tickets and len(dropped) == 1  # the worker was told to stop it
+        assert svc.prefill[0].queued == 0
 
     asyncio.run(main())

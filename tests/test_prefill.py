@@ -14,7 +14,7 @@ from smcserve.engine.sampling import SamplingParams
 from smcserve.kvstore import KVStore
 from smcserve.prefill.prefiller import Prefiller
 from smcserve.prefill.result import PrefillResult
-from smcserve.scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService
+from smcserve.scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, Running, SchedulerService
 from smcserve.scheduler.validate import Limits
 
 ATOL = 2e-3  # fp32 logits are O(10); the paged path reorders sums only
@@ -136,7 +136,7 @@ def test_the_schedulers_view_of_a_workers_cache_is_what_the_worker_holds(tiny, r
     store = KVStore(redis_url, key_prefix="t-prefill-view:")
     prefiller = Prefiller(tiny, store, 16, cache_blocks=2, max_prompt_tokens=64)
 
-    async def remote(token_ids, params):
+    async def remote(token_ids, params, ticket=""):
         return prefiller.prefill(token_ids, params)
 
     svc = SchedulerService(
@@ -156,7 +156,7 @@ def test_the_schedulers_view_of_a_workers_cache_is_what_the_worker_holds(tiny, r
         for ids in prompts:
             before = set(handle.local_blocks)
             placement = await svc.place(ids, 4)
-            pre = await svc._prefill(placement, ids, GREEDY, FakeContext())
+            pre = await svc._prefill(placement, ids, GREEDY, FakeContext(), Running())
             assert isinstance(pre, PrefillResult) and handle.local_blocks == set(prefiller.bm.cache)
             assert (placement.prefill.local_hit_blocks, placement.prefill.load_blocks) == (
                 pre.local_hit_blocks,

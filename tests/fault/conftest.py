@@ -12,7 +12,7 @@ from smcserve.loadtest.server_process import ServeProcess
 @pytest.fixture(scope="package")
 def fault_server():
     srv = ServeProcess(
-        "--dtype", "float32", "--prefill-workers", "1", "--decode-workers", "2", "--kv-cache", "64mb",
+        "--dtype", "float32", "--prefill-workers", "1", "--decode-workers", "2", "--kv-cache", "256mb",
         "--redis-maxmemory", "256mb", "--max-inflight", "16", "--threads", "1",
     )  # fmt: skip
     yield srv

@@ -29,9 +29,7 @@ def idle(client: Client) -> bool:
 def steering(particles: int, max_tokens: int, prompts: int = 0) -> dict:
     potentials = [{"kind": "max_word_length", "max_len": 7}]
     if prompts:
-        potentials.append(
-            {"kind": "prompt_intersection", "prompts": [f"Prompt {i}: {PROMPT}" for i in range(prompts)]}
-        )
+        potentials.append({"kind": "prompt_intersection", "prompts": [f"Prompt {i}: {PROMPT}" for i in range(prompts)]})
     return {"particles": particles, "potentials": potentials}
 
 
@@ -98,3 +96,27 @@ def test_chaos_mix_leaves_no_kv_behind(fault_server, fclient):
     assert not any(k.endswith(("INTERNAL", "UNKNOWN")) for k in outcomes), outcomes  # no request hit our bug
     wait_until("every worker back with no KV in use and no sequence", lambda: idle(fclient))
     assert fclient.generate(PROMPT, max_tokens=4).finish_reason in ("length", "stop")
+
+
+def test_abandoned_requests_stop_their_prefills(fclient):
+    """Eight long prompts, each abandoned by its client while its prefill is queued or running: the
+    prefill worker computes at most the one it had started (up to a chunk past the cancel), and the
+    scheduler's queue is empty afterwards."""
+
+    def computed() -> int:
+        return sum(w.prompt_tokens_computed for w in fclient.info().prefill_workers)
+
+    wait_until("idle", lambda: idle(fclient))
+    prompts = [" ".join(f"{PROMPT} ({k}, {i})" for i in range(40)) for k in range(9)]
+    length = fclient.generate(prompts.pop(), max_tokens=1).usage.prompt_tokens  # each about as long
+    before = computed()
+    calls = [fclient.stub.Generate(build_request(p, max_tokens=4)) for p in prompts]
+    wait_until("all eight prefills sent", lambda: sum(w.queue_length for w in fclient.info().prefill_workers) == 8)
+    for call in calls:
+        call.cancel()
+    wait_until("the prefill queue is empty", lambda: not any(w.queue_length for w in fclient.info().prefill_workers))
+    short = fclient.generate("Say hi.", max_tokens=2)  # the worker is free again
+    assert short.finish_reason in ("length", "stop")
+    spent = computed() - before
+    print(f"\n[chaos] prompt tokens computed for 8 abandoned prompts of {length} tokens: {spent}")
+    assert spent < 2 * length, "abandoned prefills kept running"
