@@ -8,6 +8,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -31,6 +32,7 @@ from smcserve.smc.vocab import get_vocab
 
 log = logging.getLogger(__name__)
 
+SESSION_LEASE_S = 10.0  # a scheduler silent this long is gone: its steering requests are dropped
 MAX_CLOSED_REMEMBERED = 4096  # ids of steering requests closed before they opened, remembered (oldest forgotten)
 
 
@@ -57,7 +59,29 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         # steering requests closed before their SmcOpen arrived (a cancel racing the open): never opened
         self.closed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.groups_lock = threading.Lock()  # opens and closes run in gRPC threads
+        # scheduler sessions (StatsRequest.session) → when they last called; each steering request's session
+        self.sessions: dict[str, float] = {}
+        self.group_session: dict[str, str] = {}
         self.vocab = None
+        threading.Thread(target=self._drop_orphans, name="orphan-reaper", daemon=True).start()
+
+    def _drop_orphans(self) -> None:
+        """Every second: close the steering requests of schedulers that stopped calling (gone; their
+        plain streams were cancelled with their connections already), freeing the particles' KV."""
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with self.groups_lock:
+                gone = {s for s, seen in self.sessions.items() if now - seen > SESSION_LEASE_S}
+                orphans = [rid for rid, s in self.group_session.items() if s in gone]
+                for s in gone:
+                    del self.sessions[s]
+                groups = [self.groups.pop(rid) for rid in orphans if rid in self.groups]
+                for rid in orphans:
+                    del self.group_session[rid]
+            for group in groups:
+                log.warning("steering request %s dropped: its scheduler is gone", group.request_id)
+                self.loop.call(group.close)
 
     def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.ServicerContext):
         params = sampling_from_proto(request.sampling)
@@ -154,6 +178,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             refused = request.request_id in self.closed  # closed (cancelled) before this open arrived
             if not refused:
                 self.groups[request.request_id] = group
+                if request.session:
+                    self.group_session[request.request_id] = request.session
+                    self.sessions[request.session] = time.monotonic()
         if refused:
             context.abort(grpc.StatusCode.CANCELLED, "request_id: the steering request was closed")
         self._run(
@@ -201,6 +228,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def SmcClose(self, request, context):
         with self.groups_lock:
             group = self.groups.pop(request.request_id, None)
+            self.group_session.pop(request.request_id, None)
             if group is None:  # an open may still be on its way: it must not open after this
                 self.closed[request.request_id] = None
                 while len(self.closed) > MAX_CLOSED_REMEMBERED:
@@ -210,6 +238,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2.SmcAck()
 
     def Stats(self, request, context) -> smcserve_pb2.WorkerStats:
+        if request.session:
+            with self.groups_lock:
+                self.sessions[request.session] = time.monotonic()
         st = self.loop.stats()
         return smcserve_pb2.WorkerStats(
             worker_id=self.worker_id,
@@ -250,6 +281,7 @@ class DecodeWorker:
 
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
+        self.config = config
         self.lm = load_model(config.model, config.dtype, threads=config.threads or os.cpu_count())
         layout = KVLayout.from_config(self.lm.config, self.lm.dtype, config.block_size)
         num_blocks = max(1, layout.blocks_in(config.kv_cache_bytes))
@@ -266,6 +298,10 @@ class DecodeWorker:
             DecodeService(self.loop, worker_id, self.address, node_id), self.server
         )
         self.server.start()
+
+    def config_of(self) -> WorkerConfig:
+        """What it was started with (a restarted scheduler takes it over only if its own is the same)."""
+        return self.config
 
     def address_of(self) -> str:
         return self.address

@@ -23,7 +23,8 @@ def free_port() -> int:
 class ServeProcess:
     """``smcserve serve ARGS`` exactly as a user starts it, on a free loopback port."""
 
-    def __init__(self, *args: str, timeout: float = 300, log_path: str | Path | None = None):
+    def __init__(self, *args: str, timeout: float = 300, log_path: str | Path | None = None, env: dict | None = None):
+        """``env``: the server's environment (default: this process's)."""
         self.port = free_port()
         self.address = f"{DEFAULT_HOST}:{self.port}"
         self.log_path = Path(log_path or tempfile.mkstemp(prefix=f"smcserve-{self.port}-", suffix=".log")[1])
@@ -32,7 +33,7 @@ class ServeProcess:
             [sys.executable, "-m", "smcserve.entrypoints.cli", "serve", "--port", str(self.port), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            env=dict(env if env is not None else os.environ, PYTHONUNBUFFERED="1"),
             cwd=Path(__file__).resolve().parent.parent,
         )
         deadline = time.time() + timeout

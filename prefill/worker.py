@@ -22,6 +22,7 @@ class PrefillWorker:
 
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
+        self.config = config
         self.lm = load_model(config.model, config.dtype, threads=config.threads or os.cpu_count())
         bs = config.block_size
         cache_blocks = KVLayout.from_config(self.lm.config, self.lm.dtype, bs).blocks_in(config.kv_cache_bytes)
@@ -31,6 +32,11 @@ class PrefillWorker:
         self.tokens = 0
         self.local_hit_blocks = 0
         self.loaded_blocks = 0
+
+    @ray.method(concurrency_group="health")
+    def config_of(self) -> WorkerConfig:
+        """What it was started with (a restarted scheduler takes it over only if its own is the same)."""
+        return self.config
 
     def ready(self) -> str:
         return ray.get_runtime_context().get_node_id()

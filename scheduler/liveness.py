@@ -7,6 +7,9 @@ loop's ping every ``interval_s``): it leaves placement at once (``alive`` False)
 asks the actor for its address (decode) or readiness (prefill), backing off, until the restarted
 actor answers; then it is placed again. Health is ``SERVING`` while each pool has a live worker.
 
+Each ping carries the scheduler's ``session``; a decode worker drops the steering requests of a
+session that stopped pinging (the scheduler died: a new one starts a new session).
+
 The KV store is a cache: while Redis is down every read is a miss and every write is dropped. The
 watch loop pings it; when it stops answering the scheduler logs one warning, restarts the embedded
 server (``restart_store``; an external one is pinged again, backing off, until it is back) and
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -49,6 +53,8 @@ class Liveness:
     rejoin_wait_s: float = 60.0  # how long a request waits for a pool with no live worker
     store_state: str = "ok"  # "ok", "down" or "off" (no store)
     store_restarts: int = 0
+    # this scheduler's session: decode workers keep its steering requests while it calls (see ``_watch``)
+    session: str = field(default_factory=lambda: uuid.uuid4().hex)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) when a worker rejoins
     _rejoining: dict = field(default_factory=dict)  # handle → its rejoin task
     _serving: bool | None = None
@@ -157,7 +163,7 @@ class Liveness:
 
     async def _ping_decode(self, w: DecodeHandle) -> None:
         try:
-            await w.stub.Stats(worker_pb2.StatsRequest(), timeout=max(5.0, 5 * self.interval_s))
+            await w.stub.Stats(worker_pb2.StatsRequest(session=self.session), timeout=max(5.0, 5 * self.interval_s))
         except grpc.aio.AioRpcError as err:
             # refused or reset: the process is gone (a busy one would time out instead)
             if err.code() == grpc.StatusCode.UNAVAILABLE:

@@ -25,6 +25,7 @@ from smcserve.scheduler.server import DecodeHandle, ModelSummary, PrefillHandle,
 from smcserve.scheduler.validate import Limits
 
 log = logging.getLogger(__name__)
+RAY_NAMESPACE = "smcserve"  # of the named worker actors on a joined cluster
 SERVICE_NAME = smcserve_pb2.DESCRIPTOR.services_by_name["SmcServe"].full_name
 
 
@@ -122,8 +123,13 @@ class Stack:
         )
         # pools spread over the nodes; a worker that dies is started again by Ray (scheduler.liveness)
         opts = {"num_cpus": cfg.worker_cpus, "scheduling_strategy": "SPREAD", "max_restarts": -1}
-        prefill = [PrefillWorker.options(**opts).remote(wcfg, f"prefill-{i}") for i in range(cfg.prefill_workers)]
-        decode = [DecodeWorker.options(**opts).remote(wcfg, f"decode-{i}") for i in range(cfg.decode_workers)]
+        pools = [(PrefillWorker, "prefill", cfg.prefill_workers), (DecodeWorker, "decode", cfg.decode_workers)]
+        prefill, decode = await asyncio.gather(
+            *(
+                asyncio.gather(*(self._worker(cls, opts, wcfg, f"{kind}-{i}") for i in range(n)))
+                for cls, kind, n in pools
+            )
+        )
         nodes = await asyncio.gather(*(a.ready.remote() for a in prefill))
         addresses = await asyncio.gather(*(a.address_of.remote() for a in decode))
         self.prefill = [PrefillHandle(f"prefill-{i}", a, node) for i, (a, node) in enumerate(zip(prefill, nodes))]
@@ -188,6 +194,34 @@ class Stack:
         await set_health(True)
         self.liveness.start()
         return self
+
+    async def _worker(self, cls, opts: dict, wcfg: WorkerConfig, worker_id: str):
+        """A worker actor. On a cluster we joined (``--ray-address``) it is detached and named, so it
+        outlives this scheduler: a scheduler started after a crash takes over the workers running with
+        the same configuration (no model reload) and replaces those with another."""
+        if not self.config.ray_address:
+            return cls.options(**opts).remote(wcfg, worker_id)
+        named = {"name": f"smcserve-{worker_id}", "namespace": RAY_NAMESPACE, "lifetime": "detached"}
+        try:
+            actor = ray.get_actor(named["name"], namespace=RAY_NAMESPACE)
+        except ValueError:  # none running
+            return cls.options(**opts, **named).remote(wcfg, worker_id)
+        try:
+            running = await actor.config_of.remote()
+        except ray.exceptions.RayError:  # a dead leftover
+            running = None
+        if running == wcfg:
+            log.warning("worker %s: taking over the one already running", worker_id)
+            return actor
+        log.warning("worker %s: replacing one with another configuration", worker_id)
+        ray.kill(actor)
+        for _ in range(100):  # the name is free once the kill is through
+            try:
+                ray.get_actor(named["name"], namespace=RAY_NAMESPACE)
+            except ValueError:
+                break
+            await asyncio.sleep(0.1)
+        return cls.options(**opts, **named).remote(wcfg, worker_id)
 
     async def stop(self) -> None:
         if self.liveness is not None:

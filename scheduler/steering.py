@@ -224,6 +224,7 @@ class SteeringRun:
     def _open_request(self, block_keys: list[str], particle_ids: list[str], reserve: int = 0):
         return worker_pb2.SmcOpenRequest(
             reserve_particles=reserve,
+            session=self.liveness.session if self.liveness is not None else "",
             request_id=self.group_id,
             prompt_token_ids=self.prompt_ids,
             block_keys=block_keys,
