@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -52,6 +54,7 @@ from smcserve.smc.vocab import get_vocab
 log = logging.getLogger(__name__)
 
 PREFILL_ATTEMPTS = 3  # a prefill whose worker dies runs again, on a live worker, this many times in all
+VALIDATION_THREADS = 4  # requests validated at once, off the event loop
 DECODE_ATTEMPTS = 4  # a generation whose worker dies mid-stream resumes elsewhere, this many workers in all
 
 
@@ -125,6 +128,10 @@ class SchedulerService:
     connect: Callable[[str], worker_pb2_grpc.DecodeWorkerStub] = connect_decode  # a decode worker's stub
     liveness: Liveness | None = None  # who is alive (made from the pools and the store when not given)
     _vocab: object = None
+    _validator: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(VALIDATION_THREADS, thread_name_prefix="validate")
+    )
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)  # one encode at a time (Rust borrow)
     running: dict[str, Running] = field(default_factory=dict)
     _stats_task: asyncio.Task | None = None
     _stats_again: bool = False
@@ -288,20 +295,27 @@ class SchedulerService:
         INVALID_ARGUMENT for bad UTF-8 or an invalid request."""
         if isinstance(request, BadUtf8):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: invalid UTF-8")
-        steering = None
-        try:
-            prompt_ids = tokenize_request(request, self.tokenizer, self.limits)
-            params = validate_sampling(request.sampling, self.limits, len(prompt_ids))
-            if request.HasField("steering"):
-                steering = validate_steering(
-                    request.steering,
-                    params,
-                    self.steering_vocab(),
-                    self.max_particles,
-                    lambda text: self._tokenize_like(request, text),
-                )
+        try:  # off the event loop: a big request must not stall the others (or health checks)
+            return await asyncio.get_running_loop().run_in_executor(self._validator, self._validate_now, request)
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    def _validate_now(self, request) -> tuple[list[int], SamplingParams, SteeringConfig | None]:
+        """Tokenise and check; build the potentials once (grammars compiled, tables made) to validate
+        them. Every size is bounded before the work (``Limits``, ``smc.potentials.spec``). In a
+        ``_validator`` thread."""
+        with self._tokenizer_lock:
+            prompt_ids = tokenize_request(request, self.tokenizer, self.limits)
+        params = validate_sampling(request.sampling, self.limits, len(prompt_ids))
+        steering = None
+        if request.HasField("steering"):
+            steering = validate_steering(
+                request.steering,
+                params,
+                self.steering_vocab(),
+                self.max_particles,
+                lambda text: self._tokenize_like(request, text),
+            )
         return prompt_ids, params, steering
 
     async def _claim(self, request, context) -> tuple[str, Running]:
@@ -480,11 +494,15 @@ class SchedulerService:
             like.chat.messages.add(role="user", content=text)
         else:
             like.prompt = text
-        return tokenize_request(like, self.tokenizer, self.limits)
+        with self._tokenizer_lock:
+            return tokenize_request(like, self.tokenizer, self.limits)
 
     def steering_vocab(self):
         if self._vocab is None:
-            self._vocab = get_vocab(self.tokenizer, size=self.model.vocab_size, eos_ids=[self.tokenizer.eos_token_id])
+            with self._tokenizer_lock:  # built once, by one validating thread
+                if self._vocab is None:
+                    eos = [self.tokenizer.eos_token_id]
+                    self._vocab = get_vocab(self.tokenizer, size=self.model.vocab_size, eos_ids=eos)
         return self._vocab
 
     async def _steer(

@@ -71,6 +71,13 @@ class Limits:
     max_context: int
     max_tokens_limit: int
     model_name: str
+    max_prompt_chars: int = 0  # checked before tokenising; 0: PROMPT_CHARS_PER_TOKEN × max_context
+
+    def prompt_chars(self) -> int:
+        return self.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * self.max_context
+
+
+PROMPT_CHARS_PER_TOKEN = 16  # a prompt longer than this per token of context could not fit anyway (≈ 4/token)
 
 
 def validate_sampling(p: smcserve_pb2.SamplingParams, limits: Limits, prompt_len: int) -> SamplingParams:
@@ -111,6 +118,10 @@ def tokenize_request(req: smcserve_pb2.GenerateRequest, tokenizer, limits: Limit
     if req.model and req.model != limits.model_name:
         raise InvalidRequest(f"model: unknown model {req.model!r}; this server serves {limits.model_name!r}")
     kind = req.WhichOneof("input")
+    size = sum(len(m.content) + len(m.role) for m in req.chat.messages) if kind == "chat" else len(req.prompt)
+    if size > limits.prompt_chars():  # before any tokenising
+        field = "chat.messages" if kind == "chat" else "prompt"
+        raise InvalidRequest(f"{field}: longer than this server's limit of {limits.prompt_chars()} characters")
     if kind == "chat":
         if not req.chat.messages:
             raise InvalidRequest("chat.messages: must not be empty")

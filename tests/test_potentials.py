@@ -621,7 +621,21 @@ OK_SPEC = PotentialSpec("max_tokens", n=5)
             "steering.potentials[2].schema: invalid JSON schema: ",
         ),
         (PotentialSpec("json_schema", schema="[1, 2]"), "steering.potentials[2].schema: invalid JSON schema: "),
-        (PotentialSpec("json_schema", schema="[" * 100_000), "steering.potentials[2].schema: nested deeper than 64"),
+        (PotentialSpec("json_schema", schema="[" * 60_000), "steering.potentials[2].schema: nested deeper than 64"),
+        # sizes are bounded before any work: a long text, too many phrases, too many bytes of them
+        (
+            PotentialSpec("json_schema", schema="[" * 100_000),
+            "steering.potentials[2].schema: longer than this server's",
+        ),
+        (PotentialSpec("regex", pattern="a" * 70_000), "steering.potentials[2].pattern: longer than this server's"),
+        (
+            PotentialSpec("banned_phrases", phrases=[f"p{i}" for i in range(20_000)]),
+            "steering.potentials[2].phrases: 20000 of them; this server's limit is 1000",
+        ),
+        (
+            PotentialSpec("banned_phrases", phrases=["x" * 60_000] * 5),
+            "steering.potentials[2].phrases: 300000 bytes in all",
+        ),
         (
             PotentialSpec("json_schema", schema='{"items": ' * 1000 + "{}" + "}" * 1000),
             "steering.potentials[2].schema: nested deeper than 64",

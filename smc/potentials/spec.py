@@ -17,6 +17,10 @@ import numpy as np
 from .interface import PotentialError
 
 DEFAULT_PATH = "steering.potentials"
+# Sizes a request may ask for, checked before any work is done for it (a table built, a grammar compiled)
+MAX_TEXT_BYTES = 64 << 10  # a pattern, grammar, schema, chars, or one phrase or prompt
+MAX_STRINGS = 1000  # phrases (or prompts) in one potential
+MAX_STRINGS_BYTES = 256 << 10  # all of one potential's phrases (or prompts) together
 
 
 @dataclass
@@ -152,7 +156,13 @@ def _req_str(spec: PotentialSpec, name: str, where: str, allow_empty: bool = Tru
         raise PotentialError(f"{where}.{name}: must be a string, got {type(v).__name__}")
     if not allow_empty and not v:
         raise PotentialError(f"{where}.{name}: must not be empty")
+    _size(v, f"{where}.{name}")
     return v
+
+
+def _size(text: str, where: str) -> None:
+    if len(text) > MAX_TEXT_BYTES or len(text.encode()) > MAX_TEXT_BYTES:
+        raise PotentialError(f"{where}: longer than this server's limit of {MAX_TEXT_BYTES} bytes")
 
 
 def _req_pos_int(spec: PotentialSpec, name: str, where: str) -> int:
@@ -188,11 +198,18 @@ def _strings(spec: PotentialSpec, name: str, where: str) -> list[str]:
     v = list(v)
     if not v:
         raise PotentialError(f"{where}.{name}: must not be empty")
+    if len(v) > MAX_STRINGS:
+        raise PotentialError(f"{where}.{name}: {len(v)} of them; this server's limit is {MAX_STRINGS}")
+    total = 0
     for j, p in enumerate(v):
         if not isinstance(p, str):
             raise PotentialError(f"{where}.{name}[{j}]: must be a string, got {type(p).__name__}")
         if not p:
             raise PotentialError(f"{where}.{name}[{j}]: empty {name[:-1]}")
+        _size(p, f"{where}.{name}[{j}]")
+        total += len(p.encode())
+    if total > MAX_STRINGS_BYTES:
+        raise PotentialError(f"{where}.{name}: {total} bytes in all; this server's limit is {MAX_STRINGS_BYTES}")
     return v
 
 
