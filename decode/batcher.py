@@ -19,6 +19,10 @@ from smcserve.engine.finish import FinishReason
 from smcserve.engine.model_runner import SeqBatchItem
 
 
+class InvalidCall(ValueError):
+    """A worker call that names what the request does not have (a particle), or asks for the impossible."""
+
+
 class RequestClosed(Exception):
     """Work for a steering request that was closed (cancelled) meanwhile: dropped, nothing to report."""
 
@@ -103,6 +107,9 @@ class Batcher:
     @property
     def num_sequences(self) -> int:
         return len(self.active) + len(self.pending)
+
+    def has_sequence(self, request_id: str) -> bool:
+        return request_id in self.active or any(s.request_id == request_id for s in self.pending)
 
     def has_work(self) -> bool:
         return bool(self.pending or self.active or self.aborted or self.jobs)

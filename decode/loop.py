@@ -118,6 +118,11 @@ class DecodeLoop:
             self.batcher.resume(seq)
             self.wakeup.notify()
 
+    def has_sequence(self, request_id: str) -> bool:
+        """A sequence of ``request_id`` is admitted or running (not yet retired)."""
+        with self.lock:
+            return self.batcher.has_sequence(request_id)
+
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` in the loop's thread between steps (for SMC bookkeeping that touches the KV pool)."""
         fut: Future = Future()
@@ -256,12 +261,30 @@ class DecodeLoop:
         if not seqs:
             return
         with self.lock:
-            tokens = sample_tokens(logits[: len(seqs)], [s.params for s in seqs], [s.num_tokens for s in seqs])
+            try:
+                tokens = sample_tokens(logits[: len(seqs)], [s.params for s in seqs], [s.num_tokens for s in seqs])
+            except Exception:  # find the row that fails: the others go on
+                tokens = [self._sample_one(logits[i : i + 1], seq) for i, seq in enumerate(seqs)]
             for seq, token in zip(seqs, tokens):
-                self.batcher.emit(seq, token)
+                if token is None:
+                    continue
+                try:
+                    self.batcher.emit(seq, token)
+                except Exception as err:  # one sequence's detokenising or stop strings: it alone fails
+                    log.exception("emitting a token of %s failed", seq.request_id)
+                    self.batcher.retire(seq, FinishReason.ERROR, f"the decode step failed: {type(err).__name__}")
             for seq in seqs:
                 if seq.finish_reason:
                     self.batcher.retire(seq, seq.finish_reason)
+
+    def _sample_one(self, logits: torch.Tensor, seq: DecodeSeq) -> int | None:
+        """``seq``'s token alone; None when sampling fails for it (it is retired with an error)."""
+        try:
+            return sample_tokens(logits, [seq.params], [seq.num_tokens])[0]
+        except Exception as err:
+            log.exception("sampling for %s failed", seq.request_id)
+            self.batcher.retire(seq, FinishReason.ERROR, f"the decode step failed: {type(err).__name__}")
+            return None
 
     def _load_prompt(self, seq: DecodeSeq) -> bool:
         """Load ``seq``'s prompt KV and let it run; on failure it retires (and False)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from smcserve.decode.batcher import ExtendJob, RequestClosed, Reservation
+from smcserve.decode.batcher import ExtendJob, InvalidCall, RequestClosed, Reservation
 from smcserve.decode.host import ParticleHost
 from smcserve.engine.block_manager import BlockTable
 from smcserve.engine.kv import chain_keys
@@ -145,8 +145,8 @@ class ParticleGroup:
         travel. The particles stay here (a source may also keep offspring locally) until ``reshape``.
         """
         out = []
-        for pid in ids:
-            p = self.particles[pid]
+        for i, pid in enumerate(ids):
+            p = self._particle(pid, f"particle_ids[{i}]")
             if not p.finished:
                 for prompt, table in zip(self.prompts, p.tables):
                     tokens = self.kv_tokens(p, prompt)
@@ -165,6 +165,11 @@ class ParticleGroup:
         particle not kept is freed. On failure every particle, old or new, stays reachable from
         ``self.particles``, so closing the request frees all of it."""
         self._check_open()
+        for i, (source, _) in enumerate(keep):
+            self._particle(source, f"keep[{i}].source_id")
+        ids = [nid for _, new_ids in keep for nid in new_ids] + [nid for nid, _, _ in imports]
+        if len(set(ids)) != len(ids) or len({source for source, _ in keep}) != len(keep):
+            raise InvalidCall("keep, imports: every particle id at most once")
         new: dict[str, Particle] = {}
         try:
             for source, new_ids in keep:
@@ -197,6 +202,12 @@ class ParticleGroup:
         self.particles = {}
         self.host.release(self.request_id)
 
+    def _particle(self, pid: str, field: str) -> Particle:
+        p = self.particles.get(pid)
+        if p is None:
+            raise InvalidCall(f"{field}: no particle {pid!r} in this request")
+        return p
+
     def _check_open(self) -> None:
         """A call that arrives after ``close`` (it raced a cancel) must not hold KV again."""
         if self.closed:
@@ -210,7 +221,12 @@ class ParticleGroup:
     # --- extension: one batched step ---------------------------------------------------------------
     def extend_job(self, step: int, items: list[tuple[str, int, int]]) -> ExtendJob:
         self._check_open()
-        parents = [self.particles[pid] for pid, _, _ in items]
+        if len({pid for pid, _, _ in items}) != len(items):
+            raise InvalidCall("items: each particle at most once")
+        for i, (_, _, k) in enumerate(items):
+            if not 1 <= k <= 64:
+                raise InvalidCall(f"items[{i}].k: must be in [1, 64], got {k}")
+        parents = [self._particle(pid, f"items[{i}].particle_id") for i, (pid, _, _) in enumerate(items)]
         for (pid, _, _), p in zip(items, parents):
             if p.finished:
                 raise ValueError(f"particle {pid} has finished and cannot be extended")

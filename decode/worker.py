@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import os
 import queue
 import threading
@@ -14,7 +15,7 @@ from concurrent import futures
 import grpc
 import ray
 
-from smcserve.decode.batcher import RequestClosed
+from smcserve.decode.batcher import InvalidCall, RequestClosed
 from smcserve.decode.loop import DecodeLoop
 from smcserve.decode.particles import ParticleGroup
 from smcserve.decode.sequence import DecodeSeq
@@ -83,7 +84,39 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 log.warning("steering request %s dropped: its scheduler is gone", group.request_id)
                 self.loop.call(group.close)
 
+    # --- checks: only the scheduler calls this service, but nothing it receives is trusted ---------
+    def _invalid(self, context, message: str) -> None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    def _check_tokens(self, context, field: str, ids) -> None:
+        vocab = self.loop.lm.config.vocab_size
+        for i, t in enumerate(ids):
+            if not 0 <= t < vocab:
+                self._invalid(context, f"{field}[{i}]: token id {t} is outside the vocabulary [0, {vocab})")
+
+    def _check_request(self, context, request_id: str, prompt, sampling) -> None:
+        if not request_id:
+            self._invalid(context, "request_id: required")
+        if not prompt:
+            self._invalid(context, "prompt_token_ids: must not be empty")
+        self._check_tokens(context, "prompt_token_ids", prompt)
+        p = sampling
+        if not (p.temperature >= 0 and math.isfinite(p.temperature)):
+            self._invalid(context, f"sampling.temperature: must be a finite number >= 0, got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            self._invalid(context, f"sampling.top_p: must be in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            self._invalid(context, f"sampling.top_k: must be >= 0, got {p.top_k}")
+        context_len = self.loop.lm.config.max_position_embeddings
+        if not 0 < p.max_tokens or len(prompt) + p.max_tokens > context_len:
+            self._invalid(context, f"sampling.max_tokens: {p.max_tokens} does not fit the context of {context_len}")
+
     def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.ServicerContext):
+        self._check_request(context, request.request_id, request.prompt_token_ids, request.sampling)
+        self._check_tokens(context, "resume_token_ids", request.resume_token_ids)
+        self._check_tokens(context, "first_token", [request.first_token])
+        if self.loop.has_sequence(request.request_id):
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request.request_id!r} is already decoding")
         params = sampling_from_proto(request.sampling)
         resumed = list(request.resume_token_ids)  # a generation another worker began: its detokenizer picks up
         seq = DecodeSeq(
@@ -102,7 +135,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             else:
                 self.loop.submit(seq, request.first_token)
         except OutOfBlocks as err:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.worker_id}: {err}")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except Exception:
             self._internal(context, f"submitting {request.request_id}")
         while True:
@@ -114,7 +147,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 continue
             if ev.finish_reason == FinishReason.ERROR:  # logged with its traceback where it happened
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED if ev.out_of_kv else grpc.StatusCode.INTERNAL
-                context.abort(code, f"decode worker {self.worker_id}: {ev.error}")
+                context.abort(code, ev.error)
             yield worker_pb2.DecodeEvent(
                 token_ids=ev.token_ids,
                 text=ev.text,
@@ -128,22 +161,22 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def _group(self, request_id: str, context) -> ParticleGroup:
         group = self.groups.get(request_id)
         if group is None:
-            context.abort(
-                grpc.StatusCode.NOT_FOUND, f"request_id: no steering request {request_id!r} on {self.worker_id}"
-            )
+            context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no steering request {request_id!r} here")
         return group
 
     def _internal(self, context, what: str) -> None:
         """Our own bug (the scheduler validated the request): INTERNAL, traceback in this worker's log."""
         log.exception("decode worker %s: %s failed", self.worker_id, what)
-        context.abort(grpc.StatusCode.INTERNAL, f"decode worker {self.worker_id}: {what} failed (see the server log)")
+        context.abort(grpc.StatusCode.INTERNAL, f"{what} failed (see the server log)")
 
     def _wait(self, future, context, what: str):
         """The result of work done in the decode loop's thread; its failures mapped to gRPC codes."""
         try:
             return future.result()
         except OutOfBlocks as err:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.worker_id}: {err}")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except InvalidCall as err:  # names a particle the request does not have, or the like
+            self._invalid(context, str(err))
         except RequestClosed:  # the request was cancelled meanwhile: nothing to report
             context.abort(grpc.StatusCode.CANCELLED, "the steering request was closed")
         except Exception:
@@ -154,6 +187,14 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return self._wait(self.loop.call(fn), context, what)
 
     def SmcOpen(self, request, context):
+        self._check_request(context, request.request_id, request.prompt_token_ids, request.sampling)
+        if len(set(request.particle_ids)) != len(request.particle_ids):
+            self._invalid(context, "particle_ids: must be distinct")
+        for i, p in enumerate(request.potentials):
+            for j, ids in enumerate(p.prompt_ids):
+                self._check_tokens(context, f"potentials[{i}].prompt_ids[{j}].ids", ids.ids)
+        if request.request_id in self.groups:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request.request_id!r} is already open")
         if self.vocab is None:
             self.vocab = get_vocab(
                 self.loop.lm.tokenizer,
@@ -220,6 +261,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     def SmcReshape(self, request, context):
         group = self._group(request.request_id, context)
+        for i, st in enumerate(request.imports):
+            self._check_tokens(context, f"imports[{i}].generated", st.generated)
         keep = [(k.source_id, list(k.new_ids)) for k in request.keep]
         imports = [(st.particle_id, list(st.generated), st.finished) for st in request.imports]
         self._run(lambda: group.reshape(keep, imports), context, "SmcReshape")

@@ -98,6 +98,17 @@ def worker_status(err: grpc.aio.AioRpcError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def client_error(err: grpc.aio.AioRpcError, what: str) -> tuple[grpc.StatusCode, str]:
+    """What the client is told of a decode worker's error (:func:`worker_status`): why it is out of KV,
+    else nothing of the worker (which worker, where, what failed inside: that is in the logs)."""
+    code = worker_status(err)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return code, f"{what}: {err.details()}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return code, f"{what}: no decode worker could be reached; try again"
+    return code, f"{what} failed: internal error (see the server log)"
+
+
 def _sampling_proto(p: SamplingParams) -> smcserve_pb2.SamplingParams:
     return smcserve_pb2.SamplingParams(
         temperature=p.temperature,
@@ -424,7 +435,7 @@ class SchedulerService:
                 raise  # the client went away: _generate's finally cancels the worker's stream
             yield self._final(request_id, "abort", usage, t0)
         except grpc.aio.AioRpcError as err:
-            await context.abort(worker_status(err), f"decode failed: {err.details() or err.code().name}")
+            await context.abort(*client_error(err, "decode"))
 
     async def _decode(self, request: worker_pb2.DecodeRequest, run: Running, preferred: DecodeHandle):
         """Stream the request from the chosen decode worker, or the least loaded other one that can take
@@ -464,7 +475,7 @@ class SchedulerService:
                 err, code = e, e.code()
                 if code == grpc.StatusCode.UNAVAILABLE:
                     self.liveness.lost(dw, "Decode stream broke")
-                elif streamed or code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                elif streamed or code not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ALREADY_EXISTS):
                     raise  # out of KV mid-stream, or the worker failed: not a worker to replace
             finally:
                 dw.active -= 1
@@ -551,7 +562,7 @@ class SchedulerService:
             final.result.CopyFrom(steer.result(pop))
             yield final
         except grpc.aio.AioRpcError as err:
-            await context.abort(worker_status(err), f"steering failed: {err.details() or err.code().name}")
+            await context.abort(*client_error(err, "steering"))
         finally:  # shielded: a cancelled request (the client gone) still frees its particles everywhere
             await asyncio.shield(steer.close())
 

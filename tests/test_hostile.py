@@ -4,6 +4,7 @@ are refused before any work, and what the server keeps per request is bounded.""
 from __future__ import annotations
 
 import random
+import re
 import statistics
 import threading
 import time
@@ -112,3 +113,76 @@ def test_scheduler_memory_is_flat_over_distinct_rejected_requests(server, client
     growth_mb = (scheduler.memory_info().rss - start) / 2**20
     print(f"\n[hostile] scheduler RSS growth over 2,000 rejected requests: {growth_mb:.1f} MB")
     assert growth_mb < 50
+
+
+def test_the_worker_service_checks_what_it_receives(client):
+    """Only the scheduler calls a decode worker's service, but it trusts nothing it receives."""
+    from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
+
+    info = client.info()
+    sampling = smcserve_pb2.SamplingParams(temperature=1.0, top_p=1.0, max_tokens=4, seed=1)
+    with grpc.insecure_channel(info.decode_workers[0].address) as ch:
+        stub = worker_pb2_grpc.DecodeWorkerStub(ch)
+        bad = [
+            (
+                stub.Decode,
+                worker_pb2.DecodeRequest(request_id="w1", prompt_token_ids=[1, info.vocab_size], sampling=sampling),
+                "prompt_token_ids[1]",
+            ),  # noqa: E501
+            (
+                stub.Decode,
+                worker_pb2.DecodeRequest(request_id="w2", prompt_token_ids=[1, 2], first_token=-3, sampling=sampling),
+                "first_token[0]",
+            ),  # noqa: E501
+            (
+                stub.Decode,
+                worker_pb2.DecodeRequest(request_id="", prompt_token_ids=[1], sampling=sampling),
+                "request_id",
+            ),  # noqa: E501
+            (
+                stub.SmcOpen,
+                worker_pb2.SmcOpenRequest(
+                    request_id="w3", prompt_token_ids=[5], sampling=sampling, particle_ids=["a", "a"]
+                ),
+                "particle_ids",
+            ),  # noqa: E501
+        ]
+        for call, req, field in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                result = call(req)
+                list(result) if call is stub.Decode else result
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(field)
+        stub.SmcOpen(
+            worker_pb2.SmcOpenRequest(request_id="w4", prompt_token_ids=[5, 6], sampling=sampling, particle_ids=["p"])
+        )  # noqa: E501
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.SmcExtend(worker_pb2.SmcExtendRequest(request_id="w4", items=[{"particle_id": "nope", "k": 1}]))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no particle 'nope'" in err.value.details()
+        finally:
+            stub.SmcClose(worker_pb2.SmcCloseRequest(request_id="w4"))
+    assert client.info().decode_workers[0].kv_blocks_in_use == 0
+
+
+def test_errors_say_nothing_internal(client):
+    """Out of KV, an invalid grammar, a schema too deep: the messages name the client's field or the
+    reason, never a worker, an address, a process or a traceback."""
+    cases = [
+        build_request("Hello", max_tokens=4000, ignore_eos=True),  # more KV than the small pool has
+        build_request(
+            "Hello", max_tokens=4, steering={"particles": 1, "potentials": [{"kind": "cfg", "grammar": "start: ("}]}
+        ),  # noqa: E501
+        build_request(
+            "Hello",
+            max_tokens=4,
+            steering={"particles": 1, "potentials": [{"kind": "json_schema", "schema": '{"items":' * 1000}]},
+        ),  # noqa: E501
+    ]
+    for req in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.stub.Generate(req))
+        details = err.value.details()
+        assert err.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT), details
+        for leak in ("decode-", "prefill-", "127.0.0.1", "pid", "Actor", "Traceback", "Ray"):
+            assert leak not in details, details
+        assert not re.search(r"\d+\.\d+\.\d+\.\d+", details), details

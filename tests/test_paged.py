@@ -287,3 +287,38 @@ def test_engine_abort_frees_blocks(tiny_model_dir, redis_url):
         held.set()
         release.set()
         engine.close()
+
+
+def test_a_sequence_that_fails_in_a_step_fails_alone(tiny_model_dir, redis_url):
+    """A sequence whose token handling raises (here its detokenizer, on its third token) ends with an
+    error and frees its KV; the sequences batched with it in the same steps finish normally."""
+    from smcserve.engine.model import load_model
+
+    lm = load_model(str(tiny_model_dir), "float32")
+    store = KVStore(redis_url, key_prefix="t-isolate:")
+    engine = DecodeLoop(lm, store, 16, 64).start()
+
+    class Broken(IncrementalDetokenizer):
+        def push(self, token_id):
+            if len(self.token_ids) == 2:
+                raise UnicodeError("a detokenizer bug")
+            return super().push(token_id)
+
+    held = _hold_engine(engine)  # all three join the same first step
+    try:
+        prefiller = Prefiller(lm, store, 16)
+        good = [_submit(engine, lm, prefiller, f"Question {i}?", 8, f"ok{i}") for i in range(2)]
+        ids = lm.tokenizer.encode("Broken one?", add_special_tokens=False)
+        params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        pre = prefiller.prefill(ids, params)
+        bad = DecodeSeq("bad", ids, pre.block_keys, params, Broken(lm.tokenizer))
+        engine.submit(bad, pre.first_token)
+    finally:
+        held.set()
+    for s in [*good, bad]:
+        _wait(s)
+    assert bad.finish_reason == "error" and len(bad.output_ids) == 3
+    assert [s.finish_reason for s in good] == ["length", "length"] and all(len(s.output_ids) == 8 for s in good)
+    st_ = engine.stats()
+    assert st_.kv_blocks_in_use == 0 and st_.active_sequences == 0
+    engine.close()
