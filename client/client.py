@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -23,10 +24,37 @@ class Completion:
     usage: pb.Usage | None = None
 
 
+API_KEY_ENV = "SMCSERVE_API_KEY"
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <key>`` to every call."""
+
+    def __init__(self, key: str):
+        self.entry = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details):
+        return details._replace(metadata=[*(details.metadata or ()), self.entry])
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._with_key(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._with_key(client_call_details), request)
+
+
 class Client:
-    def __init__(self, address: str = DEFAULT_ADDRESS):
-        self.channel = grpc.insecure_channel(address)
-        self.stub = smcserve_pb2_grpc.SmcServeStub(self.channel)
+    def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None, tls: bool | str = False):
+        """``api_key``: sent as a bearer token (default: ``$SMCSERVE_API_KEY``, if set). ``tls``: True
+        (the system's root certificates) or the path of a CA certificate (PEM) to trust."""
+        if tls:
+            roots = open(tls, "rb").read() if isinstance(tls, str) else None
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots))
+        else:
+            self.channel = grpc.insecure_channel(address)
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        channel = grpc.intercept_channel(self.channel, _Bearer(key)) if key else self.channel
+        self.stub = smcserve_pb2_grpc.SmcServeStub(channel)
 
     def stream(
         self, prompt: str | None = None, messages: Sequence[dict] | None = None, **kw
@@ -87,3 +115,15 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def add_connection_arguments(parser) -> None:
+    """The flags every command that connects takes: ``--address``, ``--api-key``, ``--tls``, ``--tls-ca``."""
+    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
+    parser.add_argument("--api-key", default=None, help=f"API key (default: ${API_KEY_ENV})")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (the system's root certificates)")
+    parser.add_argument("--tls-ca", default=None, help="connect with TLS, trusting this CA certificate (PEM)")
+
+
+def client_from_args(args) -> Client:
+    return Client(args.address, args.api_key, args.tls_ca or args.tls)

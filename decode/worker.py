@@ -18,6 +18,7 @@ import ray
 from smcserve.decode.batcher import InvalidCall, RequestClosed
 from smcserve.decode.loop import DecodeLoop
 from smcserve.decode.particles import ParticleGroup
+from smcserve.decode.secret import SecretCheck
 from smcserve.decode.sequence import DecodeSeq
 from smcserve.engine.block_manager import OutOfBlocks
 from smcserve.engine.config import WorkerConfig
@@ -333,6 +334,7 @@ class DecodeWorker:
         host = config.host or _node_ip(node_id)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=256),
+            interceptors=[SecretCheck(config.secret)],
             options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
         )
         port = self.server.add_insecure_port(f"{host}:0")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 
@@ -21,6 +21,10 @@ class WorkerConfig:
     kv_cache_bytes: int = 1 << 30  # decode workers: size of the paged KV pool; prefill workers: of their
     # own prefix cache (their pool also has room for the longest prompt)
     prefix_cache: bool = True  # prefill workers: reuse prompt blocks already in the KV store
+    secret: str = field(default="", repr=False)  # decode workers: callers of their service must send it
+
+    def same_but_secret(self, other: WorkerConfig) -> bool:
+        return replace(self, secret="") == replace(other, secret="")
 
 
 def parse_size(text: str) -> int:

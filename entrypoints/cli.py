@@ -13,12 +13,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from smcserve.protos.messages import DEFAULT_ADDRESS
-
 
 # --- generate and info ------------------------------------------------------------------------------
 def _generate(args) -> int:
-    from smcserve.client.client import Client
+    from smcserve.client.client import client_from_args
 
     kw = dict(
         temperature=args.temperature,
@@ -31,7 +29,7 @@ def _generate(args) -> int:
     prompt, messages = (args.prompt, None) if args.raw else (None, [{"role": "user", "content": args.prompt}])
     if args.system and messages is not None:
         messages.insert(0, {"role": "system", "content": args.system})
-    with Client(args.address) as client:
+    with client_from_args(args) as client:
         try:
             for r in client.stream(prompt, messages, **kw):
                 sys.stdout.write(r.text)
@@ -51,7 +49,9 @@ def _generate(args) -> int:
 
 def _generate_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("prompt", help="the user message (or, with --raw, the raw prompt text)")
-    g.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
+    from smcserve.client.client import add_connection_arguments
+
+    add_connection_arguments(g)
     g.add_argument("--raw", action="store_true", help="send the prompt as raw text instead of a chat message")
     g.add_argument("--system", default=None, help="system message (chat mode)")
     g.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate (default: the server's, 128)")
@@ -71,9 +71,9 @@ def _generate_arguments(g: argparse.ArgumentParser) -> None:
 def _info(args) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from smcserve.client.client import Client
+    from smcserve.client.client import client_from_args
 
-    with Client(args.address) as client:
+    with client_from_args(args) as client:
         try:
             print(json.dumps(MessageToDict(client.info()), indent=2))
         except grpc.RpcError as err:
@@ -83,7 +83,9 @@ def _info(args) -> int:
 
 
 def _info_arguments(i: argparse.ArgumentParser) -> None:
-    i.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
+    from smcserve.client.client import add_connection_arguments
+
+    add_connection_arguments(i)
     i.set_defaults(func=_info)
 
 

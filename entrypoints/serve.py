@@ -10,6 +10,7 @@ import sys
 import typing
 from dataclasses import MISSING, fields
 
+from smcserve.kvstore.embedded import redacted
 from smcserve.scheduler.stack import ServeConfig, Stack
 
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"smcserve listening on {stack.address} (model {config.model or 'smollm2-135m-instruct'}, "
                 f"{config.prefill_workers} prefill + {config.decode_workers} decode workers, "
-                f"redis {stack.redis_url}, ray {config.ray_address or 'local'})\n"
+                f"redis {redacted(stack.redis_url)}, ray {config.ray_address or 'local'})\n"
                 f"dtype {stack.dtype}: {stack.dtype_reason}",
                 flush=True,
             )

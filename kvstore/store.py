@@ -10,7 +10,7 @@ import redis
 import torch
 
 from smcserve.kvstore.codec import BlockDecodeError, decode_block, encode_block
-from smcserve.kvstore.embedded import connect_redis, ping_url
+from smcserve.kvstore.embedded import connect_redis, ping_url, redacted
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class KVStore:
             if sizes:
                 written += self._flush(pipe, sizes)
         except redis.RedisError as err:
-            log.warning("KV put to %s failed (%d blocks): %s", self.url, len(items), err)
+            log.warning("KV put to %s failed (%d blocks): %s", redacted(self.url), len(items), err)
             return 0
         return written
 
@@ -79,7 +79,7 @@ class KVStore:
         try:
             values = self._r.mget(full)
         except redis.RedisError as err:
-            log.warning("KV get from %s failed (%d keys), treating as miss: %s", self.url, len(keys), err)
+            log.warning("KV get from %s failed (%d keys), treating as miss: %s", redacted(self.url), len(keys), err)
             return [None] * len(keys)
         out: list[torch.Tensor | None] = []
         for fk, value in zip(full, values):
@@ -103,7 +103,7 @@ class KVStore:
                 pipe.exists(self.full_key(k))
             return [bool(n) for n in pipe.execute()]
         except redis.RedisError as err:
-            log.warning("KV exists on %s failed, treating as miss: %s", self.url, err)
+            log.warning("KV exists on %s failed, treating as miss: %s", redacted(self.url), err)
             return [False] * len(keys)
 
     def cached_prefix_len(self, keys: Sequence[str]) -> int:

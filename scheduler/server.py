@@ -27,6 +27,7 @@ from smcserve.engine.sampling import SamplingParams
 from smcserve.kvstore import KVStore
 from smcserve.prefill.result import PrefillResult
 from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
+from smcserve.scheduler.auth import OPEN, ApiKeys, with_secret
 from smcserve.scheduler.conductor import (
     CostRecorder,
     DecodeInstance,
@@ -65,8 +66,9 @@ def cancel_prefill(pw: PrefillHandle, ref: ray.ObjectRef, ticket: str) -> None:
     pw.actor.cancel.remote(ticket)
 
 
-def connect_decode(address: str) -> worker_pb2_grpc.DecodeWorkerStub:
-    return worker_pb2_grpc.DecodeWorkerStub(grpc.aio.insecure_channel(address))
+def connect_decode(address: str, secret: str = "") -> worker_pb2_grpc.DecodeWorkerStub:
+    """A stub of the decode worker at ``address``; every call sends the cluster ``secret``."""
+    return worker_pb2_grpc.DecodeWorkerStub(grpc.aio.insecure_channel(address, interceptors=with_secret(secret)))
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Running:
     call: grpc.aio.UnaryStreamCall | None = None
     aborted: bool = False
     cancel_prefill: Callable[[], None] | None = None  # while its prefill runs: stop it (Abort)
+    owner: str = OPEN  # the caller's key id: only the same caller may Abort it
 
 
 @dataclass
@@ -138,6 +141,7 @@ class SchedulerService:
     stats_interval_s: float = 2.0  # decode workers' Stats older than this are refreshed (in the background)
     connect: Callable[[str], worker_pb2_grpc.DecodeWorkerStub] = connect_decode  # a decode worker's stub
     liveness: Liveness | None = None  # who is alive (made from the pools and the store when not given)
+    api_keys: ApiKeys = field(default_factory=ApiKeys)  # none: the API is open
     _vocab: object = None
     _validator: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(VALIDATION_THREADS, thread_name_prefix="validate")
@@ -284,8 +288,10 @@ class SchedulerService:
         """validate → claim an id and a slot → admit and place → (steer | prefill → decode stream), each
         ending with its final message."""
         t0 = time.perf_counter()
+        caller = await self._authenticate(context)
         prompt_ids, params, steering = await self._validate(request, context)
         request_id, run = await self._claim(request, context)
+        run.owner = caller
         try:
             placement = await self._admit(prompt_ids, params, context)
             if steering is not None:
@@ -300,6 +306,15 @@ class SchedulerService:
                 run.call.cancel()  # no-op when finished; otherwise the worker frees the KV
             self.running.pop(request_id, None)
             self.refresh_decode_stats_soon()  # the KV it held is free again: place the next ones on fresh numbers
+
+    async def _authenticate(self, context) -> str:
+        """The caller's key id (:class:`scheduler.auth.ApiKeys`); UNAUTHENTICATED without a valid key."""
+        if not self.api_keys.keys:
+            return OPEN
+        caller = self.api_keys.caller(context.invocation_metadata())
+        if caller is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key (authorization: Bearer)")
+        return caller
 
     async def _validate(self, request, context) -> tuple[list[int], SamplingParams, SteeringConfig | None]:
         """Prompt token ids, sampling parameters and the steering configuration (None: plain generation);
@@ -571,10 +586,11 @@ class SchedulerService:
         return smcserve_pb2.GenerateResponse(request_id=request_id, finish_reason=reason, usage=usage)
 
     async def Abort(self, request, context):
+        caller = await self._authenticate(context)
         if isinstance(request, BadUtf8):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: invalid UTF-8")
         run = self.running.get(request.request_id)
-        if run is None:
+        if run is None or run.owner != caller:  # another caller's request is not found either
             return smcserve_pb2.AbortResponse(found=False)
         run.aborted = True
         if run.call is not None:
@@ -584,6 +600,7 @@ class SchedulerService:
         return smcserve_pb2.AbortResponse(found=True)
 
     async def GetModelInfo(self, request, context):
+        await self._authenticate(context)
         decode = await self.refresh_decode_stats(timeout=10)
         info = smcserve_pb2.ModelInfo(
             model=self.model.name,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,12 +22,15 @@ from smcserve.engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtyp
 from smcserve.kvstore import EmbeddedRedis, KVStore, start_or_connect
 from smcserve.protos import smcserve_pb2
 from smcserve.protos.messages import DEFAULT_HOST, DEFAULT_PORT
+from smcserve.scheduler.auth import ApiKeys
 from smcserve.scheduler.conductor import POLICY_NAMES, make_policy
 from smcserve.scheduler.liveness import Liveness
 from smcserve.scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService, connect_decode
 from smcserve.scheduler.validate import Limits
 
 log = logging.getLogger(__name__)
+API_KEY_ENV = "SMCSERVE_API_KEY"  # the API key(s), when --api-key is not given (keeps them out of `ps`)
+SECRET_ENV = "SMCSERVE_CLUSTER_SECRET"  # a fixed cluster secret for the decode workers (default: a fresh one)
 RAY_NAMESPACE = "smcserve"  # of the named worker actors on a joined cluster
 SERVICE_NAME = smcserve_pb2.DESCRIPTOR.services_by_name["SmcServe"].full_name
 
@@ -66,6 +72,11 @@ class ServeConfig:
     worker_host: str | None = _field(
         None, "address decode workers listen on (default: 127.0.0.1 locally, the Ray node IP in a cluster)"
     )
+    api_key: str | None = _field(
+        None, f"API key(s) a client must send (authorization: Bearer KEY), comma-separated; default ${API_KEY_ENV}"
+    )
+    tls_cert: str | None = _field(None, "TLS certificate chain (PEM) of the gRPC API; with --tls-key")
+    tls_key: str | None = _field(None, "TLS private key (PEM) of the gRPC API; with --tls-cert")
 
 
 class Stack:
@@ -81,6 +92,7 @@ class Stack:
         self.decode: list[DecodeHandle] = []
         self.started_ray = False
         self.liveness: Liveness | None = None
+        self.secret = ""  # the decode workers' cluster secret (never logged)
         self.dtype = ""  # the concrete dtype every worker runs ("float32" or "bfloat16")
         self.dtype_reason = ""  # why: as given, or the timings that decided ``--dtype auto``
 
@@ -120,7 +132,12 @@ class Stack:
             kv_cache_bytes=parse_size(cfg.kv_cache),
             prefix_cache=cfg.prefix_cache,
             host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"),
+            # the decode workers' service admits only this scheduler (a fixed one from the environment)
+            secret=os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32),
         )
+        if cfg.ray_address:  # workers left by a scheduler before this one: their secret, to take them over
+            wcfg = await self._adopt_secret(wcfg)
+        self.secret = wcfg.secret
         # pools spread over the nodes; a worker that dies is started again by Ray (scheduler.liveness)
         opts = {"num_cpus": cfg.worker_cpus, "scheduling_strategy": "SPREAD", "max_restarts": -1}
         pools = [(PrefillWorker, "prefill", cfg.prefill_workers), (DecodeWorker, "decode", cfg.decode_workers)]
@@ -134,7 +151,7 @@ class Stack:
         addresses = await asyncio.gather(*(a.address_of.remote() for a in decode))
         self.prefill = [PrefillHandle(f"prefill-{i}", a, node) for i, (a, node) in enumerate(zip(prefill, nodes))]
         self.decode = [
-            DecodeHandle(f"decode-{i}", a, addr, connect_decode(addr))
+            DecodeHandle(f"decode-{i}", a, addr, connect_decode(addr, self.secret))
             for i, (a, addr) in enumerate(zip(decode, addresses))
         ]
 
@@ -150,7 +167,7 @@ class Stack:
         self.liveness = Liveness(
             self.prefill,
             self.decode,
-            connect_decode,
+            functools.partial(connect_decode, secret=self.secret),
             store,
             restart_store=self.redis.restart if self.redis is not None else None,
             set_health=set_health,
@@ -173,8 +190,9 @@ class Stack:
             decode=self.decode,
             max_inflight=cfg.max_inflight,
             store=store,
-            connect=connect_decode,
+            connect=functools.partial(connect_decode, secret=self.secret),
             liveness=self.liveness,
+            api_keys=ApiKeys.parse(cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV)),
             policy=make_policy(cfg.policy),
             slo_ttft_ms=cfg.slo_ttft_ms,
             slo_tbt_ms=cfg.slo_tbt_ms,
@@ -186,7 +204,14 @@ class Stack:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
-        port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if bool(cfg.tls_cert) != bool(cfg.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if cfg.tls_cert:
+            with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+                credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+            port = self.server.add_secure_port(f"{cfg.host}:{cfg.port}", credentials)
+        else:
+            port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         self.address = f"{cfg.host}:{port}"
@@ -194,6 +219,17 @@ class Stack:
         await set_health(True)
         self.liveness.start()
         return self
+
+    async def _adopt_secret(self, wcfg: WorkerConfig) -> WorkerConfig:
+        """``wcfg`` with the secret of a worker already running with the same configuration, if any."""
+        for name in ("smcserve-decode-0", "smcserve-prefill-0"):
+            try:
+                running = await ray.get_actor(name, namespace=RAY_NAMESPACE).config_of.remote()
+            except (ValueError, ray.exceptions.RayError):
+                continue
+            if running.same_but_secret(wcfg):
+                return dataclasses.replace(wcfg, secret=running.secret)
+        return wcfg
 
     async def _worker(self, cls, opts: dict, wcfg: WorkerConfig, worker_id: str):
         """A worker actor. On a cluster we joined (``--ray-address``) it is detached and named, so it
@@ -210,7 +246,7 @@ class Stack:
             running = await actor.config_of.remote()
         except ray.exceptions.RayError:  # a dead leftover
             running = None
-        if running == wcfg:
+        if running is not None and running == wcfg:
             log.warning("worker %s: taking over the one already running", worker_id)
             return actor
         log.warning("worker %s: replacing one with another configuration", worker_id)

@@ -11,6 +11,7 @@ import torch
 from smcserve.loadtest.server_process import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
+CLUSTER_SECRET = "tests-cluster-secret"  # the session server's decode workers' secret (SMCSERVE_CLUSTER_SECRET)
 
 # llguidance reports a token it rejects as a Rust error; with RUST_BACKTRACE=1 in the environment each
 # one captures a backtrace (~100-300 µs: the whole cost of full-vocabulary grammar checks). Error
@@ -66,7 +67,10 @@ def redis_url():
 @pytest.fixture(scope="session")
 def server():
     # a small KV pool (91 blocks of 16 tokens) so that running out of blocks is testable
-    srv = ServeProcess("--dtype", "float32", "--max-inflight", "8", "--redis-maxmemory", "256mb", "--kv-cache", "64mb")
+    env = dict(os.environ, SMCSERVE_CLUSTER_SECRET=CLUSTER_SECRET)  # tests call the decode workers directly too
+    srv = ServeProcess(
+        "--dtype", "float32", "--max-inflight", "8", "--redis-maxmemory", "256mb", "--kv-cache", "64mb", env=env
+    )  # fmt: skip
     yield srv
     code = srv.stop()
     assert code == 0, f"smcserve serve did not shut down cleanly ({code}):\n{srv.output()[-3000:]}"

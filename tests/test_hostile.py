@@ -115,13 +115,25 @@ def test_scheduler_memory_is_flat_over_distinct_rejected_requests(server, client
     assert growth_mb < 50
 
 
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, entries):
+        self.entries = entries
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(details._replace(metadata=[*(details.metadata or ()), *self.entries]), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+
 def test_the_worker_service_checks_what_it_receives(client):
     """Only the scheduler calls a decode worker's service, but it trusts nothing it receives."""
     from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 
     info = client.info()
     sampling = smcserve_pb2.SamplingParams(temperature=1.0, top_p=1.0, max_tokens=4, seed=1)
-    with grpc.insecure_channel(info.decode_workers[0].address) as ch:
+    secret = [("x-smcserve-secret", "tests-cluster-secret")]  # conftest's SMCSERVE_CLUSTER_SECRET
+    with grpc.insecure_channel(info.decode_workers[0].address) as plain:
+        ch = grpc.intercept_channel(plain, _Metadata(secret))
         stub = worker_pb2_grpc.DecodeWorkerStub(ch)
         bad = [
             (

@@ -1,0 +1,130 @@
+"""API keys and TLS on the public gRPC API; the decode workers' cluster secret; no password in logs."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from concurrent import futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from smcserve.client import Client
+from smcserve.decode.secret import SECRET_HEADER, SecretCheck
+from smcserve.kvstore.embedded import redacted
+from smcserve.loadtest.server_process import ServeProcess
+from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
+from smcserve.scheduler.auth import OPEN, ApiKeys, bearer, key_id
+
+
+# --- units -------------------------------------------------------------------------------------------
+def test_api_keys():
+    keys = ApiKeys.parse(" k1 , k2,")
+    assert keys.keys == ("k1", "k2")
+    assert keys.caller([("authorization", "Bearer k2")]) == key_id("k2") != key_id("k1")
+    assert keys.caller([("authorization", "bearer k1")]) == key_id("k1")
+    for bad in ([], [("authorization", "Bearer k3")], [("authorization", "Basic k1")], [("x", "Bearer k1")]):
+        assert keys.caller(bad) is None
+    assert ApiKeys.parse(None).caller([]) == OPEN and ApiKeys.parse("").caller([("authorization", "Bearer x")]) == OPEN
+    assert bearer([("Authorization", b"Bearer tok ")]) == "tok"
+
+
+def test_redis_passwords_never_reach_logs():
+    assert redacted("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
+    assert redacted("rediss://app:s3cret@db:6380") == "rediss://app:***@db:6380"
+    assert redacted("unix:///tmp/r.sock") == "unix:///tmp/r.sock"
+
+
+def test_the_worker_service_refuses_calls_without_the_cluster_secret():
+    class Stats(worker_pb2_grpc.DecodeWorkerServicer):
+        def Stats(self, request, context):
+            return smcserve_pb2.WorkerStats(worker_id="w")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2), interceptors=[SecretCheck("s3cret")])
+    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(Stats(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = worker_pb2_grpc.DecodeWorkerStub(ch)
+            for metadata in ((), ((SECRET_HEADER, "wrong"),)):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Stats(worker_pb2.StatsRequest(), metadata=metadata)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert stub.Stats(worker_pb2.StatsRequest(), metadata=((SECRET_HEADER, "s3cret"),)).worker_id == "w"
+            with pytest.raises(grpc.RpcError) as err:  # a streaming method too
+                list(stub.Decode(worker_pb2.DecodeRequest()))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop(0)
+
+
+# --- a live server with keys and TLS ----------------------------------------------------------------------
+def self_signed(tmp_path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1/localhost and its key, PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    import ipaddress
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(cert_path), str(key_path)
+
+
+@pytest.mark.e2e
+def test_keys_and_tls_on_a_live_server(tmp_path, tiny_model_dir):
+    cert, key = self_signed(tmp_path)
+    env = dict(os.environ, SMCSERVE_API_KEY="alice-key,bob-key")  # keys from the environment, not argv
+    args = ("--model", str(tiny_model_dir), "--dtype", "float32", "--kv-cache", "16mb", "--tls-cert", cert,
+            "--tls-key", key)  # fmt: skip
+    with ServeProcess(*args, env=env) as server:
+        assert "alice-key" not in server.output()
+        creds = grpc.ssl_channel_credentials(open(cert, "rb").read())
+        with grpc.secure_channel(server.address, creds) as ch:  # health needs no key
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        for api_key in (None, "mallory-key"):
+            with Client(server.address, api_key=api_key or "", tls=cert) as c, pytest.raises(grpc.RpcError) as err:
+                c.generate("Hello", max_tokens=2)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "alice" not in err.value.details()
+        with pytest.raises(grpc.RpcError):  # plaintext to a TLS port
+            with Client(server.address, api_key="alice-key") as c:
+                c.info()
+        with (
+            Client(server.address, api_key="alice-key", tls=cert) as alice,
+            Client(server.address, api_key="bob-key", tls=cert) as bob,
+        ):
+            assert alice.generate("Hello", max_tokens=2).finish_reason in ("length", "stop")
+            stream = alice.stream("Hello", max_tokens=400, ignore_eos=True, request_id="alices")
+            next(stream)
+            assert not bob.abort("alices")  # only the caller who started it may abort it
+            assert alice.abort("alices")
+            assert [r.finish_reason for r in stream if r.finish_reason] == ["abort"]
+            for w in alice.info().decode_workers:  # the workers' service wants the cluster secret
+                with grpc.insecure_channel(w.address) as ch, pytest.raises(grpc.RpcError) as err:
+                    worker_pb2_grpc.DecodeWorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=30)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
