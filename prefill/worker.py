@@ -14,6 +14,8 @@ from smcserve.kvstore import KVStore
 from smcserve.prefill.prefiller import PrefillCancelled, Prefiller
 from smcserve.prefill.result import PrefillResult, PrefillStats
 
+MAX_CANCELLED = 4096
+
 
 @ray.remote(concurrency_groups={"health": 1})
 class PrefillWorker:
@@ -49,6 +51,8 @@ class PrefillWorker:
     def cancel(self, ticket: str) -> None:
         """Stop the prefill of ``ticket`` between two chunks, if it is running (the scheduler also
         ``ray.cancel``s it, which drops it while queued)."""
+        if len(self.cancelled) > MAX_CANCELLED:  # tickets of prefills that ended before their cancel came
+            self.cancelled.clear()
         self.cancelled.add(ticket)
 
     def prefill(self, token_ids: list[int], params: SamplingParams, ticket: str = "") -> PrefillResult | None:
