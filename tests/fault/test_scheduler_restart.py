@@ -43,10 +43,10 @@ def cluster():
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     )
     script = str(REPO / "deploy" / "local-cluster.sh")
-    out = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    ray_address, redis_url = re.search(r"RAY_ADDRESS=(\S+) REDIS_URL=(\S+)", out.stdout).groups()
-    try:
+    try:  # (down also stops what a failed up started)
+        out = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        ray_address, redis_url = re.search(r"RAY_ADDRESS=(\S+) REDIS_URL=(\S+)", out.stdout).groups()
         yield env, ray_address, redis_url
     finally:
         subprocess.run([script, "down"], env=env, capture_output=True, timeout=300)
