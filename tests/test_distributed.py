@@ -11,11 +11,22 @@ from smcserve.loadtest.server_process import ServeProcess
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def cluster_server():
+def start_cluster():
+    """A two-CPU head node. Ray waits a fixed 30 s for a new node's raylet to register, and on a
+    loaded two-core machine it has missed that (a raylet that never logged a line): one more try."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    for attempt in range(2):
+        try:
+            return Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+        except Exception as err:
+            if "timed out during startup" not in str(err) or attempt:
+                raise
+
+
+@pytest.fixture(scope="module")
+def cluster_server():
+    cluster = start_cluster()
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     srv = ServeProcess(

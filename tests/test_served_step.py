@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from smcserve.decode.batcher import RequestClosed
 from smcserve.decode.loop import DecodeLoop
 from smcserve.decode.particles import ParticleGroup
 from smcserve.decode.worker import DecodeService
@@ -186,7 +187,7 @@ def test_closing_a_request_with_a_step_still_queued_leaks_no_kv(engine):
     engine.call(lambda: group.open([], ["a", "b"])).result()
     job = engine.call(lambda: group.extend_job(0, [("a", 0, 2), ("b", 1, 2)])).result()
     closed = engine.call(group.close)  # queued first: runs before the job's step
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(RequestClosed, match="closed"):
         engine.extend(job).result()
     closed.result()
     assert engine.stats().kv_blocks_in_use == 0
