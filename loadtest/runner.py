@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from smcserve.client.client import API_KEY_ENV
 from smcserve.loadtest.metrics import DEFAULT_PERCENTILES, RequestRecord, compute_metrics, parse_slo
 from smcserve.loadtest.workloads import Workload
 from smcserve.protos.messages import DEFAULT_ADDRESS
+from smcserve.scheduler.auth import with_api_key
 
 DECODE_COUNTERS = (
     "requests_served",
@@ -192,7 +194,9 @@ async def run_workload_async(
     allow_remote: bool = False,
     connect_timeout: float = 15.0,
     stop: asyncio.Event | None = None,
+    api_key: str | None = None,
 ) -> RunResult:
+    """``api_key``: sent as a bearer token on every call (default: ``$SMCSERVE_API_KEY``, if set)."""
     from smcserve.protos import smcserve_pb2_grpc
     from smcserve.protos.messages import build_request
 
@@ -210,7 +214,8 @@ async def run_workload_async(
     in_flight = 0
     sem = asyncio.Semaphore(workload.max_concurrency) if workload.max_concurrency else None
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    async with grpc.aio.insecure_channel(address, interceptors=with_api_key(key)) as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), connect_timeout)
         except asyncio.TimeoutError:
@@ -418,6 +423,7 @@ def _progress_bar(total: int | None, desc: str, enabled: bool):
 # --- smcserve bench -----------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="server address (loopback only unless --allow-remote)")
+    p.add_argument("--api-key", default=None, help="API key of a server that wants one (default: $SMCSERVE_API_KEY)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback address")
     p.add_argument(
         "--workload",
@@ -572,6 +578,7 @@ def bench_main(args) -> int:
                 max_duration=args.max_duration,
                 drain_s=args.drain,
                 request_timeout=args.request_timeout,
+                api_key=args.api_key,
                 progress=not args.no_progress,
                 label=label,
                 allow_remote=args.allow_remote,

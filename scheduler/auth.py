@@ -78,8 +78,17 @@ class _StreamMetadata(_Entries, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(client_call_details), request)
 
 
+def adding_metadata(entries: tuple[tuple[str, str], ...]) -> list:
+    """Interceptors for a ``grpc.aio`` channel: every call carries ``entries`` (one interceptor per call
+    kind: the channel files each under its first kind only)."""
+    return [_UnaryMetadata(entries), _StreamMetadata(entries)]
+
+
 def with_secret(secret: str) -> list:
-    """Interceptors for a ``grpc.aio`` channel to a decode worker: every call carries the secret (one
-    interceptor per call kind: the channel files each under its first kind only)."""
-    entries = ((SECRET_HEADER, secret),)
-    return [_UnaryMetadata(entries), _StreamMetadata(entries)] if secret else []
+    """Interceptors for a ``grpc.aio`` channel to a decode worker: every call carries the secret."""
+    return adding_metadata(((SECRET_HEADER, secret),)) if secret else []
+
+
+def with_api_key(key: str | None) -> list:
+    """Interceptors for a ``grpc.aio`` channel to the API: every call carries ``key`` as a bearer token."""
+    return adding_metadata((("authorization", f"Bearer {key}"),)) if key else []

@@ -128,3 +128,54 @@ def test_keys_and_tls_on_a_live_server(tmp_path, tiny_model_dir):
                 with grpc.insecure_channel(w.address) as ch, pytest.raises(grpc.RpcError) as err:
                     worker_pb2_grpc.DecodeWorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=30)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _utf8(x) -> bytes:
+    return x if isinstance(x, bytes) else x.encode()
+
+
+def test_async_channels_carry_the_api_key_and_the_secret():
+    """``with_api_key`` (``smcserve bench``'s channel) and ``with_secret`` (the scheduler's stubs) add
+    their metadata to unary and streaming calls alike."""
+    import asyncio
+
+    from smcserve.scheduler.auth import with_api_key, with_secret
+
+    async def seen(request, context):
+        return repr(sorted((k, v) for k, v in context.invocation_metadata() if not k.startswith(("user-agent", ":"))))
+
+    async def seen_stream(request, context):
+        yield await seen(request, context)
+
+    async def main():
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "t.T",
+                    {
+                        "U": grpc.unary_unary_rpc_method_handler(
+                            seen, request_deserializer=bytes, response_serializer=_utf8
+                        ),
+                        "S": grpc.unary_stream_rpc_method_handler(
+                            seen_stream, request_deserializer=bytes, response_serializer=_utf8
+                        ),
+                    },
+                ),
+            )
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            interceptors = with_api_key("k1") + with_secret("s1")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=interceptors) as ch:
+                unary = await ch.unary_unary("/t.T/U", request_serializer=bytes, response_deserializer=bytes)(b"")
+                call = ch.unary_stream("/t.T/S", request_serializer=bytes, response_deserializer=bytes)(b"")
+                stream = [r async for r in call]
+        finally:
+            await server.stop(0)
+        return unary.decode(), stream[0].decode()
+
+    for answer in asyncio.run(main()):
+        assert "('authorization', 'Bearer k1')" in answer and f"('{SECRET_HEADER}', 's1')" in answer
+    assert with_api_key(None) == [] == with_secret("")
