@@ -310,13 +310,13 @@ def concurrency_workload(
     smc: SmcMix | None = None,
     temperature: float | None = None,
     ignore_eos: bool = True,
+    salt: int | str = 0,
 ) -> Workload:
-    """A closed loop: ``concurrency`` requests in flight at all times."""
+    """A closed loop: ``concurrency`` requests in flight at all times (``salt``: as in :func:`random_specs`)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    items = (
-        (0.0, s) for s in random_specs(input_len, max_tokens, seed, temperature=temperature, ignore_eos=ignore_eos)
-    )
+    specs = random_specs(input_len, max_tokens, seed, salt=salt, temperature=temperature, ignore_eos=ignore_eos)
+    items = ((0.0, s) for s in specs)
     if smc is not None and smc.ratio > 0:
         items = smc.apply(items, seed)
     return Workload(

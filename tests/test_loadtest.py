@@ -312,6 +312,10 @@ def test_synthetic_workloads():
     assert len({s.prompt for _, s in items}) == 50
     cw = concurrency_workload(3, num_requests=10)
     assert cw.max_concurrency == 3 and all(t == 0 for t, _ in cw)
+    salted = [s for _, s in concurrency_workload(3, num_requests=10, salt="x")]  # fresh prompts, same seeds
+    plain = [s for _, s in concurrency_workload(3, num_requests=10)]
+    assert not {s.prompt for s in salted} & {s.prompt for s in plain}
+    assert [s.seed for s in salted] == [s.seed for s in plain]
     sw = sweep_workloads([1, 2], num_requests=5, input_len=8)
     p1, p2 = ([s.prompt for _, s in w] for w in sw)
     assert [w.config["request_rate"] for w in sw] == [1, 2] and not set(p1) & set(p2)  # fresh prompts per run
