@@ -15,7 +15,7 @@ class WorkerConfig:
     dtype: str = "auto"  # float32 or bfloat16 (the launcher resolves auto once for all workers;
     # auto here: timed per process, see engine/dtype.py)
     block_size: int = DEFAULT_BLOCK_SIZE
-    redis_url: str = ""
+    redis_url: str = field(default="", repr=False)  # may hold a password
     threads: int = 0  # torch threads per worker; 0 → all cores
     host: str = ""  # decode workers: address to bind and advertise; "" → the Ray node's IP
     kv_cache_bytes: int = 1 << 30  # decode workers: size of the paged KV pool; prefill workers: of their

@@ -47,12 +47,19 @@ for d in dirs:
 
 
 def redacted(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``: for logs and messages."""
+    """``url`` with its password (``:password@`` or a ``password=`` query parameter) replaced by ``***``:
+    for logs and messages."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if parts.password is None and not any(k == "password" for k, _ in pairs):
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    head = url.split("?", 1)[0]
+    if parts.password is not None:
+        head = head.replace(f":{parts.password}@", ":***@", 1)
+    if not pairs:
+        return head
+    query = "&".join(f"{k}={'***' if k == 'password' else urllib.parse.quote(v, safe='/')}" for k, v in pairs)
+    return f"{head}?{query}"
 
 
 def connect_redis(url: str, connect_timeout: float = 2.0, socket_timeout: float | None = 60.0) -> redis.Redis:

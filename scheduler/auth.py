@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from smcserve.decode.secret import SECRET_HEADER
 
 OPEN = ""  # the caller when no key is configured
+API_KEY_ENV = "SMCSERVE_API_KEY"  # the key(s), server and client side, when no flag gives them (not in `ps`)
 
 
 def key_id(key: str) -> str:
@@ -41,7 +42,7 @@ def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 class ApiKeys:
     """The keys a caller may present; none configured: everyone may call (as :data:`OPEN`)."""
 
-    keys: tuple[str, ...] = ()
+    keys: tuple[str, ...] = field(default=(), repr=False)  # never in a repr or a log
 
     @classmethod
     def parse(cls, text: str | None) -> ApiKeys:

