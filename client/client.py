@@ -11,6 +11,7 @@ import grpc
 from smcserve.protos import smcserve_pb2 as pb
 from smcserve.protos import smcserve_pb2_grpc
 from smcserve.protos.messages import BUILTIN_KINDS, DEFAULT_ADDRESS, build_request, potential_message
+from smcserve.scheduler.auth import API_KEY_ENV
 
 __all__ = ["BUILTIN_KINDS", "DEFAULT_ADDRESS", "Client", "Completion", "build_request", "potential_message"]
 
@@ -22,9 +23,6 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
     usage: pb.Usage | None = None
-
-
-API_KEY_ENV = "SMCSERVE_API_KEY"
 
 
 class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -43,13 +41,24 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
         return continuation(self._with_key(client_call_details), request)
 
 
+def channel_credentials(tls: bool | str) -> grpc.ChannelCredentials | None:
+    """TLS credentials: ``True`` trusts the system's root certificates, a path the CA certificate (PEM) in
+    that file; ``False``/"": None (plaintext)."""
+    if not tls:
+        return None
+    if isinstance(tls, str):
+        with open(tls, "rb") as f:
+            return grpc.ssl_channel_credentials(f.read())
+    return grpc.ssl_channel_credentials()
+
+
 class Client:
     def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None, tls: bool | str = False):
         """``api_key``: sent as a bearer token (default: ``$SMCSERVE_API_KEY``, if set). ``tls``: True
         (the system's root certificates) or the path of a CA certificate (PEM) to trust."""
-        if tls:
-            roots = open(tls, "rb").read() if isinstance(tls, str) else None
-            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots))
+        credentials = channel_credentials(tls)
+        if credentials is not None:
+            self.channel = grpc.secure_channel(address, credentials)
         else:
             self.channel = grpc.insecure_channel(address)
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)

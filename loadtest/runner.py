@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from smcserve.client.client import API_KEY_ENV
+from smcserve.client.client import channel_credentials
 from smcserve.loadtest.metrics import DEFAULT_PERCENTILES, RequestRecord, compute_metrics, parse_slo
 from smcserve.loadtest.workloads import Workload
 from smcserve.protos.messages import DEFAULT_ADDRESS
-from smcserve.scheduler.auth import with_api_key
+from smcserve.scheduler.auth import API_KEY_ENV, with_api_key
 
 DECODE_COUNTERS = (
     "requests_served",
@@ -195,8 +195,10 @@ async def run_workload_async(
     connect_timeout: float = 15.0,
     stop: asyncio.Event | None = None,
     api_key: str | None = None,
+    tls: bool | str = False,
 ) -> RunResult:
-    """``api_key``: sent as a bearer token on every call (default: ``$SMCSERVE_API_KEY``, if set)."""
+    """``api_key``: sent as a bearer token on every call (default: ``$SMCSERVE_API_KEY``, if set). ``tls``:
+    connect with TLS, trusting the system's roots (True) or the CA certificate in that file."""
     from smcserve.protos import smcserve_pb2_grpc
     from smcserve.protos.messages import build_request
 
@@ -215,7 +217,12 @@ async def run_workload_async(
     sem = asyncio.Semaphore(workload.max_concurrency) if workload.max_concurrency else None
 
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-    async with grpc.aio.insecure_channel(address, interceptors=with_api_key(key)) as channel:
+    credentials = channel_credentials(tls)
+    if credentials is None:
+        opened = grpc.aio.insecure_channel(address, interceptors=with_api_key(key))
+    else:
+        opened = grpc.aio.secure_channel(address, credentials, interceptors=with_api_key(key))
+    async with opened as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), connect_timeout)
         except asyncio.TimeoutError:
@@ -424,6 +431,8 @@ def _progress_bar(total: int | None, desc: str, enabled: bool):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="server address (loopback only unless --allow-remote)")
     p.add_argument("--api-key", default=None, help="API key of a server that wants one (default: $SMCSERVE_API_KEY)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (the system's root certificates)")
+    p.add_argument("--tls-ca", default=None, help="connect with TLS, trusting this CA certificate (PEM)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback address")
     p.add_argument(
         "--workload",
@@ -579,6 +588,7 @@ def bench_main(args) -> int:
                 drain_s=args.drain,
                 request_timeout=args.request_timeout,
                 api_key=args.api_key,
+                tls=args.tls_ca or args.tls,
                 progress=not args.no_progress,
                 label=label,
                 allow_remote=args.allow_remote,
