@@ -49,6 +49,13 @@ is_loopback() {
 # GCS port can run code on the cluster).
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 
+# Ray writes ~/.ray/auth_token with the umask's mode (often 0644: any local user could read it and
+# run code on the cluster). Keep it to its owner.
+restrict_ray_token() {
+    local f="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+    if [[ -f "$f" ]]; then chmod 600 "$f"; fi
+}
+
 # Ray replaces 127.0.0.1/localhost/::1, given as a node IP or as a cluster address, with this host's
 # routable IP (what a UDP socket "connected" to a public address would use), so a "127.0.0.1"
 # cluster actually runs on that address. Any other 127.x.y.z address is kept as it is.

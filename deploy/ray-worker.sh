@@ -16,7 +16,7 @@
 #   RAY_OBJECT_STORE_MEMORY  object store size in bytes (default: Ray's)
 #   RAY_TEMP_DIR             Ray's temp root here (default: the head's)
 #   RAY_AUTH_MODE            token (default here) or disabled. With token, this machine needs the
-#                            head's ~/.ray/auth_token (copy it, or set RAY_AUTH_TOKEN).
+#                            head's ~/.ray/auth_token (copy it, or set RAY_AUTH_TOKEN; made 0600 here).
 #   SMCSERVE_RUN_DIR         where the session-id file goes (default /tmp/smcserve-deploy)
 #
 # A second node on the head's own machine needs its own dashboard-agent port and worker-port
@@ -45,4 +45,5 @@ args=(start --address "$HEAD" --node-ip-address "$NODE_IP" --num-cpus "${RAY_NUM
 mkdir -p "$RUN_DIR"
 sid_file="$(mktemp "$RUN_DIR/ray-worker.XXXXXX.sid")"
 in_new_session "$sid_file" "$RAY" "${args[@]}" "$@" >&2
+restrict_ray_token
 log "Ray node $NODE_IP joined $HEAD"
