@@ -75,7 +75,7 @@ class Vocab:
         self.eos_set = frozenset(self.eos_ids)
         self.name = str(getattr(tokenizer, "name_or_path", "") or "")
         self._derived: OrderedDict[Any, Any] = OrderedDict()  # least recently used first
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Vocab({self.name!r}, size={self.size}, eos_ids={self.eos_ids})"
@@ -194,15 +194,35 @@ class Vocab:
     def derived(self, key: Any, factory: Callable[[], Any]) -> Any:
         """``factory()`` computed once per (vocab, key) and shared; at most ``MAX_DERIVED`` kept, least
         recently used evicted (keys come from client input, e.g. forbidden_chars' characters: an
-        unbounded cache grew by every distinct request)."""
+        unbounded cache grew by every distinct request). Built under the key's own lock, so one request's
+        big table does not hold up another's."""
         with self._lock:
-            if key in self._derived:
+            entry = self._derived.get(key)
+            if entry is None:
+                entry = self._derived[key] = _Derived()
+                while len(self._derived) > MAX_DERIVED:
+                    self._derived.popitem(last=False)
+            else:
                 self._derived.move_to_end(key)
-                return self._derived[key]
-            value = self._derived[key] = factory()
-            while len(self._derived) > MAX_DERIVED:
-                self._derived.popitem(last=False)
-            return value
+        return entry.get(factory)
+
+
+class _Derived:
+    """One ``Vocab.derived`` value: built once, by the first caller; the others wait for it."""
+
+    __slots__ = ("lock", "value", "built")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.value: Any = None
+        self.built = False
+
+    def get(self, factory: Callable[[], Any]) -> Any:
+        with self.lock:
+            if not self.built:  # a factory that raised leaves it unbuilt: the next caller tries again
+                self.value = factory()
+                self.built = True
+            return self.value
 
 
 MAX_DERIVED = 64

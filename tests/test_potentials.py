@@ -18,6 +18,7 @@ import json
 import math
 import random
 import re
+import threading
 import unicodedata
 from dataclasses import dataclass
 
@@ -633,8 +634,12 @@ OK_SPEC = PotentialSpec("max_tokens", n=5)
             "steering.potentials[2].phrases: 20000 of them; this server's limit is 1000",
         ),
         (
-            PotentialSpec("banned_phrases", phrases=["x" * 60_000] * 5),
+            PotentialSpec("banned_phrases", phrases=["x" * 1000] * 300),
             "steering.potentials[2].phrases: 300000 bytes in all",
+        ),
+        (
+            PotentialSpec("required_phrases", phrases=["ok", "x" * 1025]),
+            "steering.potentials[2].phrases[1]: longer than this server's limit of 1024 characters",
         ),
         (
             PotentialSpec("json_schema", schema='{"items": ' * 1000 + "{}" + "}" * 1000),
@@ -870,3 +875,58 @@ def test_tables_built_from_client_input_are_bounded(vocab):
     assert len(vocab._derived) <= MAX_DERIVED
     again = build_potentials([PotentialSpec("forbidden_chars", chars=chars[0])], vocab)[0].mask()  # rebuilt
     assert torch.equal(again, masks[0])
+
+
+def test_one_big_table_does_not_hold_up_another(vocab):
+    """A table is built under its own key's lock: while one is being built (held here until released),
+    another key's table is built and returned; a second caller of the building key gets the same value."""
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow():
+        calls.append(1)
+        started.set()
+        release.wait()
+        return "slow table"
+
+    slow_results = []
+    builders = [threading.Thread(target=lambda: slow_results.append(vocab.derived(("test", "slow"), slow)))]
+    builders[0].start()
+    started.wait()
+    fast = []
+    other = threading.Thread(target=lambda: fast.append(vocab.derived(("test", "fast"), lambda: "fast table")))
+    other.start()
+    other.join(timeout=60)  # a hang guard only: the call does no work
+    done_while_slow_built = list(fast)
+    builders.append(threading.Thread(target=lambda: slow_results.append(vocab.derived(("test", "slow"), slow))))
+    builders[1].start()
+    release.set()
+    for t in builders:
+        t.join()
+    other.join()
+    assert done_while_slow_built == ["fast table"]
+    assert slow_results == ["slow table", "slow table"] and len(calls) == 1
+
+
+@pytest.mark.parametrize("case_insensitive", [False, True])
+def test_phrase_tables_match_a_direct_search(vocab, case_insensitive):
+    """The banned_phrases tables (many phrases looked up by substrings, endings kept by prefix, tokens by
+    sorted runs) ban exactly what a direct search does: after a tail, every token whose text completes a
+    phrase (an occurrence in tail + token that ends in the token)."""
+    from smcserve.smc.potentials.text import FEW_PHRASES, _fold, _PhraseTable
+
+    rng = random.Random(5)
+    strings = [s for s in vocab.completed if 2 <= len(s) <= 6]
+    phrases = {rng.choice(strings) for _ in range(FEW_PHRASES + 8)}  # the lookup path
+    phrases |= {" the wor", "ing th", "Hello", "日本", "x" * 100 + "yz"}  # across tokens; longer than any token
+    phrases = tuple(sorted(_fold(p, case_insensitive) for p in phrases))
+    table = _PhraseTable(vocab, phrases, case_insensitive)
+    texts = [_fold(s, case_insensitive) for s in vocab.completed]
+    eos = set(vocab.eos_ids)
+    for tail in ("", "say the", "going", "x" * 100 + "y", "日"):
+        tail = _fold(tail, case_insensitive)
+        expected = [
+            t in eos or not any(p in (tail + s)[max(0, len(tail) - len(p) + 1) :] for p in phrases)
+            for t, s in enumerate(texts)
+        ]
+        got = table.mask(tail).tolist()
+        assert got == expected, [(t, texts[t]) for t in range(len(texts)) if got[t] != expected[t]][:10]

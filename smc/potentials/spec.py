@@ -21,6 +21,8 @@ DEFAULT_PATH = "steering.potentials"
 MAX_TEXT_BYTES = 64 << 10  # a pattern, grammar, schema, chars, or one phrase or prompt
 MAX_STRINGS = 1000  # phrases (or prompts) in one potential
 MAX_STRINGS_BYTES = 256 << 10  # all of one potential's phrases (or prompts) together
+MAX_PHRASE_CHARS = 1024  # one banned or required phrase
+MAX_POTENTIALS = 16  # potentials in one steering request
 
 
 @dataclass
@@ -214,7 +216,12 @@ def _strings(spec: PotentialSpec, name: str, where: str) -> list[str]:
 
 
 def _phrases(spec: PotentialSpec, where: str) -> list[str]:
-    return _strings(spec, "phrases", where)
+    phrases = _strings(spec, "phrases", where)
+    for j, p in enumerate(phrases):  # the text a phrase is looked for in, at every token, is this long
+        if len(p) > MAX_PHRASE_CHARS:
+            limit = MAX_PHRASE_CHARS
+            raise PotentialError(f"{where}.phrases[{j}]: longer than this server's limit of {limit} characters")
+    return phrases
 
 
 def _check_weight(w: Any, where: str) -> float:

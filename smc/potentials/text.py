@@ -9,6 +9,7 @@ no per-vocabulary Python work at step time (masks by state are cached; ~1 µs).
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -148,23 +149,36 @@ class MaxWordLength(Potential):
         return NEG_INF if self.dead else 0.0
 
 
-def _char_matches(x: str, forbidden: str, case_insensitive: bool) -> bool:
-    if x in forbidden:
-        return True
-    if not case_insensitive:
-        return False
-    for c in forbidden:
-        if c.lower() in x.lower() or c.upper() in x.upper() or c.casefold() in x.casefold():
+def _substrings(s: str) -> set[str]:
+    return {s[i:j] for i in range(len(s)) for j in range(i + 1, len(s) + 1)}
+
+
+class _CharMatcher:
+    """Whether a character is forbidden: it is one of ``chars`` or, case-insensitively, its lower/upper/
+    casefolded form contains a forbidden character's. Each form of a character is a few characters long:
+    its substrings are looked up in sets, so a check costs the same for 10 forbidden characters or 20,000."""
+
+    def __init__(self, chars: str, case_insensitive: bool):
+        self.chars = frozenset(chars)
+        self.ci = case_insensitive
+        self.forms = [frozenset(f(c) for c in self.chars) for f in (str.lower, str.upper, str.casefold)]
+
+    def __call__(self, x: str) -> bool:
+        if x in self.chars:
             return True
-    return False
+        if not self.ci:
+            return False
+        return any(
+            not forms.isdisjoint(_substrings(f(x)))
+            for forms, f in zip(self.forms, (str.lower, str.upper, str.casefold))
+        )
 
 
 class _CharTable:
     def __init__(self, vocab: Vocab, chars: str, case_insensitive: bool):
         alphabet = set().union(*vocab.completed)
-        self.bad_chars = frozenset(x for x in alphabet if _char_matches(x, chars, case_insensitive))
-        self.chars = chars
-        self.ci = case_insensitive
+        self.matches = _CharMatcher(chars, case_insensitive)
+        self.bad_chars = frozenset(x for x in alphabet if self.matches(x))
         bad = self.bad_chars
         allowed = np.array([bad.isdisjoint(s) for s in vocab.completed], dtype=np.bool_)
         allowed[list(vocab.eos_ids)] = True
@@ -199,7 +213,7 @@ class ForbiddenChars(Potential):
         if not t.bad_chars.isdisjoint(s):
             return True
         # characters outside the vocabulary's alphabet can only arise across tokens
-        return any(not x.isascii() and _char_matches(x, t.chars, t.ci) for x in s)
+        return any(not x.isascii() and t.matches(x) for x in s)
 
     def _advance(self, token: int) -> float:
         if self.dead:
@@ -224,8 +238,37 @@ def _fold(s: str, ci: bool) -> str:
     return s.casefold() if ci else s
 
 
+FEW_PHRASES = 16  # up to this many short phrases are searched for in each token; more, looked up
+PHRASE_MASKS_KEPT = 256  # masks cached per phrase table (one per set of phrase endings after a tail)
+
+
+def _containing_any(strings: list[str], phrases: Sequence[str]) -> np.ndarray:
+    """bool per string: it contains one of ``phrases``. A phrase longer than a string is not in it; a
+    few phrases are searched for in each string, many are looked up by each string's substrings of
+    their lengths (the cost of a table does not grow with the number of phrases)."""
+    longest = max(map(len, strings), default=0)
+    short = {p for p in phrases if len(p) <= longest}
+    if len(short) <= FEW_PHRASES:
+        return np.array([any(p in s for p in short) for s in strings], dtype=np.bool_)
+    lengths = sorted({len(p) for p in short})
+    upto = [lengths[: bisect.bisect_right(lengths, n)] for n in range(longest + 1)]  # lengths that fit
+    found = [any(s[i : i + n] in short for n in upto[len(s)] for i in range(len(s) - n + 1)) for s in strings]
+    return np.array(found, dtype=np.bool_)
+
+
+def _sorted(strings: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Token ids by their text, and the texts in that order."""
+    order = np.array(sorted(range(len(strings)), key=strings.__getitem__), dtype=np.int64)
+    return order, [strings[i] for i in order]
+
+
 class _PhraseTable:
-    """Per (vocab, phrases, case) tables for banned_phrases masks."""
+    """Per (vocab, phrases, case) tables for banned_phrases masks.
+
+    After a tail ending in ``p[:k]``, a token starting with ``p[k:]`` completes the phrase ``p``. Only
+    endings ``p[k:]`` no longer than the longest token can start one, so a phrase contributes at most that
+    many splits, kept by prefix: a tail's splits are found by looking up its own suffixes, and the tokens
+    starting with an ending are one run of the tokens sorted by text (bisect), not a scan of the vocab."""
 
     def __init__(self, vocab: Vocab, phrases: tuple[str, ...], ci: bool):
         self.vocab = vocab
@@ -234,35 +277,53 @@ class _PhraseTable:
         self.strings = (
             vocab.derived(("folded", ci), lambda: [_fold(s, ci) for s in vocab.completed]) if ci else vocab.completed
         )
-        base = ~np.array([any(p in s for p in phrases) for s in self.strings], dtype=np.bool_)
+        base = ~_containing_any(self.strings, phrases)
         base[list(vocab.eos_ids)] = True
         self.base = torch.from_numpy(base)
-        self.starts: dict[str, np.ndarray] = {}
+        self.order, self.sorted_strings = vocab.derived(("sorted", ci), lambda: _sorted(self.strings))
+        longest = max(map(len, self.strings), default=0)
+        # prefix → its ending, or a tuple of them: a container per split would be up to 81,000 objects
+        # for the garbage collector, whose full passes (~100 ms, holding the GIL) would stall the server
+        self.endings: dict[str, str | tuple[str, ...]] = {}
+        for p in phrases:
+            for k in range(max(1, len(p) - longest), len(p)):
+                prefix, ending = p[:k], p[k:]
+                had = self.endings.setdefault(prefix, ending)
+                if had is not ending:
+                    self.endings[prefix] = (*had, ending) if isinstance(had, tuple) else (had, ending)
+        self.prefix_lengths = sorted({len(prefix) for prefix in self.endings})
         self.masks: OrderedDict[frozenset, torch.Tensor] = OrderedDict()
         self.lock = threading.Lock()
-        # (phrase, k) such that a tail ending in phrase[:k] needs tokens starting with phrase[k:] banned
-        self.splits = [(p, k) for p in phrases for k in range(1, len(p))]
 
-    def _starting_with(self, suffix: str) -> np.ndarray:
-        m = self.starts.get(suffix)
-        if m is None:
-            m = self.starts[suffix] = np.array([s.startswith(suffix) for s in self.strings], dtype=np.bool_)
-        return m
+    def _starting_with(self, ending: str) -> np.ndarray:
+        """Ids of the tokens whose text starts with ``ending``."""
+        n = len(ending)
+        lo = bisect.bisect_left(self.sorted_strings, ending)
+        hi = bisect.bisect_right(self.sorted_strings, ending, lo=lo, key=lambda s: s[:n])
+        return self.order[lo:hi]
 
     def mask(self, tail: str) -> torch.Tensor:
-        active = frozenset(p[k:] for p, k in self.splits if tail.endswith(p[:k]))
+        active: list[str] = []
+        for k in self.prefix_lengths:
+            if k > len(tail):
+                break
+            ends = self.endings.get(tail[-k:])
+            if ends is not None:
+                active += (ends,) if isinstance(ends, str) else ends
         if not active:
             return self.base
+        key = frozenset(active)
         with self.lock:
-            m = self.masks.get(active)
+            m = self.masks.get(key)
             if m is not None:
+                self.masks.move_to_end(key)
                 return m
             a = self.base.numpy().copy()
-            for suffix in active:
-                a &= ~self._starting_with(suffix)
+            for ending in key:
+                a[self._starting_with(ending)] = False
             a[list(self.vocab.eos_ids)] = True
-            m = self.masks[active] = torch.from_numpy(a)
-            while len(self.masks) > 4096:
+            m = self.masks[key] = torch.from_numpy(a)
+            while len(self.masks) > PHRASE_MASKS_KEPT:
                 self.masks.popitem(last=False)
             return m
 
