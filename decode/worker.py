@@ -26,10 +26,11 @@ from smcserve.engine.detok import IncrementalDetokenizer
 from smcserve.engine.finish import FinishReason
 from smcserve.engine.kv import KVLayout
 from smcserve.engine.model import load_model
-from smcserve.engine.sampling import SamplingParams
+from smcserve.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 from smcserve.kvstore import KVStore
 from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 from smcserve.smc.potentials import PotentialSpec
+from smcserve.smc.potentials.spec import MAX_POTENTIALS
 from smcserve.smc.vocab import get_vocab
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         context_len = self.loop.lm.config.max_position_embeddings
         if not 0 < p.max_tokens or len(prompt) + p.max_tokens > context_len:
             self._invalid(context, f"sampling.max_tokens: {p.max_tokens} does not fit the context of {context_len}")
+        if len(p.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in p.stop):
+            self._invalid(context, f"sampling.stop: at most {MAX_STOP_STRINGS}, each 1 to {MAX_STOP_CHARS} characters")
 
     def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.ServicerContext):
         self._check_request(context, request.request_id, request.prompt_token_ids, request.sampling)
@@ -191,6 +194,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self._check_request(context, request.request_id, request.prompt_token_ids, request.sampling)
         if len(set(request.particle_ids)) != len(request.particle_ids):
             self._invalid(context, "particle_ids: must be distinct")
+        if len(request.potentials) > MAX_POTENTIALS:
+            self._invalid(context, f"potentials: {len(request.potentials)} of them; the limit is {MAX_POTENTIALS}")
         for i, p in enumerate(request.potentials):
             for j, ids in enumerate(p.prompt_ids):
                 self._check_tokens(context, f"potentials[{i}].prompt_ids[{j}].ids", ids.ids)

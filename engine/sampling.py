@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_STOP_STRINGS = 16  # stop strings in one request: each is looked for in the text at every token
+MAX_STOP_CHARS = 256  # characters in one stop string
+
 
 @dataclass
 class SamplingParams:

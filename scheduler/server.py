@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -46,6 +45,9 @@ from smcserve.scheduler.validate import (
     BadUtf8,
     InvalidRequest,
     Limits,
+    ValidationBacklog,
+    Validators,
+    check_steering_size,
     lenient_deserializer,
     tokenize_request,
     validate_sampling,
@@ -55,7 +57,6 @@ from smcserve.smc.vocab import get_vocab
 log = logging.getLogger(__name__)
 
 PREFILL_ATTEMPTS = 3  # a prefill whose worker dies runs again, on a live worker, this many times in all
-VALIDATION_THREADS = 4  # requests validated at once, off the event loop
 DECODE_ATTEMPTS = 4  # a generation whose worker dies mid-stream resumes elsewhere, this many workers in all
 
 
@@ -143,9 +144,7 @@ class SchedulerService:
     liveness: Liveness | None = None  # who is alive (made from the pools and the store when not given)
     api_keys: ApiKeys = field(default_factory=ApiKeys)  # none: the API is open
     _vocab: object = None
-    _validator: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(VALIDATION_THREADS, thread_name_prefix="validate")
-    )
+    _validators: Validators = field(default_factory=Validators)  # off the event loop
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)  # one encode at a time (Rust borrow)
     running: dict[str, Running] = field(default_factory=dict)
     _stats_task: asyncio.Task | None = None
@@ -321,15 +320,18 @@ class SchedulerService:
         INVALID_ARGUMENT for bad UTF-8 or an invalid request."""
         if isinstance(request, BadUtf8):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: invalid UTF-8")
-        try:  # off the event loop: a big request must not stall the others (or health checks)
-            return await asyncio.get_running_loop().run_in_executor(self._validator, self._validate_now, request)
+        try:  # sizes first, here; the work off the event loop: a big request must not stall the others
+            check_steering_size(request)
+            return await asyncio.wrap_future(self._validators.submit(request, self._validate_now))
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except ValidationBacklog as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
 
     def _validate_now(self, request) -> tuple[list[int], SamplingParams, SteeringConfig | None]:
         """Tokenise and check; build the potentials once (grammars compiled, tables made) to validate
         them. Every size is bounded before the work (``Limits``, ``smc.potentials.spec``). In a
-        ``_validator`` thread."""
+        ``_validators`` thread."""
         with self._tokenizer_lock:
             prompt_ids = tokenize_request(request, self.tokenizer, self.limits)
         params = validate_sampling(request.sampling, self.limits, len(prompt_ids))

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import descriptor, empty_pb2, message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from jinja2 import TemplateError
 
-from smcserve.engine.sampling import SamplingParams
+from smcserve.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 from smcserve.protos import smcserve_pb2
+from smcserve.smc.potentials.spec import MAX_POTENTIALS
 
 DEFAULT_MAX_TOKENS = 128
 CHAT_ROLES = ("system", "user", "assistant")
@@ -80,6 +85,63 @@ class Limits:
 PROMPT_CHARS_PER_TOKEN = 16  # a prompt longer than this per token of context could not fit anyway (≈ 4/token)
 
 
+MAX_STEERING_BYTES = 1 << 20  # one request's whole steering message (its potentials' phrases, grammars, ...)
+STEERING_VALIDATION_THREADS = 4  # steering requests validated at once (grammars compiled, tables built)
+STEERING_BACKLOG_BYTES = 1 << 20  # steering messages being validated or waiting to be; more: RESOURCE_EXHAUSTED
+
+
+class ValidationBacklog(Exception):
+    """Too much steering is being validated already: the server is overloaded (RESOURCE_EXHAUSTED)."""
+
+
+def check_steering_size(req: smcserve_pb2.GenerateRequest) -> None:
+    """Sizes of a request's steering, checked on the event loop before any work (each potential's own
+    sizes are checked by ``smc.potentials.spec`` before its tables are built)."""
+    if not req.HasField("steering"):
+        return
+    if len(req.steering.potentials) > MAX_POTENTIALS:
+        n = len(req.steering.potentials)
+        raise InvalidRequest(f"steering.potentials: {n} of them; this server's limit is {MAX_POTENTIALS}")
+    size = req.steering.ByteSize()
+    if size > MAX_STEERING_BYTES:
+        raise InvalidRequest(f"steering: {size} bytes; this server's limit is {MAX_STEERING_BYTES}")
+
+
+@dataclass
+class Validators:
+    """Threads that validate requests off the event loop. A plain request (tokenising only) never waits
+    behind a steering request's grammar compiles and table builds: it has a thread of its own. Steering
+    requests share ``STEERING_VALIDATION_THREADS``, and at most ``backlog_bytes`` of steering messages
+    are being validated or waiting (one is always taken): a flood of large ones is refused, not queued."""
+
+    backlog_bytes: int = STEERING_BACKLOG_BYTES
+    plain: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="validate-plain")
+    )
+    steering: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(STEERING_VALIDATION_THREADS, thread_name_prefix="validate-steering")
+    )
+    _backlog: int = 0  # bytes of steering messages submitted and not finished (or cancelled before starting)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def submit(self, req: smcserve_pb2.GenerateRequest, validate: Callable[[Any], object]) -> Future:
+        """``validate(req)`` in a thread; :class:`ValidationBacklog` when the steering backlog is full."""
+        if not req.HasField("steering"):
+            return self.plain.submit(validate, req)
+        size = req.steering.ByteSize()
+        with self._lock:
+            if self._backlog and self._backlog + size > self.backlog_bytes:
+                raise ValidationBacklog("steering: too many steering requests are being validated; try again")
+            self._backlog += size
+        work = self.steering.submit(validate, req)
+        work.add_done_callback(lambda _: self._release(size))
+        return work
+
+    def _release(self, size: int) -> None:
+        with self._lock:
+            self._backlog -= size
+
+
 def validate_sampling(p: smcserve_pb2.SamplingParams, limits: Limits, prompt_len: int) -> SamplingParams:
     temperature = p.temperature if p.HasField("temperature") else 1.0
     if not temperature >= 0.0:  # also catches NaN
@@ -98,9 +160,13 @@ def validate_sampling(p: smcserve_pb2.SamplingParams, limits: Limits, prompt_len
         )
     if prompt_len + max_tokens > limits.max_context:
         max_tokens = limits.max_context - prompt_len  # fits the context: generation stops at its end
+    if len(p.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"sampling.stop: {len(p.stop)} of them; this server's limit is {MAX_STOP_STRINGS}")
     for i, s in enumerate(p.stop):
         if not s:
             raise InvalidRequest(f"sampling.stop[{i}]: stop strings must not be empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise InvalidRequest(f"sampling.stop[{i}]: longer than this server's limit of {MAX_STOP_CHARS} characters")
     seed = p.seed if p.HasField("seed") else random.getrandbits(64)  # any uint64: draws hash it, never overflow
     return SamplingParams(
         temperature=temperature,

@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from smcserve.client.client import build_request
+from smcserve.protos.messages import potential_message
 
 pytestmark = pytest.mark.e2e
 
@@ -33,15 +34,23 @@ def ttft(client) -> float:
     return time.perf_counter() - t0
 
 
-def test_an_expensive_request_does_not_stall_health_checks_or_a_bystander(server, client):
-    """The largest banned-phrase table a request may ask for is built off the event loop: while it is,
-    health checks and a bystander's first token come about as fast as at rest (bounds derived from
-    the same test's measurements: the expensive request's own duration, and the times at rest)."""
-    rng = random.Random(0)
+def big_phrases(seed: int) -> dict:
+    """The largest banned-phrase list one potential may have (1,000 phrases of 250 characters)."""
+    rng = random.Random(seed)
     phrases = ["".join(rng.choice("abcdefghij klmnop") for _ in range(250)) for _ in range(1000)]
-    expensive = build_request(
-        "Hello", max_tokens=1, steering={"particles": 1, "potentials": [{"kind": "banned_phrases", "phrases": phrases}]}
-    )
+    return {"kind": "banned_phrases", "phrases": phrases}
+
+
+def test_an_expensive_request_does_not_stall_health_checks_or_a_bystander(server, client):
+    """The largest banned-phrase tables a request may ask for (as many of the largest lists as its steering
+    may hold) are built off the event loop: while they are, health checks and a bystander's first token
+    come about as fast as at rest (bounds derived from the same test's measurements: the expensive
+    request's own duration, and the times at rest)."""
+    from smcserve.scheduler.validate import MAX_STEERING_BYTES
+
+    one = build_request("", steering={"potentials": [big_phrases(0)]}).steering.ByteSize()
+    potentials = [big_phrases(i) for i in range(MAX_STEERING_BYTES // (one + 16))]
+    expensive = build_request("Hello", max_tokens=1, steering={"particles": 1, "potentials": potentials})
     with grpc.insecure_channel(server.address) as ch:
         rest_health = statistics.median(health_latency(ch) for _ in range(5))
         rest_ttft = statistics.median(ttft(client) for _ in range(3))
@@ -70,7 +79,58 @@ def test_an_expensive_request_does_not_stall_health_checks_or_a_bystander(server
     assert during_ttft[0] < 3 * rest_ttft + 0.25 * took[0]
 
 
+def test_a_flood_of_expensive_requests_is_refused_and_plain_requests_do_not_wait_behind_it(client):
+    """Steering requests being validated are bounded by bytes (STEERING_BACKLOG_BYTES): of a burst of
+    the largest banned-phrase requests, those beyond it are RESOURCE_EXHAUSTED at once; a plain request
+    sent meanwhile is validated in a thread of its own, not behind them (its TTFT stays under the one
+    measured at rest, tripled, plus the quickest expensive request's time: the CPU is shared, the
+    queue is not)."""
+    from smcserve.scheduler.validate import STEERING_BACKLOG_BYTES
+
+    steer = [{"particles": 1, "potentials": [big_phrases(100 + i)]} for i in range(6)]  # tables not built before
+    reqs = [build_request("Hello", max_tokens=1, steering=s) for s in steer]
+    admitted = STEERING_BACKLOG_BYTES // reqs[0].steering.ByteSize()
+    assert 1 <= admitted < len(reqs) - 1, "the burst must overflow the backlog"
+    rest_ttft = statistics.median(ttft(client) for _ in range(3))
+    refused, results, lock = threading.Event(), [], threading.Lock()
+    go = threading.Barrier(len(reqs))
+
+    def send(req):
+        go.wait()
+        t0 = time.perf_counter()
+        try:
+            list(client.stub.Generate(req))
+            outcome = ("OK", "")
+        except grpc.RpcError as err:
+            outcome = (err.code().name, err.details())
+        with lock:
+            results.append((*outcome, time.perf_counter() - t0))
+        if outcome[0] == "RESOURCE_EXHAUSTED":
+            refused.set()
+
+    senders = [threading.Thread(target=send, args=(r,)) for r in reqs]
+    for t in senders:
+        t.start()
+    while not refused.is_set() and any(t.is_alive() for t in senders):
+        refused.wait(0.05)
+    during = ttft(client) if refused.is_set() else None
+    with lock:
+        still_running = len(reqs) - len(results)
+    for t in senders:
+        t.join()
+    codes = sorted(code for code, _, _ in results)
+    ok = [took for code, _, took in results if code == "OK"]
+    print(f"\n[hostile] burst of {len(reqs)}: {codes}; quickest admitted {min(ok or [0]):.2f} s; "
+          f"plain TTFT at rest {rest_ttft * 1e3:.0f} ms, during {(during or 0) * 1e3:.0f} ms")  # fmt: skip
+    assert codes.count("RESOURCE_EXHAUSTED") >= len(reqs) - admitted - 1 >= 1, results
+    assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, results
+    assert all(d.startswith("steering: ") for code, d, _ in results if code == "RESOURCE_EXHAUSTED"), results
+    assert still_running > 0, "the plain request must be measured while expensive ones are validated"
+    assert during < 3 * rest_ttft + min(ok)
+
+
 MANY = ["a"] * 5000
+SMALL = {"kind": "forbidden_chars", "chars": "z"}
 
 
 @pytest.mark.parametrize(
@@ -81,6 +141,10 @@ MANY = ["a"] * 5000
             dict(prompt="hi", steering={"particles": 1, "potentials": [{"kind": "banned_phrases", "phrases": MANY}]}),
             "steering.potentials[0].phrases: 5000 of them",
         ),
+        (dict(prompt="hi", steering={"particles": 1, "potentials": [SMALL] * 17}), "steering.potentials: 17 of them"),
+        (dict(prompt="hi", steering={"particles": 1, "potentials": [big_phrases(0)] * 5}), "steering: "),
+        (dict(prompt="hi", stop=["x"] * 17), "sampling.stop: 17 of them"),
+        (dict(prompt="hi", stop=["x" * 257]), "sampling.stop[0]: longer than this server's limit of 256"),
     ],
 )
 def test_sizes_are_refused_before_any_work(client, kw, field):
@@ -158,6 +222,26 @@ def test_the_worker_service_checks_what_it_receives(client):
                 ),
                 "particle_ids",
             ),  # noqa: E501
+            (
+                stub.Decode,
+                worker_pb2.DecodeRequest(
+                    request_id="w5",
+                    prompt_token_ids=[1, 2],
+                    sampling=smcserve_pb2.SamplingParams(top_p=1.0, max_tokens=4, stop=["x"] * 17),
+                ),
+                "sampling.stop",
+            ),
+            (
+                stub.SmcOpen,
+                worker_pb2.SmcOpenRequest(
+                    request_id="w6",
+                    prompt_token_ids=[5],
+                    sampling=sampling,
+                    particle_ids=["a"],
+                    potentials=[worker_pb2.SmcPotential(spec=potential_message(SMALL))] * 17,
+                ),
+                "potentials: 17 of them",
+            ),
         ]
         for call, req, field in bad:
             with pytest.raises(grpc.RpcError) as err:
