@@ -930,3 +930,17 @@ def test_phrase_tables_match_a_direct_search(vocab, case_insensitive):
         ]
         got = table.mask(tail).tolist()
         assert got == expected, [(t, texts[t]) for t in range(len(texts)) if got[t] != expected[t]][:10]
+
+
+def test_word_length_masks_kept_are_bounded(vocab):
+    """max_word_length keeps a mask per current word length only near max_len (far below it every token
+    is allowed: one mask), so a huge max_len and long words cannot grow a worker's memory."""
+    [p] = build_potentials([PotentialSpec("max_word_length", max_len=10_000)], vocab)
+    table = p.table
+    for run in range(0, 10_001, 7):
+        table.mask(run, b"")
+    assert len(table.by_run) <= table.longest_need + 1
+    for run in (0, 5_000, 10_000 - table.longest_need, 9_990, 10_000):
+        expected = table.static_ok & (table.t.need_a <= 10_000 - run)
+        expected[list(vocab.eos_ids)] = True
+        assert np.array_equal(table.mask(run, b"").numpy(), expected)

@@ -65,12 +65,16 @@ class _WordMasks:
         self.L = max_len
         self.t = vocab.derived(("word_stats",), lambda: _WordTable(vocab))
         self.static_ok = self.t.rest_a <= max_len
+        self.longest_need = int(self.t.need_a.max(initial=0))
         self.by_run: dict[int, torch.Tensor] = {}
         self.by_pending: OrderedDict[tuple[bytes, int], torch.Tensor] = OrderedDict()
         self.lock = threading.Lock()
 
     def mask(self, run: int, pending: bytes) -> torch.Tensor:
         if not pending:
+            # every run this far below max_len allows every token: one mask for them all (at most
+            # longest-token + 1 masks kept, however large max_len and however long the words)
+            run = max(run, self.L - self.longest_need)
             m = self.by_run.get(run)
             if m is None:
                 a = self.static_ok & (self.t.need_a <= self.L - run)
