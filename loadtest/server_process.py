@@ -62,6 +62,12 @@ class ServeProcess:
         self._log.close()
         return self.proc.returncode
 
+    def stop_cleanly(self) -> None:
+        """:meth:`stop`, and raise (with the end of its output) unless it exited 0."""
+        code = self.stop()
+        if code != 0:
+            raise AssertionError(f"smcserve serve did not shut down cleanly ({code}):\n{self.output()[-3000:]}")
+
     def __enter__(self) -> ServeProcess:
         return self
 

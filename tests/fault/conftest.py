@@ -16,8 +16,7 @@ def fault_server():
         "--redis-maxmemory", "256mb", "--max-inflight", "16", "--threads", "1",
     )  # fmt: skip
     yield srv
-    code = srv.stop()
-    assert code == 0, f"smcserve serve did not shut down cleanly ({code}):\n{srv.output()[-3000:]}"
+    srv.stop_cleanly()
 
 
 @pytest.fixture()
