@@ -4,6 +4,7 @@ command runs as a separate process (``python -m entrypoints.cli``), so this modu
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -29,8 +30,9 @@ class ServeProcess:
         self.address = f"{DEFAULT_HOST}:{self.port}"
         self.log_path = Path(log_path or tempfile.mkstemp(prefix=f"smcserve-{self.port}-", suffix=".log")[1])
         self._log = open(self.log_path, "w")
+        http = [] if any(a in ("--http-port", "--no-http") for a in args) else ["--http-port", "0"]  # a free one
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smcserve.entrypoints.cli", "serve", "--port", str(self.port), *args],
+            [sys.executable, "-m", "smcserve.entrypoints.cli", "serve", "--port", str(self.port), *http, *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=dict(env if env is not None else os.environ, PYTHONUNBUFFERED="1"),
@@ -44,6 +46,8 @@ class ServeProcess:
                 self.stop()
                 raise TimeoutError(f"smcserve serve did not start in {timeout} s:\n{self.output()[-4000:]}")
             time.sleep(0.5)
+        found = re.search(r"^http (https?://\S+)", self.output(), re.MULTILINE)
+        self.http_address = found.group(1) if found else ""  # the OpenAI-compatible API ("" when off)
 
     def output(self) -> str:
         if not self._log.closed:

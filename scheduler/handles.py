@@ -49,10 +49,12 @@ class DecodeHandle:
     reported_at: float = -float("inf")  # time.monotonic() of that report
     kv_blocks_loaded: int = 0  # its cumulative KV-store loads at that report: blocks, and the time they took
     kv_load_ms: float = 0.0
+    last_stats: smcserve_pb2.WorkerStats | None = None  # the whole last report (for /metrics)
 
     def report(self, stats: smcserve_pb2.WorkerStats) -> tuple[int, float] | None:
         """Take the worker's ``Stats``: its KV pool and the blocks sequences and particles hold. Returns the
         KV-store loads since the last report as one (blocks, ms) sample for the cost model; None when none."""
+        self.last_stats = stats
         self.kv_blocks_total, self.kv_blocks_in_use = stats.kv_blocks_total, stats.kv_blocks_in_use
         self.reserved_at_report = self.reserved_blocks
         self.reported_at = time.monotonic()

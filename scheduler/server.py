@@ -40,6 +40,7 @@ from smcserve.scheduler.conductor import (
 )
 from smcserve.scheduler.handles import DecodeHandle, PrefillHandle
 from smcserve.scheduler.liveness import Liveness, NoWorker
+from smcserve.scheduler.metrics import Metrics, RequestMeter, WorkerCollector
 from smcserve.scheduler.steering import SteeringConfig, SteeringRun, validate_steering
 from smcserve.scheduler.validate import (
     BadUtf8,
@@ -87,6 +88,21 @@ class ModelSummary:
     dtype: str
     vocab_size: int
     block_size: int
+    kv_bytes_per_token: int = 0  # K and V of every layer for one token (0: unknown)
+
+
+class _MeteredContext:
+    """A servicer context whose aborts are counted by the request's meter (reason: the status code)."""
+
+    def __init__(self, context, meter: RequestMeter):
+        self._context, self._meter = context, meter
+
+    def invocation_metadata(self):
+        return self._context.invocation_metadata()
+
+    async def abort(self, code: grpc.StatusCode, details: str = ""):
+        self._meter.failed(code.name.lower())
+        await self._context.abort(code, details)
 
 
 def worker_status(err: grpc.aio.AioRpcError) -> grpc.StatusCode:
@@ -147,12 +163,25 @@ class SchedulerService:
     _validators: Validators = field(default_factory=Validators)  # off the event loop
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)  # one encode at a time (Rust borrow)
     running: dict[str, Running] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
     _stats_task: asyncio.Task | None = None
     _stats_again: bool = False
 
     def __post_init__(self) -> None:
         if self.liveness is None:
             self.liveness = Liveness(self.prefill, self.decode, self.connect, self.store)
+        self.metrics.add_collector(WorkerCollector(self._worker_reports))
+
+    def _worker_reports(self):
+        for w in self.prefill:
+            yield w.worker_id, "prefill", None, w.alive, w.restarts
+        for w in self.decode:
+            yield w.worker_id, "decode", w.last_stats, w.alive, w.restarts
+
+    async def render_metrics(self) -> bytes:
+        """The ``/metrics`` body, with every decode worker's report fresh."""
+        await self.refresh_decode_stats()
+        return self.metrics.render()
 
     # --- placement (the Conductor) -----------------------------------------------------------------
     async def place(self, prompt_ids: list[int], max_tokens: int) -> Placement:
@@ -272,18 +301,27 @@ class SchedulerService:
     # --- RPCs --------------------------------------------------------------------------------------
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         """Client mistakes are INVALID_ARGUMENT (raised where they are found); anything unexpected here
-        is our bug: INTERNAL, with the traceback in the server log."""
+        is our bug: INTERNAL, with the traceback in the server log. Every response passes the request's
+        meter (``/metrics``)."""
+        meter = RequestMeter(self.metrics)
+        context = _MeteredContext(context, meter)
         try:
-            async with contextlib.aclosing(self._generate(request, context)) as responses:
+            async with contextlib.aclosing(self._generate(request, context, meter)) as responses:
                 async for response in responses:
+                    if response.token_ids or response.HasField("progress"):
+                        meter.tokens(len(response.token_ids) or 1)
+                    if response.finish_reason:
+                        meter.finished(response.finish_reason, response.usage)
                     yield response
         except grpc.aio.AbortError:
             raise
         except Exception:
             log.exception("request %s failed", getattr(request, "request_id", "") or "(unnamed)")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+        finally:
+            meter.close()
 
-    async def _generate(self, request, context: grpc.aio.ServicerContext):
+    async def _generate(self, request, context: grpc.aio.ServicerContext, meter: RequestMeter):
         """validate → claim an id and a slot → admit and place → (steer | prefill → decode stream), each
         ending with its final message."""
         t0 = time.perf_counter()
@@ -293,6 +331,7 @@ class SchedulerService:
         run.owner = caller
         try:
             placement = await self._admit(prompt_ids, params, context)
+            meter.admitted()
             if steering is not None:
                 responses = self._steer(request_id, prompt_ids, params, steering, context, t0, run, placement)
             else:
@@ -570,10 +609,20 @@ class SchedulerService:
         try:
             pop = await steer.open(keys)
             while not pop.finished.all() and steer.status == "ok" and not running.aborted:
+                migrated = steer.migrated_tokens, steer.migrated_particles
                 resampled = await steer.step(pop)
                 if not usage.ttft_ms:
                     usage.ttft_ms = (time.perf_counter() - t0) * 1e3
-                yield smcserve_pb2.GenerateResponse(request_id=request_id, progress=steer.progress(pop, resampled))
+                progress = steer.progress(pop, resampled)
+                m = self.metrics
+                m.smc_steps.inc()
+                if resampled:
+                    m.smc_resamples.inc()
+                    if steer.ess_ratio == steer.ess_ratio:  # not NaN
+                        m.smc_ess.observe(steer.ess_ratio)
+                m.smc_migrated.inc(steer.migrated_particles - migrated[1])
+                m.smc_migrated_bytes.inc((steer.migrated_tokens - migrated[0]) * self.model.kv_bytes_per_token)
+                yield smcserve_pb2.GenerateResponse(request_id=request_id, progress=progress)
             usage.completion_tokens = sum(len(t) for t in pop.tokens)
             final = self._final(request_id, "abort" if running.aborted else "stop", usage, t0)
             final.result.CopyFrom(steer.result(pop))

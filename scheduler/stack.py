@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import secrets
+import ssl
 from dataclasses import dataclass, field
 
 import grpc
@@ -24,6 +25,7 @@ from smcserve.protos import smcserve_pb2
 from smcserve.protos.messages import DEFAULT_HOST, DEFAULT_PORT
 from smcserve.scheduler.auth import API_KEY_ENV, ApiKeys
 from smcserve.scheduler.conductor import POLICY_NAMES, make_policy
+from smcserve.scheduler.http import DEFAULT_HTTP_PORT, HttpFront
 from smcserve.scheduler.liveness import Liveness
 from smcserve.scheduler.server import DecodeHandle, ModelSummary, PrefillHandle, SchedulerService, connect_decode
 from smcserve.scheduler.validate import Limits
@@ -64,6 +66,8 @@ class ServeConfig:
     decode_workers: int = _field(1, "decode Ray actors")
     host: str = _field(DEFAULT_HOST, "address the gRPC API listens on")
     port: int = _field(DEFAULT_PORT, "port the gRPC API listens on")
+    http: bool = _field(True, "the OpenAI-compatible HTTP API (and /metrics, /health)")
+    http_port: int = _field(DEFAULT_HTTP_PORT, "port the HTTP API listens on (on --host)")
     max_tokens_limit: int = _field(4096, "largest max_tokens a request may ask for")
     max_inflight: int = _field(256, "requests in flight before RESOURCE_EXHAUSTED")
     threads: int = _field(0, "torch threads per worker; 0: all cores")
@@ -85,6 +89,15 @@ class ServeConfig:
     tls_key: str | None = _field(None, "TLS private key (PEM) of the gRPC API; with --tls-cert")
 
 
+def kv_bytes_per_token(hf_config, dtype) -> int:
+    """K and V of every layer for one token, in ``dtype``."""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    item = 2 if "bfloat16" in str(dtype) or "float16" in str(dtype) else 4
+    return 2 * hf_config.num_hidden_layers * kv_heads * head_dim * item
+
+
 class Stack:
     """Owns every process of a running server; ``await start()``, then ``await stop()``."""
 
@@ -94,6 +107,8 @@ class Stack:
         self.redis_url = ""
         self.server: grpc.aio.Server | None = None
         self.address = ""
+        self.http: HttpFront | None = None
+        self.http_address = ""  # http://HOST:PORT, when the HTTP API is on
         self.prefill: list[PrefillHandle] = []
         self.decode: list[DecodeHandle] = []
         self.started_ray = False
@@ -191,6 +206,7 @@ class Stack:
                 dtype=str(dtype).removeprefix("torch."),
                 vocab_size=hf_config.vocab_size,
                 block_size=cfg.block_size,
+                kv_bytes_per_token=kv_bytes_per_token(hf_config, dtype),
             ),
             prefill=self.prefill,
             decode=self.decode,
@@ -222,6 +238,14 @@ class Stack:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         self.address = f"{cfg.host}:{port}"
         await self.server.start()
+        if cfg.http:  # HTTPS with the gRPC API's certificate when it has one
+            ssl_context = None
+            if cfg.tls_cert:
+                ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            self.http = HttpFront(service)
+            port = await self.http.start(cfg.host, cfg.http_port, ssl_context)
+            self.http_address = f"{'https' if ssl_context else 'http'}://{cfg.host}:{port}"
         await set_health(True)
         self.liveness.start()
         return self
@@ -268,6 +292,8 @@ class Stack:
     async def stop(self) -> None:
         if self.liveness is not None:
             await self.liveness.stop()
+        if self.http is not None:
+            await self.http.stop()
         if self.server is not None:
             await self.server.stop(grace=2)
         for w in self.decode:

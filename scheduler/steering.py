@@ -164,6 +164,9 @@ class SteeringRun:
         self.rng = np.random.default_rng(params.seed)
         self.steps = 0
         self.resamples = 0
+        self.migrated_particles = 0  # moved between workers at resampling, and the tokens their KV covers
+        self.migrated_tokens = 0
+        self.ess_ratio = float("nan")  # ESS / N the last resampling decision saw
         self.status = "ok"
 
     def _sampling(self) -> pb.SamplingParams:
@@ -308,6 +311,7 @@ class SteeringRun:
                 tokens.append(pop.tokens[i] + ([c.token] if c.token >= 0 else []))
                 reasons.append(c.finish_reason)
         self.resamples += out.resampled
+        self.ess_ratio = out.ess_ratio
         await self._reshape(pop, sources)
         pop.tokens, pop.finished, pop.logw, pop.reasons = tokens, out.finished, out.log_weights, reasons
         if out.status != OK:
@@ -370,6 +374,9 @@ class SteeringRun:
             else:
                 st = exported[src]
                 plans[h].imports.add(particle_id=new_ids[i], generated=st.generated, finished=st.finished)
+                self.migrated_particles += 1
+                if not st.finished:
+                    self.migrated_tokens += len(self.prompt_ids) + len(st.generated) - 1
         for (h, src), ids in keep.items():
             plans[h].keep.add(source_id=src, new_ids=ids)
         await settled(*(h.stub.SmcReshape(plan) for h, plan in plans.items()))

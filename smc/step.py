@@ -43,6 +43,7 @@ class StepOutcome:
     finished: np.ndarray  # bool: finished or dead (never extended again)
     resampled: bool
     status: str  # OK or ALL_VIOLATED
+    ess_ratio: float = math.nan  # ESS / population size of the weights the resampling decision saw
 
 
 def smc_step(
@@ -66,6 +67,8 @@ def smc_step(
         if st.status == ALL_ZERO:
             return _all_dead(carried, n, resampled=True)
         parent, child, new_logw, resampled = st.parent, st.child, np.asarray(st.log_weights), True
+        cand = (logw[:, None] + np.where(carried[:, None], np.r_[0.0, np.full(k - 1, -math.inf)], incr)).ravel()
+        ess_ratio = float(ess(cand)) / max(1, int((cand > -math.inf).sum()))
     else:
         if k != 1:
             raise ValueError(f"scheme {scheme!r} extends each particle once (K = 1), got K = {k}")
@@ -73,6 +76,7 @@ def smc_step(
         child = np.where(carried, -1, 0).astype(np.int64)
         new_logw = logw + np.where(carried, 0.0, incr[:, 0])
         resampled = False
+        ess_ratio = math.nan
     finished = np.where(child >= 0, np.asarray(child_finished, dtype=bool)[parent, np.maximum(child, 0)], True)
     finished |= new_logw == -math.inf
     if not (new_logw > -math.inf).any():
@@ -82,9 +86,10 @@ def smc_step(
         and not finished.all()
         and (ess_threshold >= 1.0 or ess(new_logw) < ess_threshold * n)
     ):
+        ess_ratio = float(ess(new_logw)) / n
         anc, new_logw = resample(scheme, new_logw, n, rng)
         parent, child, finished, resampled = parent[anc], child[anc], finished[anc], True
-    return StepOutcome(parent, child, new_logw, finished, resampled, OK)
+    return StepOutcome(parent, child, new_logw, finished, resampled, OK, ess_ratio)
 
 
 def _all_dead(carried: np.ndarray, n: int, resampled: bool) -> StepOutcome:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent import futures
 
 import grpc
@@ -200,6 +204,19 @@ def test_keys_and_tls_on_a_live_server(tmp_path, tiny_model_dir):
                 with grpc.insecure_channel(w.address) as ch, pytest.raises(grpc.RpcError) as err:
                     worker_pb2_grpc.DecodeWorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=30)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        # the HTTP API: HTTPS with the same certificate, the same keys
+        assert server.http_address.startswith("https://")
+        tls = ssl.create_default_context(cafile=cert)
+        for api_key, status in ((None, 401), ("mallory-key", 401), ("alice-key", 200)):
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            req = urllib.request.Request(server.http_address + "/v1/models", headers=headers)
+            try:
+                got = urllib.request.urlopen(req, context=tls).status
+            except urllib.error.HTTPError as err:
+                got = err.code
+                assert json.load(err)["error"]["type"] == "authentication_error"
+            assert got == status, api_key
 
         # the command line: the key from the environment or --api-key, the CA from --tls-ca
         info = [sys.executable, "-m", "smcserve.entrypoints.cli", "info", "--address", server.address, "--tls-ca", cert]
