@@ -37,31 +37,48 @@ def key_digest(key: str) -> bytes:
 
 def encode_block(key: str, tensor: torch.Tensor) -> bytes:
     """Serialize a CPU tensor (fp32/bf16/fp16, 1..6 dims) into a block value for ``key``."""
-    code = _DTYPE_TO_CODE.get(tensor.dtype)
-    if code is None:
+    header, payload = encode_parts(key, tensor)
+    return b"".join((header, payload))
+
+
+def encode_parts(key: str, tensor: torch.Tensor) -> tuple[bytes, memoryview]:
+    """``encode_block`` as (header, payload) without joining them: the payload is a view of the tensor's
+    own bytes (of a contiguous copy if it is not contiguous), valid while the tensor is unchanged."""
+    payload = block_payload(tensor)
+    return block_header(key, tensor, payload, zlib.crc32(payload)), payload
+
+
+def block_payload(tensor: torch.Tensor) -> memoryview:
+    """The bytes a block value of ``tensor`` carries after its header (checks dtype, rank and device)."""
+    if tensor.dtype not in _DTYPE_TO_CODE:
         raise TypeError(f"unsupported dtype {tensor.dtype}")
-    ndim = tensor.dim()
-    if not 1 <= ndim <= MAX_NDIM:
-        raise ValueError(f"ndim must be in 1..{MAX_NDIM}, got {ndim}")
+    if not 1 <= tensor.dim() <= MAX_NDIM:
+        raise ValueError(f"ndim must be in 1..{MAX_NDIM}, got {tensor.dim()}")
     if tensor.device.type != "cpu":
         raise ValueError(f"tensor must be on CPU, got {tensor.device}")
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data.cast("B")
+
+
+def block_header(key: str, tensor: torch.Tensor, payload: memoryview, crc: int) -> bytes:
+    """The header of ``key``'s value for ``tensor`` whose ``block_payload`` has crc32 ``crc``."""
     shape = list(tensor.shape)
-    payload = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    header = HEADER.pack(
+    return HEADER.pack(
         MAGIC,
         VERSION,
-        code,
-        ndim,
-        *(shape + [0] * (MAX_NDIM - ndim)),
+        _DTYPE_TO_CODE[tensor.dtype],
+        len(shape),
+        *(shape + [0] * (MAX_NDIM - len(shape))),
         payload.nbytes,
-        zlib.crc32(payload),
+        crc,
         key_digest(key),
     )
-    return b"".join((header, payload.data))
 
 
-def decode_block(key: str, data: bytes | bytearray | memoryview) -> torch.Tensor:
-    """Parse and validate a block value for ``key``; returns a writable tensor owning its memory."""
+def decode_block(key: str, data: bytes | bytearray | memoryview, take: bool = False) -> torch.Tensor:
+    """Parse and validate a block value for ``key``; returns a writable tensor owning its memory.
+
+    ``take``: ``data`` is a ``bytearray`` the caller hands over (and no longer touches): the tensor is a
+    view of its payload, not a copy (the header's 60 bytes keep every dtype's alignment)."""
     mv = memoryview(data).cast("B")
     if len(mv) < HEADER.size:
         raise BlockDecodeError(f"value too short ({len(mv)} < {HEADER.size} header bytes)")
@@ -91,5 +108,7 @@ def decode_block(key: str, data: bytes | bytearray | memoryview) -> torch.Tensor
         raise BlockDecodeError("key digest mismatch (value stored under another key)")
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
+    if take and isinstance(data, bytearray):
+        return torch.frombuffer(data, dtype=torch.uint8, offset=HEADER.size, count=nbytes).view(dtype).reshape(shape)
     buf = bytearray(payload)
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)

