@@ -25,12 +25,15 @@ import signal
 import socket
 import sys
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 
+import aiohttp
 import grpc
 
 from smcserve.client.client import channel_credentials
+from smcserve.loadtest.backends import BACKENDS, grpc_one, openai_one
 from smcserve.loadtest.metrics import DEFAULT_PERCENTILES, RequestRecord, compute_metrics, parse_slo
 from smcserve.loadtest.workloads import Workload
 from smcserve.protos.messages import DEFAULT_ADDRESS
@@ -51,6 +54,8 @@ DECODE_COUNTERS = (
 def address_host(address: str) -> str | None:
     """The host part of a gRPC target (``None`` for a unix socket)."""
     a = address.strip()
+    if "://" in a and not a.startswith("dns:"):  # an HTTP base URL
+        return urllib.parse.urlsplit(a).hostname
     if a.startswith(("unix:", "unix-abstract:")):
         return None
     for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
@@ -181,6 +186,29 @@ async def _model_info(stub, timeout: float = 10.0) -> dict:
         return {"error": f"{err.code().name}: {err.details()}"}
 
 
+async def _http_info(session, timeout: float = 10.0, bar=None) -> dict:
+    """The served model, from ``/v1/models`` (ConnectionError when nothing answers)."""
+    try:
+        async with session.get("/v1/models", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+        if bar is not None:
+            bar.close()
+        raise ConnectionError(f"no HTTP API at {session._base_url} ({err})") from None
+    if resp.status != 200:
+        return {"error": f"HTTP {resp.status}: {body.get('error', {}).get('message', '')}"}
+    return {"model": body["data"][0]["id"], "backend": "openai"}
+
+
+def ssl_context(tls: bool | str):
+    """An SSL context trusting the CA certificate in ``tls`` (a path); None for the system's roots or no TLS."""
+    if isinstance(tls, str) and tls:
+        import ssl
+
+        return ssl.create_default_context(cafile=tls)
+    return None
+
+
 async def run_workload_async(
     address: str,
     workload: Workload,
@@ -196,11 +224,12 @@ async def run_workload_async(
     stop: asyncio.Event | None = None,
     api_key: str | None = None,
     tls: bool | str = False,
+    backend: str = "grpc",
 ) -> RunResult:
     """``api_key``: sent as a bearer token on every call (default: ``$SMCSERVE_API_KEY``, if set). ``tls``:
-    connect with TLS, trusting the system's roots (True) or the CA certificate in that file."""
+    connect with TLS, trusting the system's roots (True) or the CA certificate in that file. ``backend``:
+    ``grpc`` (``address`` HOST:PORT) or ``openai`` (``address`` the HTTP API's base URL)."""
     from smcserve.protos import smcserve_pb2_grpc
-    from smcserve.protos.messages import build_request
 
     check_address(address, allow_remote)
     stop = stop or asyncio.Event()
@@ -217,19 +246,38 @@ async def run_workload_async(
     sem = asyncio.Semaphore(workload.max_concurrency) if workload.max_concurrency else None
 
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-    credentials = channel_credentials(tls)
-    if credentials is None:
-        opened = grpc.aio.insecure_channel(address, interceptors=with_api_key(key))
-    else:
-        opened = grpc.aio.secure_channel(address, credentials, interceptors=with_api_key(key))
-    async with opened as channel:
-        try:
-            await asyncio.wait_for(channel.channel_ready(), connect_timeout)
-        except asyncio.TimeoutError:
-            bar.close()
-            raise ConnectionError(f"no server at {address} (waited {connect_timeout:.0f} s)") from None
-        stub = smcserve_pb2_grpc.SmcServeStub(channel)
-        server_before = await _model_info(stub)
+    async with contextlib.AsyncExitStack() as exits:
+        if backend == "openai":  # the HTTP API at a base URL (http://HOST:PORT)
+            ssl = ssl_context(tls)
+            session = await exits.enter_async_context(
+                aiohttp.ClientSession(
+                    address.rstrip("/"),
+                    headers={"Authorization": f"Bearer {key}"} if key else None,
+                    connector=aiohttp.TCPConnector(limit=0, ssl=ssl if ssl is not None else True),
+                )
+            )
+            server_before = await _http_info(session, connect_timeout, bar)
+
+            def send(spec, rec, request_id):
+                return openai_one(session, spec, rec, request_timeout)
+
+        else:
+            credentials = channel_credentials(tls)
+            if credentials is None:
+                opened = grpc.aio.insecure_channel(address, interceptors=with_api_key(key))
+            else:
+                opened = grpc.aio.secure_channel(address, credentials, interceptors=with_api_key(key))
+            channel = await exits.enter_async_context(opened)
+            try:
+                await asyncio.wait_for(channel.channel_ready(), connect_timeout)
+            except asyncio.TimeoutError:
+                bar.close()
+                raise ConnectionError(f"no server at {address} (waited {connect_timeout:.0f} s)") from None
+            stub = smcserve_pb2_grpc.SmcServeStub(channel)
+            server_before = await _model_info(stub)
+
+            def send(spec, rec, request_id):
+                return grpc_one(stub, spec, rec, request_id, request_timeout)
 
         async def one(index: int, sched: float, spec) -> None:
             nonlocal in_flight
@@ -242,59 +290,14 @@ async def run_workload_async(
                 max_tokens=spec.max_tokens,
             )
             records.append(rec)
-            req = build_request(
-                spec.prompt,
-                request_id=f"bench-{run_id}-{index}",
-                max_tokens=spec.max_tokens,
-                temperature=spec.temperature,
-                seed=spec.seed,
-                ignore_eos=spec.ignore_eos,
-                steering=spec.steering,
-            )
-            t0 = time.perf_counter()
-            rec.send_s = t0 - start
+            rec.send_s = time.perf_counter() - start
             in_flight += 1
-            call = stub.Generate(req, timeout=request_timeout)
-            final = False
-            steps = None
             try:
-                async for r in call:
-                    now = time.perf_counter() - t0
-                    n = len(r.token_ids) or (1 if r.HasField("progress") else 0)
-                    if n:
-                        rec.chunk_s.append(now)
-                        rec.chunk_tokens.append(n)
-                    if r.HasField("result"):
-                        steps = r.result.steps
-                    if r.finish_reason:
-                        final = True
-                        rec.end_s = now
-                        rec.finish_reason = r.finish_reason
-                        u = r.usage
-                        rec.prompt_tokens, rec.cached_prompt_tokens = u.prompt_tokens, u.cached_prompt_tokens
-                        rec.completion_tokens = u.completion_tokens
-                        rec.server_ttft_ms, rec.server_e2e_ms = u.ttft_ms, u.e2e_ms
-                if final:
-                    rec.status = "ok"
-                    if spec.steering:
-                        rec.output_tokens = steps if steps is not None else len(rec.chunk_s)
-                    else:
-                        rec.output_tokens = rec.completion_tokens or sum(rec.chunk_tokens)
-                else:
-                    rec.end_s = time.perf_counter() - t0
-                    rec.status, rec.code, rec.message = "error", "INCOMPLETE", "stream ended without a final message"
-            except grpc.aio.AioRpcError as err:
-                rec.end_s = time.perf_counter() - t0
-                rec.code, rec.message = err.code().name, err.details() or ""
-                rec.status = "rejected" if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "error"
+                await send(spec, rec, f"bench-{run_id}-{index}")
             except asyncio.CancelledError:
-                call.cancel()
-                rec.end_s = time.perf_counter() - t0
-                rec.status, rec.code = "incomplete", "CANCELLED"
-                rec.message = "cut off when the run stopped (time limit or Ctrl-C)"
                 raise
             except Exception as err:  # anything else still ends the request as a counted error
-                rec.end_s = time.perf_counter() - t0
+                rec.end_s = time.perf_counter() - start - rec.send_s
                 rec.status, rec.code, rec.message = "error", type(err).__name__, str(err)
             finally:
                 in_flight -= 1
@@ -374,7 +377,7 @@ async def run_workload_async(
             await asyncio.gather(*pending, return_exceptions=True)
         duration = time.perf_counter() - start
         bar.close()
-        server_after = await _model_info(stub)
+        server_after = await (_http_info(session, connect_timeout) if backend == "openai" else _model_info(stub))
 
     records.sort(key=lambda r: r.index)
     server = dict(server_after)
@@ -429,7 +432,18 @@ def _progress_bar(total: int | None, desc: str, enabled: bool):
 
 # --- smcserve bench -----------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help="server address (loopback only unless --allow-remote)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help=f"server address (loopback only unless --allow-remote); default {DEFAULT_ADDRESS}, "
+        "with --backend openai http://127.0.0.1:8000",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="grpc",
+        help="the gRPC API, or the OpenAI-compatible HTTP API (/v1/completions, streamed)",
+    )
     p.add_argument("--api-key", default=None, help="API key of a server that wants one (default: $SMCSERVE_API_KEY)")
     p.add_argument("--tls", action="store_true", help="connect with TLS (the system's root certificates)")
     p.add_argument("--tls-ca", default=None, help="connect with TLS, trusting this CA certificate (PEM)")
@@ -570,6 +584,8 @@ def bench_main(args) -> int:
     try:
         slo = parse_slo(args.slo)
         percentiles = _floats(args.percentiles)
+        if args.address is None:
+            args.address = "http://127.0.0.1:8000" if args.backend == "openai" else DEFAULT_ADDRESS
         check_address(args.address, args.allow_remote)
         workloads = build_workloads(args)
     except (ValueError, OSError) as err:
@@ -589,6 +605,7 @@ def bench_main(args) -> int:
                 request_timeout=args.request_timeout,
                 api_key=args.api_key,
                 tls=args.tls_ca or args.tls,
+                backend=args.backend,
                 progress=not args.no_progress,
                 label=label,
                 allow_remote=args.allow_remote,

@@ -201,3 +201,31 @@ def test_health_and_metrics(server, oai, model):
         assert name in samples, name
     count = next(line for line in text.splitlines() if line.startswith("smcserve:e2e_request_latency_seconds_count"))
     assert float(count.split()[-1]) >= 1
+
+
+def test_bench_drives_the_http_api_with_the_grpc_metrics(server):
+    from smcserve.loadtest.runner import run_workload
+    from smcserve.loadtest.workloads import RequestSpec, Workload
+
+    specs = [(0.0, RequestSpec("Tell me about the sea", max_tokens=5, seed=i)) for i in range(3)]
+    runs = {
+        backend: run_workload(address, Workload("b", specs, max_concurrency=2, num_requests=3), backend=backend,
+                              progress=False).metrics()
+        for backend, address in (("grpc", server.address), ("openai", server.http_address))
+    }  # fmt: skip
+    assert runs["openai"].keys() == runs["grpc"].keys()
+    for m in runs.values():
+        assert m["completed"] == 3 and m["total_output_tokens"] == 15 and m["median_ttft_ms"] > 0
+    refused = Workload("bad", [(0.0, RequestSpec("Hi", max_tokens=10**6))], num_requests=1)
+    m = run_workload(server.http_address, refused, backend="openai", progress=False).metrics()
+    assert m["failed"] == 1 and any(k.startswith("HTTP 400: max_tokens") for k in m["errors"])
+
+
+def test_http_overhead_bench_prints_its_keys(server):
+    from argparse import Namespace
+
+    from bench.http_overhead import run
+
+    out = run(server.address, server.http_address, Namespace(rounds=1, per_round=1, tokens=4, concurrency=1))
+    assert out["requests_per_backend"] == 1
+    assert out["ttft_ratio_http_vs_grpc"] > 0 and out["tpot_ratio_http_vs_grpc"] > 0
