@@ -54,6 +54,10 @@ class Metrics:
         self.rejected = Counter(
             f"{p}request_rejected", "Requests refused or failed, by reason (the gRPC code)", ["reason"], registry=r
         )
+        for reason in ("stop", "length", "abort"):  # every series present from the start, at 0
+            self.finished.labels(reason)
+        for code in ("invalid_argument", "unauthenticated", "already_exists", "resource_exhausted", "unavailable"):
+            self.rejected.labels(code)
         self.smc_steps = Counter(f"{p}smc_steps", "SMC steps run (all steering requests)", registry=r)
         self.smc_resamples = Counter(f"{p}smc_resamples", "SMC steps that resampled", registry=r)
         self.smc_ess = Histogram(

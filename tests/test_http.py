@@ -229,3 +229,21 @@ def test_http_overhead_bench_prints_its_keys(server):
     out = run(server.address, server.http_address, Namespace(rounds=1, per_round=1, tokens=4, concurrency=1))
     assert out["requests_per_backend"] == 1
     assert out["ttft_ratio_http_vs_grpc"] > 0 and out["tpot_ratio_http_vs_grpc"] > 0
+
+
+def test_every_series_the_grafana_dashboard_queries_is_exported(server):
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy" / "grafana" / "smcserve.json").read_text())
+    queried = {
+        re.sub(r"_(bucket|sum|count)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"smcserve:[a-z0-9_]+", target["expr"])
+    }
+    assert len(queried) >= 20
+    text = urllib.request.urlopen(server.http_address + "/metrics").read().decode()
+    exported = {re.split(r"[{ ]", line)[0] for line in text.splitlines() if line.startswith("smcserve:")}
+    exported |= {re.sub(r"_(bucket|sum|count)$", "", name) for name in exported}
+    assert not queried - exported, sorted(queried - exported)
