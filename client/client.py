@@ -23,6 +23,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
     usage: pb.Usage | None = None
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)  # with logprobs=k: one per token
 
 
 class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -77,6 +78,7 @@ class Client:
             out.request_id = r.request_id
             out.text += r.text
             out.token_ids.extend(r.token_ids)
+            out.logprobs.extend(r.logprobs)
             if r.finish_reason:
                 out.finish_reason, out.usage = r.finish_reason, r.usage
         return out

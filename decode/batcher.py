@@ -115,12 +115,12 @@ class Batcher:
         return bool(self.pending or self.active or self.aborted or self.jobs)
 
     # --- requests arriving ---------------------------------------------------------------------
-    def submit(self, seq: DecodeSeq, first_token: int) -> None:
+    def submit(self, seq: DecodeSeq, first_token: int, first_logprob=None) -> None:
         """Admit ``seq`` whose first completion token (from prefill) is ``first_token``, or raise
         :class:`OutOfBlocks` when the pool cannot hold it next to what is already admitted."""
         check_fits(self.bm, [*self.active.values(), *self.pending], seq, self.groups_unheld())
         self.requests_served += 1
-        self.emit(seq, first_token)
+        self.emit(seq, first_token, first_logprob)
         if not seq.finish_reason:
             self.pending.append(seq)
 
@@ -198,7 +198,7 @@ class Batcher:
             self.retire(seq, FinishReason.ERROR, str(err), out_of_kv=True)
         return batch
 
-    def emit(self, seq: DecodeSeq, token: int) -> None:
+    def emit(self, seq: DecodeSeq, token: int, logprob=None) -> None:
         """Record a sampled token, decide whether the sequence is finished and queue its event."""
         seq.output_ids.append(token)
         self.tokens_generated += 1
@@ -210,7 +210,10 @@ class Batcher:
             seq.finish_reason = FinishReason.LENGTH
         if seq.finish_reason and not seq.detok.stopped:
             text += seq.detok.flush()
-        seq.events.put(DecodeEvent([token], text, seq.finish_reason, len(seq.output_ids)))
+        event = DecodeEvent([token], text, seq.finish_reason, len(seq.output_ids))
+        if logprob is not None:  # an engine.sampling.TokenLogprob (asked for by sampling.logprobs)
+            event.logprobs = [logprob]
+        seq.events.put(event)
 
     def retire(self, seq: DecodeSeq, reason: FinishReason, error: str = "", out_of_kv: bool = False) -> None:
         """Free the sequence's KV and, unless it already finished, tell its stream why it ended."""

@@ -26,7 +26,7 @@ from smcserve.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
 from smcserve.engine.finish import FinishReason
 from smcserve.engine.model import LoadedModel
 from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
-from smcserve.engine.sampling import sample_tokens
+from smcserve.engine.sampling import TokenLogprob, sample_tokens, token_logprobs
 from smcserve.kvstore import KVStore
 from smcserve.kvstore.transfer import KVTransfer
 
@@ -103,13 +103,13 @@ class DecodeLoop:
             self.thread.join(timeout=10)
 
     # --- called from gRPC threads -------------------------------------------------------------
-    def submit(self, seq: DecodeSeq, first_token: int) -> None:
+    def submit(self, seq: DecodeSeq, first_token: int, first_logprob: TokenLogprob | None = None) -> None:
         """Start decoding ``seq`` whose first completion token (from prefill) is ``first_token``.
 
         Raises :class:`OutOfBlocks` when the pool cannot hold it next to what is already admitted.
         """
         with self.lock:
-            self.batcher.submit(seq, first_token)
+            self.batcher.submit(seq, first_token, first_logprob)
             self.wakeup.notify()
 
     def resume(self, seq: DecodeSeq) -> None:
@@ -265,17 +265,27 @@ class DecodeLoop:
                 tokens = sample_tokens(logits[: len(seqs)], [s.params for s in seqs], [s.num_tokens for s in seqs])
             except Exception:  # find the row that fails: the others go on
                 tokens = [self._sample_one(logits[i : i + 1], seq) for i, seq in enumerate(seqs)]
-            for seq, token in zip(seqs, tokens):
+            lps = self._logprobs(logits, seqs, tokens)
+            for i, (seq, token) in enumerate(zip(seqs, tokens)):
                 if token is None:
                     continue
                 try:
-                    self.batcher.emit(seq, token)
+                    self.batcher.emit(seq, token, lps.get(i))
                 except Exception as err:  # one sequence's detokenising or stop strings: it alone fails
                     log.exception("emitting a token of %s failed", seq.request_id)
                     self.batcher.retire(seq, FinishReason.ERROR, f"the decode step failed: {type(err).__name__}")
             for seq in seqs:
                 if seq.finish_reason:
                     self.batcher.retire(seq, seq.finish_reason)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, seqs: list[DecodeSeq], tokens: list[int | None]) -> dict[int, TokenLogprob]:
+        """The sampled tokens' logprobs of the sequences that asked (``sampling.logprobs``), by row."""
+        rows = [i for i, (s, t) in enumerate(zip(seqs, tokens)) if s.params.logprobs >= 0 and t is not None]
+        if not rows:
+            return {}
+        lps = token_logprobs(logits[rows], [tokens[i] for i in rows], [seqs[i].params.logprobs for i in rows])
+        return dict(zip(rows, lps))
 
     def _sample_one(self, logits: torch.Tensor, seq: DecodeSeq) -> int | None:
         """``seq``'s token alone; None when sampling fails for it (it is retired with an error)."""

@@ -19,6 +19,7 @@ class DecodeEvent:
     completion_tokens: int = 0
     error: str = ""  # with ERROR: what failed (the traceback is in the worker's log)
     out_of_kv: bool = False  # with ERROR: the pool ran out of blocks (RESOURCE_EXHAUSTED, not a bug)
+    logprobs: list = field(default_factory=list)  # with sampling.logprobs: a TokenLogprob per token
 
 
 @dataclass

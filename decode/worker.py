@@ -26,7 +26,7 @@ from smcserve.engine.detok import IncrementalDetokenizer
 from smcserve.engine.finish import FinishReason
 from smcserve.engine.kv import KVLayout
 from smcserve.engine.model import load_model
-from smcserve.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
+from smcserve.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, TokenLogprob
 from smcserve.kvstore import KVStore
 from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 from smcserve.smc.potentials import PotentialSpec
@@ -49,6 +49,17 @@ def sampling_from_proto(p: smcserve_pb2.SamplingParams) -> SamplingParams:
         stop=list(p.stop),
         seed=p.seed,
         ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs if p.HasField("logprobs") else -1,
+    )
+
+
+def logprob_from_proto(m: smcserve_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(m.token_id, m.logprob, tuple((t.token_id, t.logprob) for t in m.top))
+
+
+def logprob_to_proto(lp: TokenLogprob) -> smcserve_pb2.TokenLogprob:
+    return smcserve_pb2.TokenLogprob(
+        token_id=lp.token, logprob=lp.logprob, top=[smcserve_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]
     )
 
 
@@ -137,7 +148,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             if resumed:
                 self.loop.resume(seq)
             else:
-                self.loop.submit(seq, request.first_token)
+                first_logprob = None
+                if params.logprobs >= 0 and request.HasField("first_logprob"):
+                    first_logprob = logprob_from_proto(request.first_logprob)
+                self.loop.submit(seq, request.first_token, first_logprob)
         except OutOfBlocks as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except Exception:
@@ -157,6 +171,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 text=ev.text,
                 finish_reason=ev.finish_reason or "",
                 completion_tokens=ev.completion_tokens,
+                logprobs=[logprob_to_proto(lp) for lp in ev.logprobs],
             )
             if ev.finish_reason:
                 return

@@ -15,6 +15,7 @@ import torch
 
 MAX_STOP_STRINGS = 16  # stop strings in one request: each is looked for in the text at every token
 MAX_STOP_CHARS = 256  # characters in one stop string
+MAX_TOP_LOGPROBS = 20  # most alternatives a token's logprobs may list (OpenAI's limit)
 
 
 @dataclass
@@ -26,6 +27,30 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int = 0
     ignore_eos: bool = False
+    logprobs: int = -1  # ≥ 0: report each token's log-probability and this many most likely alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (before temperature, top-k and top-p) and the
+    most likely alternatives, (token, logprob) in descending order."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """For each row of ``logits`` [B, V]: the log-probability of ``tokens[b]`` and the ``tops[b]`` best."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for b, (token, k) in enumerate(zip(tokens, tops)):
+        top = ()
+        if k > 0:
+            values, ids = torch.topk(lp[b], min(k, lp.shape[-1]))
+            top = tuple(zip(ids.tolist(), values.tolist()))
+        out.append(TokenLogprob(token, float(lp[b, token]), top))
+    return out
 
 
 def seeded_uniform(*key: int) -> float:

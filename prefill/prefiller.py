@@ -18,7 +18,7 @@ from smcserve.engine.block_manager import BlockManager, BlockTable
 from smcserve.engine.kv import chain_keys
 from smcserve.engine.model import LoadedModel
 from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
-from smcserve.engine.sampling import SamplingParams, sample_token
+from smcserve.engine.sampling import SamplingParams, sample_token, token_logprobs
 from smcserve.kvstore import KVStore
 from smcserve.kvstore.transfer import KVTransfer
 from smcserve.prefill.result import PrefillResult
@@ -84,6 +84,9 @@ class Prefiller:
                 e = min(n, s + CHUNK_TOKENS)
                 logits = self.runner.forward([SeqBatchItem(token_ids[s:e], s, table.blocks)])[0]
             first = sample_token(logits, params, position=n)
+            first_logprob = None
+            if params.logprobs >= 0:
+                (first_logprob,) = token_logprobs(logits.view(1, -1), [first], [params.logprobs])
             self.kv.save(table, token_ids, keys, cache=False)
             if self.prefix_cache:  # whole blocks only: a prompt's last token is always computed
                 for i in range(n // bs):
@@ -92,6 +95,7 @@ class Prefiller:
             self.bm.free_table(table)
         self.version += 1
         return PrefillResult(
+            first_logprob=first_logprob,
             first_token=first,
             block_keys=keys,
             prompt_tokens=n,

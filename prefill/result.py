@@ -17,6 +17,7 @@ class PrefillResult:
     load_ms: float = 0.0  # the time reading them
     local_keys: tuple[str, ...] = ()  # every key the worker's own cache holds after this prefill
     local_version: int = 0  # counts the worker's prefills: the newest ``local_keys`` is the worker's cache
+    first_logprob: object = None  # with sampling logprobs: first_token's ``engine.sampling.TokenLogprob``
 
 
 @dataclass

@@ -123,6 +123,7 @@ def build_request(
     seed: int | None = None,
     ignore_eos: bool = False,
     steering: dict | None = None,
+    logprobs: int | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from a raw ``prompt`` or chat ``messages`` ([{"role", "content"}, ...]).
 
@@ -139,6 +140,8 @@ def build_request(
         sampling.max_tokens = max_tokens
     if seed is not None:
         sampling.seed = seed
+    if logprobs is not None:  # each token's logprob and this many alternatives
+        sampling.logprobs = logprobs
     req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling)
     if steering is not None:
         spec = dict(steering)

@@ -195,8 +195,16 @@ def parse_body(body: object, chat: bool, model_name: str) -> Parsed:
     for name in ("frequency_penalty", "presence_penalty"):
         if _opt(body, name, (int, float), "a number"):
             raise BadBody(name, "is not supported (only 0)")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise BadBody("logprobs", "is not supported yet")
+    if chat:  # logprobs: true, top_logprobs: k alternatives
+        want = _opt(body, "logprobs", (bool,), "a boolean") or False
+        top = _opt(body, "top_logprobs", (int,), "an integer")
+        if top is not None and not want:
+            raise BadBody("top_logprobs", "needs logprobs: true")
+        logprobs = (top or 0) if want else None
+    else:  # logprobs: k alternatives (the legacy completions form)
+        logprobs = _opt(body, "logprobs", (int,), "an integer")
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise BadBody("top_logprobs" if chat else "logprobs", f"must be in [0, 20], got {logprobs}")
     if body.get("tools") or body.get("functions"):
         raise BadBody("tools", "tool calling is not supported")
     ignore_eos = _opt(body, "ignore_eos", (bool,), "a boolean") or False
@@ -242,6 +250,8 @@ def parse_body(body: object, chat: bool, model_name: str) -> Parsed:
                         steering=steering,
                     )
                 )
+                if logprobs is not None:
+                    requests[-1].sampling.logprobs = logprobs
             except (ValueError, TypeError) as err:
                 raise BadBody("steering", str(err)) from None
     return Parsed(requests, stream, include_usage, model or model_name, chat)
@@ -340,6 +350,8 @@ class HttpFront:
                     choices.append(_particle_choice(len(choices), p, parsed.chat))
             else:
                 choices.append(_choice(i, text, _finish(final.finish_reason), parsed.chat))
+                if parsed.requests[i].sampling.HasField("logprobs"):
+                    choices[-1]["logprobs"] = self._logprobs(final.logprobs, parsed.chat)
         out = {
             "id": rid,
             "object": "chat.completion" if parsed.chat else "text_completion",
@@ -352,6 +364,31 @@ class HttpFront:
         if steered:
             out["steering"] = _steering_json(steered[0]) if len(steered) == 1 else [_steering_json(r) for r in steered]
         return web.json_response(out, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+    def _logprobs(self, logprobs, chat: bool, offset: int = 0) -> dict:
+        """TokenLogprob messages in OpenAI's shape: chat ``{"content": [...]}``, completions the legacy lists."""
+        decode = self.service.token_text
+        if chat:
+            return {
+                "content": [
+                    {
+                        **_token_json(decode(lp.token_id), lp.logprob),
+                        "top_logprobs": [_token_json(decode(t.token_id), t.logprob) for t in lp.top],
+                    }
+                    for lp in logprobs
+                ]
+            }
+        tokens = [decode(lp.token_id) for lp in logprobs]
+        offsets, at = [], offset
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{decode(t.token_id): t.logprob for t in lp.top} for lp in logprobs],
+            "text_offset": offsets,
+        }
 
     async def _stream(self, request: web.Request, parsed: Parsed, streams: list, rid: str) -> web.StreamResponse:
         """SSE: the first response of every choice is awaited before the headers go out, so a request the
@@ -367,7 +404,7 @@ class HttpFront:
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             )
             await resp.prepare(request)
-            head = _Head(rid, parsed)
+            head = _Head(rid, parsed, self._logprobs)
             usage, open_choices = _Usage(), len(streams)
             for i, item in pending:
                 open_choices -= await head.write(resp, i, item, usage)
@@ -386,11 +423,15 @@ class HttpFront:
 
 
 async def _drain(stream) -> tuple[str, pb.GenerateResponse]:
-    text = []
+    """The whole text and the final message (its ``logprobs`` then hold every token's)."""
+    text, logprobs = [], []
     async with contextlib.aclosing(stream) as responses:
         async for r in responses:
             text.append(r.text)
+            logprobs.extend(r.logprobs)
             if r.finish_reason:
+                del r.logprobs[:]
+                r.logprobs.extend(logprobs)
                 return "".join(text), r
     raise HttpAbort(grpc.StatusCode.INTERNAL, "the stream ended without a final message")
 
@@ -423,6 +464,10 @@ class _Usage:
             "total_tokens": self.prompt + self.completion,
             "prompt_tokens_details": {"cached_tokens": self.cached},
         }
+
+
+def _token_json(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
 def _finish(reason: str) -> str:
@@ -467,8 +512,10 @@ def _steering_json(result: pb.SteeringResult) -> dict:
 class _Head:
     """Writes one choice's events as chunks: text deltas, steering progress, the end."""
 
-    def __init__(self, rid: str, parsed: Parsed):
+    def __init__(self, rid: str, parsed: Parsed, logprobs):
         self.rid, self.parsed, self.created = rid, parsed, int(time.time())
+        self.logprobs = logprobs  # HttpFront._logprobs
+        self.offsets: dict[int, int] = {}  # completions: characters streamed per choice (text_offset)
         self.started: set[int] = set()
         self.next_particle = len(parsed.requests)  # steering particles get indexes after the choices
 
@@ -521,9 +568,13 @@ class _Head:
                 choices.append(self._choice(k, p.text, _particle_finish(p)))
             await resp.write(_sse({**self.base(), "choices": choices, "steering": _steering_json(r.result)}))
             return 0
-        if r.text or r.finish_reason:
+        if r.text or r.finish_reason or r.logprobs:
             finish = _finish(r.finish_reason) if r.finish_reason else None
-            await resp.write(_sse({**self.base(), "choices": [self._choice(i, r.text, finish)]}))
+            choice = self._choice(i, r.text, finish)
+            if self.parsed.requests[i].sampling.HasField("logprobs"):
+                choice["logprobs"] = self.logprobs(r.logprobs, self.parsed.chat, self.offsets.get(i, 0))
+            self.offsets[i] = self.offsets.get(i, 0) + len(r.text)
+            await resp.write(_sse({**self.base(), "choices": [choice]}))
         if r.finish_reason:
             first = i == 0 or self.parsed.requests[i].prompt != self.parsed.requests[i - 1].prompt
             usage.add(r.usage, first)

@@ -138,6 +138,14 @@ def _sampling_proto(p: SamplingParams) -> smcserve_pb2.SamplingParams:
         stop=p.stop,
         seed=p.seed,
         ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs if p.logprobs >= 0 else None,
+    )
+
+
+def logprob_proto(lp) -> smcserve_pb2.TokenLogprob:
+    """An :class:`engine.sampling.TokenLogprob` as its message."""
+    return smcserve_pb2.TokenLogprob(
+        token_id=lp.token, logprob=lp.logprob, top=[smcserve_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]
     )
 
 
@@ -162,6 +170,7 @@ class SchedulerService:
     _vocab: object = None
     _validators: Validators = field(default_factory=Validators)  # off the event loop
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)  # one encode at a time (Rust borrow)
+    _token_texts: dict[int, str] = field(default_factory=dict)
     running: dict[str, Running] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
     _stats_task: asyncio.Task | None = None
@@ -376,6 +385,8 @@ class SchedulerService:
         params = validate_sampling(request.sampling, self.limits, len(prompt_ids))
         steering = None
         if request.HasField("steering"):
+            if params.logprobs >= 0:
+                raise InvalidRequest("sampling.logprobs: not available with steering (see the particles' weights)")
             steering = validate_steering(
                 request.steering,
                 params,
@@ -449,6 +460,8 @@ class SchedulerService:
                 first_token=pre.first_token,
                 sampling=_sampling_proto(params),
             )
+            if pre.first_logprob is not None:
+                decode_request.first_logprob.CopyFrom(logprob_proto(pre.first_logprob))
             async with contextlib.aclosing(self._stream(decode_request, dw, run, usage, context, t0)) as responses:
                 async for response in responses:
                     yield response
@@ -480,10 +493,13 @@ class SchedulerService:
                     last = now
                     usage.completion_tokens = ev.completion_tokens
                     if not ev.finish_reason:
-                        yield smcserve_pb2.GenerateResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
+                        yield smcserve_pb2.GenerateResponse(
+                            request_id=request_id, text=ev.text, token_ids=ev.token_ids, logprobs=ev.logprobs
+                        )
                         continue
                     final = self._final(request_id, ev.finish_reason, usage, t0)
                     final.text, final.token_ids[:] = ev.text, ev.token_ids
+                    final.logprobs.extend(ev.logprobs)
                     yield final
                     return
         except asyncio.CancelledError:
@@ -563,6 +579,14 @@ class SchedulerService:
             like.prompt = text
         with self._tokenizer_lock:
             return tokenize_request(like, self.tokenizer, self.limits)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as logprobs show it (cached; the tokenizer is shared with the validators)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            with self._tokenizer_lock:
+                text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def steering_vocab(self):
         if self._vocab is None:

@@ -13,7 +13,7 @@ from google.protobuf import descriptor, empty_pb2, message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from jinja2 import TemplateError
 
-from smcserve.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
+from smcserve.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams
 from smcserve.protos import smcserve_pb2
 from smcserve.smc.potentials.spec import MAX_POTENTIALS
 
@@ -168,6 +168,9 @@ def validate_sampling(p: smcserve_pb2.SamplingParams, limits: Limits, prompt_len
         if len(s) > MAX_STOP_CHARS:
             raise InvalidRequest(f"sampling.stop[{i}]: longer than this server's limit of {MAX_STOP_CHARS} characters")
     seed = p.seed if p.HasField("seed") else random.getrandbits(64)  # any uint64: draws hash it, never overflow
+    logprobs = p.logprobs if p.HasField("logprobs") else -1
+    if p.HasField("logprobs") and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"sampling.logprobs: must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
     return SamplingParams(
         temperature=temperature,
         top_p=top_p,
@@ -176,6 +179,7 @@ def validate_sampling(p: smcserve_pb2.SamplingParams, limits: Limits, prompt_len
         stop=list(p.stop),
         seed=seed,
         ignore_eos=p.ignore_eos,
+        logprobs=logprobs,
     )
 
 

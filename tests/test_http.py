@@ -27,7 +27,8 @@ def test_body_fields_are_checked_by_name():
         ({"messages": CAPITAL, "temperature": "hot"}, "temperature"),
         ({"messages": CAPITAL, "n": 0}, "n"),
         ({"messages": CAPITAL, "stop": [1]}, "stop"),
-        ({"messages": CAPITAL, "logprobs": True}, "logprobs"),
+        ({"messages": CAPITAL, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": CAPITAL, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": CAPITAL, "response_format": {"type": "xml"}}, "response_format.type"),
         ({"messages": CAPITAL, "response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
         ({"messages": CAPITAL, "steering": {"particles": 2}, "n": 2}, "n"),
@@ -247,3 +248,30 @@ def test_every_series_the_grafana_dashboard_queries_is_exported(server):
     exported = {re.split(r"[{ ]", line)[0] for line in text.splitlines() if line.startswith("smcserve:")}
     exported |= {re.sub(r"_(bucket|sum|count)$", "", name) for name in exported}
     assert not queried - exported, sorted(queried - exported)
+
+
+def test_logprobs_chat_and_completions(oai, model, client):
+    out = client.generate(messages=CAPITAL, temperature=0.0, max_tokens=4, logprobs=1)  # the gRPC API
+    assert [lp.token_id for lp in out.logprobs] == out.token_ids and all(len(lp.top) == 1 for lp in out.logprobs)
+    with pytest.raises(grpc.RpcError) as err:
+        client.steer(messages=CAPITAL, particles=2, max_tokens=2, logprobs=1)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.logprobs" in err.value.details()
+    kw = dict(model=model, messages=CAPITAL, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    whole = oai.chat.completions.create(**kw)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert t.token == t.top_logprobs[0].token and t.logprob == pytest.approx(t.top_logprobs[0].logprob)
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+    assert "".join(t.token for t in content).startswith(whole.choices[0].message.content)
+    streamed = [t for c in oai.chat.completions.create(**kw, stream=True) if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]  # fmt: skip
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    legacy = oai.completions.create(model=model, prompt="The capital of France is", max_tokens=4, logprobs=2, seed=1)
+    lp = legacy.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == legacy.usage.completion_tokens
+    assert all(len(top) <= 2 for top in lp.top_logprobs) and lp.text_offset[0] == 0
+    assert "".join(lp.tokens) == legacy.choices[0].text
+    plain = oai.chat.completions.create(model=model, messages=CAPITAL, temperature=0, max_tokens=4)
+    assert plain.choices[0].logprobs is None
