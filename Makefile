@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test test-multihost lint bench clean
 
 setup: $(STAMP) $(VENV)/.model
 
@@ -31,6 +31,10 @@ serve: setup
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the stack on three Linux network namespaces joined by a bridge (root; deploy/netns-cluster.sh)
+test-multihost: setup
+	$(PY) -m pytest -m multihost tests/multihost $(PYTEST_ARGS)
 
 # ruff: lint and format check (config in pyproject.toml); `$(VENV)/bin/ruff format .` fixes the format
 lint: setup
