@@ -29,8 +29,10 @@ $(VENV)/.model: $(STAMP)
 serve: setup
 	$(VENV)/bin/smcserve serve $(SERVE_ARGS)
 
+# the suite, then the multi-host test (CI runs both; it skips where namespaces are not allowed)
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m multihost tests/multihost $(PYTEST_ARGS)
 
 # the stack on three Linux network namespaces joined by a bridge (root; deploy/netns-cluster.sh)
 test-multihost: setup
