@@ -346,7 +346,9 @@ class DecodeWorker:
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
         self.config = config
-        self.lm = load_model(config.model, config.dtype, threads=config.threads or os.cpu_count())
+        self.lm = load_model(
+            config.model, config.dtype, threads=config.threads or os.cpu_count(), quantization=config.quantization
+        )
         layout = KVLayout.from_config(self.lm.config, self.lm.dtype, config.block_size)
         num_blocks = max(1, layout.blocks_in(config.kv_cache_bytes))
         self.loop = DecodeLoop(self.lm, KVStore(config.redis_url), config.block_size, num_blocks).start()

@@ -22,6 +22,7 @@ class WorkerConfig:
     # own prefix cache (their pool also has room for the longest prompt)
     prefix_cache: bool = True  # prefill workers: reuse prompt blocks already in the KV store
     secret: str = field(default="", repr=False)  # decode workers: callers of their service must send it
+    quantization: str = "none"  # the paged engine's weights: none or int8 (engine/quant.py)
 
     def same_but_secret(self, other: WorkerConfig) -> bool:
         return replace(self, secret="") == replace(other, secret="")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from smcserve.engine.dtype import DtypeChoice, ModelDims, resolve
+from smcserve.engine.quant import QUANTIZATIONS
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,9 @@ def resolve_model_path(model: str | None) -> Path:
     return path.resolve()
 
 
-def model_fingerprint(path: Path, dtype: torch.dtype) -> str:
-    """Identity of (weights, dtype) used in KV block keys: equal fingerprints give interchangeable KV."""
+def model_fingerprint(path: Path, dtype: torch.dtype, quantization: str = "none") -> str:
+    """Identity of (weights, dtype, quantization) used in KV block keys: equal fingerprints give
+    interchangeable KV."""
     h = hashlib.blake2b(digest_size=16)
     h.update((path / "config.json").read_bytes())
     for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
@@ -107,6 +109,8 @@ def model_fingerprint(path: Path, dtype: torch.dtype) -> str:
         with open(f, "rb") as fh:  # the header and first weights, so a changed file changes the id
             h.update(fh.read(1 << 20))
     h.update(str(dtype).encode())
+    if quantization != "none":  # unquantised keys stay as they were
+        h.update(f"quantization={quantization}".encode())
     return h.hexdigest()
 
 
@@ -122,6 +126,7 @@ class LoadedModel:
     fingerprint: str
     eos_token_ids: frozenset[int]
     dtype_reason: str = ""  # why this dtype (``auto``: the timings that decided it)
+    quantization: str = "none"  # the paged engine's weights: none, or int8 (weight-only, per channel)
 
     @property
     def config(self):
@@ -132,8 +137,13 @@ class LoadedModel:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
 
-def load_model(model: str | None = None, dtype: str = "auto", threads: int | None = None) -> LoadedModel:
-    """Load the model and tokenizer for inference on the CPU."""
+def load_model(
+    model: str | None = None, dtype: str = "auto", threads: int | None = None, quantization: str = "none"
+) -> LoadedModel:
+    """Load the model and tokenizer for inference on the CPU (``quantization``: what the paged engine's
+    :class:`ModelRunner` does to the weights, see ``engine/quant.py``)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads:
@@ -154,9 +164,10 @@ def load_model(model: str | None = None, dtype: str = "auto", threads: int | Non
         model=lm,
         tokenizer=tok,
         dtype=torch_dtype,
-        fingerprint=model_fingerprint(path, torch_dtype),
+        fingerprint=model_fingerprint(path, torch_dtype, quantization),
         eos_token_ids=frozenset(eos_ids),
         dtype_reason=choice.reason,
+        quantization=quantization,
     )
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from smcserve.engine.kv import KVLayout
 from smcserve.engine.model import LoadedModel
+from smcserve.engine.quant import make_linear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -83,6 +84,14 @@ class ModelRunner:
         self.v_cache = torch.zeros(L, num_blocks * block_size, H, D, dtype=lm.dtype)
         self.arange_block = torch.arange(block_size)
         self.fused = [_fuse(layer) for layer in self.layers]
+        # every matrix product of the forward (int8 weights under --quantization int8; the modules' own
+        # weights otherwise, so the model's numerics are unchanged)
+        q = lm.quantization
+        self.qkv = [make_linear(q, f.qkv_weight, f.qkv_bias) for f in self.fused]
+        self.gate_up = [make_linear(q, f.gate_up_weight, f.gate_up_bias) for f in self.fused]
+        self.o_proj = [make_linear(q, la.self_attn.o_proj.weight, la.self_attn.o_proj.bias) for la in self.layers]
+        self.down_proj = [make_linear(q, la.mlp.down_proj.weight, la.mlp.down_proj.bias) for la in self.layers]
+        self.head = make_linear(q, self.lm_head.weight, self.lm_head.bias)
 
     @property
     def block_bytes(self) -> int:
@@ -183,9 +192,9 @@ class ModelRunner:
         cos, sin = self.rotary(x, positions[None])
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
         q_size, kv_size = self.num_heads * D, H * D
-        for i, (layer, fused) in enumerate(zip(self.layers, self.fused)):
+        for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            qkv = F.linear(layer.input_layernorm(x), fused.qkv_weight, fused.qkv_bias)
+            qkv = self.qkv[i](layer.input_layernorm(x))
             q = qkv[:, :q_size].view(T, self.num_heads, D)
             k = qkv[:, q_size : q_size + kv_size].view(T, H, D)
             v = qkv[:, q_size + kv_size :].view(T, H, D)
@@ -195,11 +204,9 @@ class ModelRunner:
             k = k * cos + _rotate_half(k) * sin
             self.k_cache[i][slots] = k
             self.v_cache[i][slots] = v
-            x = x + attn.o_proj(attend(i, q))
-            gate, up = F.linear(layer.post_attention_layernorm(x), fused.gate_up_weight, fused.gate_up_bias).chunk(
-                2, -1
-            )
-            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            x = x + self.o_proj[i](attend(i, q))
+            gate, up = self.gate_up[i](layer.post_attention_layernorm(x)).chunk(2, -1)
+            x = x + self.down_proj[i](layer.mlp.act_fn(gate) * up)
         if last is not None:
             x = x[last]
-        return self.lm_head(self.norm(x)).float()
+        return self.head(self.norm(x)).float()

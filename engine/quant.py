@@ -1,0 +1,49 @@
+"""Weight-only int8 linears for the paged engine (``--quantization int8``).
+
+Each weight matrix is stored as int8 with one scale per output channel (symmetric, absmax / 127);
+activations stay in the model's dtype and torch's own CPU kernel (``aten._weight_int8pack_mm``)
+multiplies them by the int8 weights. The embedding table (tied to the LM head in SmolLM2) stays in the
+model's dtype for lookups; the LM head reads its int8 copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+QUANTIZATIONS = ("none", "int8")
+
+
+class Int8Linear:
+    """``x @ weight.T + bias`` with ``weight`` quantised to int8 per output channel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(weight.dtype).contiguous()
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.weight, self.scale)
+        y = y.view(*shape[:-1], y.shape[-1])
+        return y if self.bias is None else y + self.bias
+
+
+class Linear:
+    """``F.linear`` with fixed weights: what the engine calls when it does not quantise."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def make_linear(quantization: str, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    if quantization == "int8":
+        return Int8Linear(weight, bias)
+    if quantization == "none":
+        return Linear(weight, bias)
+    raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")

@@ -1,0 +1,51 @@
+"""Weight-only int8: the kernel's error, the KV keys it gets, and greedy agreement with the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.quant import agreement, greedy
+from smcserve.engine.model import load_model, model_fingerprint
+from smcserve.engine.quant import Int8Linear, make_linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_is_close_to_the_linear_it_replaces(dtype):
+    torch.manual_seed(0)
+    w, b, x = torch.randn(96, 64, dtype=dtype), torch.randn(96, dtype=dtype), torch.randn(3, 5, 64, dtype=dtype)
+    q = Int8Linear(w, b)
+    assert q.weight.dtype == torch.int8 and q.scale.shape == (96,)
+    ref = F.linear(x, w, b)
+    y = q(x)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < 0.02
+    with pytest.raises(ValueError, match="quantization"):
+        make_linear("int4", w)
+
+
+def test_int8_kv_has_keys_of_its_own(tiny_model_dir):
+    plain = model_fingerprint(tiny_model_dir, torch.float32)
+    assert model_fingerprint(tiny_model_dir, torch.float32, "none") == plain  # unchanged for everyone else
+    assert model_fingerprint(tiny_model_dir, torch.float32, "int8") != plain
+    assert load_model(str(tiny_model_dir), "float32", quantization="int8").fingerprint != plain
+
+
+@pytest.mark.e2e
+def test_int8_greedy_agrees_with_fp32_on_the_standard_prompts(real_model):
+    q8 = load_model(None, "float32", quantization="int8")
+    ref = greedy(real_model, 16)
+    assert agreement(ref, greedy(q8, 16, forced=ref)) >= 0.95  # the next token, given the same prefix
+
+
+@pytest.mark.e2e
+def test_a_server_serves_int8(tiny_model_dir):
+    from smcserve.client import Client
+    from smcserve.loadtest.server_process import ServeProcess
+
+    args = ("--model", str(tiny_model_dir), "--dtype", "float32", "--kv-cache", "16mb", "--quantization", "int8")
+    with ServeProcess(*args, "--no-http") as server, Client(server.address) as c:
+        out = c.generate("Hello there", max_tokens=4, temperature=0.0)
+        assert len(out.token_ids) == 4
+        assert c.info().fingerprint == load_model(str(tiny_model_dir), "float32", quantization="int8").fingerprint
