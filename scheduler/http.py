@@ -563,8 +563,12 @@ class _Head:
             usage.add(r.usage, first)
             choices = []
             for p in r.result.particles:
-                k = self.next_particle if len(self.parsed.requests) > 1 else len(choices)
-                self.next_particle += len(self.parsed.requests) > 1
+                if len(self.parsed.requests) == 1:  # one request: its particles are the choices
+                    k = len(choices)
+                elif len(r.result.particles) == 1:  # response_format: choice i is request i's particle
+                    k = i
+                else:  # several prompts, each steered: numbered after the requests
+                    k, self.next_particle = self.next_particle, self.next_particle + 1
                 choices.append(self._choice(k, p.text, _particle_finish(p)))
             await resp.write(_sse({**self.base(), "choices": choices, "steering": _steering_json(r.result)}))
             return 0

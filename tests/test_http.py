@@ -138,6 +138,20 @@ def test_response_format_json_schema_is_obeyed(oai, model):
         response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}},
     )
     assert set(json.loads(out.choices[0].message.content)) == {"city"}
+    chunks = oai.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Give the capital of France as JSON."}],
+        max_tokens=48,
+        n=2,
+        seed=5,
+        stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}},
+    )
+    texts = {0: "", 1: ""}
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert all(set(json.loads(t)) == {"city"} for t in texts.values())  # two choices, each obeying
 
 
 def test_steering_extension_returns_weighted_particles(oai, model):
