@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -111,6 +112,7 @@ class ShardedBatch:
         self._client_retry_at = 0.0  # while the cluster can't be reached: when to try building the client again
         self._down: dict[str, tuple[float, float]] = {}  # node name → (retry after (monotonic), back-off)
         self._refresh = False
+        self._pool: ThreadPoolExecutor | None = None  # sends to several masters at once
 
     @property
     def cluster(self) -> RedisCluster:
@@ -191,7 +193,9 @@ class ShardedBatch:
 
     def execute(self, commands: Sequence[tuple]) -> list[Any]:
         """Run single-key commands (``("GET", key)``, ``("SET", key, value)``...); each result is the raw
-        reply or an exception (never raised: a master's failure is its commands' exception)."""
+        reply or an exception (never raised: a master's failure is its commands' exception). Each master's
+        share goes out in one write, then its replies are read; the masters are served at once (a thread
+        each), so one master's processing does not wait for another's transfer."""
         results: list[Any] = [None] * len(commands)
         try:
             cluster = self.cluster
@@ -200,44 +204,54 @@ class ShardedBatch:
         self._maybe_refresh()
         unrouted = ConnectionError("slot not covered by any master")
         routed = [False] * len(commands)
-        sent: list[tuple[str, Any, Any, list[int]]] = []
-        try:
-            for name, (node, idx) in self.group(commands).items():
-                idx.sort()
+        work = []
+        for name, (node, idx) in self.group(commands).items():
+            idx.sort()
+            for i in idx:
+                routed[i] = True
+            if self._skip(name):
+                err = ConnectionError(f"shard {name} is down")
                 for i in idx:
-                    routed[i] = True
-                if self._skip(name):
-                    err = ConnectionError(f"shard {name} is down")
-                    for i in idx:
-                        results[i] = err
-                    continue
-                pool = cluster.get_redis_connection(node).connection_pool
-                conn = None
-                try:
-                    conn = pool.get_connection()
-                    wire.send(conn, [commands[i] for i in idx])
-                except CLUSTER_ERRORS as err:
-                    if conn is not None:
-                        conn.disconnect()
-                        pool.release(conn)
-                    self._failed(name, err)
-                    for i in idx:
-                        results[i] = err
-                    continue
-                sent.append((name, pool, conn, idx))
-            for i, done in enumerate(routed):
-                if not done:
-                    results[i] = unrouted
-            while sent:
-                name, pool, conn, idx = sent[0]
-                self._read(name, conn, idx, results)
-                sent.pop(0)
-                pool.release(conn)
-        finally:
-            for _, pool, conn, _ in sent:  # an exception escaped (KeyboardInterrupt...): replies unread
+                    results[i] = err
+                continue
+            work.append((name, cluster.get_redis_connection(node).connection_pool, idx))
+        for i, done in enumerate(routed):
+            if not done:
+                results[i] = unrouted
+        if len(work) == 1:
+            self._round_trip(*work[0], commands, results)
+        elif work:
+            for f in [self._senders().submit(self._round_trip, *w, commands, results) for w in work]:
+                f.result()
+        return results
+
+    def _senders(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(16, thread_name_prefix="kv-shard")
+            return self._pool
+
+    def _round_trip(self, name: str, pool: Any, idx: list[int], commands: Sequence[tuple], results: list) -> None:
+        """One master's commands out and its replies in (into ``results`` at ``idx``)."""
+        conn = None
+        try:
+            conn = pool.get_connection()
+            wire.send(conn, [commands[i] for i in idx])
+        except CLUSTER_ERRORS as err:
+            if conn is not None:
                 conn.disconnect()
                 pool.release(conn)
-        return results
+            self._failed(name, err)
+            for i in idx:
+                results[i] = err
+            return
+        try:
+            self._read(name, conn, idx, results)
+        except BaseException:  # replies unread (KeyboardInterrupt...): the connection is out of step
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def _read(self, name: str, conn: Any, idx: list[int], results: list[Any]) -> None:
         try:
@@ -284,5 +298,7 @@ class ShardedBatch:
         return down
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         if self._client is not None:
             self._client.close()
