@@ -1,4 +1,5 @@
-"""Weight-only int8 (``--quantization int8``) vs the model's own weights: agreement and decode speed.
+"""int8 (``--quantization int8``, weight-only; ``w8a8``, int8 activations too) vs the model's own weights:
+agreement and decode speed.
 
     python -m bench.quant [--tokens 32] [--steps 30] [--batch 1,64] [--dtype float32]
 
@@ -100,21 +101,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     ref = load_model(None, args.dtype, threads=args.threads)
-    q8 = load_model(None, args.dtype, threads=args.threads, quantization="int8")
+    kinds = ("int8", "w8a8") if ref.dtype == torch.float32 else ("int8",)
+    quant = {k: load_model(None, args.dtype, threads=args.threads, quantization=k) for k in kinds}
     a = greedy(ref, args.tokens)
-    out = {
-        "dtype": str(ref.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "teacher_forced_agreement": agreement(a, greedy(q8, args.tokens, forced=a)),
-        "free_running_agreement": agreement(a, greedy(q8, args.tokens)),
-        "tokens_compared": sum(len(u) for u in a),
-    }
+    out = {"dtype": str(ref.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
+    for k, lm in quant.items():
+        out[f"teacher_forced_agreement_{k}"] = agreement(a, greedy(lm, args.tokens, forced=a))
+        out[f"free_running_agreement_{k}"] = agreement(a, greedy(lm, args.tokens))
+    out["tokens_compared"] = sum(len(u) for u in a)
     ids = prompt_ids(ref, PROMPTS[0])
     for batch in (int(b) for b in args.batch.split(",")):
         blocks = batch * 8 + 16
-        ms = step_ms({"ref": ModelRunner(ref, blocks, 16), "int8": ModelRunner(q8, blocks, 16)}, ids, batch, args.steps)
-        out[f"step_ms_ref_b{batch}"], out[f"step_ms_int8_b{batch}"] = ms["ref"], ms["int8"]
-        out[f"speedup_int8_b{batch}"] = ms["ref"] / ms["int8"]
+        runners = {"ref": ModelRunner(ref, blocks, 16)} | {k: ModelRunner(lm, blocks, 16) for k, lm in quant.items()}
+        ms = step_ms(runners, ids, batch, args.steps)
+        out[f"step_ms_ref_b{batch}"] = ms["ref"]
+        for k in quant:
+            out[f"step_ms_{k}_b{batch}"] = ms[k]
+            out[f"speedup_{k}_b{batch}"] = ms["ref"] / ms[k]
     try:
         from smcserve.loadtest.runner import cpu_model
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from bench.quant import agreement, greedy
 from smcserve.engine.model import load_model, model_fingerprint
-from smcserve.engine.quant import Int8Linear, make_linear
+from smcserve.engine.quant import Int8Linear, W8A8Linear, make_linear
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -23,6 +23,16 @@ def test_int8_linear_is_close_to_the_linear_it_replaces(dtype):
     assert ((y - ref).abs().max() / ref.abs().max()).item() < 0.02
     with pytest.raises(ValueError, match="quantization"):
         make_linear("int4", w)
+
+
+def test_w8a8_linear_quantises_activations_too():
+    torch.manual_seed(0)
+    w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(3, 5, 64)
+    ref = F.linear(x, w, b)
+    y = W8A8Linear(w, b)(x)
+    assert y.shape == ref.shape and ((y - ref).abs().max() / ref.abs().max()).item() < 0.05
+    with pytest.raises(ValueError, match="float32"):
+        W8A8Linear(w.bfloat16())
 
 
 def test_int8_kv_has_keys_of_its_own(tiny_model_dir):
