@@ -141,6 +141,23 @@ _DECODE_SERIES = (
 )
 
 
+class StoreCollector(Collector):
+    """The KV store's state at scrape time: ``state()`` gives ("ok" | "down" | "off", restarts)."""
+
+    def __init__(self, state: Callable[[], tuple[str, int]]):
+        self.state = state
+
+    def collect(self):
+        name, restarts = self.state()
+        up = GaugeMetricFamily(
+            f"{PREFIX}kv_store_up", "1 while the KV store answers (0: down, restarting or reconnecting; off: no sample)"
+        )
+        if name != "off":
+            up.add_metric([], 1.0 if name == "ok" else 0.0)
+        yield up
+        yield CounterMetricFamily(f"{PREFIX}kv_store_restarts", "Times the KV store went down and came back", restarts)
+
+
 class WorkerCollector(Collector):
     """Per-worker series from the latest reports: ``reports()`` gives (worker id, role, WorkerStats or
     None, alive, restarts) for every worker."""

@@ -40,7 +40,7 @@ from smcserve.scheduler.conductor import (
 )
 from smcserve.scheduler.handles import DecodeHandle, PrefillHandle
 from smcserve.scheduler.liveness import Liveness, NoWorker
-from smcserve.scheduler.metrics import Metrics, RequestMeter, WorkerCollector
+from smcserve.scheduler.metrics import Metrics, RequestMeter, StoreCollector, WorkerCollector
 from smcserve.scheduler.steering import SteeringConfig, SteeringRun, validate_steering
 from smcserve.scheduler.validate import (
     BadUtf8,
@@ -180,6 +180,7 @@ class SchedulerService:
         if self.liveness is None:
             self.liveness = Liveness(self.prefill, self.decode, self.connect, self.store)
         self.metrics.add_collector(WorkerCollector(self._worker_reports))
+        self.metrics.add_collector(StoreCollector(lambda: (self.liveness.store_state, self.liveness.store_restarts)))
 
     def _worker_reports(self):
         for w in self.prefill:

@@ -212,6 +212,7 @@ def test_health_and_metrics(server, oai, model):
         "smcserve:e2e_request_latency_seconds_count",
         'smcserve:kv_cache_usage_perc{worker="decode-0"}',
         'smcserve:worker_alive{role="prefill",worker="prefill-0"}',
+        "smcserve:kv_store_up",
     ):
         assert name in samples, name
     count = next(line for line in text.splitlines() if line.startswith("smcserve:e2e_request_latency_seconds_count"))

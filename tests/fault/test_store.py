@@ -1,9 +1,10 @@
 """Redis is killed: requests keep working (the store is a cache: misses), the scheduler restarts the
-embedded server, says so in ``info`` and the prefix cache works again."""
+embedded server, says so in ``info`` and ``/metrics``, and the prefix cache works again."""
 
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import pytest
 from faults import kill, redis_client, redis_pid, report, wait_until
@@ -28,3 +29,6 @@ def test_redis_killed_is_restarted_and_caching_resumes(fault_server, fclient):
     before_keys = store.dbsize()  # a fresh server: only what was written since it came back
     fclient.generate(PROMPT, max_tokens=2)  # a prompt not seen before: its blocks are new
     assert store.dbsize() > before_keys  # the workers write to it again: the prefix cache works
+    metrics = urllib.request.urlopen(fault_server.http_address + "/metrics").read().decode().splitlines()
+    assert "smcserve:kv_store_up 1.0" in metrics
+    assert float(next(m for m in metrics if m.startswith("smcserve:kv_store_restarts_total")).split()[-1]) > before
