@@ -282,7 +282,7 @@ class HttpFront:
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self.runner.addresses[0][1]
         return self.port
 
     async def stop(self) -> None:
@@ -341,7 +341,14 @@ class HttpFront:
             return abort_response(err)
 
     async def _collect(self, parsed: Parsed, streams: list, rid: str) -> web.Response:
-        finals = await asyncio.gather(*(_drain(s) for s in streams))
+        tasks = [asyncio.ensure_future(_drain(s)) for s in streams]
+        try:
+            finals = await asyncio.gather(*tasks)
+        except BaseException:  # one choice failed (or the client left): the others stop too
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         choices, usage = [], _Usage()
         for i, (text, final) in enumerate(finals):
             usage.add(final.usage, first=i == 0 or parsed.requests[i].prompt != parsed.requests[i - 1].prompt)
