@@ -29,6 +29,7 @@ from smcserve.engine.model import load_model
 from smcserve.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, TokenLogprob
 from smcserve.kvstore import KVStore
 from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
+from smcserve.protos.messages import logprob_message
 from smcserve.smc.potentials import PotentialSpec
 from smcserve.smc.potentials.spec import MAX_POTENTIALS
 from smcserve.smc.vocab import get_vocab
@@ -55,12 +56,6 @@ def sampling_from_proto(p: smcserve_pb2.SamplingParams) -> SamplingParams:
 
 def logprob_from_proto(m: smcserve_pb2.TokenLogprob) -> TokenLogprob:
     return TokenLogprob(m.token_id, m.logprob, tuple((t.token_id, t.logprob) for t in m.top))
-
-
-def logprob_to_proto(lp: TokenLogprob) -> smcserve_pb2.TokenLogprob:
-    return smcserve_pb2.TokenLogprob(
-        token_id=lp.token, logprob=lp.logprob, top=[smcserve_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]
-    )
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
@@ -171,7 +166,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 text=ev.text,
                 finish_reason=ev.finish_reason or "",
                 completion_tokens=ev.completion_tokens,
-                logprobs=[logprob_to_proto(lp) for lp in ev.logprobs],
+                logprobs=[logprob_message(lp) for lp in ev.logprobs],
             )
             if ev.finish_reason:
                 return

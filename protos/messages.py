@@ -109,6 +109,13 @@ def potential_message(pot: Mapping | pb.Potential) -> pb.Potential:
     return msg
 
 
+def logprob_message(lp) -> pb.TokenLogprob:
+    """A token's logprob (``token``, ``logprob``, ``top`` pairs, as ``engine.sampling.TokenLogprob``) as its message."""
+    return pb.TokenLogprob(
+        token_id=lp.token, logprob=lp.logprob, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]
+    )
+
+
 def build_request(
     prompt: str | None = None,
     messages: Sequence[dict] | None = None,

@@ -146,6 +146,10 @@ class Parsed:
     model: str
     chat: bool
 
+    def first_of_prompt(self, i: int) -> bool:
+        """Request ``i`` is its prompt's first choice (usage counts a prompt's tokens once)."""
+        return i == 0 or self.requests[i].prompt != self.requests[i - 1].prompt
+
 
 def parse_body(body: object, chat: bool, model_name: str) -> Parsed:
     """The body's requests, one per choice; ``BadBody`` naming the field it cannot take."""
@@ -351,7 +355,7 @@ class HttpFront:
             raise
         choices, usage = [], _Usage()
         for i, (text, final) in enumerate(finals):
-            usage.add(final.usage, first=i == 0 or parsed.requests[i].prompt != parsed.requests[i - 1].prompt)
+            usage.add(final.usage, first=parsed.first_of_prompt(i))
             if final.HasField("result"):
                 for p in final.result.particles:
                     choices.append(_particle_choice(len(choices), p, parsed.chat))
@@ -566,8 +570,7 @@ class _Head:
                 )
             )
         if r.HasField("result"):
-            first = i == 0 or self.parsed.requests[i].prompt != self.parsed.requests[i - 1].prompt
-            usage.add(r.usage, first)
+            usage.add(r.usage, self.parsed.first_of_prompt(i))
             choices = []
             for p in r.result.particles:
                 if len(self.parsed.requests) == 1:  # one request: its particles are the choices
@@ -587,6 +590,5 @@ class _Head:
             self.offsets[i] = self.offsets.get(i, 0) + len(r.text)
             await resp.write(_sse({**self.base(), "choices": [choice]}))
         if r.finish_reason:
-            first = i == 0 or self.parsed.requests[i].prompt != self.parsed.requests[i - 1].prompt
-            usage.add(r.usage, first)
+            usage.add(r.usage, self.parsed.first_of_prompt(i))
         return 0

@@ -26,6 +26,7 @@ from smcserve.engine.sampling import SamplingParams
 from smcserve.kvstore import KVStore
 from smcserve.prefill.result import PrefillResult
 from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
+from smcserve.protos.messages import logprob_message
 from smcserve.scheduler.auth import OPEN, ApiKeys, with_secret
 from smcserve.scheduler.conductor import (
     CostRecorder,
@@ -139,13 +140,6 @@ def _sampling_proto(p: SamplingParams) -> smcserve_pb2.SamplingParams:
         seed=p.seed,
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs if p.logprobs >= 0 else None,
-    )
-
-
-def logprob_proto(lp) -> smcserve_pb2.TokenLogprob:
-    """An :class:`engine.sampling.TokenLogprob` as its message."""
-    return smcserve_pb2.TokenLogprob(
-        token_id=lp.token, logprob=lp.logprob, top=[smcserve_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]
     )
 
 
@@ -462,7 +456,7 @@ class SchedulerService:
                 sampling=_sampling_proto(params),
             )
             if pre.first_logprob is not None:
-                decode_request.first_logprob.CopyFrom(logprob_proto(pre.first_logprob))
+                decode_request.first_logprob.CopyFrom(logprob_message(pre.first_logprob))
             async with contextlib.aclosing(self._stream(decode_request, dw, run, usage, context, t0)) as responses:
                 async for response in responses:
                     yield response
