@@ -5,6 +5,7 @@ model, no server: fast."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from types import SimpleNamespace
 
 import grpc
@@ -383,5 +384,65 @@ def test_an_abort_during_prefill_stops_it_and_ends_with_an_abort_message(monkeyp
         assert svc.decode[0].stub.decodes == [] and not svc.running
         assert actor.cancelled == tickets and len(dropped) == 1  # the worker was told to stop it
         assert svc.prefill[0].queued == 0
+
+    asyncio.run(main())
+
+
+# --- validation off the event loop: the steering backlog ----------------------------------------------
+HANG_GUARD_S = 60  # only ends a test that would otherwise hang; the right behaviour answers at once
+
+
+def steering_request(i: int) -> pb.GenerateRequest:
+    phrases = [f"phrase {i} {j}" for j in range(200)]
+    req = request(request_id=f"steer-{i}")
+    req.steering.particles = 1
+    req.steering.potentials.add().banned_phrases.phrases.extend(phrases)
+    return req
+
+
+def test_a_flood_of_steering_validation_is_refused_and_a_plain_request_does_not_wait_behind_it():
+    """Steering validations are held (explicitly) in their threads: the backlog admits requests while
+    their bytes fit (the first always), refuses the rest at once with RESOURCE_EXHAUSTED naming
+    ``steering``, and a plain request runs to its end meanwhile, validated in a thread of its own. Once
+    released, the held requests finish and their bytes leave the backlog."""
+    from smcserve.scheduler.validate import InvalidRequest, Validators
+
+    async def main():
+        svc = service(FakeDecodeStub(events=events(2)))
+        size = steering_request(0).steering.ByteSize()
+        svc._validators = Validators(backlog_bytes=3 * size + size // 2)  # three fit, a fourth does not
+        release, entered = threading.Event(), threading.Semaphore(0)
+        validate_now = svc._validate_now
+
+        def held(req):
+            if not req.HasField("steering"):
+                return validate_now(req)
+            entered.release()
+            release.wait()
+            raise InvalidRequest("steering.potentials: held by the test, then refused")
+
+        svc._validate_now = held
+        try:
+            admitted = []
+            for i in range(3):
+                admitted.append(asyncio.create_task(generate(svc, steering_request(i))))
+                await asyncio.to_thread(entered.acquire)  # it is in its validation thread, held there
+            for i in range(3, 5):
+                # refused at once (were it queued, it would wait for the release: the guard ends the test)
+                out, ctx = await asyncio.wait_for(generate(svc, steering_request(i)), HANG_GUARD_S)
+                assert out == [] and ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED, ctx.details
+                assert ctx.details.startswith("steering: ")
+            out, ctx = await asyncio.wait_for(generate(svc, request(request_id="plain")), HANG_GUARD_S)  # all held
+            assert ctx.code is None and out[-1].finish_reason == "length"
+            assert not any(t.done() for t in admitted)
+            release.set()
+            for task in admitted:
+                out, ctx = await task
+                assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and "held by the test" in ctx.details
+            assert svc._validators._backlog == 0 and svc.running == {}
+            out, ctx = await generate(svc, steering_request(5))  # the backlog is empty again: it is taken
+            assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and "held by the test" in ctx.details
+        finally:
+            release.set()  # a failed test leaves no thread held
 
     asyncio.run(main())
