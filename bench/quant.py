@@ -22,6 +22,7 @@ import torch
 from smcserve.engine.block_manager import BlockManager, BlockTable
 from smcserve.engine.model import load_model
 from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
+from smcserve.engine.quant import int8_activation_dtype
 
 PROMPTS = (
     "What is the capital of France?",
@@ -109,6 +110,7 @@ def main() -> None:
         out[f"teacher_forced_agreement_{k}"] = agreement(a, greedy(lm, args.tokens, forced=a))
         out[f"free_running_agreement_{k}"] = agreement(a, greedy(lm, args.tokens))
     out["tokens_compared"] = sum(len(u) for u in a)
+    out["int8_activation_dtype"] = str(int8_activation_dtype(ref.dtype)).removeprefix("torch.")
     ids = prompt_ids(ref, PROMPTS[0])
     for batch in (int(b) for b in args.batch.split(",")):
         blocks = batch * 8 + 16

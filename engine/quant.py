@@ -1,8 +1,11 @@
 """int8 linears for the paged engine (``--quantization``).
 
 Each weight matrix is stored as int8 with one scale per output channel (symmetric, absmax / 127).
-``int8``: weight-only; activations stay in the model's dtype and torch's own CPU kernel
-(``aten._weight_int8pack_mm``) multiplies them by the int8 weights. ``w8a8`` (float32 models): fbgemm's
+``int8``: weight-only; torch's own CPU kernel (``aten._weight_int8pack_mm``) multiplies the
+activations by the int8 weights. That kernel is vectorised for bfloat16 activations and not for
+float32 ones on some CPUs (here: 10× slower in float32), so a float32 model hands it bfloat16
+activations where a timing at start-up (:func:`int8_activation_dtype`) says that is faster; the
+result is float32 again. ``w8a8`` (float32 models): fbgemm's
 int8 GEMM (``quantized::linear_dynamic``), which also quantises each call's activations per tensor:
 much faster, much less exact (``python -m bench.quant`` measures both). The embedding table (tied to
 the LM head in SmolLM2) stays in the model's dtype for lookups; the LM head reads its int8 copy.
@@ -10,6 +13,7 @@ the LM head in SmolLM2) stays in the model's dtype for lookups; the LM head read
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -18,19 +22,49 @@ import torch.nn.functional as F
 QUANTIZATIONS = ("none", "int8", "w8a8")
 
 
-class Int8Linear:
-    """``x @ weight.T + bias`` with ``weight`` quantised to int8 per output channel."""
+_ACTIVATION_DTYPE: dict[torch.dtype, torch.dtype] = {}
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+
+def int8_activation_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype for ``_weight_int8pack_mm`` with a ``model_dtype`` model: the model's own,
+    or for float32, bfloat16 where one decode-shaped product (a 1×576 row by a 1536×576 matrix, the
+    model's MLP) is faster so (best of interleaved rounds, so a busy machine slows both alike).
+    Measured once per process."""
+    if model_dtype != torch.float32:
+        return model_dtype
+    if model_dtype not in _ACTIVATION_DTYPE:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randint(-127, 128, (1536, 576), dtype=torch.int8, generator=g)
+        best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+        for _ in range(5):
+            for dt in best:
+                x, scale = torch.randn(1, 576, generator=g).to(dt), torch.rand(1536, generator=g).to(dt)
+                t0 = time.perf_counter()
+                for _ in range(4):
+                    torch.ops.aten._weight_int8pack_mm(x, w, scale)
+                best[dt] = min(best[dt], time.perf_counter() - t0)
+        _ACTIVATION_DTYPE[model_dtype] = min(best, key=best.get)
+    return _ACTIVATION_DTYPE[model_dtype]
+
+
+class Int8Linear:
+    """``x @ weight.T + bias`` with ``weight`` quantised to int8 per output channel; the product in
+    ``activation_dtype`` (default: :func:`int8_activation_dtype`), the result in ``x``'s dtype."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, activation_dtype: torch.dtype | None = None
+    ):
         w = weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scale = scale.to(weight.dtype).contiguous()
+        self.activation_dtype = activation_dtype or int8_activation_dtype(weight.dtype)
+        self.scale = scale.to(self.activation_dtype).contiguous()
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.weight, self.scale)
+        x2 = x.reshape(-1, shape[-1]).to(self.activation_dtype).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale).to(x.dtype)
         y = y.view(*shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
 

@@ -11,12 +11,16 @@ from smcserve.engine.model import load_model, model_fingerprint
 from smcserve.engine.quant import Int8Linear, W8A8Linear, make_linear
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_is_close_to_the_linear_it_replaces(dtype):
+@pytest.mark.parametrize(
+    "dtype, activations", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, None)]
+)
+def test_int8_linear_is_close_to_the_linear_it_replaces(dtype, activations):
+    """Either activation dtype the start-up timing may pick for a float32 model gives the model's dtype back."""
     torch.manual_seed(0)
     w, b, x = torch.randn(96, 64, dtype=dtype), torch.randn(96, dtype=dtype), torch.randn(3, 5, 64, dtype=dtype)
-    q = Int8Linear(w, b)
+    q = Int8Linear(w, b, activation_dtype=activations)
     assert q.weight.dtype == torch.int8 and q.scale.shape == (96,)
+    assert q.activation_dtype == (activations or dtype)
     ref = F.linear(x, w, b)
     y = q(x)
     assert y.shape == ref.shape and y.dtype == dtype
