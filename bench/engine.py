@@ -33,7 +33,7 @@ from smcserve.engine.sampling import SamplingParams, sample_token, sample_tokens
 
 def hf_single_tps(lm, ids: list[int], tokens: int) -> float:
     """Decode tokens/s of HF generate of one sequence (from the first generated token to the end)."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=lm.device)
     clock = StreamClock()
     with torch.inference_mode():
         lm.model.generate(
@@ -49,7 +49,7 @@ def hf_single_tps(lm, ids: list[int], tokens: int) -> float:
 
 def hf_batched_tps(lm, ids: list[int], tokens: int, n: int) -> float:
     """HF generate with n return sequences; decode time = total − the time of a 1-token run."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=lm.device)
     kw = dict(attention_mask=torch.ones_like(x), do_sample=True, num_return_sequences=n)
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -99,6 +99,12 @@ def fork_time(num_blocks: int, context: int = 2048, reps: int = 200) -> float:
     return (time.perf_counter() - t0) / (2 * reps)  # a fork and a free each rep; charge half to the fork
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def gemm_bound(lm, n: int, reps: int = 5) -> float:
     """Seconds of the GEMMs of one batch-n decode step, each timed alone at its real shape."""
     weights = []
@@ -117,11 +123,13 @@ def gemm_bound(lm, n: int, reps: int = 5) -> float:
     total = 0.0
     with torch.inference_mode():
         for w in weights:
-            x = torch.randn(n, w.shape[1], dtype=w.dtype)
+            x = torch.randn(n, w.shape[1], dtype=w.dtype, device=w.device)
             F.linear(x, w)
+            sync(w.device)
             t0 = time.perf_counter()
             for _ in range(reps):
                 F.linear(x, w)
+            sync(w.device)
             total += (time.perf_counter() - t0) / reps
     return total
 
@@ -149,8 +157,9 @@ def main() -> None:
     p.add_argument("--particles", type=int, default=64)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (engine/device.py)")
     args = p.parse_args()
-    lm = load_model(args.model, args.dtype, threads=args.threads)
+    lm = load_model(args.model, args.dtype, threads=args.threads, device=args.device)
     ids = lm.tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
@@ -170,6 +179,7 @@ def main() -> None:
                 "model": args.model or "smollm2-135m-instruct",
                 "dtype": str(lm.dtype).removeprefix("torch."),
                 "dtype_reason": lm.dtype_reason,
+                "device": str(lm.device),
                 "threads": args.threads,
                 "particles": n,
                 "tokens": tokens,

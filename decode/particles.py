@@ -248,11 +248,12 @@ class ParticleGroup:
         logp = torch.log_softmax(logits.double() / self.params.temperature, dim=-1).view(len(parents), m, -1)
         factors = [combined_log_factor(p.potentials, list(logp[r, 1:])) for r, p in enumerate(parents)]
         rows = with_factors(logp[:, 0], factors)
-        allowed = stacked_masks([combined_mask(p.potentials) for p in parents], rows.shape[1])
+        allowed = stacked_masks([combined_mask(p.potentials) for p in parents], rows.shape[1], rows.device)
         k_max = max(k for _, _, k in items)
         u = torch.tensor(
             [[seeded_uniform(self.params.seed, step, index, j) for j in range(k_max)] for _, index, _ in items],
             dtype=torch.float64,
+            device=rows.device,
         )
         prop = propose(rows, allowed, u)
         made: dict[str, Particle] = {}

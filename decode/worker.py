@@ -342,7 +342,11 @@ class DecodeWorker:
         self.worker_id = worker_id
         self.config = config
         self.lm = load_model(
-            config.model, config.dtype, threads=config.threads or os.cpu_count(), quantization=config.quantization
+            config.model,
+            config.dtype,
+            threads=config.threads or os.cpu_count(),
+            quantization=config.quantization,
+            device=config.device,
         )
         layout = KVLayout.from_config(self.lm.config, self.lm.dtype, config.block_size)
         num_blocks = max(1, layout.blocks_in(config.kv_cache_bytes))

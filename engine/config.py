@@ -23,6 +23,7 @@ class WorkerConfig:
     prefix_cache: bool = True  # prefill workers: reuse prompt blocks already in the KV store
     secret: str = field(default="", repr=False)  # decode workers: callers of their service must send it
     quantization: str = "none"  # the paged engine's weights: none or int8 (engine/quant.py)
+    device: str = "cpu"  # cpu or cuda (the launcher resolves auto, engine/device.py)
 
     def same_but_secret(self, other: WorkerConfig) -> bool:
         return replace(self, secret="") == replace(other, secret="")

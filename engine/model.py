@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from smcserve.engine.device import cuda_dtype, resolve_device
 from smcserve.engine.dtype import DtypeChoice, ModelDims, resolve
 from smcserve.engine.quant import QUANTIZATIONS
 
@@ -37,9 +38,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SMCSERVE_CACHE", Path.home() / ".cache" / "smcserve"))
 
 
-def resolve_dtype_choice(name: str, model_path: Path | None = None, threads: int | None = None) -> DtypeChoice:
+def resolve_dtype_choice(
+    name: str, model_path: Path | None = None, threads: int | None = None, device: torch.device | None = None
+) -> DtypeChoice:
     """``name`` as a concrete dtype with the reason: ``auto`` is decided by timing this machine at the
-    model's sizes with ``threads`` torch threads (cached per machine, see ``engine/dtype.py``)."""
+    model's sizes with ``threads`` torch threads (cached per machine, see ``engine/dtype.py``); on a
+    CUDA ``device`` it is bfloat16 where supported (``engine/device.py``)."""
+    if device is not None and device.type == "cuda" and name == "auto":
+        return DtypeChoice(*cuda_dtype(device))
     return resolve(name, ModelDims.from_model_dir(model_path) if model_path is not None else None, threads)
 
 
@@ -127,6 +133,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     dtype_reason: str = ""  # why this dtype (``auto``: the timings that decided it)
     quantization: str = "none"  # the paged engine's weights: none, or int8 (weight-only, per channel)
+    device: torch.device = torch.device("cpu")  # weights, KV pool and every tensor of a forward (--device)
 
     @property
     def config(self):
@@ -138,21 +145,29 @@ class LoadedModel:
 
 
 def load_model(
-    model: str | None = None, dtype: str = "auto", threads: int | None = None, quantization: str = "none"
+    model: str | None = None,
+    dtype: str = "auto",
+    threads: int | None = None,
+    quantization: str = "none",
+    device: str = "cpu",
 ) -> LoadedModel:
-    """Load the model and tokenizer for inference on the CPU (``quantization``: what the paged engine's
-    :class:`ModelRunner` does to the weights, see ``engine/quant.py``)."""
+    """Load the model and tokenizer for inference on ``device`` (``auto``: CUDA where there is one, see
+    ``engine/device.py``; ``quantization``: what the paged engine's :class:`ModelRunner` does to the
+    weights, see ``engine/quant.py``, CPU only)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dev = resolve_device(device)
+    if dev.type != "cpu" and quantization != "none":
+        raise ValueError(f"quantization: {quantization} runs on the CPU only (device {dev})")
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model_path(model)
-    choice = resolve_dtype_choice(dtype, path, torch.get_num_threads())
+    choice = resolve_dtype_choice(dtype, path, torch.get_num_threads(), dev)
     torch_dtype = choice.torch_dtype
     tok = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev)
     lm.eval()
     eos = lm.generation_config.eos_token_id if lm.generation_config is not None else None
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -168,6 +183,7 @@ def load_model(
         eos_token_ids=frozenset(eos_ids),
         dtype_reason=choice.reason,
         quantization=quantization,
+        device=dev,
     )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from smcserve.engine.device import to_device, to_host
 from smcserve.engine.kv import KVLayout
 from smcserve.engine.model import LoadedModel
 from smcserve.engine.quant import make_linear
@@ -80,9 +81,10 @@ class ModelRunner:
         self.num_heads = lm.config.num_attention_heads
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.k_cache = torch.zeros(L, num_blocks * block_size, H, D, dtype=lm.dtype)
-        self.v_cache = torch.zeros(L, num_blocks * block_size, H, D, dtype=lm.dtype)
-        self.arange_block = torch.arange(block_size)
+        self.device = dev = lm.device  # every tensor of a forward lives here (engine/device.py)
+        self.k_cache = torch.zeros(L, num_blocks * block_size, H, D, dtype=lm.dtype, device=dev)
+        self.v_cache = torch.zeros(L, num_blocks * block_size, H, D, dtype=lm.dtype, device=dev)
+        self.arange_block = torch.arange(block_size, device=dev)
         self.fused = [_fuse(layer) for layer in self.layers]
         # every matrix product of the forward (int8 weights under --quantization int8; the modules' own
         # weights otherwise, so the model's numerics are unchanged)
@@ -99,18 +101,25 @@ class ModelRunner:
 
     # --- block contents ------------------------------------------------------------------------
     def write_block(self, b: int, block: torch.Tensor) -> None:
-        """Copy a store block ``[L, 2, H, T, D]`` into pool block ``b``."""
+        """Copy a store block ``[L, 2, H, T, D]`` (on the host) into pool block ``b``."""
+        block = to_device(block, self.device)
         t = block.shape[3]
         s = b * self.block_size
         self.k_cache[:, s : s + t] = block[:, 0].transpose(1, 2)
         self.v_cache[:, s : s + t] = block[:, 1].transpose(1, 2)
 
     def read_block(self, b: int, tokens: int) -> torch.Tensor:
-        """Pool block ``b`` (its first ``tokens`` slots) in the store layout ``[L, 2, H, T, D]``."""
-        s = b * self.block_size
-        return torch.stack(
-            (self.k_cache[:, s : s + tokens].transpose(1, 2), self.v_cache[:, s : s + tokens].transpose(1, 2)), dim=1
-        ).contiguous()
+        """Pool block ``b`` (its first ``tokens`` slots) in the store layout ``[L, 2, H, T, D]``, on the host."""
+        return self.read_blocks([(b, tokens)])[0]
+
+    def read_blocks(self, blocks: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """:meth:`read_block` of each (block, tokens), copied to the host together."""
+        out = []
+        for b, tokens in blocks:
+            s = b * self.block_size
+            k, v = self.k_cache[:, s : s + tokens], self.v_cache[:, s : s + tokens]
+            out.append(torch.stack((k.transpose(1, 2), v.transpose(1, 2)), dim=1).contiguous())
+        return to_host(out)
 
     def copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size
@@ -120,8 +129,8 @@ class ModelRunner:
     # --- forward -------------------------------------------------------------------------------
     def _slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
         """Flat slot ids of token positions ``[start, end)`` of a sequence."""
-        table = torch.tensor(blocks, dtype=torch.long)
-        pos = torch.arange(start, end)
+        table = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        pos = torch.arange(start, end, device=self.device)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     @torch.inference_mode()
@@ -133,22 +142,21 @@ class ModelRunner:
 
     def _decode(self, items: list[SeqBatchItem]) -> torch.Tensor:
         """One new token per sequence, attention over each sequence's own (padded) slots."""
+        dev = self.device
         lens = [it.start + 1 for it in items]
         max_len = max(lens)
         max_blocks = -(-max_len // self.block_size)
-        table = torch.zeros(len(items), max_blocks, dtype=torch.long)
-        for i, it in enumerate(items):
-            n = -(-lens[i] // self.block_size)
-            table[i, :n] = torch.tensor(it.blocks[:n])
+        rows = [it.blocks[: -(-n // self.block_size)] for it, n in zip(items, lens)]
+        table = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.long, device=dev)
         gather = (table[:, :, None] * self.block_size + self.arange_block).view(len(items), -1)[:, :max_len]
-        valid = torch.arange(max_len)[None, :] < torch.tensor(lens)[:, None]
+        valid = torch.arange(max_len, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
         mask = valid[:, None, None, :]  # [B, 1, 1, S]
-        positions = torch.tensor([it.start for it in items])
-        slots = gather[torch.arange(len(items)), positions]
+        positions = torch.tensor([it.start for it in items], device=dev)
+        slots = gather[torch.arange(len(items), device=dev), positions]
 
         B, H, D = len(items), self.layout.num_kv_heads, self.layout.head_dim
         flat = gather.reshape(-1)
-        k_buf = torch.empty(flat.numel(), H * D, dtype=self.k_cache.dtype)  # reused by every layer
+        k_buf = torch.empty(flat.numel(), H * D, dtype=self.k_cache.dtype, device=dev)  # reused by every layer
         v_buf = torch.empty_like(k_buf)
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [B, Hq, D]
@@ -159,7 +167,7 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
             return o.reshape(B, -1)
 
-        tokens = torch.tensor([it.tokens[0] for it in items])
+        tokens = torch.tensor([it.tokens[0] for it in items], device=dev)
         return self._run(tokens, positions, slots, attend, last=None)
 
     def _prefill(self, it: SeqBatchItem) -> torch.Tensor:
@@ -167,8 +175,8 @@ class ModelRunner:
         n, end = len(it.tokens), it.start + len(it.tokens)
         gather = self._slots(it.blocks, 0, end)
         slots = gather[it.start :]
-        positions = torch.arange(it.start, end)
-        causal = torch.arange(end)[None, :] <= positions[:, None]  # [n, S]
+        positions = torch.arange(it.start, end, device=self.device)
+        causal = torch.arange(end, device=self.device)[None, :] <= positions[:, None]  # [n, S]
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [n, Hq, D]
             k = self.k_cache[layer][gather].transpose(0, 1)[None]  # [1, Hkv, S, D]
@@ -176,7 +184,8 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=causal, enable_gqa=True)
             return o[0].transpose(0, 1).reshape(n, -1)
 
-        return self._run(torch.tensor(it.tokens), positions, slots, attend, last=[n - 1])
+        tokens = torch.tensor(it.tokens, device=self.device)
+        return self._run(tokens, positions, slots, attend, last=[n - 1])
 
     def _run(
         self,

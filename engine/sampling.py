@@ -88,7 +88,8 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], positions:
                 for i in rows
             ]
         )
-        u = torch.tensor([seeded_uniform(params[i].seed, positions[i]) for i in rows], dtype=torch.float64)
+        u = [seeded_uniform(params[i].seed, positions[i]) for i in rows]
+        u = torch.tensor(u, dtype=torch.float64, device=logits.device)
         out[rows] = inverse_cdf(torch.softmax(scaled.double(), dim=-1), u.unsqueeze(1)).squeeze(1)
     return out.tolist()
 

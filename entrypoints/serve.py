@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                 f"smcserve listening on {stack.address} (model {config.model or 'smollm2-135m-instruct'}, "
                 f"{config.prefill_workers} prefill + {config.decode_workers} decode workers, "
                 f"redis {redacted(stack.redis_url)}, ray {config.ray_address or 'local'})\n"
-                f"dtype {stack.dtype}: {stack.dtype_reason}\n"
+                f"device {stack.device}, dtype {stack.dtype}: {stack.dtype_reason}\n"
                 f"http {stack.http_address or 'off'} (OpenAI-compatible /v1, /metrics, /health)",
                 flush=True,
             )

@@ -97,7 +97,8 @@ class KVTransfer:
         pool's prefix cache."""
         bs, n = self.bm.block_size, len(token_ids)
         todo = [i for i, present in zip(range(first, len(keys)), self.store.contains(keys[first:])) if not present]
-        self.store.put_blocks([(keys[i], self.runner.read_block(table.blocks[i], min(bs, n - i * bs))) for i in todo])
+        blocks = self.runner.read_blocks([(table.blocks[i], min(bs, n - i * bs)) for i in todo])
+        self.store.put_blocks([(keys[i], block) for i, block in zip(todo, blocks)])
         if not cache:
             return
         with self.lock:

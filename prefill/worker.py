@@ -26,7 +26,11 @@ class PrefillWorker:
         self.worker_id = worker_id
         self.config = config
         self.lm = load_model(
-            config.model, config.dtype, threads=config.threads or os.cpu_count(), quantization=config.quantization
+            config.model,
+            config.dtype,
+            threads=config.threads or os.cpu_count(),
+            quantization=config.quantization,
+            device=config.device,
         )
         bs = config.block_size
         cache_blocks = KVLayout.from_config(self.lm.config, self.lm.dtype, bs).blocks_in(config.kv_cache_bytes)

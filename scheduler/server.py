@@ -90,6 +90,8 @@ class ModelSummary:
     vocab_size: int
     block_size: int
     kv_bytes_per_token: int = 0  # K and V of every layer for one token (0: unknown)
+    dtype_reason: str = ""  # why this dtype (--dtype auto: the timings that decided)
+    device: str = "cpu"  # where the workers compute
 
 
 class _MeteredContext:
@@ -682,6 +684,8 @@ class SchedulerService:
             max_tokens_limit=self.limits.max_tokens_limit,
             kv_store=self.liveness.store_state,
             kv_store_restarts=self.liveness.store_restarts,
+            dtype_reason=self.model.dtype_reason,
+            device=self.model.device,
         )
         own = await asyncio.gather(  # the workers' own counts (answered from a thread of their own)
             *(asyncio.wait_for(w.actor.stats.remote(), 10) for w in self.prefill), return_exceptions=True

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from smcserve.engine.config import WorkerConfig, parse_size
+from smcserve.engine.device import resolve_device
 from smcserve.engine.dtype import CANDIDATES as DTYPE_CANDIDATES
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 from smcserve.engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype_choice, resolve_model_path
@@ -55,6 +56,7 @@ class ServeConfig:
         "weights and KV dtype; auto: bfloat16 only where it measures faster than float32 on this CPU",
         choices=("auto", *DTYPE_CANDIDATES),
     )
+    device: str = _field("auto", "where the workers compute: auto = CUDA where torch sees a GPU, else the CPU")
     block_size: int = _field(DEFAULT_BLOCK_SIZE, "tokens per KV block")
     quantization: str = _field(
         "none", "the workers' weights: int8 = weight-only int8 per output channel", choices=QUANTIZATIONS
@@ -76,6 +78,7 @@ class ServeConfig:
     max_inflight: int = _field(256, "requests in flight before RESOURCE_EXHAUSTED")
     threads: int = _field(0, "torch threads per worker; 0: all cores")
     worker_cpus: float = _field(1.0, "Ray CPU resource each worker reserves")
+    worker_gpus: float = _field(0.0, "Ray GPU resource each worker reserves on CUDA; 0: one GPU shared by all")
     kv_cache: str = _field("1gb", "paged KV pool per worker (e.g. 512mb, 2gb); prefill: its prefix cache")
     prefix_cache: bool = _field(True, "the prefix cache: prefill reuses prompt blocks already in the KV store")
     policy: str = _field("cache_global", "placement policy of the Conductor", choices=POLICY_NAMES)
@@ -120,6 +123,7 @@ class Stack:
         self.secret = ""  # the decode workers' cluster secret (never logged)
         self.dtype = ""  # the concrete dtype every worker runs ("float32" or "bfloat16")
         self.dtype_reason = ""  # why: as given, or the timings that decided ``--dtype auto``
+        self.device = ""  # where every worker computes ("cpu", "cuda")
 
     async def start(self) -> Stack:
         from transformers import AutoConfig, AutoTokenizer
@@ -131,7 +135,11 @@ class Stack:
         model_path = resolve_model_path(cfg.model)  # fetch + convert once, before the workers start
         # ``auto`` is decided once, here, before Ray and the workers load the cores, and every worker
         # gets the concrete dtype: the KV block keys include it, so all workers must agree.
-        choice = await asyncio.to_thread(resolve_dtype_choice, cfg.dtype, model_path, cfg.threads or os.cpu_count())
+        # the launcher's view of the device decides for every worker (on a cluster: nodes alike)
+        device = resolve_device(cfg.device)
+        self.device = str(device)
+        threads = cfg.threads or os.cpu_count()
+        choice = await asyncio.to_thread(resolve_dtype_choice, cfg.dtype, model_path, threads, device)
         dtype, self.dtype, self.dtype_reason = choice.torch_dtype, choice.dtype, choice.reason
         log.info("dtype %s: %s", choice.dtype, choice.reason)
         self.redis_url, self.redis = start_or_connect(cfg.redis_url, cfg.redis_maxmemory)
@@ -157,6 +165,7 @@ class Stack:
             kv_cache_bytes=parse_size(cfg.kv_cache),
             prefix_cache=cfg.prefix_cache,
             quantization=cfg.quantization,
+            device=self.device,
             host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"),
             # the decode workers' service admits only this scheduler (a fixed one from the environment)
             secret=os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32),
@@ -166,6 +175,8 @@ class Stack:
         self.secret = wcfg.secret
         # pools spread over the nodes; a worker that dies is started again by Ray (scheduler.liveness)
         opts = {"num_cpus": cfg.worker_cpus, "scheduling_strategy": "SPREAD", "max_restarts": -1}
+        if device.type == "cuda":  # Ray shows an actor only the GPUs it reserved
+            opts["num_gpus"] = cfg.worker_gpus or 1.0 / (cfg.prefill_workers + cfg.decode_workers)
         pools = [(PrefillWorker, "prefill", cfg.prefill_workers), (DecodeWorker, "decode", cfg.decode_workers)]
         prefill, decode = await asyncio.gather(
             *(
@@ -212,6 +223,8 @@ class Stack:
                 vocab_size=hf_config.vocab_size,
                 block_size=cfg.block_size,
                 kv_bytes_per_token=kv_bytes_per_token(hf_config, dtype),
+                dtype_reason=self.dtype_reason,
+                device=self.device,
             ),
             prefill=self.prefill,
             decode=self.decode,

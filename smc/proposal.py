@@ -40,13 +40,17 @@ class Proposal:
         return -math.inf if mass == -math.inf or log_g == -math.inf else mass + log_g
 
 
-def stacked_masks(masks: Sequence[torch.Tensor | None], width: int) -> torch.Tensor | None:
-    """The rows' masks as one bool [P, width] tensor (a row without a mask allows everything), or
-    None when no row has one. A mask longer than ``width`` (the model's logit rows) is cut."""
+def stacked_masks(
+    masks: Sequence[torch.Tensor | None], width: int, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """The rows' masks as one bool [P, width] tensor on ``device`` (the logits'; default: the CPU; a row
+    without a mask allows everything), or None when no row has one. A mask longer than ``width`` (the
+    model's logit rows) is cut. The potentials build masks on the host; the stack is copied once."""
     if all(m is None for m in masks):
         return None
-    every = torch.ones(width, dtype=torch.bool)
-    return torch.stack([every if m is None else m[:width].to(torch.bool) for m in masks])
+    every = torch.ones(width, dtype=torch.bool, device="cpu")  # beside the potentials' host masks
+    stacked = torch.stack([every if m is None else m[:width].to(torch.bool) for m in masks])
+    return stacked if device is None else stacked.to(device, non_blocking=True)
 
 
 def with_factors(logp: torch.Tensor, factors: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -68,7 +72,7 @@ def propose(logp: torch.Tensor, allowed: torch.Tensor | None, u: torch.Tensor) -
     masked = logp if allowed is None else logp.masked_fill(~allowed[:, : logp.shape[1]], -math.inf)
     log_mass = torch.logsumexp(masked, dim=1)
     ok = log_mass > -math.inf
-    tokens = torch.full(u.shape, -1, dtype=torch.int64)
+    tokens = torch.full(u.shape, -1, dtype=torch.int64, device=logp.device)
     if bool(ok.any()):
         probs = torch.exp(masked[ok] - log_mass[ok, None])
         tokens[ok] = inverse_cdf(probs, u[ok])

@@ -1,0 +1,101 @@
+"""``--device``: its resolution, and the engine's device-agnostic code run on the CPU with every
+implicit tensor sent elsewhere (the ``meta`` device as the default): a tensor made without the runner's
+device would end up there and fail the forward, as it would be on the CPU beside a CUDA pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smcserve.engine.block_manager import BlockManager, BlockTable
+from smcserve.engine.device import resolve_device, to_device, to_host
+from smcserve.engine.model import load_model
+from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
+from smcserve.engine.sampling import SamplingParams, sample_tokens
+from smcserve.smc.proposal import propose, stacked_masks
+
+
+def test_device_names():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "cpu:1", ""):
+        with pytest.raises(ValueError, match="^device: must be one of"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^device: cuda asked for, but torch sees no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_quantization_is_refused_off_the_cpu(tiny_model_dir):
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^quantization: int8 runs on the CPU only"):
+            load_model(str(tiny_model_dir), "float32", quantization="int8", device="cuda")
+    assert load_model(str(tiny_model_dir), "float32", device="cpu").device == torch.device("cpu")
+
+
+def steps(runner: ModelRunner, bm: BlockManager, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Prefill each prompt, fork the first, then two batched decode steps; the logits of each call."""
+    out, tables = [], []
+    for ids in prompts:
+        table = BlockTable()
+        for _ in ids:
+            bm.append_slot(table)
+        out.append(runner.forward([SeqBatchItem(ids, 0, table.blocks)]))
+        tables.append(table)
+    tables.append(bm.fork(tables[0]))
+    for step in range(2):
+        items = []
+        for i, t in enumerate(tables):
+            start = t.num_tokens
+            bm.append_slot(t)
+            items.append(SeqBatchItem([5 + i + step], start, t.blocks))
+        out.append(runner.forward(items))
+    return out
+
+
+def test_the_engine_makes_every_tensor_on_its_device(tiny_model_dir):
+    """The same forwards, sampling and proposal with ``meta`` as the default device: the runner, the
+    sampler and the proposal put every tensor they make on the model's device, so the results are the
+    CPU's own (a factory call without ``device=`` fails here: meta tensors have no data)."""
+    lm = load_model(str(tiny_model_dir), "float32", device="cpu")
+    prompts = [list(range(3, 3 + n)) for n in (5, 9)]
+    params = [SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=0.0)]
+    mask = torch.zeros(lm.config.vocab_size, dtype=torch.bool)
+    mask[10:20] = True
+
+    def run() -> tuple:
+        logits = steps(ModelRunner(lm, 16, 4), BlockManager(16, 4), prompts)
+        last = logits[-1][:2]
+        tokens = sample_tokens(last, params, [7, 7])
+        rows = torch.log_softmax(last.double(), -1)
+        u = torch.tensor([[0.25, 0.75], [0.5, 0.5]], dtype=torch.float64, device=rows.device)
+        prop = propose(rows, stacked_masks([mask, None], rows.shape[1], rows.device), u)
+        return logits, tokens, prop.tokens.tolist(), prop.log_mass
+
+    ref_logits, ref_tokens, ref_prop, ref_mass = run()
+    with torch.device("meta"):
+        logits, tokens, prop, mass = run()
+    assert all(a.device.type == "cpu" and torch.equal(a, b) for a, b in zip(logits, ref_logits))
+    assert tokens == ref_tokens and prop == ref_prop and torch.equal(mass, ref_mass)
+    assert all(10 <= t < 20 for t in prop[0])
+
+
+def test_kv_blocks_reach_the_pool_and_come_back(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir), "float32", device="cpu")
+    runner = ModelRunner(lm, 8, 4)
+    block = torch.randn(runner.layout.block_shape(3), dtype=lm.dtype)
+    runner.write_block(2, block)
+    assert torch.equal(runner.read_block(2, 3), block)
+    assert torch.equal(runner.read_blocks([(2, 3), (2, 1)])[1], block[:, :, :, :1])
+    assert to_device(block, torch.device("cpu")) is block and to_host([block])[0] is block
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine serves --device cuda")
+def test_serve_on_cuda_without_a_gpu_is_a_clear_error():
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "smcserve.entrypoints.cli", "serve", "--device", "cuda", "--no-http", "--port", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "device: cuda asked for, but torch sees no CUDA device" in out.stderr + out.stdout
