@@ -1,12 +1,13 @@
 """SMC particles on one decode worker: their KV, their potentials, and how they extend.
 
 The scheduler owns the particle set (weights, resampling); a worker owns its particles' KV. Each
-step the scheduler asks the worker to extend particles; every particle's next-token distribution
+step the scheduler asks the worker to extend particles, each by a patch of tokens (``smc.patch``: one
+token unless the request asks for more); every particle's next-token distribution
 comes out of the worker's shared batched forward step and goes through ``smc.proposal`` (the LM
 times its potentials' factors, masked by the hard constraints and renormalised; the weight gets the
 allowed mass) and ``smc.extension``, the same code the reference driver runs. Each child's uniform
 is a hash of (request seed, step, population index, child), so it does not depend on placement or
-batching.
+batching; a patch's later tokens hash (seed, step, index, child, position).
 """
 
 from __future__ import annotations
@@ -271,10 +272,12 @@ class ParticleGroup:
         parents = self._check_items(items)
         done: Future = Future()
 
-        def follow(job: ExtendJob) -> None:  # a dropped or failed job fails the patch
-            job.future.add_done_callback(
-                lambda f: f.exception() is not None and not done.done() and done.set_exception(f.exception())
-            )
+        def failed(f: Future) -> None:  # a dropped or failed position fails the patch
+            if f.exception() is not None and not done.done():
+                done.set_exception(f.exception())
+
+        def follow(job: ExtendJob) -> None:
+            job.future.add_done_callback(failed)
             self.host.extend(job)
 
         def first(logits) -> None:

@@ -141,8 +141,9 @@ class SteeringRun:
 
     1. extend: each worker gets one ``SmcExtend`` listing its live particles (all workers at once);
        it proposes K children per particle (K = 1 for standard schemes), batched with everything
-       else it runs, and returns their tokens, log-weight increments and how they ended. A child's
-       draw is a hash of (seed, step, population index, child), so placement changes nothing;
+       else it runs, runs each child's patch (up to ``patch_max_tokens`` tokens, ``smc.patch``) and
+       returns their tokens, summed log-weight increments and how they ended. A child's draw is a
+       hash of (seed, step, population index, child[, position]), so placement changes nothing;
     2. reweight and resample: ``smc.step.smc_step`` runs here, with this run's seeded generator,
        and gives each of the N new slots its source: a child, or a particle carried unchanged;
     3. reshape (``_reshape``): a source stays on its worker while that worker holds fewer than its
