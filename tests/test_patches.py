@@ -197,7 +197,8 @@ def smc_z(engine, prompt: list[int], seed: int, rule: PatchRule, n: int = 4) -> 
     try:
         while not finished.all():
             items = [(ids[i], i, 1) for i in np.flatnonzero(~finished)]
-            children = {c.parent_id: c for c in engine.call(lambda: g.extend_patch(step, items)).result().result()}
+            patch = engine.call(lambda s=step, it=items: g.extend_patch(s, it)).result()
+            children = {c.parent_id: c for c in patch.result()}
             incr = np.array([[children[pid].log_increment if pid in children else -math.inf] for pid in ids])
             done = np.array([[children[pid].finished if pid in children else True] for pid in ids])
             out = smc_step(logw, finished, incr, done, "systematic", 0.5, rng)
@@ -207,7 +208,8 @@ def smc_z(engine, prompt: list[int], seed: int, rule: PatchRule, n: int = 4) -> 
             new_ids = [f"{step}.{i}" for i in range(n)]
             for src, nid in zip(sources, new_ids):
                 keep.setdefault(src, []).append(nid)
-            engine.call(lambda: g.reshape(list(keep.items()), [])).result()
+            plan = list(keep.items())
+            engine.call(lambda p=plan: g.reshape(p, [])).result()
             ids, logw, finished = new_ids, out.log_weights, out.finished
     finally:
         engine.call(g.close).result()
