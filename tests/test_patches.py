@@ -256,3 +256,36 @@ def test_a_boundary_that_peeks_at_the_next_token_biases_z(tiny8, monkeypatch, pe
         assert abs(mean - z) > 3 * se, "the check did not catch a boundary that peeks"
     else:
         assert abs(mean - z) < 3 * se
+
+
+def test_the_patch_fields_from_the_client_cli_and_http_to_the_workers():
+    """``entropy_threshold="auto"`` (client, HTTP ``steering``, CLI) becomes ``entropy_auto``; the
+    scheduler's validation names the field; P defaults to 1 (the per-token step)."""
+    import argparse
+
+    from smcserve.entrypoints import steer
+    from smcserve.protos import smcserve_pb2 as pb
+    from smcserve.protos.messages import build_request
+    from smcserve.scheduler.steering import validate_patch
+    from smcserve.scheduler.validate import InvalidRequest
+
+    req = build_request("hi", steering={"particles": 2, "patch_max_tokens": 4, "entropy_threshold": "auto"})
+    patch = validate_patch(req.steering)
+    assert req.steering.entropy_auto and patch.entropy_auto and patch.max_tokens == 4
+    assert not patch.HasField("entropy_threshold") and not patch.HasField("weight_drop")
+    patch = validate_patch(build_request("hi", steering={"particles": 2, "entropy_threshold": 1.5}).steering)
+    assert patch.max_tokens == 1 and patch.entropy_threshold == 1.5 and not patch.entropy_auto
+    for spec, field in (
+        ({"patch_max_tokens": 0}, "steering.patch_max_tokens"),
+        ({"entropy_threshold": -1.0}, "steering.entropy_threshold"),
+        ({"weight_drop": math.nan}, "steering.weight_drop"),
+    ):
+        with pytest.raises(InvalidRequest, match=f"^{field}: "):
+            validate_patch(pb.SteeringSpec(particles=2, **spec))
+    parser = argparse.ArgumentParser()
+    steer.add_arguments(parser)
+    args = parser.parse_args(["p", "--patch-max-tokens", "8", "--entropy-threshold", "auto", "--weight-drop", "2"])
+    assert (args.patch_max_tokens, args.entropy_threshold, args.weight_drop) == (8, "auto", 2.0)
+    assert parser.parse_args(["p", "--entropy-threshold", "1.25"]).entropy_threshold == 1.25
+    with pytest.raises(SystemExit):
+        parser.parse_args(["p", "--entropy-threshold", "high"])
