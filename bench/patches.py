@@ -1,7 +1,7 @@
 """Patches vs per-token synchronisation (issue 14): the same steering task on two decode workers on two
 Ray nodes, with ``patch_max_tokens = 1`` (every token a round trip) and with patches.
 
-    python -m bench.patches [--quick] [--seeds 20] [--particles 16 64] [--patch 8] [--entropy auto]
+    python -m bench.patches [--quick] [--seeds 20] [--particles 16 64] [--patch 8] [--entropy none|auto|NATS]
 
 Task: a chat prompt asking for a person as JSON; potentials: words of at most 5 letters
 (``max_word_length``) and a JSON schema (``json_schema``); temperature 1, ``--max-tokens`` new tokens.
@@ -91,9 +91,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="N=16 only, 4 seeds, 24 tokens: for iteration")
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--particles", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--patch", type=int, default=8, help="patch_max_tokens of the patch mode")
-    ap.add_argument("--entropy", default="auto", help="entropy_threshold of the patch mode (nats, auto, none)")
+    ap.add_argument(
+        "--entropy", default="none", help="entropy_threshold of the patch mode: nats, auto, or none (no entropy boundary)"
+    )
     ap.add_argument("--weight-drop", type=float, default=None, help="weight_drop of the patch mode")
     ap.add_argument("--scheme", default="systematic")
     ap.add_argument("--ess", type=float, default=0.5)
