@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--patch", type=int, default=8, help="patch_max_tokens of the patch mode")
     ap.add_argument(
-        "--entropy", default="none", help="entropy_threshold of the patch mode: nats, auto, or none (no entropy boundary)"
+        "--entropy", default="none", help="entropy_threshold of the patch mode: nats, auto, or none (no boundary)"
     )
     ap.add_argument("--weight-drop", type=float, default=None, help="weight_drop of the patch mode")
     ap.add_argument("--scheme", default="systematic")
