@@ -153,7 +153,7 @@ def particle_end(p) -> str:
 def format_particles(res) -> str:
     """The result table of ``smcserve steer``, heaviest particle first."""
     lines = [
-        f"log Z = {res.log_z:.4f}   steps {res.steps}   resamples {res.resamples}   status {res.status}",
+        f"log Z = {res.log_z:.4f}   steps {res.steps}   resamples {res.resamples}   status {res.status}   "
         f"round trips/token {res.roundtrips_per_token:.3f}   tokens/patch {res.tokens_per_patch:.2f}   "
         f"compute {res.compute_s:.3f} s   sync {res.sync_s:.3f} s",
         f"{'weight':>9}  {'log w':>9}  {'end':8}  text",
