@@ -7,14 +7,16 @@ Task: a chat prompt asking for a person as JSON; potentials: words of at most 5 
 (``max_word_length``) and a JSON schema (``json_schema``); temperature 1, ``--max-tokens`` new tokens.
 The full stack (``smcserve serve`` in a subprocess against a local two-node Ray cluster,
 ``ray.cluster_utils.Cluster``, one decode worker per node), one ``steer`` call at a time, the
-seeds 0..S−1 for each mode and N, after one warm-up call per mode. Both modes use the same resampling
-scheme (``--scheme``, ESS < ``--ess``·N).
+seeds 0..S−1 for each mode and N, the two modes alternating seed by seed (their order swapped each
+seed, so that the load of a shared machine drifts over both alike), after one warm-up call per mode.
+Both modes use the same resampling scheme (``--scheme``, ESS < ``--ess``·N).
 
 Per mode: round trips per generated token (``SteeringResult.roundtrips_per_token``: steps per token
 of the longest particle, averaged over requests), wall time (sum over its requests), the variance and
 mean of log Ẑ across seeds (finite ones; ``*_dead`` counts the −inf), tokens per patch, and compute
 vs synchronisation seconds (``compute_s``, ``sync_s``). Top-level keys pool every N; ``by_n`` breaks
-them down. Prints one JSON object.
+them down (with each N's wall speedup, round-trip reduction and variance ratio); with several N,
+``var_log_z_*`` is the mean over N of the per-N variances. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -136,16 +138,20 @@ def main() -> None:
             for mode in modes:  # warm-up: the workers' first batches, the grammar's compile cache
                 steer(WARMUP_PROMPT, args.particles[0], 10_000, mode)
             for n in args.particles:
-                per_n = {}
-                for mode in modes:
-                    results, walls = [], []
-                    for seed in range(args.seeds):
+                runs = {m: ([], []) for m in modes}
+                for seed in range(args.seeds):  # the modes alternate (and swap order): drifting load hits both
+                    for mode in list(modes)[:: 1 if seed % 2 == 0 else -1]:
                         t0 = time.perf_counter()
-                        results.append(steer(PROMPT, n, seed, mode))
-                        walls.append(time.perf_counter() - t0)
-                    per_n[mode] = summary(results, walls)
-                    pooled[mode][0].extend(results)
-                    pooled[mode][1].extend(walls)
+                        runs[mode][0].append(steer(PROMPT, n, seed, mode))
+                        runs[mode][1].append(time.perf_counter() - t0)
+                per_n = {m: summary(*runs[m]) for m in modes}
+                for m in modes:
+                    pooled[m][0].extend(runs[m][0])
+                    pooled[m][1].extend(runs[m][1])
+                per_n["wall_speedup"] = per_n["sync"]["wall_s"] / per_n["patch"]["wall_s"]
+                per_n["roundtrip_reduction"] = per_n["sync"]["roundtrips_per_token"] / per_n["patch"]["roundtrips_per_token"]
+                vs, vp = per_n["sync"]["var_log_z"], per_n["patch"]["var_log_z"]
+                per_n["var_ratio"] = vp / vs if vs and vp is not None else None
                 out["by_n"][str(n)] = per_n
     finally:
         srv.stop()
@@ -153,10 +159,11 @@ def main() -> None:
     for mode in modes:
         for key, value in summary(*pooled[mode]).items():
             out[f"{key}_{mode}"] = value
-    if len(args.particles) > 1:  # variance pooled over N mixes two estimators: the per-N figures decide
-        out["var_log_z_sync"] = max(out["by_n"][str(n)]["sync"]["var_log_z"] or 0.0 for n in args.particles)
-        out["var_log_z_patch"] = max(out["by_n"][str(n)]["patch"]["var_log_z"] or 0.0 for n in args.particles)
-        out["var_log_z_note"] = "the larger of the per-N variances (by_n has each)"
+    if len(args.particles) > 1:  # a variance pooled over N would mix two estimators: the mean of the per-N ones
+        for mode in modes:
+            per = [out["by_n"][str(n)][mode]["var_log_z"] for n in args.particles]
+            out[f"var_log_z_{mode}"] = statistics.fmean(per) if None not in per else None
+        out["var_log_z_note"] = "the mean over N of the per-N variances across seeds (by_n has each, and var_ratio)"
     s, p = out, out
     out["roundtrip_reduction"] = s["roundtrips_per_token_sync"] / p["roundtrips_per_token_patch"]
     out["wall_speedup"] = s["wall_s_sync"] / p["wall_s_patch"]
