@@ -149,7 +149,8 @@ def main() -> None:
                     pooled[m][0].extend(runs[m][0])
                     pooled[m][1].extend(runs[m][1])
                 per_n["wall_speedup"] = per_n["sync"]["wall_s"] / per_n["patch"]["wall_s"]
-                per_n["roundtrip_reduction"] = per_n["sync"]["roundtrips_per_token"] / per_n["patch"]["roundtrips_per_token"]
+                rt = per_n["sync"]["roundtrips_per_token"], per_n["patch"]["roundtrips_per_token"]
+                per_n["roundtrip_reduction"] = rt[0] / rt[1]
                 vs, vp = per_n["sync"]["var_log_z"], per_n["patch"]["var_log_z"]
                 per_n["var_ratio"] = vp / vs if vs and vp is not None else None
                 out["by_n"][str(n)] = per_n
