@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-AUTO_QUANTILE = 0.5  # ``auto``: the median of the model's next-token entropies along the prompt
+AUTO_QUANTILE = 0.9  # ``auto``: this quantile of the model's next-token entropies along the prompt
 MAX_PATCH_TOKENS = 256
 
 

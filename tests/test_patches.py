@@ -104,7 +104,7 @@ def test_a_patch_sums_its_tokens_increments_and_stops_at_its_length(engine):
 
 def test_entropy_boundaries_end_patches_before_uncertain_tokens_and_resume_from_kept_logits(engine):
     """No potential (the tiny random model's entropies all lie near log V, masks would push them all
-    below); threshold at the median entropy along the prompt: patches end at varied lengths; every boundary
+    below); threshold calibrated on the prompt (``auto``): patches end at varied lengths; every boundary
     falls before a token whose proposal entropy is above it (checked from the model), and the next
     patch, which starts from the kept logits, draws what a fresh forward would give."""
     lm = engine.lm
