@@ -94,11 +94,12 @@ class Client:
         **kw,
     ) -> pb.SteeringResult:
         """Run SMC steering; returns the weighted particles and log Z. Keyword arguments as for ``generate``
-        plus ``extensions``, ``scheme`` and ``ess_threshold``. ``potentials``: dicts such as
+        plus ``extensions``, ``scheme``, ``ess_threshold`` and the patch rule (``patch_max_tokens``,
+        ``entropy_threshold``: nats or ``"auto"``, ``weight_drop``; see ``smc.patch``). ``potentials``: dicts such as
         ``{"kind": "max_word_length", "max_len": 5, "weight": 1.0}`` or, for a plugin,
         ``{"kind": "max_bytes", "options": {"limit": 40}}`` (see :func:`potential_message`)."""
         steering = {"particles": particles, "potentials": list(potentials)}
-        for key in ("extensions", "scheme", "ess_threshold"):
+        for key in ("extensions", "scheme", "ess_threshold", "patch_max_tokens", "entropy_threshold", "weight_drop"):
             if key in kw:
                 steering[key] = kw.pop(key)
         result = None

@@ -7,9 +7,12 @@ Every method runs in the loop's thread (inside :meth:`DecodeLoop.call`, or from 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import Protocol
 
-from smcserve.decode.batcher import Reservation
+import torch
+
+from smcserve.decode.batcher import ExtendJob, Reservation
 from smcserve.engine.block_manager import BlockTable
 
 
@@ -48,4 +51,12 @@ class ParticleHost(Protocol):
 
     def count_imported(self, n: int) -> None:
         """Count ``n`` particles that migrated in from another worker (``WorkerStats.particles_imported``)."""
+        ...
+
+    def extend(self, job: ExtendJob) -> Future:
+        """Run ``job`` in the next batched step (a patch queues its next position from the last one's ``complete``)."""
+        ...
+
+    def prompt_logits(self, tokens: list[int]) -> torch.Tensor:
+        """The model's next-token logits after every prefix of ``tokens`` ([len, vocab]; ``auto`` patches)."""
         ...

@@ -198,6 +198,11 @@ class DecodeLoop:
         with self.lock:
             self.particles_imported += n
 
+    def prompt_logits(self, tokens: list[int]) -> torch.Tensor:
+        """Next-token logits after every prefix of ``tokens`` ([len, vocab]), by the model itself (no KV kept)."""
+        with torch.inference_mode():
+            return self.lm.model(torch.tensor([tokens])).logits[0].float()
+
     # --- the loop's thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:

@@ -30,6 +30,7 @@ from smcserve.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingP
 from smcserve.kvstore import KVStore
 from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 from smcserve.protos.messages import logprob_message
+from smcserve.smc.patch import MAX_PATCH_TOKENS, PatchRule
 from smcserve.smc.potentials import PotentialSpec
 from smcserve.smc.potentials.spec import MAX_POTENTIALS
 from smcserve.smc.vocab import get_vocab
@@ -51,6 +52,15 @@ def sampling_from_proto(p: smcserve_pb2.SamplingParams) -> SamplingParams:
         seed=p.seed,
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs if p.HasField("logprobs") else -1,
+    )
+
+
+def patch_from_proto(p: worker_pb2.SmcPatch) -> PatchRule:
+    return PatchRule(
+        max_tokens=max(1, p.max_tokens),
+        entropy_threshold=p.entropy_threshold if p.HasField("entropy_threshold") else math.inf,
+        entropy_auto=p.entropy_auto,
+        weight_drop=p.weight_drop if p.HasField("weight_drop") else math.inf,
     )
 
 
@@ -209,6 +219,13 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         for i, p in enumerate(request.potentials):
             for j, ids in enumerate(p.prompt_ids):
                 self._check_tokens(context, f"potentials[{i}].prompt_ids[{j}].ids", ids.ids)
+        patch = request.patch
+        if not 0 <= patch.max_tokens <= MAX_PATCH_TOKENS:
+            self._invalid(context, f"patch.max_tokens: must be in [0, {MAX_PATCH_TOKENS}], got {patch.max_tokens}")
+        for name in ("entropy_threshold", "weight_drop"):
+            value = getattr(patch, name)
+            if patch.HasField(name) and not value >= 0:  # also NaN
+                self._invalid(context, f"patch.{name}: must be >= 0, got {value}")
         if request.request_id in self.groups:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request.request_id!r} is already open")
         if self.vocab is None:
@@ -230,6 +247,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             specs,
             self.vocab,
             self.loop,
+            patch=patch_from_proto(patch),
         )
         with self.groups_lock:
             refused = request.request_id in self.closed  # closed (cancelled) before this open arrived
@@ -248,11 +266,15 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2.SmcAck()
 
     def SmcExtend(self, request, context):
+        t0 = time.perf_counter()
         group = self._group(request.request_id, context)
         items = [(it.particle_id, it.index, it.k) for it in request.items]
-        job = self._run(lambda: group.extend_job(request.step, items), context, "SmcExtend")
-        children = self._wait(self.loop.extend(job), context, "SmcExtend")
+        patch = self._run(lambda: group.extend_patch(request.step, items), context, "SmcExtend")
+        children = self._wait(patch, context, "SmcExtend")
         return worker_pb2.SmcExtendReply(
+            worker_s=time.perf_counter() - t0,
+            positions=max((len(c.tokens) for c in children), default=0),
+            entropy_threshold=group.patch.entropy_threshold,
             children=[
                 worker_pb2.SmcChild(
                     parent_id=c.parent_id,
@@ -261,9 +283,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                     log_increment=c.log_increment,
                     finished=c.finished,
                     finish_reason=c.finish_reason,
+                    tokens=c.tokens,
                 )
                 for c in children
-            ]
+            ],
         )
 
     def SmcExport(self, request, context):

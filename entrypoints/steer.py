@@ -153,7 +153,9 @@ def particle_end(p) -> str:
 def format_particles(res) -> str:
     """The result table of ``smcserve steer``, heaviest particle first."""
     lines = [
-        f"log Z = {res.log_z:.4f}   steps {res.steps}   resamples {res.resamples}   status {res.status}",
+        f"log Z = {res.log_z:.4f}   steps {res.steps}   resamples {res.resamples}   status {res.status}   "
+        f"round trips/token {res.roundtrips_per_token:.3f}   tokens/patch {res.tokens_per_patch:.2f}   "
+        f"compute {res.compute_s:.3f} s   sync {res.sync_s:.3f} s",
         f"{'weight':>9}  {'log w':>9}  {'end':8}  text",
     ]
     for p in sorted(res.particles, key=lambda p: -p.weight):
@@ -181,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.extensions is not None:
         kw["extensions"] = args.extensions
+    for key in ("patch_max_tokens", "entropy_threshold", "weight_drop"):
+        if getattr(args, key) is not None:
+            kw[key] = getattr(args, key)
 
     def progress(p):
         print(
@@ -202,6 +207,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _entropy(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of nats or 'auto', got {value!r}") from None
+
+
 # --- the flags -----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the user message (or, with --raw, the raw prompt text)")
@@ -221,6 +235,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="resampling scheme",
     )
     parser.add_argument("--ess-threshold", type=float, default=0.5, help="resample when ESS < threshold·N")
+    parser.add_argument(
+        "--patch-max-tokens",
+        type=int,
+        default=None,
+        help="patches: each particle runs up to this many tokens on its worker between synchronisations (default 1)",
+    )
+    parser.add_argument(
+        "--entropy-threshold",
+        type=_entropy,
+        default=None,
+        help="patches end before a token whose proposal entropy (nats) is above this; 'auto': calibrated on the prompt",
+    )
+    parser.add_argument(
+        "--weight-drop",
+        type=float,
+        default=None,
+        help="patches end after a token whose log-weight increment is below -this",
+    )
     parser.add_argument("--max-tokens", type=int, default=32, help="sampling: most tokens per particle")
     parser.add_argument("--temperature", type=float, default=1.0, help="the LM proposal's temperature (> 0)")
     parser.add_argument(

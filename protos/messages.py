@@ -135,6 +135,7 @@ def build_request(
     """A GenerateRequest from a raw ``prompt`` or chat ``messages`` ([{"role", "content"}, ...]).
 
     ``steering``: {"particles": N, "extensions": K, "scheme": ..., "ess_threshold": ...,
+    "patch_max_tokens": P, "entropy_threshold": nats or "auto", "weight_drop": ...,
     "potentials": [{"kind": "regex", "pattern": ...}, ...]} turns on SMC steering (each potential a
     dict as :func:`potential_message` takes it, plugin ``options`` included, or a ``Potential`` message).
     """
@@ -153,6 +154,9 @@ def build_request(
     if steering is not None:
         spec = dict(steering)
         potentials = spec.pop("potentials", [])
+        if spec.get("entropy_threshold") == "auto":  # calibrated on the prompt by the decode workers
+            del spec["entropy_threshold"]
+            spec["entropy_auto"] = True
         req.steering.CopyFrom(pb.SteeringSpec(**spec))
         req.steering.potentials.extend(potential_message(pot) for pot in potentials)
     if messages is not None:

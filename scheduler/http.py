@@ -7,7 +7,8 @@ The service's aborts become OpenAI error objects (``HttpAbort``: the gRPC code โ
 that disconnects cancels its handler, which closes the streams, which frees their KV.
 
 Extensions (as vLLM takes its own): ``steering`` (the gRPC ``SteeringSpec`` as JSON: ``particles``,
-``extensions``, ``scheme``, ``ess_threshold``, ``potentials`` as ``smcserve steer`` takes them) returns
+``extensions``, ``scheme``, ``ess_threshold``, ``patch_max_tokens``, ``entropy_threshold``, ``weight_drop``,
+``potentials`` as ``smcserve steer`` takes them) returns
 every particle as a choice plus a ``steering`` object (weights, log แบ); ``top_k`` and ``ignore_eos``.
 ``response_format`` (``json_object``, ``json_schema``) is served by the grammar-constrained proposal:
 one particle steered by a ``json_schema`` potential.
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -506,6 +508,11 @@ def _steering_json(result: pb.SteeringResult) -> dict:
         "steps": result.steps,
         "resamples": result.resamples,
         "status": result.status,
+        "roundtrips_per_token": result.roundtrips_per_token,
+        "tokens_per_patch": result.tokens_per_patch,
+        "compute_s": result.compute_s,
+        "sync_s": result.sync_s,
+        "entropy_threshold": result.entropy_threshold if math.isfinite(result.entropy_threshold) else None,
         "particles": [
             {
                 "index": i,

@@ -72,6 +72,23 @@ class Metrics:
             registry=r,
         )
 
+        # patches (smc.patch): round trips per generated token = smc_steps / smc_token_positions,
+        # tokens per patch = smc_patch_tokens / smc_patches
+        self.smc_token_positions = Counter(
+            f"{p}smc_token_positions", "Tokens of the longest particle of each finished steering request", registry=r
+        )
+        self.smc_patches = Counter(f"{p}smc_patches", "Children proposed by the decode workers (patches)", registry=r)
+        self.smc_patch_tokens = Counter(f"{p}smc_patch_tokens", "Tokens of those patches", registry=r)
+        self.smc_step_seconds = Counter(
+            f"{p}smc_step_seconds",
+            "Time of SMC steps: compute (the slowest worker's extension) and sync (the rest: transfers, "
+            "weights, resampling, reshaping)",
+            ["phase"],
+            registry=r,
+        )
+        for phase in ("compute", "sync"):
+            self.smc_step_seconds.labels(phase)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -631,6 +631,7 @@ class SchedulerService:
             pop = await steer.open(keys)
             while not pop.finished.all() and steer.status == "ok" and not running.aborted:
                 migrated = steer.migrated_tokens, steer.migrated_particles
+                before = steer.compute_s, steer.sync_s, steer.patches, steer.patch_tokens
                 resampled = await steer.step(pop)
                 if not usage.ttft_ms:
                     usage.ttft_ms = (time.perf_counter() - t0) * 1e3
@@ -643,8 +644,13 @@ class SchedulerService:
                         m.smc_ess.observe(steer.ess_ratio)
                 m.smc_migrated.inc(steer.migrated_particles - migrated[1])
                 m.smc_migrated_bytes.inc((steer.migrated_tokens - migrated[0]) * self.model.kv_bytes_per_token)
+                m.smc_step_seconds.labels("compute").inc(steer.compute_s - before[0])
+                m.smc_step_seconds.labels("sync").inc(steer.sync_s - before[1])
+                m.smc_patches.inc(steer.patches - before[2])
+                m.smc_patch_tokens.inc(steer.patch_tokens - before[3])
                 yield smcserve_pb2.GenerateResponse(request_id=request_id, progress=progress)
             usage.completion_tokens = sum(len(t) for t in pop.tokens)
+            self.metrics.smc_token_positions.inc(max((len(t) for t in pop.tokens), default=0))
             final = self._final(request_id, "abort" if running.aborted else "stop", usage, t0)
             final.result.CopyFrom(steer.result(pop))
             yield final

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -24,6 +25,7 @@ from smcserve.protos import smcserve_pb2 as pb
 from smcserve.protos import worker_pb2
 from smcserve.scheduler.validate import InvalidRequest
 from smcserve.smc import SCHEMES, ess, logsumexp, normalize
+from smcserve.smc.patch import MAX_PATCH_TOKENS
 from smcserve.smc.potentials import PotentialError, PotentialSpec, build_potential, companion_prompts
 from smcserve.smc.step import LENGTH, OK, WITHOUT_REPLACEMENT, smc_step
 
@@ -48,6 +50,7 @@ class SteeringConfig:
     ess_threshold: float
     potentials: list[worker_pb2.SmcPotential]  # what the workers build, prompts resolved to token ids
     prompts: list[list[int]] = field(default_factory=list)  # the potentials' companion prompts (prefilled)
+    patch: worker_pb2.SmcPatch = field(default_factory=worker_pb2.SmcPatch)  # up to 1 token: the per-token step
 
 
 def validate_steering(
@@ -67,6 +70,7 @@ def validate_steering(
     thr = spec.ess_threshold if spec.HasField("ess_threshold") else 0.5
     if not 0.0 <= thr <= 1.0:
         raise InvalidRequest(f"steering.ess_threshold: must be in [0, 1], got {thr}")
+    patch = validate_patch(spec)
     if params.temperature <= 0:
         raise InvalidRequest("sampling.temperature: must be > 0 for steering (the LM is the proposal)")
     # the proposal is the whole (masked) LM: truncation or stop strings would change the target silently
@@ -89,7 +93,28 @@ def validate_steering(
             )
     except PotentialError as err:
         raise InvalidRequest(str(err)) from err
-    return SteeringConfig(spec.particles, k if scheme == WITHOUT_REPLACEMENT else 1, scheme, thr, potentials, prompts)
+    return SteeringConfig(
+        spec.particles, k if scheme == WITHOUT_REPLACEMENT else 1, scheme, thr, potentials, prompts, patch
+    )
+
+
+def validate_patch(spec: pb.SteeringSpec) -> worker_pb2.SmcPatch:
+    """The request's patch rule (``smc.patch``) as the workers get it."""
+    p = spec.patch_max_tokens if spec.HasField("patch_max_tokens") else 1
+    if not 1 <= p <= MAX_PATCH_TOKENS:
+        raise InvalidRequest(f"steering.patch_max_tokens: must be in [1, {MAX_PATCH_TOKENS}], got {p}")
+    patch = worker_pb2.SmcPatch(max_tokens=p, entropy_auto=spec.entropy_auto)
+    if spec.HasField("entropy_threshold"):
+        if not (spec.entropy_threshold >= 0 and math.isfinite(spec.entropy_threshold)):
+            raise InvalidRequest(
+                f"steering.entropy_threshold: must be a finite number >= 0, got {spec.entropy_threshold}"
+            )
+        patch.entropy_threshold = spec.entropy_threshold
+    if spec.HasField("weight_drop"):
+        if not spec.weight_drop >= 0:
+            raise InvalidRequest(f"steering.weight_drop: must be >= 0, got {spec.weight_drop}")
+        patch.weight_drop = spec.weight_drop
+    return patch
 
 
 @dataclass
@@ -116,8 +141,9 @@ class SteeringRun:
 
     1. extend: each worker gets one ``SmcExtend`` listing its live particles (all workers at once);
        it proposes K children per particle (K = 1 for standard schemes), batched with everything
-       else it runs, and returns their tokens, log-weight increments and how they ended. A child's
-       draw is a hash of (seed, step, population index, child), so placement changes nothing;
+       else it runs, runs each child's patch (up to ``patch_max_tokens`` tokens, ``smc.patch``) and
+       returns their tokens, summed log-weight increments and how they ended. A child's draw is a
+       hash of (seed, step, population index, child[, position]), so placement changes nothing;
     2. reweight and resample: ``smc.step.smc_step`` runs here, with this run's seeded generator,
        and gives each of the N new slots its source: a child, or a particle carried unchanged;
     3. reshape (``_reshape``): a source stays on its worker while that worker holds fewer than its
@@ -167,6 +193,11 @@ class SteeringRun:
         self.migrated_particles = 0  # moved between workers at resampling, and the tokens their KV covers
         self.migrated_tokens = 0
         self.ess_ratio = float("nan")  # ESS / N the last resampling decision saw
+        self.compute_s = 0.0  # Σ over steps of the slowest worker's SmcExtend time
+        self.sync_s = 0.0  # Σ over steps of the rest of the step
+        self.patches = 0  # children proposed, and the tokens of their patches
+        self.patch_tokens = 0
+        self.entropy_threshold = math.inf  # as the workers apply it (auto: calibrated)
         self.status = "ok"
 
     def _sampling(self) -> pb.SamplingParams:
@@ -234,6 +265,7 @@ class SteeringRun:
             sampling=self._sampling(),
             potentials=self.cfg.potentials,
             particle_ids=particle_ids,
+            patch=self.cfg.patch,
         )
 
     async def close(self) -> None:
@@ -276,6 +308,7 @@ class SteeringRun:
         pop.where, pop.targets = where, counts
 
     async def _step(self, pop: _Population) -> bool:
+        t0 = time.perf_counter()
         n, k = self.cfg.particles, self.cfg.extensions
         by_worker: dict = {}
         for i in np.flatnonzero(~pop.finished):
@@ -297,6 +330,11 @@ class SteeringRun:
                 i, j = index_of[c.parent_id], int(c.child_id.rsplit("/", 1)[1])
                 incr[i, j], child_done[i, j], child[i, j] = c.log_increment, c.finished, c
                 pop.where[c.child_id] = h
+                self.patches += 1
+                self.patch_tokens += len(c.tokens)
+        worker_s = max((r.worker_s for r in replies), default=0.0)
+        if replies:
+            self.entropy_threshold = replies[0].entropy_threshold
         self.steps += 1
         out = smc_step(pop.logw, pop.finished, incr, child_done, self.cfg.scheme, self.cfg.ess_threshold, self.rng)
         sources, tokens, reasons = [], [], []
@@ -308,7 +346,7 @@ class SteeringRun:
             else:
                 c = child[i, j]
                 sources.append(c.child_id)
-                tokens.append(pop.tokens[i] + ([c.token] if c.token >= 0 else []))
+                tokens.append(pop.tokens[i] + list(c.tokens))
                 reasons.append(c.finish_reason)
         self.resamples += out.resampled
         self.ess_ratio = out.ess_ratio
@@ -316,6 +354,8 @@ class SteeringRun:
         pop.tokens, pop.finished, pop.logw, pop.reasons = tokens, out.finished, out.log_weights, reasons
         if out.status != OK:
             self.status = self.why_all_dead(pop)
+        self.compute_s += worker_s
+        self.sync_s += max(0.0, time.perf_counter() - t0 - worker_s)
         return out.resampled
 
     def why_all_dead(self, pop: _Population) -> str:
@@ -402,6 +442,11 @@ class SteeringRun:
             steps=self.steps,
             resamples=self.resamples,
             status=self.status if math.isfinite(log_z) else self.why_all_dead(pop),
+            roundtrips_per_token=self.steps / max(1, max(len(t) for t in pop.tokens)),
+            tokens_per_patch=self.patch_tokens / max(1, self.patches),
+            compute_s=self.compute_s,
+            sync_s=self.sync_s,
+            entropy_threshold=self.entropy_threshold,
         )
         for i in range(n):
             res.particles.add(

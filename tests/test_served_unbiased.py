@@ -77,6 +77,14 @@ SCHEMES = {  # name → (steer keyword arguments, temperature)
     "without_replacement": (dict(scheme="without_replacement", extensions=2), 1.0),
     "multinomial": (dict(scheme="multinomial", ess_threshold=1.0), 0.8),
 }
+# Patches (smc/patch.py) of up to MAX_TOKENS tokens, the boundaries at quantiles of the entropy and of the
+# log-mass drop of the target's proposals (``patch_rule``): they fall at varied places, depending on what
+# was sampled. Resampling only between patches: every time (K = 2 without replacement), and by the ESS rule.
+ENTROPY_Q, DROP_Q = 0.75, 0.9
+PATCH_SCHEMES = {
+    "patches, without_replacement": "without_replacement",
+    "patches, systematic at ESS < N/2": "systematic",
+}
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -95,7 +103,7 @@ def tables(tiny_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     ids = [tok.encode(p, add_special_tokens=False) for p in (PROMPT, OTHER)]
     assert [TEXTS[i] for i in ids[0]] == list(PROMPT) and [TEXTS[i] for i in ids[1]] == list(OTHER)
-    temps = sorted({t for _, t in SCHEMES.values()})
+    temps = sorted({t for _, t in SCHEMES.values()} | {1.0})
     return {t: tuple(next_token_logprobs(model, i, MAX_TOKENS, t) for i in ids) for t in temps}
 
 
@@ -159,6 +167,30 @@ def client(stack):
         yield c
 
 
+@pytest.fixture(scope="module")
+def patch_rule(tables) -> dict:
+    """Boundaries at quantiles, over every live prefix of 1 or 2 tokens, of the proposal's entropy and
+    of −log (allowed product mass; Σ p_P·p_Q^w < 1 always, so most tokens drop it): steer keyword arguments."""
+    out = {}
+    for temperature, (lp1, lp2) in tables.items():
+        hs, drops = [], []
+        for y, row in lp1.items():
+            if not 1 <= len(y) < MAX_TOKENS or EOS_ID in y or not hard_ok(y, FORBIDDEN, MAX_WORD):
+                continue
+            allowed = [v for v in range(len(PIECES)) if hard_ok(y + (v,), FORBIDDEN, MAX_WORD)]
+            logq = np.array([row[v] + WEIGHT * lp2[y][v] for v in allowed])
+            mass = float(np.logaddexp.reduce(logq))
+            q = np.exp(logq - mass)
+            hs.append(float(-(q * (logq - mass)).sum()))
+            drops.append(-mass)
+        out[temperature] = dict(
+            patch_max_tokens=MAX_TOKENS,
+            entropy_threshold=float(np.quantile(hs, ENTROPY_Q)),
+            weight_drop=float(np.quantile(drops, DROP_Q)),
+        )
+    return out
+
+
 # ------------------------------------------------------------------------------------ helpers
 def steer(client, seed: int, temperature: float, **kw):
     return client.steer(
@@ -184,16 +216,24 @@ def imported(client) -> int:
     return sum(w.particles_imported for w in client.info().decode_workers)
 
 
-def estimates(client, scheme: str, seeds, exact: dict, on_done=None) -> dict[str, np.ndarray]:
+def estimates(client, scheme: str, seeds, exact: dict, on_done=None, patch=None, results=None) -> dict:
     """Per request: Ẑ = exp(log_z), and (1/N) Σ_i w_i 1[x_i ∈ A] for each event A of ``exact``
-    (an unbiased estimate of Z·π(A), as Ẑ is of Z). ``on_done(n)`` is called as the n-th request ends."""
-    kw, temperature = SCHEMES[scheme]
+    (an unbiased estimate of Z·π(A), as Ẑ is of Z). ``on_done(n)`` is called as the n-th request ends.
+    ``patch``: steer keyword arguments of a patch rule (with ``scheme`` a standard one: ESS < N/2);
+    ``results``: a list that gets every request's result."""
+    if patch is None:
+        kw, temperature = SCHEMES[scheme]
+    else:
+        temperature = 1.0
+        kw = dict(patch, scheme=scheme, **(dict(extensions=2) if scheme == "without_replacement" else {}))
     done = iter(range(1, len(seeds) + 1))
     lock = threading.Lock()
 
     def one(seed):
         res = steer(client, seed, temperature, **kw)
         check_particles(res)
+        if results is not None:
+            results.append(res)
         if on_done is not None:
             with lock:
                 n = next(done)
@@ -271,6 +311,39 @@ def test_served_smc_is_unbiased(client, tables, scheme):
     )
     assert all(w.batch_steps > 0 for w in workers)
     assert imported(client) > before, "resampling never moved a particle between the two decode workers"
+
+
+@pytest.mark.parametrize("label", list(PATCH_SCHEMES))
+def test_served_patches_are_unbiased(client, tables, patch_rule, label):
+    """Patches whose boundaries fall at varied places (entropy before a token, a weight drop after
+    one, EOS, max_tokens): Ẑ and Z·π(A) stay unbiased, with fewer round trips than tokens."""
+    exact = targets(tables, 1.0)
+    results: list = []
+    t0 = time.perf_counter()
+    est = estimates(client, PATCH_SCHEMES[label], range(M), exact, patch=patch_rule[1.0], results=results)
+    check_unbiased(report(label, exact, est, time.perf_counter() - t0))
+    steps = {r.steps for r in results}
+    per_patch = np.array([r.tokens_per_patch for r in results])
+    print(f"  steps per request: {sorted(steps)}; tokens per patch: mean {per_patch.mean():.3f}")
+    assert len(steps) > 1 and min(steps) < MAX_TOKENS, "the boundaries did not vary"
+    assert 1.0 < per_patch.mean() < MAX_TOKENS
+    assert np.mean([r.roundtrips_per_token for r in results]) < 1.0
+
+
+def test_served_patch_weights_are_the_allowed_product_mass(client, tables, patch_rule):
+    """No resampling, patches of up to 3 tokens: each particle's log weight is still the sum over its
+    tokens of log Σ_allowed p_P·p_Q^w, however its patches were cut."""
+    lp1, lp2 = tables[1.0]
+    for seed in range(3):
+        res = steer(client, seed, 1.0, scheme="multinomial", ess_threshold=0.0, **patch_rule[1.0])
+        check_particles(res)
+        for p in res.particles:
+            y = tuple(p.token_ids)
+            expected = 0.0
+            for t in range(len(y)):
+                allowed = [v for v in range(len(PIECES)) if hard_ok(y[:t] + (v,), FORBIDDEN, MAX_WORD)]
+                expected += math.log(math.fsum(math.exp(lp1[y[:t]][v] + WEIGHT * lp2[y[:t]][v]) for v in allowed))
+            assert p.log_weight == pytest.approx(expected, abs=1e-4), y
 
 
 def check_unbiased(stats: dict) -> None:

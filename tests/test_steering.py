@@ -166,6 +166,12 @@ def test_prompt_intersection_weights_are_the_product_normalisers(client, real_mo
             "steering.potentials[1].kind",
         ),
         ({"particles": 4, "potentials": [{"kind": "prompt_intersection"}]}, "steering.potentials[0].prompts"),
+        ({"particles": 4, "patch_max_tokens": 0}, "steering.patch_max_tokens"),
+        ({"particles": 4, "patch_max_tokens": 100000}, "steering.patch_max_tokens"),
+        ({"particles": 4, "entropy_threshold": -1.0}, "steering.entropy_threshold"),
+        ({"particles": 4, "entropy_threshold": math.inf}, "steering.entropy_threshold"),
+        ({"particles": 4, "weight_drop": -0.5}, "steering.weight_drop"),
+        ({"particles": 4, "weight_drop": math.nan}, "steering.weight_drop"),
     ],
 )
 def test_bad_steering_specs(client, steering, field):
@@ -233,3 +239,38 @@ def test_sampling_options_steering_cannot_honour_are_refused(client, sampling, f
     with pytest.raises(grpc.RpcError) as err:
         list(client.stub.Generate(build_request(messages=chat("hi"), steering={"particles": 2}, **sampling)))
     assert err.value.code() == INVALID and err.value.details().startswith(field), err.value.details()
+
+
+def test_patches_keep_the_constraints_and_report_how_they_synchronised(client, server):
+    """Patches of up to 6 tokens with the entropy threshold calibrated on the prompt: every live particle
+    keeps the constraint, a patch averages more than one token, fewer round trips than tokens, and the
+    step time is split into compute and synchronisation, in the result and in /metrics."""
+    import urllib.request
+
+    def metric(text: str, name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^smcserve:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+    before = urllib.request.urlopen(server.http_address + "/metrics").read().decode()
+    res = client.steer(
+        messages=chat("Describe a cat."),
+        particles=6,
+        max_tokens=16,
+        seed=4,
+        scheme="systematic",
+        potentials=[{"kind": "max_word_length", "max_len": 5}],
+        patch_max_tokens=6,
+        entropy_threshold="auto",
+    )
+    check_result(res, 6)
+    for p in live(res):
+        assert all(len(w) <= 5 for w in re.findall(r"[^\W\d_]+", p.text)), p.text
+    assert 1.0 < res.tokens_per_patch <= 6 and res.roundtrips_per_token < 1.0
+    assert res.steps < max(len(p.token_ids) for p in res.particles)
+    assert math.isfinite(res.entropy_threshold) and res.entropy_threshold > 0
+    assert res.compute_s > 0 and res.sync_s > 0
+    after = urllib.request.urlopen(server.http_address + "/metrics").read().decode()
+    for name in ("smc_patches_total", "smc_patch_tokens_total", "smc_token_positions_total"):
+        assert metric(after, name) > metric(before, name), name
+    for phase in ("compute", "sync"):
+        name = f'smc_step_seconds_total{{phase="{phase}"}}'
+        assert float(re.search(rf"^smcserve:{re.escape(name)} (\S+)$", after, re.M).group(1)) > 0, name
