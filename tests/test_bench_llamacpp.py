@@ -14,9 +14,21 @@ def test_parser_defaults_and_quick():
 def test_assemble_ratios_and_targets():
     side = {"ttft_ms_46": 20.0, "ttft_ms_1024": 300.0, "decode_tok_s_b1_46": 50.0, "decode_tok_s_b1_1024": 40.0}
     m = {
-        "llamacpp_f32": {**side, "decode_tok_s_b16": 200.0, "decode_tok_s_b64": 300.0, "window_b64": {"tok_s": 300.0}},
+        "llamacpp_f32": {
+            **side,
+            "cpu_ms_per_token_b1": 50.0,
+            "decode_tok_s_b16": 200.0,
+            "decode_tok_s_b64": 300.0,
+            "window_b64": {"tok_s": 300.0},
+        },
         "llamacpp_q4_1": {**side, "decode_tok_s_b1_46": 100.0, "decode_tok_s_b64": 500.0},
-        "engine": {**side, "decode_tok_s_b1_46": 60.0, "decode_tok_s_b16": 400.0, "decode_tok_s_b64": 450.0},
+        "engine": {
+            **side,
+            "decode_tok_s_b1_46": 60.0,
+            "cpu_ms_per_token_b1": 40.0,
+            "decode_tok_s_b16": 400.0,
+            "decode_tok_s_b64": 450.0,
+        },
         "grpc": {**side, "decode_tok_s_b1_46": 45.0, "smc64_tok_s": 330.0, "smc64_how": "x"},
     }
     meta = {"threads": 2, "cpu": "fake", "short": 46, "long": 1024, "llamacpp_f32_bench": {"tg64_tok_s": 25.0}}
@@ -26,6 +38,7 @@ def test_assemble_ratios_and_targets():
     assert list(out)[:7] == summary
     assert out["llamacpp_decode_tok_s"] == 50.0 and out["smcserve_decode_tok_s"] == 60.0
     assert out["llamacpp_np64_tok_s"] == 300.0 and out["smcserve_b64_tok_s"] == 450.0
+    assert out["single_stream_cpu_ratio"] == 1.25 and out["smcserve_engine_cpu_ms_per_token_b1"] == 40.0
     assert out["dtype_chosen"] == "float32" and out["llamacpp_server_vs_llama_bench_tg"] == 2.0
     assert out["ratio_single_stream_vs_llama_bench_tg"] == 2.4
     assert out["threads"] == 2 and out["cpu"] == "fake" and out["prompt_tokens"] == [46, 1024]
