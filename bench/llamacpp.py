@@ -482,11 +482,12 @@ def _median_s(fn, reps: int = 3) -> float:
 
 
 def profile_step(lm, ids: list[int], n: int, top: int = 5) -> dict:
-    """Where a decode step's time goes, at batch ``n``: the forward's ops by self CPU time
-    (torch.profiler), grouped into linear / attention (KV gather + SDPA) / KV write / other ops;
-    Python overhead = the forward's wall time (unprofiled, median of 3) − all ops' self time;
-    sampling timed on its own (greedy at batch 1, T=1 at batch > 1, as measured above); and the
-    step's GEMMs alone (``bench.engine.gemm_bound``). Shares are of forward + sampling."""
+    """Where a decode step's time goes at batch ``n``: the ops of one profiled forward (torch.profiler)
+    by self time, grouped into linear / attention (KV gather + SDPA) / KV write / other ops; Python
+    overhead = that forward's wall time − all its ops' self time (which also holds the profiler's
+    own cost per op, and any time the process waited for a core); sampling timed on its own (greedy
+    at batch 1, T=1 at batch > 1, as measured above). Shares are of profiled forward + sampling.
+    ``step_vs_gemm_bound``: the unprofiled step (median of 3) / its GEMMs alone, as ``bench.engine``."""
     from torch.profiler import ProfilerActivity, profile
 
     from bench.engine import gemm_bound
@@ -514,24 +515,28 @@ def profile_step(lm, ids: list[int], n: int, top: int = 5) -> dict:
     sample_tokens(logits, params, positions)
     sampling_s = _median_s(lambda: sample_tokens(logits, params, positions))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
         step()
+        profiled_s = time.perf_counter() - t0
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     ops_s = sum(e.self_cpu_time_total for e in rows) / 1e6
     kinds = {k: 0.0 for k in OP_KINDS} | {"other_ops": 0.0}
     for e in rows:
         kind = next((k for k, names in OP_KINDS.items() if e.key in names), "other_ops")
         kinds[kind] += e.self_cpu_time_total / 1e6
-    kinds["python_overhead"] = max(0.0, forward_s - ops_s)
+    kinds["python_overhead"] = max(0.0, profiled_s - ops_s)
     kinds["sampling"] = sampling_s
-    step_s = forward_s + sampling_s
+    step_s = profiled_s + sampling_s
     gemm_s = gemm_bound(lm, n)
     out = {
         "step_ms": round(step_s * 1e3, 2),
         "forward_ms": round(forward_s * 1e3, 2),
+        "forward_profiled_ms": round(profiled_s * 1e3, 2),
+        "op_calls": sum(e.count for e in rows),
         "ms": {k: round(v * 1e3, 2) for k, v in kinds.items()},
         "share": {k: round(v / step_s, 3) for k, v in kinds.items()},
         "gemm_bound_ms": round(gemm_s * 1e3, 2),
-        "step_vs_gemm_bound": round(step_s / gemm_s, 3),
+        "step_vs_gemm_bound": round((forward_s + sampling_s) / gemm_s, 3),
         "top_ops": [
             {"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count} for e in rows[:top]
         ],
@@ -723,6 +728,10 @@ def main(argv: list[str] | None = None) -> None:
             for side, g in ggufs.items()
         }
         m = measure_single(servers, lm, ps, tokens, runs)
+    bench: dict = {}
+    if "bench" not in skip:  # right after the servers' single stream, under the load they had
+        log("llama-bench")
+        bench = {f"{side}_bench": llama_bench(bindir, g, args.threads, ps, tokens) for side, g in ggufs.items()}
     log("16 and 64 sequences")
     for side, figs in measure_batch(bindir, ggufs, args.threads, lm, ps[short], bt).items():
         m[side].update(figs)
@@ -748,11 +757,8 @@ def main(argv: list[str] | None = None) -> None:
         "f32_convert_s": round(convert_s, 1),
         "short": short,
         "long": long_,
+        **bench,
     }
-    if "bench" not in skip:
-        log("llama-bench")
-        for side, g in ggufs.items():
-            meta[f"{side}_bench"] = llama_bench(bindir, g, args.threads, ps, tokens)
     if "profile" not in skip:
         log("torch.profiler of one decode step")
         meta["profile"] = profile_steps(lm, ps[short])
