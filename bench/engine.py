@@ -60,14 +60,14 @@ def hf_batched_tps(lm, ids: list[int], tokens: int, n: int) -> float:
     return n * (tokens - 1) / ((t2 - t1) - (t1 - t0))
 
 
-def ours(lm, ids: list[int], tokens: int, n: int, num_blocks: int) -> dict:
+def ours(lm, ids: list[int], tokens: int, n: int, num_blocks: int, temperature: float = 1.0) -> dict:
     bm = BlockManager(num_blocks, 16)
     runner = ModelRunner(lm, num_blocks, 16)
     root = BlockTable()
     for _ in ids:
         bm.append_slot(root)
     logits = runner.forward([SeqBatchItem(ids, 0, root.blocks)])
-    params = [SamplingParams(temperature=1.0, seed=i) for i in range(n)]
+    params = [SamplingParams(temperature=temperature, seed=i) for i in range(n)]
     first = sample_token(logits[0], params[0], len(ids))
     tables = [bm.fork(root) for _ in range(n)]
     bm.free_table(root)

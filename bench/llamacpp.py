@@ -1,6 +1,7 @@
 """smcserve vs llama.cpp on the same weights, threads and prompts (issue 12 §2).
 
     python -m bench.llamacpp [--threads N] [--tokens 64] [--batch-tokens 64] [--quick]
+                             [--omp-wait-policy passive|active|unset]
 
 llama.cpp is built from source, never downloaded as a binary: the sdist of ``llama-cpp-python``
 (PyPI, pinned below) vendors llama.cpp's tree, and its ``llama-server`` and ``llama-bench`` targets
@@ -9,29 +10,43 @@ are built with cmake (Release, ``GGML_NATIVE=ON``, no curl/openssl). The same tr
 Q4_1 GGUF is measured alongside. Everything is cached under ``~/.cache/smcserve/llamacpp/``, so only
 the first run builds (10-20 min on 2 cores).
 
-Measured, one side at a time (never two at once), with the same thread count everywhere:
+Measured, one side at a time (never two at once), with the same thread count everywhere, and the
+same ``OMP_WAIT_POLICY`` (default ``passive``): llama.cpp and torch both run on libgomp, whose
+default lets a thread waiting at a barrier spin; on a machine with more runnable threads than
+cores (a shared 2-vCPU VM) a spinning thread holds the core its partner needs, and llama.cpp's
+barrier after every graph node (hundreds per token) then costs ~a scheduler slice each: llama-bench
+and llama-server alike ran 10-100x slower than with ``passive``, by an amount that followed the
+load, which is why llama-server once measured far below an earlier llama-bench.
 
 * single stream, a 46-token prompt (the chat template of ``bench.timing.PROMPT``) and a
   1,024-token raw prompt, greedy, EOS ignored: TTFT (client side: request sent → first token) and
   decode tokens/s (first token → last). llama.cpp: ``llama-server -np 1`` streaming ``/completion``
   with the prompt as token ids (``cache_prompt: false``); smcserve in-process: ``ModelRunner``
-  prefill + one decode step per token (as ``bench.engine``); smcserve gRPC: the full stack
+  prefill + one greedy decode step per token (as ``bench.engine``); these sides interleaved run by
+  run (a server idles while the other side runs). smcserve gRPC: the full stack, after
   (``bench.overhead``'s way, ``--no-prefix-cache``).
 * aggregate decode tokens/s of 16 and 64 sequences: ``llama-server -np N`` (continuous batching)
   driven by N concurrent streaming clients, counted over the window in which all N decode (last
   client's first token → first client's last token); our engine's batched decode step
   (``bench.engine.ours``: N sequences forked from the prompt); and one SMC request of 64 particles
   through gRPC (tokens of the steering steps / their time, from the progress stream).
-* ``llama-bench`` pp/tg figures for both GGUFs, for reference.
+* ``llama-bench`` pp/tg figures for both GGUFs (``llamacpp_server_vs_llama_bench_tg`` checks the
+  server's single stream against them).
+* a profile of our decode step at batch 1 and 64 (torch.profiler): the share of linear, attention,
+  KV write, other ops, Python overhead and sampling, and the step against its GEMMs alone.
 
-Prints one JSON object with the ratios against the issue's targets: single-stream decode ≥ 1.0×
-llama.cpp (fp32), 64 sequences ≥ 2× llama.cpp ``-np 64`` (fp32).
+Prints one JSON object, the issue's summary first (``llamacpp_decode_tok_s``,
+``smcserve_decode_tok_s``, ``single_stream_ratio``, ``llamacpp_np64_tok_s``, ``smcserve_b64_tok_s``,
+``batch64_ratio``, ``dtype_chosen``: what ``--dtype auto`` picks here; the figures are in ``--dtype``,
+float32 by default, as the GGUF), then every side's figures and the targets: single-stream decode
+≥ 1.0× llama.cpp (fp32), 64 sequences ≥ 2× llama.cpp ``-np 64`` (fp32).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -47,6 +62,7 @@ from pathlib import Path
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist vendors llama.cpp's source tree
 SRC_DIR = "llama_cpp_python-0.3.36/vendor/llama.cpp"
 TARGETS = ("llama-server", "llama-bench")
+WAIT_POLICIES = ("passive", "active", "unset")
 TARGET_SINGLE = 1.0  # smcserve single-stream decode / llama.cpp
 TARGET_B64 = 2.0  # smcserve 64-sequence decode / llama.cpp -np 64
 LONG_PROMPT_TOKENS = 1024
@@ -293,25 +309,6 @@ def aggregate_decode(results: list[dict]) -> dict:
     return {"tok_s": n / (b - a), "window_s": b - a, "window_tokens": n, "whole_span": whole}
 
 
-def measure_llamacpp(bindir: Path, gguf: Path, threads: int, ps: dict[int, list[int]], tokens: int, bt: int, runs: int):
-    out: dict = {}
-    long_len = max(ps)
-    with LlamaServer(bindir, gguf, threads, 1, long_len + tokens + 64) as srv:
-        for plen, ids in ps.items():
-            asyncio.run(_stream_many(srv.url, [ids], 8))  # warm-up
-            figs = [single_stream_figures(asyncio.run(_stream_many(srv.url, [ids], tokens))[0]) for _ in range(runs)]
-            out[f"ttft_ms_{plen}"] = statistics.median(f["ttft_ms"] for f in figs)
-            out[f"decode_tok_s_b1_{plen}"] = statistics.median(f["decode_tok_s"] for f in figs)
-    short = ps[min(ps)]
-    for n in (16, 64):
-        with LlamaServer(bindir, gguf, threads, n, n * (len(short) + bt + 16)) as srv:
-            asyncio.run(_stream_many(srv.url, [short] * n, 4))  # warm-up
-            agg = aggregate_decode(asyncio.run(_stream_many(srv.url, [short] * n, bt)))
-            out[f"decode_tok_s_b{n}"] = agg["tok_s"]
-            out[f"window_b{n}"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in agg.items()}
-    return out
-
-
 def llama_bench(bindir: Path, gguf: Path, threads: int, ps: dict[int, list[int]], tokens: int) -> dict:
     """llama-bench's own pp (prompt processing) and tg (generation) tokens/s."""
     cmd = [str(bindir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "2", "-o", "json", "--repack", "0"]
@@ -345,26 +342,68 @@ def engine_ttft(lm, ids: list[int]) -> float:
     return time.perf_counter() - t0
 
 
-def measure_engine(lm, ps: dict[int, list[int]], tokens: int, bt: int, runs: int) -> dict:
+def _blocks(ids: list[int], n: int, tokens: int) -> int:
+    return n * (-(-(len(ids) + tokens) // 16) + 1) + 64
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_single(servers: dict[str, LlamaServer], lm, ps: dict[int, list[int]], tokens: int, runs: int) -> dict:
+    """Single stream, the sides interleaved run by run: each llama-server (started beforehand) streams
+    one completion, then our engine decodes the same prompt greedily, then the next prompt. An idle
+    server or engine costs no CPU (OMP_WAIT_POLICY=passive), so a change in the machine's load falls
+    on every side alike. Also the CPU time each side spends per generated token (its process's, the
+    prompt's prefill included): unlike tokens/s, it hardly depends on what else the machine runs.
+    Run 0 (8 tokens) is a warm-up."""
     from bench.engine import ours
 
-    def blocks(ids, n, t):
-        return n * (-(-(len(ids) + t) // 16) + 1) + 64
+    sides = [*servers, "engine"]
+    figs: dict[str, dict[int, list[tuple[float, float, float]]]] = {k: {p: [] for p in ps} for k in sides}
+    for run in range(runs + 1):
+        n_tok = tokens if run else 8
+        for plen, ids in ps.items():
+            for side, srv in servers.items():
+                c0 = proc_cpu_s(srv.proc.pid)
+                r = asyncio.run(_stream_many(srv.url, [ids], n_tok))[0]
+                f = single_stream_figures(r)
+                cpu = (proc_cpu_s(srv.proc.pid) - c0) / f["tokens"]
+                figs[side][plen].append((f["ttft_ms"], f["decode_tok_s"], cpu))
+            ttft_ms = engine_ttft(lm, ids) * 1e3
+            c0 = time.process_time()
+            tps = ours(lm, ids, n_tok, 1, _blocks(ids, 1, n_tok), temperature=0.0)["tps"]
+            figs["engine"][plen].append((ttft_ms, tps, (time.process_time() - c0) / n_tok))
+    out: dict[str, dict] = {}
+    for side, by_len in figs.items():
+        out[side] = {}
+        for plen, fs in by_len.items():
+            out[side][f"ttft_ms_{plen}"] = statistics.median(f[0] for f in fs[1:])
+            out[side][f"decode_tok_s_b1_{plen}"] = statistics.median(f[1] for f in fs[1:])
+        out[side]["cpu_ms_per_token_b1"] = statistics.median(f[2] for f in by_len[min(ps)][1:]) * 1e3
+    return out
 
-    out: dict = {}
-    for plen, ids in ps.items():
-        engine_ttft(lm, ids)  # warm-up
-        out[f"ttft_ms_{plen}"] = statistics.median(engine_ttft(lm, ids) for _ in range(runs)) * 1e3
-        ours(lm, ids, 4, 1, blocks(ids, 1, 4))
-        out[f"decode_tok_s_b1_{plen}"] = statistics.median(
-            ours(lm, ids, tokens, 1, blocks(ids, 1, tokens))["tps"] for _ in range(runs)
-        )
-    short = ps[min(ps)]
+
+def measure_batch(bindir: Path, ggufs: dict[str, Path], threads: int, lm, ids: list[int], bt: int) -> dict[str, dict]:
+    """Aggregate decode of 16 and 64 sequences: ``llama-server -np N`` (continuous batching) per GGUF,
+    then our engine's batched step (N sequences forked from the prompt, sampled at T=1), one after
+    the other for each N."""
+    from bench.engine import ours
+
+    out: dict[str, dict] = {k: {} for k in [*ggufs, "engine"]}
     for n in (16, 64):
-        ours(lm, short, 3, n, blocks(short, n, 3))
-        r = ours(lm, short, bt, n, blocks(short, n, bt))
-        out[f"decode_tok_s_b{n}"] = r["tps"]
-        out[f"step_ms_b{n}"] = r["step_s"] * 1e3
+        for side, gguf in ggufs.items():
+            with LlamaServer(bindir, gguf, threads, n, n * (len(ids) + bt + 16)) as srv:
+                asyncio.run(_stream_many(srv.url, [ids] * n, 4))  # warm-up
+                agg = aggregate_decode(asyncio.run(_stream_many(srv.url, [ids] * n, bt)))
+            out[side][f"decode_tok_s_b{n}"] = agg["tok_s"]
+            out[side][f"window_b{n}"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in agg.items()}
+        ours(lm, ids, 3, n, _blocks(ids, n, 3))
+        r = ours(lm, ids, bt, n, _blocks(ids, n, bt))
+        out["engine"][f"decode_tok_s_b{n}"] = r["tps"]
+        out["engine"][f"step_ms_b{n}"] = r["step_s"] * 1e3
     return out
 
 
@@ -418,38 +457,97 @@ def measure_grpc(model: str | None, dtype: str, threads: int, ps: dict[int, list
     return out
 
 
-def profile_steps(lm, ids: list[int], batches=(1, 64), top: int = 5) -> dict:
-    """Top ops by self CPU time of one decode step at each batch size (torch.profiler)."""
+# ops by what they do in a decode step (self CPU time; sampling is timed on its own)
+OP_KINDS = {
+    "linear": ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::_weight_int8pack_mm"),
+    "attention": (
+        "aten::scaled_dot_product_attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::index_select",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::_softmax",
+    ),
+    "kv_write": ("aten::index_put_", "aten::_index_put_impl_"),
+}
+
+
+def _median_s(fn, reps: int = 3) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def profile_step(lm, ids: list[int], n: int, top: int = 5) -> dict:
+    """Where a decode step's time goes at batch ``n``: the ops of one profiled forward (torch.profiler)
+    by self time, grouped into linear / attention (KV gather + SDPA) / KV write / other ops; Python
+    overhead = that forward's wall time − all its ops' self time (which also holds the profiler's
+    own cost per op, and any time the process waited for a core); sampling timed on its own (greedy
+    at batch 1, T=1 at batch > 1, as measured above). Shares are of profiled forward + sampling.
+    ``step_vs_gemm_bound``: the unprofiled step (median of 3) / its GEMMs alone, as ``bench.engine``."""
     from torch.profiler import ProfilerActivity, profile
 
+    from bench.engine import gemm_bound
     from smcserve.decode.loop import append_tokens
     from smcserve.engine.block_manager import BlockManager, BlockTable
     from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
+    from smcserve.engine.sampling import SamplingParams, sample_tokens
 
-    out = {}
-    for n in batches:
-        nb = n * (-(-(len(ids) + 8) // 16) + 1) + 16
-        bm, runner = BlockManager(nb, 16), ModelRunner(lm, nb, 16)
-        root = BlockTable()
-        for _ in ids:
-            bm.append_slot(root)
-        runner.forward([SeqBatchItem(ids, 0, root.blocks)])
-        tables = [bm.fork(root) for _ in range(n)]
-        last = [ids[-1]] * n
-        runner.forward(append_tokens(bm, runner, tables, last))  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            runner.forward(append_tokens(bm, runner, tables, last))
-        rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in rows) or 1
-        out[f"b{n}"] = [
-            {
-                "op": e.key,
-                "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
-                "share": round(e.self_cpu_time_total / total, 3),
-            }
-            for e in rows[:top]
-        ]
+    nb = n * (-(-(len(ids) + 16) // 16) + 1) + 16
+    bm, runner = BlockManager(nb, 16), ModelRunner(lm, nb, 16)
+    root = BlockTable()
+    for _ in ids:
+        bm.append_slot(root)
+    runner.forward([SeqBatchItem(ids, 0, root.blocks)])
+    tables = [bm.fork(root) for _ in range(n)]
+    last = [ids[-1]] * n
+
+    def step():
+        return runner.forward(append_tokens(bm, runner, tables, last))
+
+    logits = step()  # warm-up
+    forward_s = _median_s(step)
+    params = [SamplingParams(temperature=0.0 if n == 1 else 1.0, seed=i) for i in range(n)]
+    positions = [len(ids) + 8] * n
+    sample_tokens(logits, params, positions)
+    sampling_s = _median_s(lambda: sample_tokens(logits, params, positions))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        profiled_s = time.perf_counter() - t0
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    ops_s = sum(e.self_cpu_time_total for e in rows) / 1e6
+    kinds = {k: 0.0 for k in OP_KINDS} | {"other_ops": 0.0}
+    for e in rows:
+        kind = next((k for k, names in OP_KINDS.items() if e.key in names), "other_ops")
+        kinds[kind] += e.self_cpu_time_total / 1e6
+    kinds["python_overhead"] = max(0.0, profiled_s - ops_s)
+    kinds["sampling"] = sampling_s
+    step_s = profiled_s + sampling_s
+    gemm_s = gemm_bound(lm, n)
+    out = {
+        "step_ms": round(step_s * 1e3, 2),
+        "forward_ms": round(forward_s * 1e3, 2),
+        "forward_profiled_ms": round(profiled_s * 1e3, 2),
+        "op_calls": sum(e.count for e in rows),
+        "ms": {k: round(v * 1e3, 2) for k, v in kinds.items()},
+        "share": {k: round(v / step_s, 3) for k, v in kinds.items()},
+        "gemm_bound_ms": round(gemm_s * 1e3, 2),
+        "step_vs_gemm_bound": round((forward_s + sampling_s) / gemm_s, 3),
+        "top_ops": [
+            {"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count} for e in rows[:top]
+        ],
+    }
+    for t in tables:
+        bm.free_table(t)
     return out
+
+
+def profile_steps(lm, ids: list[int], batches=(1, 64)) -> dict:
+    return {f"b{n}": profile_step(lm, ids, n) for n in batches}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -473,77 +571,98 @@ def _r(x):
 def assemble(m: dict, meta: dict) -> dict:
     """The JSON report from raw figures: ``m`` has ``llamacpp_f32``, ``llamacpp_q4_1``, ``engine`` and
     ``grpc`` (dicts of ``ttft_ms_<len>``, ``decode_tok_s_b1_<len>``, ``decode_tok_s_b16``/``b64``;
-    ``grpc`` also ``smc64_tok_s``); ``meta`` has ``threads``, ``cpu``, ``short``/``long`` prompt lengths
-    and whatever else should be reported as is."""
+    ``grpc`` also ``smc64_tok_s``); ``meta`` has ``threads``, ``cpu``, ``short``/``long`` prompt lengths,
+    ``dtype_chosen`` and whatever else should be reported as is. The issue's summary keys come first."""
     short, long_ = meta["short"], meta["long"]
-    out: dict = {k: v for k, v in meta.items() if k not in ("short", "long")}
-    out["prompt_tokens"] = [short, long_]
+    d: dict = {}
     sides = {"llamacpp_f32": "llamacpp_f32", "llamacpp_q4_1": "llamacpp_q4_1", "engine": "smcserve_engine"}
     sides["grpc"] = "smcserve_grpc"
     for src, name in sides.items():
-        d = m.get(src) or {}
-        if f"decode_tok_s_b1_{short}" in d:
-            out[f"{name}_decode_tok_s_b1"] = _r(d[f"decode_tok_s_b1_{short}"])
-        if f"decode_tok_s_b1_{long_}" in d:
-            out[f"{name}_decode_tok_s_b1_after_{long_}"] = _r(d[f"decode_tok_s_b1_{long_}"])
+        side = m.get(src) or {}
+        if f"decode_tok_s_b1_{short}" in side:
+            d[f"{name}_decode_tok_s_b1"] = _r(side[f"decode_tok_s_b1_{short}"])
+        if f"decode_tok_s_b1_{long_}" in side:
+            d[f"{name}_decode_tok_s_b1_after_{long_}"] = _r(side[f"decode_tok_s_b1_{long_}"])
         for plen, key in ((short, "ttft_ms_46"), (long_, "ttft_ms_1024")):
-            if f"ttft_ms_{plen}" in d:
-                out[f"{name}_{key}"] = _r(d[f"ttft_ms_{plen}"])
+            if f"ttft_ms_{plen}" in side:
+                d[f"{name}_{key}"] = _r(side[f"ttft_ms_{plen}"])
         for n in (16, 64):
-            if f"decode_tok_s_b{n}" in d:
-                out[f"{name}_decode_tok_s_b{n}"] = _r(d[f"decode_tok_s_b{n}"])
-        for k, v in d.items():
-            if k.startswith(("window_", "step_ms_", "smc64_")) and k != "smc64_tok_s":
-                out[f"{name}_{k}"] = _r(v)
-        if "smc64_tok_s" in d:
-            out["smc64_tok_s"] = _r(d["smc64_tok_s"])
+            if f"decode_tok_s_b{n}" in side:
+                d[f"{name}_decode_tok_s_b{n}"] = _r(side[f"decode_tok_s_b{n}"])
+        for k, v in side.items():
+            if k.startswith(("window_", "step_ms_", "smc64_", "cpu_ms_")) and k != "smc64_tok_s":
+                d[f"{name}_{k}"] = _r(v)
+        if "smc64_tok_s" in side:
+            d["smc64_tok_s"] = _r(side["smc64_tok_s"])
 
     def ratio(a: str, b: str):
-        return round(out[a] / out[b], 3) if out.get(a) and out.get(b) else None
+        return round(d[a] / d[b], 3) if d.get(a) and d.get(b) else None
 
-    out["ratio_single_stream"] = ratio("smcserve_engine_decode_tok_s_b1", "llamacpp_f32_decode_tok_s_b1")
+    out: dict = {
+        "llamacpp_decode_tok_s": d.get("llamacpp_f32_decode_tok_s_b1"),
+        "smcserve_decode_tok_s": d.get("smcserve_engine_decode_tok_s_b1"),
+        "single_stream_ratio": ratio("smcserve_engine_decode_tok_s_b1", "llamacpp_f32_decode_tok_s_b1"),
+        "llamacpp_np64_tok_s": d.get("llamacpp_f32_decode_tok_s_b64"),
+        "smcserve_b64_tok_s": d.get("smcserve_engine_decode_tok_s_b64"),
+        "batch64_ratio": ratio("smcserve_engine_decode_tok_s_b64", "llamacpp_f32_decode_tok_s_b64"),
+        "dtype_chosen": meta.get("dtype_chosen"),
+    }
+    out |= {k: v for k, v in meta.items() if k not in ("short", "long", "dtype_chosen")}
+    out["prompt_tokens"] = [short, long_]
+    out |= d
+    # CPU time per token, llama.cpp's / ours (> 1: we spend less CPU per token); robust to load
+    out["single_stream_cpu_ratio"] = ratio("llamacpp_f32_cpu_ms_per_token_b1", "smcserve_engine_cpu_ms_per_token_b1")
     out["ratio_single_stream_grpc"] = ratio("smcserve_grpc_decode_tok_s_b1", "llamacpp_f32_decode_tok_s_b1")
     out["ratio_b16"] = ratio("smcserve_engine_decode_tok_s_b16", "llamacpp_f32_decode_tok_s_b16")
-    out["ratio_b64"] = ratio("smcserve_engine_decode_tok_s_b64", "llamacpp_f32_decode_tok_s_b64")
     out["ratio_smc64_vs_b64"] = ratio("smc64_tok_s", "llamacpp_f32_decode_tok_s_b64")
     out["ratio_single_stream_vs_q4_1"] = ratio("smcserve_engine_decode_tok_s_b1", "llamacpp_q4_1_decode_tok_s_b1")
     out["ratio_b64_vs_q4_1"] = ratio("smcserve_engine_decode_tok_s_b64", "llamacpp_q4_1_decode_tok_s_b64")
     # llama-bench's tg (no HTTP, no server loop): the check on llama-server's single-stream figure
-    tg = next((v for k, v in (out.get("llamacpp_f32_bench") or {}).items() if k.startswith("tg")), None)
-    b1 = out.get("smcserve_engine_decode_tok_s_b1")
+    tg = next((v for k, v in (meta.get("llamacpp_f32_bench") or {}).items() if k.startswith("tg")), None)
+    b1, srv = out["smcserve_decode_tok_s"], out["llamacpp_decode_tok_s"]
     out["ratio_single_stream_vs_llama_bench_tg"] = round(b1 / tg, 3) if b1 and tg else None
+    out["llamacpp_server_vs_llama_bench_tg"] = round(srv / tg, 3) if srv and tg else None
+    targets = (("single_stream", TARGET_SINGLE, "single_stream_ratio"), ("b64", TARGET_B64, "batch64_ratio"))
     out["targets"] = {
-        "single_stream": {
-            "target": TARGET_SINGLE,
-            "ratio": out["ratio_single_stream"],
-            "holds": None if out["ratio_single_stream"] is None else out["ratio_single_stream"] >= TARGET_SINGLE,
-        },
-        "b64": {
-            "target": TARGET_B64,
-            "ratio": out["ratio_b64"],
-            "holds": None if out["ratio_b64"] is None else out["ratio_b64"] >= TARGET_B64,
-        },
+        name: {"target": t, "ratio": out[key], "holds": None if out[key] is None else out[key] >= t}
+        for name, t, key in targets
     }
-    out["notes"] = [
-        "llama.cpp figures: llama-server streaming /completion measured at the client (TTFT: request → "
-        "first token; decode: first → last token), the prompt sent as token ids, greedy, ignore_eos, "
-        "cache_prompt off; llama-bench's own pp/tg figures are under llamacpp_*_bench.",
-        "llamacpp_f32 reads the fp32 GGUF made by llama.cpp's convert_hf_to_gguf.py from our HF directory "
-        "(the same weights smcserve reads, in fp32); llamacpp_q4_1 reads the wheel's original Q4_1 GGUF "
-        "(4-bit weights, ~7x fewer bytes per step) and is shown alongside, not used for the targets.",
-        "b16/b64: llama-server -np N with N concurrent streaming clients (private copies of the same "
-        "46-token prompt), counted over the window in which all N decode; smcserve_engine: one batched "
-        "decode step per token of N sequences forked from that prompt (bench.engine), sampled at T=1; "
-        "smc64: one steering request of 64 particles through gRPC, no potential.",
-        "llama.cpp runs with weight repacking off (--no-repack / --repack 0): its AMX path for Q4_1 "
-        "segfaults here (ggml_backend_amx_mul_mat); fp32 weights are not repacked either way.",
-        "Check llama-server against llama-bench: where its single-stream decode is far below llama-bench's "
-        "tg (seen on a loaded 2-core VM: the server's own timings agree with the client's), use "
-        "ratio_single_stream_vs_llama_bench_tg rather than ratio_single_stream.",
-        "Same thread count on every side (llama -t/-tb, torch threads, serve --threads); the sides run one "
-        "after another, never at once; timings on a shared machine are noisy.",
-    ]
+    out["notes"] = NOTES
     return out
+
+
+NOTES = [
+    "llama.cpp figures: llama-server streaming /completion measured at the client (TTFT: request → "
+    "first token; decode: first → last token), the prompt sent as token ids, greedy, ignore_eos, "
+    "cache_prompt off; llama-bench's own pp/tg figures are under llamacpp_*_bench and "
+    "llamacpp_server_vs_llama_bench_tg checks the server against them.",
+    "llamacpp_f32 reads the fp32 GGUF made by llama.cpp's convert_hf_to_gguf.py from our HF directory "
+    "(the same weights smcserve reads, in fp32); llamacpp_q4_1 reads the wheel's original Q4_1 GGUF "
+    "(4-bit weights, ~7x fewer bytes per step) and is shown alongside, not used for the targets.",
+    "Single stream: llama.cpp (f32, Q4_1) and our engine (ModelRunner prefill + greedy decode steps, "
+    "as bench.engine) interleaved run by run, medians of the runs; smcserve_grpc: the full stack after. "
+    "*_cpu_ms_per_token_b1: the side's process CPU time per generated token (46-token prompt, its "
+    "prefill included); single_stream_cpu_ratio = llama.cpp's / ours, the figure least moved by load.",
+    "b16/b64: llama-server -np N with N concurrent streaming clients (private copies of the same "
+    "46-token prompt), counted over the window in which all N decode; smcserve_engine: one batched "
+    "decode step per token of N sequences forked from that prompt (bench.engine), sampled at T=1; "
+    "smc64: one steering request of 64 particles through gRPC, no potential.",
+    "OMP_WAIT_POLICY (omp_wait_policy) is set for every side (llama.cpp and torch both use libgomp): "
+    "under the default, a thread waiting at a barrier spins, and on a machine with more runnable "
+    "threads than cores each of llama.cpp's ~hundreds of barriers per token (torch's parallel "
+    "regions likewise) can cost a scheduler slice: 10-100x slower, varying with the load.",
+    "llama.cpp runs with weight repacking off (--no-repack / --repack 0): its AMX path for Q4_1 "
+    "segfaults here (ggml_backend_amx_mul_mat); fp32 weights are not repacked either way.",
+    "Same thread count on every side (llama -t/-tb, torch threads, serve --threads); the sides run one "
+    "after another, never at once; timings on a shared machine are noisy (load_* keys).",
+]
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
 
 
 def parser() -> argparse.ArgumentParser:
@@ -555,46 +674,77 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-tokens", type=int, default=None, help="tokens per sequence at b16/b64 (default 64)")
     p.add_argument("--runs", type=int, default=None, help="single-stream runs, median (default 3; --quick 1)")
     p.add_argument("--jobs", type=int, default=2, help="parallel jobs of the llama.cpp build")
+    p.add_argument(
+        "--omp-wait-policy",
+        choices=WAIT_POLICIES,
+        default="passive",
+        help="OMP_WAIT_POLICY for every side (default passive; 'unset': libgomp's default, spinning)",
+    )
     p.add_argument("--quick", action="store_true", help="a smoke run: few tokens, one run")
     p.add_argument("--skip", default="", help="comma list of sides to skip: q4_1,grpc,profile,bench")
     return p
 
 
+def set_wait_policy(policy: str) -> None:
+    """libgomp reads OMP_WAIT_POLICY once, when it loads: before torch is imported here, and in the
+    environment every llama.cpp process and the gRPC server inherit."""
+    if "torch" in sys.modules:
+        log("torch is already imported: OMP_WAIT_POLICY applies to the llama.cpp and gRPC processes only")
+    if policy == "unset":
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = policy.upper()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    set_wait_policy(args.omp_wait_policy)
     tokens = args.tokens or (16 if args.quick else 64)
     bt = args.batch_tokens or (12 if args.quick else 64)
     runs = args.runs or (1 if args.quick else 3)
     skip = set(filter(None, args.skip.split(",")))
     t_start = time.perf_counter()
+    load_start = loadavg()
     cache = llamacpp_cache()
     cache.mkdir(parents=True, exist_ok=True)
     build = ensure_build(cache, args.jobs)
     bindir = Path(build.pop("bin"))
 
-    from smcserve.engine.model import load_model, resolve_model_path
+    from smcserve.engine.model import load_model, resolve_dtype_choice, resolve_model_path
 
     hf_dir = resolve_model_path(args.model)
     f32, convert_s = ensure_f32_gguf(cache, hf_dir)
+    ggufs = {"llamacpp_f32": f32}
+    if "q4_1" not in skip:
+        ggufs["llamacpp_q4_1"] = ensure_q4_gguf(cache)
+    auto = resolve_dtype_choice("auto", hf_dir, args.threads)
     lm = load_model(args.model, args.dtype, threads=args.threads)
     ps = prompts(lm.tokenizer)
     short, long_ = min(ps), max(ps)
-    m: dict = {}
-    log(f"llama.cpp f32: {f32}")
-    m["llamacpp_f32"] = measure_llamacpp(bindir, f32, args.threads, ps, tokens, bt, runs)
-    if "q4_1" not in skip:
-        q4 = ensure_q4_gguf(cache)
-        log(f"llama.cpp Q4_1: {q4}")
-        m["llamacpp_q4_1"] = measure_llamacpp(bindir, q4, args.threads, ps, tokens, bt, runs)
-    log("smcserve in-process engine")
-    m["engine"] = measure_engine(lm, ps, tokens, bt, runs)
+    log(f"single stream, interleaved: {', '.join(ggufs)}, engine")
+    with contextlib.ExitStack() as stack:
+        servers = {
+            side: stack.enter_context(LlamaServer(bindir, g, args.threads, 1, long_ + tokens + 64))
+            for side, g in ggufs.items()
+        }
+        m = measure_single(servers, lm, ps, tokens, runs)
+    bench: dict = {}
+    if "bench" not in skip:  # right after the servers' single stream, under the load they had
+        log("llama-bench")
+        bench = {f"{side}_bench": llama_bench(bindir, g, args.threads, ps, tokens) for side, g in ggufs.items()}
+    log("16 and 64 sequences")
+    for side, figs in measure_batch(bindir, ggufs, args.threads, lm, ps[short], bt).items():
+        m[side].update(figs)
     if "grpc" not in skip:
         log("smcserve through gRPC")
         m["grpc"] = measure_grpc(args.model, args.dtype, args.threads, ps, lm.tokenizer, tokens, bt, runs)
     meta = {
+        "dtype_chosen": auto.dtype,
+        "dtype_chosen_reason": auto.reason,
         "model": args.model or "smollm2-135m-instruct",
         "dtype": str(lm.dtype).removeprefix("torch."),
         "threads": args.threads,
+        "omp_wait_policy": args.omp_wait_policy,
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "tokens": tokens,
@@ -607,15 +757,13 @@ def main(argv: list[str] | None = None) -> None:
         "f32_convert_s": round(convert_s, 1),
         "short": short,
         "long": long_,
+        **bench,
     }
-    if "bench" not in skip:
-        log("llama-bench")
-        meta["llamacpp_f32_bench"] = llama_bench(bindir, f32, args.threads, ps, tokens)
-        if "q4_1" not in skip:
-            meta["llamacpp_q4_1_bench"] = llama_bench(bindir, ensure_q4_gguf(cache), args.threads, ps, tokens)
     if "profile" not in skip:
         log("torch.profiler of one decode step")
-        meta["profile_top5_self_cpu"] = profile_steps(lm, ps[short])
+        meta["profile"] = profile_steps(lm, ps[short])
+    meta["load_avg_start"] = load_start
+    meta["load_avg_end"] = loadavg()
     meta["run_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(assemble(m, meta), indent=2))
 
