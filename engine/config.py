@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per forward (``--prefill-chunk``)
+
 
 @dataclass
 class WorkerConfig:
@@ -23,6 +25,8 @@ class WorkerConfig:
     prefix_cache: bool = True  # prefill workers: reuse prompt blocks already in the KV store
     secret: str = field(default="", repr=False)  # decode workers: callers of their service must send it
     quantization: str = "none"  # the paged engine's weights: none or int8 (engine/quant.py)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per forward (prefill, a decode worker's
+    # prompt recompute), other work running between chunks; 0: a whole prompt at once
 
     def same_but_secret(self, other: WorkerConfig) -> bool:
         return replace(self, secret="") == replace(other, secret="")
