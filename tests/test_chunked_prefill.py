@@ -189,3 +189,14 @@ def test_a_prompt_recompute_on_a_decode_worker_runs_a_chunk_per_step_beside_the_
     assert aborted.finish_reason == "abort" and seen[-1] == ("batch", 2) and not aborted.table.blocks
     assert not loop.has_sequence("aborted")
     assert loop.stats().kv_blocks_in_use == len(set(running.table.blocks) | set(miss.table.blocks))
+
+
+def test_a_negative_prefill_chunk_is_refused_before_anything_starts():
+    import asyncio
+
+    from smcserve.scheduler.stack import ServeConfig, Stack
+
+    stack = Stack(ServeConfig(prefill_chunk=-1))
+    with pytest.raises(ValueError, match="--prefill-chunk: -1"):
+        asyncio.run(stack.start())
+    assert stack.redis is None and not stack.started_ray
