@@ -6,7 +6,8 @@ from dataclasses import dataclass, field, replace
 
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 
-DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per forward (``--prefill-chunk``)
+DEFAULT_PREFILL_CHUNK = 64  # prompt tokens per forward (``--prefill-chunk``): a cached request waits at most
+# this much of another prompt on the prefill worker (bench.prefix_cache, 2 in flight)
 
 
 @dataclass
