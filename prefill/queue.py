@@ -3,8 +3,9 @@ hold the worker for its whole length while a short (or mostly cached) one waits.
 
 Prompts start (:meth:`Prefiller.start`: blocks reserved, cached prefix read) in arrival order while the
 pool holds them. Each :meth:`PrefillQueue.step` runs one chunk: of the started prompt with the fewest
-tokens left, except that every other chunk goes to the oldest one, so a long prompt keeps at least half
-the worker however many short ones arrive. A cancelled prompt stops before its next chunk.
+tokens left (so two long prompts still run one after the other, not side by side, which would delay
+both), except that the oldest one runs after ``MAX_OVERTAKES`` chunks of others in a row, so it keeps a
+share of the worker however many short ones arrive. A cancelled prompt stops before its next chunk.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 
 from smcserve.engine.sampling import SamplingParams
 from smcserve.prefill.prefiller import Prefiller, PrefillJob
+
+MAX_OVERTAKES = 4  # chunks of other prompts in a row before the oldest one runs a chunk again
 
 
 @dataclass
@@ -35,7 +38,7 @@ class PrefillQueue:
         self.wakeup = threading.Condition(self.lock)
         self.waiting: deque[PrefillRequest] = deque()  # not started yet, in arrival order
         self.running: list[PrefillRequest] = []  # started, in arrival order (the queue's thread only)
-        self.oldest_owed = False  # the last chunk went to another than the oldest: the next is the oldest's
+        self.overtakes = 0  # chunks of other prompts run in a row while the oldest waited
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="prefill-queue", daemon=True)
 
@@ -125,6 +128,7 @@ class PrefillQueue:
 
     def _pick(self) -> PrefillRequest:
         oldest = self.running[0]
-        req = oldest if self.oldest_owed else min(self.running, key=lambda r: r.job.remaining)
-        self.oldest_owed = req is not oldest
+        shortest = min(self.running, key=lambda r: r.job.remaining)  # the oldest of those on a tie
+        req = oldest if self.overtakes >= MAX_OVERTAKES else shortest
+        self.overtakes = 0 if req is oldest else self.overtakes + 1
         return req

@@ -18,7 +18,7 @@ from smcserve.engine.model_runner import ModelRunner
 from smcserve.engine.sampling import SamplingParams
 from smcserve.kvstore import KVStore
 from smcserve.prefill.prefiller import Prefiller
-from smcserve.prefill.queue import PrefillQueue
+from smcserve.prefill.queue import MAX_OVERTAKES, PrefillQueue
 
 GREEDY = SamplingParams(temperature=0.0)
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # fp32: chunks only regroup the sums
@@ -90,12 +90,13 @@ def test_a_chunked_prefill_stores_the_kv_and_first_token_of_an_unchunked_one(tin
 
 # --- the prefill worker's queue -------------------------------------------------------------------------
 A = [1000 + i for i in range(100)]  # a long prompt: 7 chunks of 16
-SHORT = [[2000 + 100 * k + i for i in range(10)] for k in range(3)]  # short ones: one chunk each
+SHORT = [[2000 + 100 * k + i for i in range(10)] for k in range(6)]  # short ones: one chunk each
+B = [3000 + i for i in range(60)]  # a shorter long prompt: 4 chunks
 
 
 def queue_of(tiny, redis_url, name: str, **kw) -> tuple[PrefillQueue, list[tuple]]:
     prefiller = Prefiller(tiny, KVStore(redis_url, key_prefix=f"t-queue-{name}:"), 16, prefix_cache=False, **kw)
-    return PrefillQueue(prefiller), record_forwards(prefiller.runner, [A, *SHORT])  # not started: the test steps
+    return PrefillQueue(prefiller), record_forwards(prefiller.runner, [A, B, *SHORT])  # not started: the test steps
 
 
 def run_all(queue: PrefillQueue) -> None:
@@ -118,15 +119,30 @@ def test_a_short_prompt_runs_between_the_chunks_of_a_long_one(tiny, redis_url):
     assert queue.prefiller.bm.stats()["kv_blocks_in_use"] == 0
 
 
-def test_a_long_prompt_keeps_every_other_chunk_however_many_short_ones_arrive(tiny, redis_url):
+def test_a_long_prompt_runs_again_after_max_overtakes_however_many_short_ones_arrive(tiny, redis_url):
+    assert MAX_OVERTAKES == 4  # the expected order below
     queue, seen = queue_of(tiny, redis_url, "fair", chunk=16)
     long = queue.submit(A, GREEDY)
     queue.step()
     shorts = [queue.submit(ids, GREEDY) for ids in SHORT]
     run_all(queue)
     a = [(1000, s, 16) for s in range(0, 96, 16)] + [(1000, 96, 4)]
-    assert seen == [a[0], (2000, 0, 10), a[1], (2100, 0, 10), a[2], (2200, 0, 10), *a[3:]]
+    s = [(2000 + 100 * k, 0, 10) for k in range(6)]
+    assert seen == [a[0], *s[:4], a[1], *s[4:], *a[2:]]
     assert long.result() is not None and all(s.result() is not None for s in shorts)
+
+
+def test_two_long_prompts_run_one_after_the_other_not_side_by_side(tiny, redis_url):
+    """Side by side both would finish late; the one with fewer tokens left runs through (up to
+    ``MAX_OVERTAKES`` chunks), then the other."""
+    queue, seen = queue_of(tiny, redis_url, "two-long", chunk=16)
+    first = queue.submit(A, GREEDY)
+    queue.step()
+    second = queue.submit(B, GREEDY)  # 60 tokens: fewer than the 84 the first has left
+    run_all(queue)
+    b = [(3000, 0, 16), (3000, 16, 16), (3000, 32, 16), (3000, 48, 12)]
+    assert seen == [(1000, 0, 16), *b, *((1000, s, 16) for s in range(16, 96, 16)), (1000, 96, 4)]
+    assert second.done() and first.result() is not None and second.result() is not None
 
 
 def test_a_prompt_the_pool_cannot_hold_yet_waits_for_the_running_one(tiny, redis_url):
