@@ -2,7 +2,9 @@
 
 Bookkeeping only (a :class:`BlockManager`, no model, no lock): :class:`decode.loop.DecodeLoop`
 calls it under its lock and runs the plans. A step advances every running sequence and every SMC
-extension job by one token; admitted sequences join the step in which their prompt KV is loaded.
+extension job by one token; admitted sequences join the step in which their prompt KV is loaded. A
+prompt whose KV must be recomputed (not in the store) is ``loading`` meanwhile: one chunk of it runs
+per step, next to the running batch, so the batch never waits for the whole prompt.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from smcserve.decode.admission import check_fits, require, unreserved
 from smcserve.decode.sequence import DecodeEvent, DecodeSeq
 from smcserve.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
+from smcserve.engine.chunked_prefill import ChunkedPrefill
 from smcserve.engine.finish import FinishReason
 from smcserve.engine.model_runner import SeqBatchItem
 
@@ -71,6 +74,7 @@ class StepPlan:
     running: list[DecodeSeq]  # running since an earlier step: one token each
     jobs: list[ExtendJob]  # SMC extension jobs of open requests
     aborted: list[DecodeSeq]  # retired before the step
+    loading: list[DecodeSeq] = field(default_factory=list)  # prompts being recomputed, a chunk per step
     batch: Batch | None = None  # the slots of the step, once the joins are loaded (:meth:`Batcher.allocate`)
 
 
@@ -98,6 +102,8 @@ class Batcher:
         self.eos_token_ids = eos_token_ids
         self.active: dict[str, DecodeSeq] = {}  # running, in the order they joined
         self.pending: list[DecodeSeq] = []  # admitted, prompt KV not loaded yet
+        # admitted, prompt KV being recomputed chunk by chunk (oldest first), by request id
+        self.loading: dict[str, tuple[DecodeSeq, ChunkedPrefill]] = {}
         self.aborted: set[str] = set()
         self.jobs: list[ExtendJob] = []
         self.reservations: dict[str, Reservation] = {}  # open steering requests on this worker
@@ -106,19 +112,27 @@ class Batcher:
 
     @property
     def num_sequences(self) -> int:
-        return len(self.active) + len(self.pending)
+        return len(self.active) + len(self.pending) + len(self.loading)
+
+    def admitted(self) -> list[DecodeSeq]:
+        """Every sequence that holds or may still claim blocks (not retired)."""
+        return [*self.active.values(), *self.pending, *(seq for seq, _ in self.loading.values())]
 
     def has_sequence(self, request_id: str) -> bool:
-        return request_id in self.active or any(s.request_id == request_id for s in self.pending)
+        return (
+            request_id in self.active
+            or request_id in self.loading
+            or any(s.request_id == request_id for s in self.pending)
+        )
 
     def has_work(self) -> bool:
-        return bool(self.pending or self.active or self.aborted or self.jobs)
+        return bool(self.pending or self.active or self.loading or self.aborted or self.jobs)
 
     # --- requests arriving ---------------------------------------------------------------------
     def submit(self, seq: DecodeSeq, first_token: int, first_logprob=None) -> None:
         """Admit ``seq`` whose first completion token (from prefill) is ``first_token``, or raise
         :class:`OutOfBlocks` when the pool cannot hold it next to what is already admitted."""
-        check_fits(self.bm, [*self.active.values(), *self.pending], seq, self.groups_unheld())
+        check_fits(self.bm, self.admitted(), seq, self.groups_unheld())
         self.requests_served += 1
         self.emit(seq, first_token, first_logprob)
         if not seq.finish_reason:
@@ -127,7 +141,7 @@ class Batcher:
     def resume(self, seq: DecodeSeq) -> None:
         """Admit ``seq`` that continues a generation begun elsewhere: its ``output_ids`` (already
         streamed) are set and none is emitted again; :class:`OutOfBlocks` as in :meth:`submit`."""
-        check_fits(self.bm, [*self.active.values(), *self.pending], seq, self.groups_unheld())
+        check_fits(self.bm, self.admitted(), seq, self.groups_unheld())
         self.requests_served += 1
         self.pending.append(seq)
 
@@ -140,7 +154,7 @@ class Batcher:
     def reserve(self, request_id: str, reservation: Reservation) -> None:
         """Hold ``reservation.blocks`` for a steering request until :meth:`release`, or raise
         :class:`OutOfBlocks` (before it loads anything) when they are not free of other claims."""
-        free = unreserved(self.bm, [*self.active.values(), *self.pending], self.groups_unheld())
+        free = unreserved(self.bm, self.admitted(), self.groups_unheld())
         require(self.bm, reservation.blocks, free, "the steering request")
         self.reservations[request_id] = reservation
 
@@ -161,9 +175,11 @@ class Batcher:
         for seq in pending:
             (plan.aborted if seq.request_id in aborted else plan.joins).append(seq)
         plan.aborted += [self.active[rid] for rid in aborted if rid in self.active]
+        plan.aborted += [self.loading[rid][0] for rid in aborted if rid in self.loading]
         for seq in plan.aborted:
             self.retire(seq, FinishReason.ABORT)
         plan.running = list(self.active.values())
+        plan.loading = [seq for seq, _ in self.loading.values()]
         for job in jobs:
             if job.live():
                 plan.jobs.append(job)
@@ -171,8 +187,13 @@ class Batcher:
                 job.future.set_exception(RequestClosed("the steering request was closed"))
         return plan
 
+    def start_loading(self, seq: DecodeSeq, fill: ChunkedPrefill) -> None:
+        """``seq``'s prompt KV is partly recomputed (``fill``; ``seq.table`` is ``fill.table``): a chunk a step."""
+        self.loading[seq.request_id] = (seq, fill)
+
     def join(self, seq: DecodeSeq) -> None:
         """``seq``'s prompt KV is loaded: it runs from now on."""
+        self.loading.pop(seq.request_id, None)
         self.active[seq.request_id] = seq
 
     def allocate(self, seqs: list[DecodeSeq], jobs: list[ExtendJob]) -> Batch:
@@ -218,6 +239,7 @@ class Batcher:
     def retire(self, seq: DecodeSeq, reason: FinishReason, error: str = "", out_of_kv: bool = False) -> None:
         """Free the sequence's KV and, unless it already finished, tell its stream why it ended."""
         self.active.pop(seq.request_id, None)
+        self.loading.pop(seq.request_id, None)
         self.bm.free_table(seq.table)
         if not seq.finish_reason:
             seq.finish_reason = reason

@@ -2,8 +2,9 @@
 
 Each iteration runs the calls queued for the thread (SMC bookkeeping), then one step:
 :meth:`DecodeLoop.schedule` (who joins, runs, leaves: :class:`decode.batcher.StepPlan`),
-:meth:`DecodeLoop.forward` (load the joining prompts' KV, one batched forward for every running
-sequence and SMC job) and :meth:`DecodeLoop.postprocess` (sample, stream, retire). gRPC threads
+:meth:`DecodeLoop.forward` (load the joining prompts' KV, a chunk of the prompts being recomputed, one
+batched forward for every running sequence and SMC job) and :meth:`DecodeLoop.postprocess` (sample,
+stream, retire). gRPC threads
 only queue work (:meth:`submit`, :meth:`abort`, :meth:`call`, :meth:`extend`) and read :meth:`stats`.
 
 ``engine/`` is the model runtime this loop drives (block manager, model runner, sampling).
@@ -23,6 +24,7 @@ import torch
 from smcserve.decode.batcher import Batcher, ExtendJob, Reservation, StepPlan, append_slots
 from smcserve.decode.sequence import DecodeSeq
 from smcserve.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
+from smcserve.engine.config import DEFAULT_PREFILL_CHUNK
 from smcserve.engine.finish import FinishReason
 from smcserve.engine.model import LoadedModel
 from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
@@ -74,9 +76,18 @@ class DecodeLoop:
     It is also the :class:`decode.host.ParticleHost` of the worker's SMC particle groups.
     """
 
-    def __init__(self, lm: LoadedModel, store: KVStore, block_size: int, num_blocks: int):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        store: KVStore,
+        block_size: int,
+        num_blocks: int,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ):
+        """``prefill_chunk``: prompt tokens recomputed per step (a prompt not in the store); 0: a whole prompt."""
         self.lm = lm
         self.block_size = block_size
+        self.prefill_chunk = prefill_chunk
         self.bm = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(lm, num_blocks, block_size)
         self.lock = threading.Lock()  # guards bm, batcher, calls and every counter
@@ -201,7 +212,7 @@ class DecodeLoop:
     def prompt_logits(self, tokens: list[int]) -> torch.Tensor:
         """Next-token logits after every prefix of ``tokens`` ([len, vocab]), by the model itself (no KV kept)."""
         with torch.inference_mode():
-            return self.lm.model(torch.tensor([tokens])).logits[0].float()
+            return self.lm.model(torch.tensor([tokens], device=self.lm.device)).logits[0].float()
 
     # --- the loop's thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -221,7 +232,7 @@ class DecodeLoop:
 
     def step(self) -> None:
         plan = self.schedule()
-        if not (plan.joins or plan.running or plan.jobs):
+        if not (plan.joins or plan.running or plan.jobs or plan.loading):
             return
         try:
             logits = self.forward(plan)
@@ -236,10 +247,12 @@ class DecodeLoop:
             return self.batcher.schedule()
 
     def forward(self, plan: StepPlan) -> torch.Tensor | None:
-        """Load the joining prompts' KV, give everything in the step a slot (``plan.batch``) and run
-        one batched forward: one row of next-token logits per slot (None when the batch is empty).
-        When no prompt loaded and nothing else runs, ``plan.batch`` stays None: there is no step."""
+        """Load the joining prompts' KV, run a chunk of those being recomputed, give everything in the step
+        a slot (``plan.batch``) and run one batched forward: one row of next-token logits per slot (None
+        when the batch is empty). When no prompt loaded and nothing else runs, ``plan.batch`` stays None:
+        there is no step."""
         joined = [seq for seq in plan.joins if self._load_prompt(seq)]
+        joined += self._recompute()
         if not (plan.running or joined or plan.jobs):
             return None
         with self.lock:
@@ -302,9 +315,10 @@ class DecodeLoop:
             return None
 
     def _load_prompt(self, seq: DecodeSeq) -> bool:
-        """Load ``seq``'s prompt KV and let it run; on failure it retires (and False)."""
+        """Load ``seq``'s prompt KV and let it run; False when it retired (a failure) or the part of its prompt
+        not in the store is to be recomputed first (:meth:`_recompute`)."""
         try:
-            seq.table = self.transfer.load(seq.kv_token_ids(), seq.block_keys)
+            fill = self.transfer.start_load(seq.kv_token_ids(), seq.block_keys, self.prefill_chunk)
         except OutOfBlocks as err:
             self._retire(seq, FinishReason.ERROR, str(err), out_of_kv=True)
             return False
@@ -312,9 +326,37 @@ class DecodeLoop:
             log.exception("loading the prompt of %s failed", seq.request_id)
             self._retire(seq, FinishReason.ERROR, f"loading the prompt failed: {type(err).__name__}")
             return False
+        seq.table = fill.table
         with self.lock:
-            self.batcher.join(seq)
-        return True
+            if fill.finished:
+                self.batcher.join(seq)
+            else:
+                self.batcher.start_loading(seq, fill)
+        return fill.finished
+
+    def _recompute(self) -> list[DecodeSeq]:
+        """One chunk (``prefill_chunk`` tokens, all of them when 0) of the prompts being recomputed, oldest
+        first, so the running batch waits for a chunk, not a whole prompt; those it completes join (returned)."""
+        with self.lock:
+            loading = list(self.batcher.loading.values())
+        budget = self.prefill_chunk
+        joined = []
+        for seq, fill in loading:
+            try:
+                budget -= fill.run_chunk(self.runner, budget)
+                if fill.finished:
+                    self.transfer.finish_load(fill, seq.block_keys)
+            except Exception as err:
+                log.exception("recomputing the prompt of %s failed", seq.request_id)
+                self._retire(seq, FinishReason.ERROR, f"loading the prompt failed: {type(err).__name__}")
+                continue
+            if fill.finished:
+                with self.lock:
+                    self.batcher.join(seq)
+                joined.append(seq)
+            if self.prefill_chunk and budget <= 0:
+                break
+        return joined
 
     def _fail(self, plan: StepPlan, err: Exception) -> None:
         """The step failed: every sequence in it ends with an error, every job's future fails."""

@@ -373,7 +373,9 @@ class DecodeWorker:
         )
         layout = KVLayout.from_config(self.lm.config, self.lm.dtype, config.block_size)
         num_blocks = max(1, layout.blocks_in(config.kv_cache_bytes))
-        self.loop = DecodeLoop(self.lm, KVStore(config.redis_url), config.block_size, num_blocks).start()
+        self.loop = DecodeLoop(
+            self.lm, KVStore(config.redis_url), config.block_size, num_blocks, config.prefill_chunk
+        ).start()
         node_id = ray.get_runtime_context().get_node_id()
         host = config.host or _node_ip(node_id)
         self.server = grpc.server(

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field, replace
 
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 
+DEFAULT_PREFILL_CHUNK = 64  # prompt tokens per forward (``--prefill-chunk``): a cached request waits at most
+# this much of another prompt on the prefill worker (bench.prefix_cache, 2 in flight)
+
 
 @dataclass
 class WorkerConfig:
@@ -24,6 +27,8 @@ class WorkerConfig:
     secret: str = field(default="", repr=False)  # decode workers: callers of their service must send it
     quantization: str = "none"  # the paged engine's weights: none or int8 (engine/quant.py)
     device: str = "cpu"  # cpu or cuda (the launcher resolves auto, engine/device.py)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per forward (prefill, a decode worker's
+    # prompt recompute), other work running between chunks; 0: a whole prompt at once
 
     def same_but_secret(self, other: WorkerConfig) -> bool:
         return replace(self, secret="") == replace(other, secret="")

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 
 from smcserve.engine.block_manager import BlockManager, BlockTable
-from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
+from smcserve.engine.chunked_prefill import ChunkedPrefill
+from smcserve.engine.model_runner import ModelRunner
 from smcserve.kvstore.store import KVStore
 
 
@@ -34,38 +35,53 @@ class KVTransfer:
         self.stats = TransferStats()  # read under ``lock``
 
     def load(self, token_ids: list[int], keys: list[str]) -> BlockTable:
-        """A block table holding the KV of ``token_ids`` (whose chained keys are ``keys``).
+        """A block table holding the KV of ``token_ids`` (whose chained keys are ``keys``), any recompute
+        in one forward.
 
         Raises ``OutOfBlocks`` when the pool cannot hold it; on any failure nothing stays allocated.
         """
+        fill = self.start_load(token_ids, keys)
+        try:
+            fill.run_chunk(self.runner)
+            self.finish_load(fill, keys)
+        except BaseException:
+            with self.lock:
+                self.bm.free_table(fill.table)
+            raise
+        return fill.table
+
+    def start_load(self, token_ids: list[int], keys: list[str], chunk: int = 0) -> ChunkedPrefill:
+        """The prompt's leading blocks from the pool's prefix cache, else the store, and a slot for each of
+        the rest: what is left to recompute (``chunk`` tokens per forward; then :meth:`finish_load`).
+
+        Raises ``OutOfBlocks`` when the pool cannot hold it; on any failure nothing stays allocated.
+        """
+        bs, n = self.bm.block_size, len(token_ids)
         table = BlockTable()
         try:
-            self._load_into(table, token_ids, keys)
+            with self.lock:
+                while len(table.blocks) < len(keys) and (b := self.bm.lookup(keys[len(table.blocks)])) is not None:
+                    table.blocks.append(b)
+                self.stats.prompt_blocks_reused += len(table.blocks)
+            first_miss = len(table.blocks)
+            if first_miss < len(keys):
+                self.read_store(table, token_ids, keys, first_miss)
+            table.num_tokens = start = min(len(table.blocks) * bs, n)
+            if start < n:
+                with self.lock:
+                    self.stats.prompt_recomputes += 1
+                    for _ in range(start, n):
+                        self.bm.append_slot(table)
         except BaseException:
             with self.lock:
                 self.bm.free_table(table)
             raise
-        return table
+        return ChunkedPrefill(token_ids, table, start, chunk)
 
-    def _load_into(self, table: BlockTable, token_ids: list[int], keys: list[str]) -> None:
-        bs, n = self.bm.block_size, len(token_ids)
-        with self.lock:
-            while len(table.blocks) < len(keys) and (b := self.bm.lookup(keys[len(table.blocks)])) is not None:
-                table.blocks.append(b)
-            self.stats.prompt_blocks_reused += len(table.blocks)
-        first_miss = len(table.blocks)
-        if first_miss < len(keys):
-            self.read_store(table, token_ids, keys, first_miss)
-        loaded = len(table.blocks)
-        table.num_tokens = min(loaded * bs, n)
-        if table.num_tokens < n:
-            with self.lock:
-                self.stats.prompt_recomputes += 1
-                start = table.num_tokens
-                for _ in range(start, n):
-                    self.bm.append_slot(table)
-            self.runner.forward([SeqBatchItem(token_ids[start:], start, table.blocks)])
-            self.save(table, token_ids, keys, first=loaded)
+    def finish_load(self, fill: ChunkedPrefill, keys: list[str]) -> None:
+        """The recomputed blocks of a finished :meth:`start_load` into the store and the prefix cache."""
+        if fill.cached < len(fill.tokens):
+            self.save(fill.table, fill.tokens, keys, first=fill.cached // self.bm.block_size)
 
     def read_store(self, table: BlockTable, token_ids: list[int], keys: list[str], first: int) -> None:
         """Append blocks ``first..`` read from the store to ``table``, up to the first miss (or foreign KV)."""

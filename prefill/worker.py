@@ -1,8 +1,10 @@
-"""A prefill worker: the Ray actor around a :class:`~prefill.prefiller.Prefiller`."""
+"""A prefill worker: the Ray actor around a :class:`~prefill.prefiller.Prefiller` and its
+:class:`~prefill.queue.PrefillQueue` (prompts interleaved chunk by chunk)."""
 
 from __future__ import annotations
 
 import os
+import threading
 
 import ray
 
@@ -11,16 +13,19 @@ from smcserve.engine.kv import KVLayout
 from smcserve.engine.model import load_model
 from smcserve.engine.sampling import SamplingParams
 from smcserve.kvstore import KVStore
-from smcserve.prefill.prefiller import PrefillCancelled, Prefiller
+from smcserve.prefill.prefiller import Prefiller
+from smcserve.prefill.queue import PrefillQueue
 from smcserve.prefill.result import PrefillResult, PrefillStats
 
 MAX_CANCELLED = 4096
+MAX_QUEUED = 256  # prefill calls the worker takes in at once (into its queue); Ray holds the rest
 
 
-@ray.remote(concurrency_groups={"health": 1})
+@ray.remote(concurrency_groups={"health": 1, "prefill": MAX_QUEUED})
 class PrefillWorker:
     """Ray actor around a :class:`Prefiller`; its own prefix cache is ``config.kv_cache_bytes`` of KV.
-    Prefills run one at a time; ``ping`` answers from its own thread meanwhile (the scheduler's liveness check)."""
+    Each ``prefill`` call waits in its own thread while the queue's one thread computes the prompts, chunk
+    by chunk; ``ping`` answers from its own thread meanwhile (the scheduler's liveness check)."""
 
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
@@ -34,7 +39,11 @@ class PrefillWorker:
         )
         bs = config.block_size
         cache_blocks = KVLayout.from_config(self.lm.config, self.lm.dtype, bs).blocks_in(config.kv_cache_bytes)
-        self.prefiller = Prefiller(self.lm, KVStore(config.redis_url), bs, config.prefix_cache, cache_blocks)
+        self.prefiller = Prefiller(
+            self.lm, KVStore(config.redis_url), bs, config.prefix_cache, cache_blocks, chunk=config.prefill_chunk
+        )
+        self.queue = PrefillQueue(self.prefiller).start()
+        self.counters = threading.Lock()  # the counters below: prefill calls end in their own threads
         self.served = 0
         self.cancelled: set[str] = set()  # tickets of running prefills to stop (set from the health thread)
         self.tokens = 0
@@ -61,18 +70,20 @@ class PrefillWorker:
             self.cancelled.clear()
         self.cancelled.add(ticket)
 
+    @ray.method(concurrency_group="prefill")
     def prefill(self, token_ids: list[int], params: SamplingParams, ticket: str = "") -> PrefillResult | None:
         """None: cancelled (``cancel(ticket)``) before or while it ran."""
         try:
-            result = self.prefiller.prefill(token_ids, params, lambda: ticket in self.cancelled)
-        except PrefillCancelled:
-            return None
+            result = self.queue.submit(token_ids, params, lambda: ticket in self.cancelled).result()
         finally:
             self.cancelled.discard(ticket)
-        self.served += 1
-        self.tokens += len(token_ids) - result.cached_tokens
-        self.local_hit_blocks += result.local_hit_blocks
-        self.loaded_blocks += result.loaded_blocks
+        if result is None:
+            return None
+        with self.counters:
+            self.served += 1
+            self.tokens += len(token_ids) - result.cached_tokens
+            self.local_hit_blocks += result.local_hit_blocks
+            self.loaded_blocks += result.loaded_blocks
         return result
 
     @ray.method(concurrency_group="health")  # answers while a prefill runs

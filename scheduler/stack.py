@@ -81,6 +81,11 @@ class ServeConfig:
     worker_gpus: float = _field(0.0, "Ray GPU resource each worker reserves on CUDA; 0: one GPU shared by all")
     kv_cache: str = _field("1gb", "paged KV pool per worker (e.g. 512mb, 2gb); prefill: its prefix cache")
     prefix_cache: bool = _field(True, "the prefix cache: prefill reuses prompt blocks already in the KV store")
+    prefill_chunk: int = _field(
+        WorkerConfig.prefill_chunk,
+        "prompt tokens per forward; other prompts (prefill) and decode steps (a prompt recompute) run between "
+        "chunks; 0: a whole prompt at once",
+    )
     policy: str = _field("cache_global", "placement policy of the Conductor", choices=POLICY_NAMES)
     slo_ttft_ms: float = _field(0.0, "reject requests predicted to miss this TTFT; 0: off")
     slo_tbt_ms: float = _field(0.0, "reject requests predicted to miss this TBT; 0: off")
@@ -132,6 +137,8 @@ class Stack:
         from smcserve.prefill.worker import PrefillWorker
 
         cfg = self.config
+        if cfg.prefill_chunk < 0:
+            raise ValueError(f"--prefill-chunk: {cfg.prefill_chunk}; use 0 (off) or a number of tokens")
         model_path = resolve_model_path(cfg.model)  # fetch + convert once, before the workers start
         # ``auto`` is decided once, here, before Ray and the workers load the cores, and every worker
         # gets the concrete dtype: the KV block keys include it, so all workers must agree.
@@ -164,6 +171,7 @@ class Stack:
             threads=cfg.threads,
             kv_cache_bytes=parse_size(cfg.kv_cache),
             prefix_cache=cfg.prefix_cache,
+            prefill_chunk=cfg.prefill_chunk,
             quantization=cfg.quantization,
             device=self.device,
             host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"),
