@@ -4,9 +4,10 @@ Two styles over the trunk's last hidden state ``h0`` (before the final norm), sh
 embedding and unembedding (``lm_head``), each head one transformer block (a copy of the trunk's last
 layer as initialisation):
 
-- ``deepseek`` (DeepSeek-V3): depth k (1-based; the trunk is depth 0) at position p reads the previous depth's hidden state ``h_{k-1}[p]``
-  and the embedding of token ``x[p+k]`` (RMSNorm both, concat, project to d), runs its block and
-  predicts ``x[p+k+1]``. The causal chain is kept: each depth knows the tokens drafted before it.
+- ``deepseek`` (DeepSeek-V3): depth k (1-based; the trunk is depth 0) at position p reads the
+  previous depth's hidden state ``h_{k-1}[p]`` and the embedding of token ``x[p+k]`` (RMSNorm both,
+  concat, project to d), runs its block and predicts ``x[p+k+1]``. The causal chain is kept: each
+  depth knows the tokens drafted before it.
 - ``gloeckle`` (Gloeckle et al. 2024): head k reads ``h0`` alone and predicts ``x[p+k+1]``.
 
 The heads predict over a draft vocabulary, the corpus's most frequent tokens (``vocab``; as in

@@ -73,44 +73,41 @@ def trunk_hidden(lm: LoadedModel, tokens: list[int]) -> torch.Tensor:
     return seen[-1][0].float()
 
 
-@torch.no_grad()
 def generate_corpus(
     lm: LoadedModel, prompts: list[str], cfg: TrainConfig, progress: Callable[[int], None] = lambda n: None
 ) -> list[list[int]]:
-    """Prompt + sampled completion token lists, ``cfg.completions`` per prompt (batched HF generate)."""
+    """Prompt + sampled completion token lists, ``cfg.completions`` per prompt, decoded by the paged
+    engine in batches (seeded: the same config gives the same corpus)."""
+    from smcserve.engine.block_manager import BlockManager
+    from smcserve.engine.model_runner import ModelRunner
+    from smcserve.engine.sampling import SamplingParams
+    from smcserve.engine.speculative import SpecSeq, SpeculativeDecoder
+
     tok = lm.tokenizer
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    texts = []
+    ids = []
     for p in prompts:
         if getattr(tok, "chat_template", None):
-            texts.append(
-                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            )
+            enc = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+            ids.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
         else:
-            texts.append(p)
-    torch.manual_seed(cfg.seed)
+            ids.append(tok.encode(p))
+    jobs = [(p, c) for c in range(cfg.completions) for p in ids]
+    batch, block = 32, 16
+    longest = max(len(p) for p in ids) + cfg.max_tokens
+    num_blocks = batch * (-(-longest // block) + 1)
     out: list[list[int]] = []
-    batch = 8
-    for _ in range(cfg.completions):
-        for i in range(0, len(texts), batch):
-            enc = tok(texts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = lm.model.generate(
-                **enc,
-                do_sample=True,
-                temperature=cfg.temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=cfg.max_tokens,
-                pad_token_id=tok.pad_token_id,
+    for i in range(0, len(jobs), batch):
+        runner = ModelRunner(lm, num_blocks, block)
+        dec = SpeculativeDecoder(runner, BlockManager(num_blocks, block), None, 0, lm.eos_token_ids)
+        seqs = [
+            SpecSeq(
+                p, SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed + 7919 * c + n)
             )
-            for row, mask in zip(gen, enc["attention_mask"]):
-                ids = row[int((mask == 0).sum()) :].tolist()  # drop the left padding
-                while len(ids) > 1 and ids[-1] == tok.pad_token_id and ids[-2] == tok.pad_token_id:
-                    ids.pop()  # right padding after EOS (keep one EOS)
-                out.append(ids)
-            progress(len(texts[i : i + batch]))
+            for n, (p, c) in enumerate(jobs[i : i + batch], start=i)
+        ]
+        dec.generate(seqs)
+        out += [s.tokens for s in seqs]
+        progress(len(seqs))
     return out
 
 
