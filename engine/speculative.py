@@ -80,35 +80,40 @@ class SpecSeq:
 @torch.inference_mode()
 def forward_all(runner: ModelRunner, items: list[SeqBatchItem]) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every new token of every item (causal over its cached prefix, writing KV): logits [T, V]
-    and last hidden states [T, d], item after item."""
+    and last hidden states [T, d], item after item. Attention is one call per layer over the items'
+    slots, padded to the longest (as in the engine's decode step)."""
     bs = runner.block_size
-    spans, gathers, slots, positions = [], [], [], []
-    for it in items:
-        end = it.start + len(it.tokens)
+    B = len(items)
+    ends = [it.start + len(it.tokens) for it in items]
+    S, N = max(ends), max(len(it.tokens) for it in items)
+    gather = torch.zeros(B, S, dtype=torch.long)
+    qpos = torch.full((B, N), -1, dtype=torch.long)  # each query row's position (-1: padding)
+    for b, it in enumerate(items):
         table = torch.tensor(it.blocks, dtype=torch.long)
-        pos = torch.arange(end)
-        gather = table[pos // bs] * bs + pos % bs
-        gathers.append(gather)
-        slots.append(gather[it.start :])
-        positions.append(torch.arange(it.start, end))
-        spans.append(len(it.tokens))
-    positions_t = torch.cat(positions)
+        pos = torch.arange(ends[b])
+        gather[b, : ends[b]] = table[pos // bs] * bs + pos % bs
+        qpos[b, : len(it.tokens)] = torch.arange(it.start, ends[b])
+    real = qpos >= 0
+    rows = real.view(-1).nonzero().squeeze(1)  # flat [B * N] index of each new token, item after item
+    mask = torch.arange(S)[None, None, :] <= qpos[:, :, None]
+    mask[:, :, 0] |= ~real  # a padding row attends to slot 0 (no NaN; discarded)
+    mask = mask[:, None]  # [B, 1, N, S]
+    positions = qpos[real]
+    slots = gather.gather(1, qpos.clamp(min=0))[real]
+    H, D = runner.layout.num_kv_heads, runner.layout.head_dim
+    flat = gather.view(-1)
 
     def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [T, Hq, D]
-        out, off = [], 0
-        for n, gather, pos in zip(spans, gathers, positions):
-            k = runner.k_cache[layer][gather].transpose(0, 1)[None]
-            v = runner.v_cache[layer][gather].transpose(0, 1)[None]
-            causal = torch.arange(gather.numel())[None, :] <= pos[:, None]
-            o = F.scaled_dot_product_attention(
-                q[off : off + n].transpose(0, 1)[None], k, v, attn_mask=causal, enable_gqa=True
-            )
-            out.append(o[0].transpose(0, 1).reshape(n, -1))
-            off += n
-        return torch.cat(out)
+        k = runner.k_cache[layer].view(-1, H * D)[flat].view(B, S, H, D).transpose(1, 2)
+        v = runner.v_cache[layer].view(-1, H * D)[flat].view(B, S, H, D).transpose(1, 2)
+        qp = q.new_zeros(B * N, *q.shape[1:])
+        qp[rows] = q
+        qp = qp.view(B, N, *q.shape[1:]).transpose(1, 2)  # [B, Hq, N, D]
+        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, enable_gqa=True)
+        return o.transpose(1, 2).reshape(B * N, -1)[rows]
 
     tokens = torch.tensor([t for it in items for t in it.tokens])
-    x = runner.trunk(tokens, positions_t, torch.cat(slots), attend)
+    x = runner.trunk(tokens, positions, slots, attend)
     return runner.head(runner.norm(x)).float(), x
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="mtp_command", required=True)
-    t = sub.add_parser("train", help="self-distil MTP heads for the model (resumable)")
+    t = parser
+    t.add_argument("action", choices=["train"], help="train: self-distil MTP heads for the model (resumable)")
     from smcserve.engine.mtp import DEFAULT_DEPTHS, DEFAULT_WINDOW, STYLES
     from smcserve.engine.mtp_train import TrainConfig
 

@@ -158,3 +158,19 @@ def test_training_step_memory_is_one_heads_logits(tiny):
         [round(p / logits_bytes, 2) for p in naive],
     )
     assert naive[2] - naive[0] > 2 * logits_bytes, [p / logits_bytes for p in naive]  # negative control
+
+
+def test_cli_trains_and_resumes(tiny, tiny_model_dir, tmp_path, capsys):
+    """``smcserve mtp train`` on the tiny model: the shipped prompts, a corpus, a checkpoint, heads that load."""
+    import json
+
+    from smcserve.entrypoints.cli import main
+
+    argv = ["mtp", "train", "--model", str(tiny_model_dir), "--steps", "2", "--batch", "2", "--seq-len", "16"]
+    argv += ["--max-tokens", "4", "--work", str(tmp_path / "w"), "--output", str(tmp_path / "h.safetensors")]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["steps"] == 2 and len(report["loss_per_depth"]) == 3 and report["corpus_tokens"] > 80 * 4
+    assert load_heads(tiny, tmp_path / "h.safetensors").spec.depths == 3
+    assert main([*argv[:5], "3", *argv[6:]]) == 0  # resumes at step 2 from the checkpoint, corpus reused
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
