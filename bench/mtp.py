@@ -56,13 +56,14 @@ def _side_by_side(lm, heads, k, prompts, max_tokens, max_batch, at_once) -> tupl
     """Plain and MTP runs in ABBA order, the faster of each pair (a shared CPU's load drifts); the ratio
     plain / MTP and the MTP decoder of the last run."""
     times: dict[bool, list[float]] = {False: [], True: []}
-    ref = None
+    ref, last = None, None
     for spec in (False, True, True, False):
         t, dec, out = _run(lm, heads if spec else None, k if spec else 0, prompts, max_tokens, max_batch, at_once)
         ref = out if ref is None else ref
         assert out == ref, "speculative greedy output differs from plain decoding"
         times[spec].append(t)
-        last = dec if spec else locals().get("last")
+        if spec:
+            last = dec
     return min(times[False]) / min(times[True]), last
 
 
