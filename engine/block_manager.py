@@ -106,6 +106,15 @@ class BlockManager:
         table.blocks.clear()
         table.num_tokens = 0
 
+    def truncate(self, table: BlockTable, num_tokens: int) -> None:
+        """Keep the first ``num_tokens`` slots of ``table`` (dropping rejected speculative tokens), releasing
+        the blocks past them."""
+        keep = self.blocks_for(num_tokens)
+        for b in table.blocks[keep:]:
+            self._release(b)
+        del table.blocks[keep:]
+        table.num_tokens = min(table.num_tokens, num_tokens)
+
     def append_slot(self, table: BlockTable) -> tuple[int, tuple[int, int] | None]:
         """Make room for one more token; returns (flat slot, (src, dst) block copy to do first or None)."""
         pos = table.num_tokens

@@ -195,6 +195,20 @@ class ModelRunner:
         attend: Callable[[int, torch.Tensor], torch.Tensor],
         last: list[int] | None,
     ) -> torch.Tensor:
+        x = self.trunk(tokens, positions, slots, attend)
+        if last is not None:
+            x = x[last]
+        return self.head(self.norm(x)).float()
+
+    def trunk(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        attend: Callable[[int, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Every layer over ``tokens`` (writing their KV at ``slots``): the last hidden states [T, d] (before the
+        final norm)."""
         T = tokens.shape[0]
         H, D = self.layout.num_kv_heads, self.layout.head_dim
         x = self.embed(tokens)
@@ -216,6 +230,4 @@ class ModelRunner:
             x = x + self.o_proj[i](attend(i, q))
             gate, up = self.gate_up[i](layer.post_attention_layernorm(x)).chunk(2, -1)
             x = x + self.down_proj[i](layer.mlp.act_fn(gate) * up)
-        if last is not None:
-            x = x[last]
-        return self.head(self.norm(x)).float()
+        return x

@@ -104,6 +104,12 @@ def _steer_arguments(t: argparse.ArgumentParser) -> None:
     t.set_defaults(func=steer.run)
 
 
+def _mtp_arguments(m: argparse.ArgumentParser) -> None:
+    from smcserve.entrypoints import mtp
+
+    mtp.add_arguments(m)
+
+
 def _bench_arguments(b: argparse.ArgumentParser) -> None:
     from smcserve.loadtest.runner import add_arguments, bench_main
 
@@ -143,6 +149,7 @@ COMMANDS = {
         "potential).",
     ),
     "info": Command("show the served model and the workers' state", _info_arguments),
+    "mtp": Command("train multi-token-prediction heads for self-speculative decoding", _mtp_arguments),
     "bench": Command("load-test a running server (vLLM-style metrics, JSON, plots)", _bench_arguments),
 }
 

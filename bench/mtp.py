@@ -1,0 +1,112 @@
+"""Self-speculative decoding with MTP heads against plain decoding, side by side in one run.
+
+    python -m bench.mtp [--model M] [--styles deepseek gloeckle] [--k 3] [--max-tokens 64]
+
+Greedy decoding of the held-out instruction prompts (``engine/mtp_prompts.json``, never trained on)
+on one paged engine: single stream (one prompt at a time), 16 and 64 sequences at once; each
+configuration with and without MTP in ABBA order, the ratio of the faster wall times is the speedup
+(with the default ``--max-batch 16``, 64 sequences decode plainly: the fall-back). Prints ONE JSON object:
+the first style's figures at the top level and every style's under ``styles`` (heads from
+``smcserve mtp train``; a style without heads is reported as missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from smcserve.engine.block_manager import BlockManager
+from smcserve.engine.model import load_model
+from smcserve.engine.model_runner import ModelRunner
+from smcserve.engine.mtp import load_heads, read_metadata
+from smcserve.engine.mtp_train import instruction_prompts
+from smcserve.engine.sampling import SamplingParams
+from smcserve.engine.speculative import SpecSeq, SpeculativeDecoder
+
+
+def _prompts(lm, n: int) -> list[list[int]]:
+    tok, out = lm.tokenizer, []
+    texts = instruction_prompts("heldout")
+    for i in range(n):
+        enc = tok.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}], add_generation_prompt=True)
+        out.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+    return out
+
+
+def _run(lm, heads, k, prompts, max_tokens, max_batch, at_once) -> tuple[float, SpeculativeDecoder, list]:
+    """Wall seconds to decode ``prompts`` (``at_once`` at a time) and the decoder (its stats)."""
+    longest = max(len(p) for p in prompts) + max_tokens + 8
+    blocks = at_once * (-(-longest // 16) + 1)
+    dec = SpeculativeDecoder(
+        ModelRunner(lm, blocks, 16), BlockManager(blocks, 16), heads, k, lm.eos_token_ids, max_batch
+    )
+    outs, t0 = [], time.perf_counter()
+    for i in range(0, len(prompts), at_once):
+        seqs = [SpecSeq(p, SamplingParams(temperature=0.0, max_tokens=max_tokens)) for p in prompts[i : i + at_once]]
+        outs += dec.generate(seqs)
+        for s in seqs:
+            dec.bm.free_table(s.table)
+    return time.perf_counter() - t0, dec, outs
+
+
+def _side_by_side(lm, heads, k, prompts, max_tokens, max_batch, at_once) -> tuple[float, SpeculativeDecoder]:
+    """Plain and MTP runs in ABBA order, the faster of each pair (a shared CPU's load drifts); the ratio
+    plain / MTP and the MTP decoder of the last run."""
+    times: dict[bool, list[float]] = {False: [], True: []}
+    ref, last = None, None
+    for spec in (False, True, True, False):
+        t, dec, out = _run(lm, heads if spec else None, k if spec else 0, prompts, max_tokens, max_batch, at_once)
+        ref = out if ref is None else ref
+        assert out == ref, "speculative greedy output differs from plain decoding"
+        times[spec].append(t)
+        if spec:
+            last = dec
+    return min(times[False]) / min(times[True]), last
+
+
+def measure(lm, heads, k: int, max_tokens: int, single: int, max_batch: int) -> dict:
+    prompts = _prompts(lm, 64)
+    out: dict = {}
+    speedup, dec = _side_by_side(lm, heads, k, prompts[:single], max_tokens, max_batch, 1)
+    out["mean_accepted_length"] = round(dec.stats.mean_accepted_length, 3)
+    out["acceptance_per_depth"] = [round(a, 3) for a in dec.stats.acceptance_per_depth]
+    out["single_stream_speedup"] = round(speedup, 3)
+    for n in (16, 64):
+        out[f"batch{n}_speedup"] = round(_side_by_side(lm, heads, k, prompts[:n], max_tokens, max_batch, n)[0], 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--styles", nargs="+", default=["deepseek", "gloeckle"])
+    ap.add_argument("--k", type=int, default=3, help="drafted tokens per step")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--single", type=int, default=8, help="prompts decoded one at a time")
+    ap.add_argument("--max-batch", type=int, default=16, help="speculate up to this many running sequences")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    lm = load_model(args.model, "float32", args.threads)
+    result: dict = {"model": lm.name, "k": args.k, "threads": torch.get_num_threads(), "styles": {}}
+    for style in args.styles:
+        try:
+            heads = load_heads(lm, style=style)
+        except FileNotFoundError as err:
+            result["styles"][style] = {"missing": str(err)}
+            continue
+        info = read_metadata(heads_file := lm.path / "mtp" / f"{style}.safetensors")["info"]
+        r = measure(lm, heads, min(args.k, heads.spec.depths), args.max_tokens, args.single, args.max_batch)
+        r["train_minutes"] = round(float(info.get("train_minutes", 0.0)), 2)
+        r["train_steps"] = info.get("steps")
+        r["heads"] = str(heads_file)
+        result["styles"][style] = r
+    first = next((r for r in result["styles"].values() if "missing" not in r), {})
+    result = {**{k: v for k, v in first.items() if k not in ("heads", "train_steps")}, **result}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

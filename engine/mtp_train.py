@@ -1,0 +1,352 @@
+"""Self-distillation of MTP heads (``smcserve mtp train``).
+
+1. The served model samples its own corpus from the instruction prompts shipped in
+   ``engine/mtp_prompts.json`` (the ``train`` set; ``heldout`` is for measuring).
+2. The trunk runs once over each sequence under ``no_grad``; its last hidden states are cached
+   (``corpus.safetensors`` in the work folder, so a resumed run skips steps 1 and 2).
+3. The heads train on random windows of the cache, one head at a time (:func:`train_step`).
+
+A checkpoint (heads and optimiser) is written every ``checkpoint_every`` steps; a run with the same
+work folder resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smcserve.engine.model import LoadedModel
+from smcserve.engine.mtp import MTPHeads, MTPSpec, block_forward, save_heads, weights_fingerprint, window_mask
+
+
+def instruction_prompts(split: str = "train") -> list[str]:
+    """The shipped instruction prompts: ``train`` (the corpus) or ``heldout`` (benchmarks)."""
+    data = json.loads(resources.files("smcserve.engine").joinpath("mtp_prompts.json").read_text())
+    return list(data[split])
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch: int = 8  # windows per step
+    seq_len: int = 64  # tokens per window
+    lr: float = 1e-3
+    completions: int = 2  # sampled completions per training prompt
+    max_tokens: int = 160  # tokens per completion
+    temperature: float = 0.8
+    seed: int = 0
+    checkpoint_every: int = 50
+    draft_vocab: int = 8192  # the corpus's most frequent tokens the heads draft from (0: the whole vocabulary)
+    minutes: float = 0.0  # > 0: stop (after a checkpoint) once this much training time has passed
+
+
+# --- corpus ----------------------------------------------------------------------------------------
+def _capture_last_hidden(model: nn.Module) -> tuple[list[torch.Tensor], Callable[[], None]]:
+    """Record the output of the trunk's last layer (the hidden state before the final norm)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, out):
+        seen.append(out[0] if isinstance(out, tuple) else out)
+
+    handle = model.model.layers[-1].register_forward_hook(hook)
+    return seen, handle.remove
+
+
+@torch.no_grad()
+def trunk_hidden(lm: LoadedModel, tokens: list[int]) -> torch.Tensor:
+    """The trunk's last hidden states [T, d] (fp32) over ``tokens``."""
+    seen, remove = _capture_last_hidden(lm.model)
+    try:
+        lm.model(torch.tensor([tokens]), use_cache=False)
+    finally:
+        remove()
+    return seen[-1][0].float()
+
+
+def generate_corpus(
+    lm: LoadedModel, prompts: list[str], cfg: TrainConfig, progress: Callable[[int], None] = lambda n: None
+) -> list[list[int]]:
+    """Prompt + sampled completion token lists, ``cfg.completions`` per prompt, decoded by the paged
+    engine in batches (seeded: the same config gives the same corpus)."""
+    from smcserve.engine.block_manager import BlockManager
+    from smcserve.engine.model_runner import ModelRunner
+    from smcserve.engine.sampling import SamplingParams
+    from smcserve.engine.speculative import SpecSeq, SpeculativeDecoder
+
+    tok = lm.tokenizer
+    ids = []
+    for p in prompts:
+        if getattr(tok, "chat_template", None):
+            enc = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+            ids.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+        else:
+            ids.append(tok.encode(p))
+    jobs = [(p, c) for c in range(cfg.completions) for p in ids]
+    batch, block = 32, 16
+    longest = max(len(p) for p in ids) + cfg.max_tokens
+    num_blocks = batch * (-(-longest // block) + 1)
+    out: list[list[int]] = []
+    for i in range(0, len(jobs), batch):
+        runner = ModelRunner(lm, num_blocks, block)
+        dec = SpeculativeDecoder(runner, BlockManager(num_blocks, block), None, 0, lm.eos_token_ids)
+        seqs = [
+            SpecSeq(
+                p, SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed + 7919 * c + n)
+            )
+            for n, (p, c) in enumerate(jobs[i : i + batch], start=i)
+        ]
+        dec.generate(seqs)
+        out += [s.tokens for s in seqs]
+        progress(len(seqs))
+    return out
+
+
+@dataclass
+class Corpus:
+    tokens: list[torch.Tensor]  # [T] per sequence
+    hidden: list[torch.Tensor]  # [T, d] trunk last hidden states per sequence
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {}
+        for i, (t, h) in enumerate(zip(self.tokens, self.hidden)):
+            state[f"t{i}"], state[f"h{i}"] = t.contiguous(), h.contiguous()
+        save_file(state, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Corpus:
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+        n = len(state) // 2
+        return cls([state[f"t{i}"] for i in range(n)], [state[f"h{i}"] for i in range(n)])
+
+    def frequent_tokens(self, n: int) -> torch.Tensor:
+        """The ``n`` most frequent token ids of the corpus."""
+        ids, counts = torch.cat(self.tokens).unique(return_counts=True)
+        return ids[counts.argsort(descending=True, stable=True)[:n]]
+
+    def windows(self, rng: random.Random, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch`` random windows: (hidden [B, T, d], tokens [B, T]) from sequences at least T long."""
+        long = [i for i, t in enumerate(self.tokens) if len(t) >= seq_len]
+        hs, ts = [], []
+        for _ in range(batch):
+            i = rng.choice(long)
+            s = rng.randrange(len(self.tokens[i]) - seq_len + 1)
+            hs.append(self.hidden[i][s : s + seq_len])
+            ts.append(self.tokens[i][s : s + seq_len])
+        return torch.stack(hs), torch.stack(ts)
+
+
+def build_corpus(lm: LoadedModel, prompts: list[str], cfg: TrainConfig, progress=lambda n: None) -> Corpus:
+    seqs = generate_corpus(lm, prompts, cfg, progress)
+    return Corpus([torch.tensor(s) for s in seqs], [trunk_hidden(lm, s) for s in seqs])
+
+
+# --- one training step -------------------------------------------------------------------------------
+def depth_targets(tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth ``k`` (0-based) at position p reads ``x[p+k+1]`` and predicts ``x[p+k+2]``: (inputs, targets)."""
+    T = tokens.shape[1]
+    return tokens[:, k + 1 : T], tokens[:, k + 2 :]
+
+
+def train_step(
+    heads: MTPHeads,
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    trunk_tail: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    head_by_head: bool = True,
+) -> list[float]:
+    """Accumulate the gradients of one step; return each depth's mean cross-entropy.
+
+    ``hidden`` [B, T, d] are the cached trunk hidden states, or, with ``trunk_tail`` (fine-tuning the
+    last trunk layers), that tail's inputs. The order follows Gloeckle et al.: the trunk output z is
+    detached into d, each head runs forward and backward alone (only one head's logits and their
+    gradient exist at a time), then one backward through the trunk with the gradient gathered in d.
+    Between deepseek depths the hidden state is detached too. ``head_by_head=False`` is the naive
+    order (every head's logits alive, one backward), kept as the memory test's negative control.
+    """
+    z = trunk_tail(hidden) if trunk_tail is not None else hidden
+    d = z.detach().requires_grad_(trunk_tail is not None)
+    mask = window_mask(tokens.shape[1], heads.spec.window)
+    prev, losses, total = d, [], []
+    for k in range(heads.spec.depths):
+        inputs, targets = depth_targets(tokens, k)
+        n = inputs.shape[1]
+        h = heads.depth_hidden(k, prev[:, :n], inputs, mask[..., :n, :n])
+        logits = heads.logits(k, h[:, : targets.shape[1]])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), heads.vocab_index(targets).reshape(-1))
+        losses.append(loss.item())
+        if head_by_head:
+            loss.backward()
+        else:
+            total.append(loss)
+        del logits, loss
+        if heads.spec.style == "deepseek":
+            prev = h.detach()
+    if not head_by_head:
+        sum(total).backward()
+    if trunk_tail is not None:
+        z.backward(d.grad)
+    return losses
+
+
+@torch.no_grad()
+def depth_losses(heads: MTPHeads, hidden: torch.Tensor, tokens: torch.Tensor) -> list[float]:
+    """Each depth's mean cross-entropy on a batch of windows (no gradients)."""
+    mask = window_mask(tokens.shape[1], heads.spec.window)
+    prev, losses = hidden, []
+    for k in range(heads.spec.depths):
+        inputs, targets = depth_targets(tokens, k)
+        n = inputs.shape[1]
+        h = heads.depth_hidden(k, prev[:, :n], inputs, mask[..., :n, :n])
+        logits = heads.logits(k, h[:, : targets.shape[1]])
+        target = heads.vocab_index(targets).reshape(-1)
+        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target).item())
+        if heads.spec.style == "deepseek":
+            prev = h
+    return losses
+
+
+def trunk_tail_fn(model: nn.Module, layers: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The trunk's last ``layers`` layers as a function of their input hidden states (causal, for fine-tuning)."""
+    inner = model.model
+
+    def tail(x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        cos, sin = inner.rotary_emb(x, torch.arange(T)[None])
+        mask = window_mask(T, T)
+        for layer in inner.layers[-layers:]:
+            x = block_forward(layer, x, cos[:, :, None], sin[:, :, None], mask)
+        return x
+
+    return tail
+
+
+# --- the training run --------------------------------------------------------------------------------
+def _save_checkpoint(path: Path, heads: MTPHeads, opt: torch.optim.Optimizer, step: int, meta: dict) -> None:
+    """Heads and AdamW moments as safetensors (never a pickle); step and identity in the metadata."""
+    from safetensors.torch import save_file
+
+    state = {f"heads.{k}": v.detach().float().contiguous() for k, v in heads.state_dict().items()}
+    names = dict(heads.named_parameters())
+    by_id = {id(p): n for n, p in names.items()}
+    for p, s in opt.state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[f"opt.{by_id[id(p)]}.{key}"] = s[key].contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(state, tmp, metadata={"step": str(step), **meta})
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, heads: MTPHeads, opt: torch.optim.Optimizer, meta: dict) -> int:
+    """The step the checkpoint at ``path`` reached (0 when absent or made for another model/spec)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return 0
+    with safe_open(path, framework="pt") as f:
+        saved = f.metadata() or {}
+    if any(saved.get(k) != v for k, v in meta.items()):
+        return 0
+    state = load_file(path)
+    heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
+    heads.set_vocab(heads.vocab)
+    step = int(saved["step"])
+    for name, p in heads.named_parameters():
+        if f"opt.{name}.exp_avg" in state:
+            opt.state[p] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": state[f"opt.{name}.exp_avg"],
+                "exp_avg_sq": state[f"opt.{name}.exp_avg_sq"],
+            }
+    return step
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    steps: int
+    losses: list[float]  # per depth, mean over the last steps
+    train_minutes: float  # wall time of this run: corpus, cache and training
+    corpus_tokens: int
+
+
+def train(
+    lm: LoadedModel,
+    spec: MTPSpec,
+    cfg: TrainConfig,
+    work: Path,
+    output: Path | None = None,
+    prompts: list[str] | None = None,
+    show_progress: bool = True,
+    corpus: Corpus | None = None,
+) -> TrainResult:
+    """Self-distil ``spec``'s heads for ``lm`` (resumable through ``work``) and save them (``output``
+    or the model's ``mtp/<style>.safetensors``). ``corpus``: train on this one instead of sampling one."""
+    from tqdm import tqdm
+
+    t0 = time.monotonic()
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = instruction_prompts("train") if prompts is None else prompts
+    fp = weights_fingerprint(lm)
+    corpus_path = work / f"corpus-{fp}-{cfg.completions}x{cfg.max_tokens}-{cfg.seed}.safetensors"
+    if corpus is not None:
+        pass
+    elif corpus_path.is_file():
+        corpus = Corpus.load(corpus_path)
+    else:
+        with tqdm(total=len(prompts) * cfg.completions, desc="corpus", unit="seq", disable=not show_progress) as bar:
+            corpus = build_corpus(lm, prompts, cfg, bar.update)
+        corpus.save(corpus_path)
+    lm.model.requires_grad_(False)  # the trunk (and the shared embedding and unembedding) stays frozen
+    heads = MTPHeads(lm.model, spec).float()
+    heads.requires_grad_(True)
+    if cfg.draft_vocab:
+        heads.set_vocab(corpus.frequent_tokens(cfg.draft_vocab))
+    heads.train()
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
+    meta = {"fingerprint": fp, "spec": json.dumps(spec.__dict__), "seed": str(cfg.seed)}
+    ckpt = work / f"checkpoint-{spec.style}.safetensors"
+    start = _load_checkpoint(ckpt, heads, opt, meta)
+    rng = random.Random(cfg.seed * 1_000_003 + start)
+    seq_len = min(cfg.seq_len, max(len(t) for t in corpus.tokens))
+    ema: list[float] = []
+    step = start
+    with tqdm(total=cfg.steps, initial=start, desc=f"mtp {spec.style}", disable=not show_progress) as bar:
+        for step in range(start + 1, cfg.steps + 1):
+            for g in opt.param_groups:  # cosine decay
+                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            hidden, tokens = corpus.windows(rng, cfg.batch, seq_len)
+            opt.zero_grad(set_to_none=True)
+            losses = train_step(heads, hidden, tokens)
+            torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
+            opt.step()
+            ema = losses if not ema else [0.9 * e + 0.1 * v for e, v in zip(ema, losses)]
+            bar.set_postfix({f"loss{k + 1}": f"{v:.2f}" for k, v in enumerate(ema)})
+            bar.update(1)
+            stop = cfg.minutes > 0 and time.monotonic() - t0 > cfg.minutes * 60
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
+                _save_checkpoint(ckpt, heads, opt, step, meta)
+            if stop:
+                break
+    minutes = (time.monotonic() - t0) / 60
+    heads.eval()
+    path = save_heads(heads, lm, output, steps=step, losses=ema, train_minutes=minutes, corpus_tokens=corpus.num_tokens)
+    return TrainResult(path, step, ema, minutes, corpus.num_tokens)

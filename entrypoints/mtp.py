@@ -1,0 +1,71 @@
+"""``smcserve mtp train``: self-distil the served model's MTP heads (engine/mtp_train.py) and save them
+next to the converted model (``<model dir>/mtp/<style>.safetensors``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    t = parser
+    t.add_argument("action", choices=["train"], help="train: self-distil MTP heads for the model (resumable)")
+    from smcserve.engine.mtp import DEFAULT_DEPTHS, DEFAULT_WINDOW, STYLES
+    from smcserve.engine.mtp_train import TrainConfig
+
+    d = TrainConfig()
+    t.add_argument("--model", default=None, help="the default model, or a local Hugging Face model directory")
+    t.add_argument(
+        "--style", choices=STYLES, default="deepseek", help="deepseek: chained depths; gloeckle: heads on h0"
+    )
+    t.add_argument("--depths", type=int, default=DEFAULT_DEPTHS, help="extra prediction depths (drafts per step)")
+    t.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="positions a head's block attends over")
+    t.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (a resumed run continues to this many)")
+    t.add_argument("--batch", type=int, default=d.batch, help="windows per step")
+    t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per window")
+    t.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (cosine decay)")
+    t.add_argument("--completions", type=int, default=d.completions, help="sampled completions per training prompt")
+    t.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens per sampled completion")
+    t.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help="tokens the heads draft from; 0: all")
+    t.add_argument("--minutes", type=float, default=d.minutes, help="stop after this much wall time; 0: no limit")
+    t.add_argument("--seed", type=int, default=d.seed, help="seed of the corpus and the windows")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    t.add_argument("--work", type=Path, default=None, help="corpus and checkpoint folder (default: MODEL/mtp/work)")
+    t.add_argument("--output", type=Path, default=None, help="heads file (default: MODEL/mtp/STYLE.safetensors)")
+    t.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    from smcserve.engine.model import load_model
+    from smcserve.engine.mtp import MTPSpec
+    from smcserve.engine.mtp_train import TrainConfig, train
+
+    lm = load_model(args.model, "float32", args.threads)
+    spec = MTPSpec(args.style, args.depths, args.window)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        completions=args.completions,
+        max_tokens=args.max_tokens,
+        draft_vocab=args.draft_vocab,
+        minutes=args.minutes,
+        seed=args.seed,
+    )
+    result = train(lm, spec, cfg, args.work or lm.path / "mtp" / "work", args.output)
+    print(
+        json.dumps(
+            {
+                "heads": str(result.path),
+                "style": spec.style,
+                "depths": spec.depths,
+                "steps": result.steps,
+                "loss_per_depth": [round(v, 3) for v in result.losses],
+                "corpus_tokens": result.corpus_tokens,
+                "train_minutes": round(result.train_minutes, 2),
+            }
+        )
+    )
+    return 0

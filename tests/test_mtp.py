@@ -1,0 +1,176 @@
+"""MTP heads (engine/mtp.py) and their self-distillation (engine/mtp_train.py), on the tiny random Llama."""
+
+from __future__ import annotations
+
+import shutil
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from smcserve.engine.model import load_model
+from smcserve.engine.mtp import HeadsMismatch, MTPHeads, MTPSpec, load_heads, save_heads
+from smcserve.engine.mtp_train import (
+    Corpus,
+    TrainConfig,
+    depth_losses,
+    generate_corpus,
+    train,
+    train_step,
+    trunk_hidden,
+    trunk_tail_fn,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir), "float32")
+
+
+@pytest.fixture(scope="module")
+def tiny8(tmp_path_factory):
+    """The 8-token tiny Llama (tests/tiny_vocab.py): small enough to learn a pattern in seconds."""
+    from tiny_vocab import build_tiny_llama
+
+    return load_model(str(build_tiny_llama(tmp_path_factory.mktemp("tiny8"), seed=3)), "float32")
+
+
+def pattern_corpus(lm, n: int = 12, length: int = 40, seed: int = 0) -> Corpus:
+    """Periodic sequences (period 3 over the 8 tokens): the tokens two and three ahead are learnable."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for _ in range(n):
+        period = torch.randint(1, 8, (3,), generator=g).tolist()
+        seqs.append((period * length)[:length])
+    return Corpus([torch.tensor(s) for s in seqs], [trunk_hidden(lm, s) for s in seqs])
+
+
+def test_heads_roundtrip_and_refuse_other_weights(tiny, tiny_model_dir, tmp_path):
+    for style in ("deepseek", "gloeckle"):
+        heads = MTPHeads(tiny.model, MTPSpec(style, depths=3, window=8))
+        assert not any(p is tiny.model.lm_head.weight for p in heads.parameters())  # shared, not owned
+        path = save_heads(heads, tiny, tmp_path / f"{style}.safetensors")
+        back = load_heads(tiny, path)
+        assert back.spec == heads.spec
+        for (name, a), b in zip(heads.state_dict().items(), back.state_dict().values()):
+            assert torch.equal(a, b), name
+        h0 = torch.randn(2, 5, tiny.config.hidden_size)
+        toks = torch.randint(0, 100, (2, 5))
+        valid = torch.ones(2, 5, dtype=torch.bool)
+        drafts = back.draft(h0, toks, valid, lambda k, logits: logits.argmax(-1))
+        assert len(drafts) == 2 and all(len(d) == 3 for d in drafts)
+    # other weights: a copy of the model with one weight changed
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    lm2 = load_model(str(other), "float32")
+    with torch.no_grad():
+        lm2.model.model.norm.weight.add_(1.0)
+    lm2.model.save_pretrained(other)
+    lm2 = load_model(str(other), "float32")
+    with pytest.raises(HeadsMismatch, match="trained for other model weights"):
+        load_heads(lm2, tmp_path / "deepseek.safetensors")
+    with pytest.raises(FileNotFoundError, match="smcserve mtp train"):
+        load_heads(lm2)
+
+
+def test_generate_corpus_samples_the_model(tiny):
+    cfg = TrainConfig(completions=1, max_tokens=6)
+    seqs = generate_corpus(tiny, ["Say hi.", "Count to three please."], cfg)
+    assert len(seqs) == 2
+    prompt = tiny.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True)
+    prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    assert seqs[0][: len(prompt)] == list(prompt) and len(prompt) < len(seqs[0]) <= len(prompt) + 6
+
+
+@pytest.mark.parametrize("style", ["deepseek", "gloeckle"])
+def test_training_learns_and_resumes(tiny8, tmp_path, style):
+    tiny = tiny8
+    corpus = pattern_corpus(tiny)
+    spec = MTPSpec(style, depths=2, window=8)
+    cfg = TrainConfig(steps=30, batch=8, seq_len=24, lr=1e-2, checkpoint_every=10)
+    heads0 = MTPHeads(tiny.model, spec)
+    hidden, tokens = corpus.windows(__import__("random").Random(1), 8, 24)
+    before = depth_losses(heads0, hidden, tokens)
+    first = train(tiny, spec, cfg, tmp_path / "work", tmp_path / "h.safetensors", show_progress=False, corpus=corpus)
+    assert first.steps == 30
+    heads = load_heads(tiny, first.path)
+    after = depth_losses(heads, hidden, tokens)
+    assert all(a < 0.5 * b for a, b in zip(after, before)), (before, after)
+    # resumable: a longer run with the same work folder starts from the checkpoint at step 30
+    cfg.steps = 40
+    second = train(tiny, spec, cfg, tmp_path / "work", tmp_path / "h.safetensors", show_progress=False, corpus=corpus)
+    assert second.steps == 40 and second.train_minutes < first.train_minutes * 10
+
+
+class PeakLiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by live tensors (distinct storages) produced by any op, backward included."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: list[weakref.ref] = []
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.refs.extend(weakref.ref(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        live: dict[int, int] = {}
+        alive = []
+        for r in self.refs:
+            t = r()
+            if t is not None:
+                alive.append(r)
+                s = t.untyped_storage()
+                live[s.data_ptr()] = s.nbytes()
+        self.refs = alive
+        self.peak = max(self.peak, sum(live.values()))
+        return out
+
+
+def test_training_step_memory_is_one_heads_logits(tiny):
+    """Fine-tuning the last trunk layer with 1, 2, 4 heads: head by head, the peak grows by much less
+    than one head's logits per head (O(V + d)); the naive order (all heads' logits alive) grows by at
+    least one logits tensor per head (O(nV + d)) and fails the same bound."""
+    B, T = 2, 48
+    V = tiny.config.vocab_size
+    logits_bytes = B * T * V * 4
+    hidden = torch.randn(B, T, tiny.config.hidden_size)
+    tokens = torch.randint(0, V, (B, T))
+
+    def peak(n: int, head_by_head: bool) -> int:
+        heads = MTPHeads(tiny.model, MTPSpec("gloeckle", depths=n, window=T))
+        tail = trunk_tail_fn(tiny.model, 1)
+        with PeakLiveBytes() as m:
+            train_step(heads, hidden, tokens, tail, head_by_head=head_by_head)
+        assert tiny.model.model.layers[-1].mlp.down_proj.weight.grad is not None  # the trunk got its gradient
+        tiny.model.zero_grad(set_to_none=True)
+        return m.peak
+
+    ours = [peak(n, True) for n in (1, 2, 4)]
+    naive = [peak(n, False) for n in (1, 2, 4)]
+    assert ours[0] > logits_bytes  # the measurement sees the logits
+    assert ours[2] - ours[0] < 0.5 * logits_bytes, [p / logits_bytes for p in ours]
+    print(
+        "peak in logits tensors, head by head:",
+        [round(p / logits_bytes, 2) for p in ours],
+        "naive:",
+        [round(p / logits_bytes, 2) for p in naive],
+    )
+    assert naive[2] - naive[0] > 2 * logits_bytes, [p / logits_bytes for p in naive]  # negative control
+
+
+def test_cli_trains_and_resumes(tiny, tiny_model_dir, tmp_path, capsys):
+    """``smcserve mtp train`` on the tiny model: the shipped prompts, a corpus, a checkpoint, heads that load."""
+    import json
+
+    from smcserve.entrypoints.cli import main
+
+    argv = ["mtp", "train", "--model", str(tiny_model_dir), "--steps", "2", "--batch", "2", "--seq-len", "16"]
+    argv += ["--max-tokens", "4", "--work", str(tmp_path / "w"), "--output", str(tmp_path / "h.safetensors")]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["steps"] == 2 and len(report["loss_per_depth"]) == 3 and report["corpus_tokens"] > 80 * 4
+    assert load_heads(tiny, tmp_path / "h.safetensors").spec.depths == 3
+    assert main([*argv[:5], "3", *argv[6:]]) == 0  # resumes at step 2 from the checkpoint, corpus reused
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
