@@ -87,6 +87,20 @@ class Prefiller:
         if not 0 < n <= self.max_prompt_tokens:
             raise ValueError(f"prompt: {n} tokens; the prefill pool holds 1 to {self.max_prompt_tokens}")
 
+    def reusable_keys(self, token_ids: list[int]) -> list[str]:
+        """Keys of the prompt's leading whole blocks that :meth:`start` may take from a cache."""
+        if not self.prefix_cache:
+            return []
+        bs = self.bm.block_size
+        return chain_keys(self.lm.fingerprint, token_ids[: (len(token_ids) - 1) // bs * bs], bs)
+
+    def computing_keys(self, job: PrefillJob) -> list[str]:
+        """Keys of the whole blocks a started job computes (in the worker's cache once it finished)."""
+        if not self.prefix_cache:
+            return []
+        bs = self.bm.block_size
+        return job.keys[job.fill.cached // bs : len(job.fill.tokens) // bs]
+
     def start(self, token_ids: list[int], params: SamplingParams) -> PrefillJob | None:
         """Reserve the prompt's blocks: its leading whole blocks from the worker's cache, else the store; a
         slot for each of the rest. None (nothing held) when the pool cannot hold it next to the prompts

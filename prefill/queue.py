@@ -6,6 +6,10 @@ pool holds them. Each :meth:`PrefillQueue.step` runs one chunk: of the started p
 tokens left (so two long prompts still run one after the other, not side by side, which would delay
 both), except that the oldest one runs after ``MAX_OVERTAKES`` chunks of others in a row, so it keeps a
 share of the worker however many short ones arrive. A cancelled prompt stops before its next chunk.
+
+A prompt whose leading blocks a started prompt is computing waits until that one finished (its blocks are
+then in the worker's cache): two prompts in flight with one new prefix compute it once, as they would one
+after the other.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class PrefillRequest:
     token_ids: list[int]
     params: SamplingParams
     cancelled: Callable[[], bool]
+    reusable_keys: list[str]  # keys of its leading whole blocks that a cache may hold
     future: Future = field(default_factory=Future)  # its PrefillResult; None when cancelled
     job: PrefillJob | None = None  # once started
 
@@ -59,7 +64,7 @@ class PrefillQueue:
         """Queue a prompt; its future gets the :class:`PrefillResult`, None if ``cancelled()`` turned True
         before it finished, or the error. A prompt too long for the pool raises ``ValueError`` here."""
         self.prefiller.check(token_ids)
-        req = PrefillRequest(token_ids, params, cancelled)
+        req = PrefillRequest(token_ids, params, cancelled, self.prefiller.reusable_keys(token_ids))
         with self.lock:
             self.waiting.append(req)
             self.wakeup.notify()
@@ -100,31 +105,36 @@ class PrefillQueue:
         return True
 
     def _start_waiting(self) -> None:
-        while True:
-            with self.lock:
-                if not self.waiting:
-                    return
-                req = self.waiting[0]  # only this thread takes from the queue: it stays the head
-            if req.cancelled():
-                job = None
-            else:
+        """Start the waiting prompts in arrival order while the pool holds them, passing over (for now) each
+        one that shares a block with what a started prompt is computing."""
+        with self.lock:
+            waiting = list(self.waiting)
+        computing = {k for r in self.running for k in self.prefiller.computing_keys(r.job)}
+        for req in waiting:
+            job = None
+            if not req.cancelled():
+                if any(k in computing for k in req.reusable_keys):
+                    continue
                 try:
                     job = self.prefiller.start(req.token_ids, req.params)
                 except Exception as err:
-                    with self.lock:
-                        self.waiting.popleft()
+                    self._take(req)
                     req.future.set_exception(err)
                     continue
                 if job is None:  # the pool is full: it starts once a running prompt finished
                     assert self.running, "an empty pool holds any prompt the prefiller accepts"
                     return
-            with self.lock:
-                self.waiting.popleft()
+            self._take(req)
             if job is None:
                 req.future.set_result(None)
                 continue
             req.job = job
             self.running.append(req)
+            computing.update(self.prefiller.computing_keys(job))
+
+    def _take(self, req: PrefillRequest) -> None:
+        with self.lock:
+            self.waiting.remove(req)
 
     def _pick(self) -> PrefillRequest:
         oldest = self.running[0]

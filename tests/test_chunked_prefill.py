@@ -166,6 +166,37 @@ def test_a_cancelled_prompt_stops_before_its_next_chunk_and_frees_its_blocks(tin
     assert not any(queue.prefiller.store.contains(chain_keys(tiny.fingerprint, A, 16)))
 
 
+def test_a_prompt_sharing_a_prefix_in_progress_waits_for_it_and_reuses_its_blocks(tiny, redis_url):
+    """Two prompts in flight with one new 64-token prefix compute it once; an unrelated one is not held."""
+    prefiller = Prefiller(tiny, KVStore(redis_url, key_prefix="t-queue-shared:"), 16, chunk=16)
+    queue = PrefillQueue(prefiller)
+    seen = record_forwards(prefiller.runner, [A, B, *SHORT, A[:64] + B[:20]])
+    first = queue.submit(A, GREEDY)
+    assert queue.step() and seen == [(1000, 0, 16)]
+    second = queue.submit(A[:64] + B[:20], GREEDY)  # fewer tokens left than the first: it would run next
+    other = queue.submit(SHORT[0], GREEDY)
+    run_all(queue)
+    a = [(1000, s, 16) for s in range(0, 96, 16)] + [(1000, 96, 4)]
+    assert seen == [a[0], (2000, 0, 10), *a[1:], (3000 - 64, 64, 16), (3016 - 80, 80, 4)]  # B[:20] at 64
+    assert second.result().cached_tokens == 64 and other.result() is not None and first.result() is not None
+    assert prefiller.bm.stats()["kv_blocks_in_use"] == 0
+
+
+def test_a_prompt_held_for_a_shared_prefix_computes_it_when_that_prompt_is_cancelled(tiny, redis_url):
+    prefiller = Prefiller(tiny, KVStore(redis_url, key_prefix="t-queue-shared-cancel:"), 16, chunk=16)
+    queue = PrefillQueue(prefiller)
+    stop = {"first": False}
+    first = queue.submit(A, GREEDY, lambda: stop["first"])
+    queue.step()
+    second = queue.submit(A[:64] + B[:20], GREEDY)
+    queue.step()  # the second is held: another chunk of the first runs
+    assert prefiller.computing_keys(queue.running[0].job) and len(queue.running) == 1
+    stop["first"] = True
+    run_all(queue)
+    assert first.result() is None and second.result().cached_tokens == 0
+    assert prefiller.bm.stats()["kv_blocks_in_use"] == 0
+
+
 # --- a decode worker's prompt recompute ------------------------------------------------------------------
 def test_a_prompt_recompute_on_a_decode_worker_runs_a_chunk_per_step_beside_the_batch(tiny, redis_url):
     store = KVStore(redis_url, key_prefix="t-recompute:")
