@@ -150,7 +150,9 @@ class ModelRunner:
         table = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.long, device=dev)
         gather = (table[:, :, None] * self.block_size + self.arange_block).view(len(items), -1)[:, :max_len]
         valid = torch.arange(max_len, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
-        mask = valid[:, None, None, :]  # [B, 1, 1, S]
+        # additive, in the query's dtype, made once for every layer (SDPA would convert a bool mask per layer)
+        mask = torch.zeros(valid.shape, dtype=self.lm.dtype, device=dev).masked_fill_(~valid, float("-inf"))
+        mask = mask[:, None, None, :]  # [B, 1, 1, S]
         positions = torch.tensor([it.start for it in items], device=dev)
         slots = gather[torch.arange(len(items), device=dev), positions]
 
@@ -223,8 +225,12 @@ class ModelRunner:
             v = qkv[:, q_size + kv_size :].view(T, H, D)
             if hasattr(attn, "q_norm"):  # qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
+            else:  # Q and K rotated together: the same elementwise ops, half the calls
+                qk = qkv[:, : q_size + kv_size].view(T, self.num_heads + H, D)
+                qk = qk * cos + _rotate_half(qk) * sin
+                q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
             self.k_cache[i][slots] = k
             self.v_cache[i][slots] = v
             x = x + self.o_proj[i](attend(i, q))
