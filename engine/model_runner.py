@@ -21,6 +21,11 @@ from smcserve.engine.model import LoadedModel
 from smcserve.engine.quant import make_linear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+# Forwards of at most this many tokens (decode batches) run their small elementwise ops (norms, rotary,
+# residuals, activation, KV writes) on one thread and only GEMMs and attention on all: waking a sleeping
+# OpenMP thread (OMP_WAIT_POLICY=passive, or a busy machine) costs ~60 us, 15x such an op at batch 64.
+# Elementwise results do not depend on the thread count, so the logits are unchanged.
+SERIAL_MAX_TOKENS = 256
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +155,9 @@ class ModelRunner:
         table = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.long, device=dev)
         gather = (table[:, :, None] * self.block_size + self.arange_block).view(len(items), -1)[:, :max_len]
         valid = torch.arange(max_len, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
-        mask = valid[:, None, None, :]  # [B, 1, 1, S]
+        # additive, in the query's dtype, made once for every layer (SDPA would convert a bool mask per layer)
+        mask = torch.zeros(valid.shape, dtype=self.lm.dtype, device=dev).masked_fill_(~valid, float("-inf"))
+        mask = mask[:, None, None, :]  # [B, 1, 1, S]
         positions = torch.tensor([it.start for it in items], device=dev)
         slots = gather[torch.arange(len(items), device=dev), positions]
 
@@ -215,19 +222,41 @@ class ModelRunner:
         cos, sin = self.rotary(x, positions[None])
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
         q_size, kv_size = self.num_heads * D, H * D
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            qkv = self.qkv[i](layer.input_layernorm(x))
-            q = qkv[:, :q_size].view(T, self.num_heads, D)
-            k = qkv[:, q_size : q_size + kv_size].view(T, H, D)
-            v = qkv[:, q_size + kv_size :].view(T, H, D)
-            if hasattr(attn, "q_norm"):  # qwen3
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            self.k_cache[i][slots] = k
-            self.v_cache[i][slots] = v
-            x = x + self.o_proj[i](attend(i, q))
-            gate, up = self.gate_up[i](layer.post_attention_layernorm(x)).chunk(2, -1)
-            x = x + self.down_proj[i](layer.mlp.act_fn(gate) * up)
+        threads = torch.get_num_threads()
+        serial = T <= SERIAL_MAX_TOKENS and threads > 1 and self.device.type == "cpu"
+
+        def wide(f, *args):  # a GEMM or attention on every thread; with ``serial``, the ops between on one
+            if not serial:
+                return f(*args)
+            torch.set_num_threads(threads)
+            try:
+                return f(*args)
+            finally:
+                torch.set_num_threads(1)
+
+        if serial:
+            torch.set_num_threads(1)
+        try:
+            for i, layer in enumerate(self.layers):
+                attn = layer.self_attn
+                qkv = wide(self.qkv[i], layer.input_layernorm(x))
+                q = qkv[:, :q_size].view(T, self.num_heads, D)
+                k = qkv[:, q_size : q_size + kv_size].view(T, H, D)
+                v = qkv[:, q_size + kv_size :].view(T, H, D)
+                if hasattr(attn, "q_norm"):  # qwen3
+                    q, k = attn.q_norm(q), attn.k_norm(k)
+                    q = q * cos + _rotate_half(q) * sin
+                    k = k * cos + _rotate_half(k) * sin
+                else:  # Q and K rotated together: the same elementwise ops, half the calls
+                    qk = qkv[:, : q_size + kv_size].view(T, self.num_heads + H, D)
+                    qk = qk * cos + _rotate_half(qk) * sin
+                    q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+                self.k_cache[i][slots] = k
+                self.v_cache[i][slots] = v
+                x = x + wide(self.o_proj[i], wide(attend, i, q))
+                gate, up = wide(self.gate_up[i], layer.post_attention_layernorm(x)).chunk(2, -1)
+                x = x + wide(self.down_proj[i], layer.mlp.act_fn(gate) * up)
+        finally:
+            if serial:
+                torch.set_num_threads(threads)
         return x

@@ -75,19 +75,28 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
-    """Draw one token per row of ``logits`` [B, V]: inverse CDF (float64) with one seeded uniform per row."""
+    """Draw one token per row of ``logits`` [B, V]: inverse CDF (float64) with one seeded uniform per row.
+
+    Batched over the rows: argmax over the greedy rows only, one division by the rows' temperatures
+    (none when every temperature is 1), top-k/top-p row by row only where asked. Bit for bit the
+    draws of :func:`sample_token` on each row alone (tests/test_sampling_batched.py).
+    """
     logits = logits.float()
-    out = torch.argmax(logits, dim=-1)
+    out = torch.zeros(len(params), dtype=torch.long, device=logits.device)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
     rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    if greedy:
+        out[greedy] = torch.argmax(logits if len(greedy) == len(params) else logits[greedy], dim=-1)
     if rows:
-        scaled = torch.stack(
-            [
-                _filter(logits[i], params[i])
-                if params[i].top_k or params[i].top_p < 1.0
-                else logits[i] / params[i].temperature
-                for i in rows
-            ]
-        )
+        scaled = logits if len(rows) == len(params) else logits[rows]
+        temps = [params[i].temperature for i in rows]
+        if any(t != 1.0 for t in temps):  # x / 1.0 is x exactly: no pass over the batch for T = 1
+            scaled = scaled / torch.tensor(temps, dtype=scaled.dtype, device=scaled.device)[:, None]
+        filtered = [j for j, i in enumerate(rows) if params[i].top_k or params[i].top_p < 1.0]
+        if filtered:
+            scaled = scaled.clone() if scaled is logits else scaled
+            for j in filtered:
+                scaled[j] = _filter(logits[rows[j]], params[rows[j]])
         u = [seeded_uniform(params[i].seed, positions[i]) for i in rows]
         u = torch.tensor(u, dtype=torch.float64, device=logits.device)
         out[rows] = inverse_cdf(torch.softmax(scaled.double(), dim=-1), u.unsqueeze(1)).squeeze(1)
@@ -103,7 +112,7 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     probs = probs.double()
     cdf = torch.cumsum(probs, dim=-1)
     idx = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True)
-    last_positive = probs.shape[-1] - 1 - torch.argmax((probs.flip(-1) > 0).to(torch.int8), dim=-1)
+    last_positive = probs.shape[-1] - 1 - torch.argmax((probs > 0).flip(-1).view(torch.int8), dim=-1)
     return torch.minimum(idx, last_positive.unsqueeze(1))
 
 
