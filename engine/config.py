@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 
+DEFAULT_SPECULATIVE_MAX_BATCH = 16  # running sequences above which a step decodes plainly (bench.mtp)
 DEFAULT_PREFILL_CHUNK = 64  # prompt tokens per forward (``--prefill-chunk``): a cached request waits at most
 # this much of another prompt on the prefill worker (bench.prefix_cache, 2 in flight)
 
@@ -29,6 +30,10 @@ class WorkerConfig:
     device: str = "cpu"  # cpu or cuda (the launcher resolves auto, engine/device.py)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per forward (prefill, a decode worker's
     # prompt recompute), other work running between chunks; 0: a whole prompt at once
+    speculative: str = ""  # decode workers: "mtp" (self-speculative decoding with the model's MTP heads) or off
+    mtp_style: str = "deepseek"  # the heads' style: MODEL/mtp/STYLE.safetensors
+    num_speculative_tokens: int = 3  # drafts per step and sequence (≤ the heads' depths)
+    speculative_max_batch: int = DEFAULT_SPECULATIVE_MAX_BATCH  # above this many running sequences: plain steps
 
     def same_but_secret(self, other: WorkerConfig) -> bool:
         return replace(self, secret="") == replace(other, secret="")
