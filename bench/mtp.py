@@ -5,7 +5,8 @@
 Greedy decoding of the held-out instruction prompts (``engine/mtp_prompts.json``, never trained on)
 on one paged engine: single stream (one prompt at a time), 16 and 64 sequences at once; each
 configuration with and without MTP in ABBA order, the ratio of the faster wall times is the speedup
-(with the default ``--max-batch 16``, 64 sequences decode plainly: the fall-back). Prints ONE JSON object:
+(with the default ``--max-batch``, 8 as in ``smcserve serve``, 16 and 64 sequences decode plainly: the
+fall-back). Prints ONE JSON object:
 the first style's figures at the top level and every style's under ``styles`` (heads from
 ``smcserve mtp train``; a style without heads is reported as missing).
 
@@ -75,6 +76,9 @@ def _side_by_side(lm, heads, k, prompts, max_tokens, max_batch, at_once) -> tupl
     return min(times[False]) / min(times[True]), last
 
 
+TARGET_LENGTH = 1.8  # issue 13's target mean accepted length with 3 depths
+
+
 def step_cost_ratios(lm, heads, k: int, batches: list[int], reps: int) -> dict[int, float]:
     """Speculative step time / plain decode step time at each batch size (held-out prompts, KV in place)."""
     prompts = _prompts(lm, max(batches))
@@ -122,7 +126,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3, help="drafted tokens per step")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--single", type=int, default=8, help="prompts decoded one at a time")
-    ap.add_argument("--max-batch", type=int, default=16, help="speculate up to this many running sequences")
+    ap.add_argument(
+        "--max-batch", type=int, default=DEFAULT_SPECULATIVE_MAX_BATCH, help="speculate up to this many sequences"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cost-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--reps", type=int, default=5, help="steps timed per batch size and kind (the fastest counts)")
@@ -144,6 +150,7 @@ def main() -> None:
         r["fallback"] = {
             "step_cost_ratio": ratios,
             "pays_up_to_batch": max([b for b, x in ratios.items() if length and x < length], default=0),
+            "pays_up_to_batch_at_target_1.8": max([b for b, x in ratios.items() if x < TARGET_LENGTH], default=0),
             "serve_default": DEFAULT_SPECULATIVE_MAX_BATCH,
         }
         r["train_minutes"] = round(float(info.get("train_minutes", 0.0)), 2)

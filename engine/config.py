@@ -6,7 +6,9 @@ from dataclasses import dataclass, field, replace
 
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 
-DEFAULT_SPECULATIVE_MAX_BATCH = 16  # running sequences above which a step decodes plainly (bench.mtp)
+DEFAULT_SPECULATIVE_MAX_BATCH = 8  # running sequences above which a step decodes plainly: bench.mtp's
+# step_cost_ratio (speculative step ÷ plain step, k = 3) is ≤ 1.54 up to 8 and ≥ 2.39 from 16, so heads of
+# the target mean accepted length 1.8 pay up to 8 (measured on 2 shared vCPUs, see README)
 DEFAULT_PREFILL_CHUNK = 64  # prompt tokens per forward (``--prefill-chunk``): a cached request waits at most
 # this much of another prompt on the prefill worker (bench.prefix_cache, 2 in flight)
 

@@ -240,15 +240,17 @@ class SpeculativeDecoder:
     def step(self, seqs: list[SpecSeq]) -> None:
         """One verify step for ``seqs`` (each has its next token decided, its KV one token behind)."""
         speculate = self.spec is not None and len(seqs) <= self.max_batch
-        spec = [s for s in seqs if speculate and s.speculate]
+        spec = [s for s in seqs if speculate and s.speculate and s.hidden is not None]
         drafts: dict[int, Draft] = {}
         if spec:
             made = self.spec.draft([(s.hidden, s.tokens, s.params, self.spec.k) for s in spec])
             drafts = {id(s): d for s, d in zip(spec, made)}
         none = Draft([])
         items = [self._append(s.table, [s.output[-1], *drafts.get(id(s), none).tokens]) for s in seqs]
-        if self.spec is None:  # plain decoding: the engine's decode forward
+        if not speculate:  # plain decoding: the engine's decode forward; the windows start again after it
             logits, hidden = self.runner.forward(items), None
+            for s in seqs:
+                s.hidden = None
         else:  # the heads need the trunk's hidden states for later steps
             logits, hidden = self.runner.forward_all(items)
         row = 0
@@ -260,7 +262,8 @@ class SpeculativeDecoder:
                 accepted, new = 0, [self._sample(logits[row], s, len(s.tokens))]
             self.bm.truncate(s.table, item.start + accepted + 1)  # roll back the rejected drafts' slots
             if hidden is not None:
-                s.hidden = torch.cat([s.hidden, hidden[row : row + accepted + 1]])[-self._window() :]
+                kept = hidden[row : row + accepted + 1]
+                s.hidden = (kept if s.hidden is None else torch.cat([s.hidden, kept]))[-self._window() :]
             self._emit(s, new)
             if s.done:  # drafts accepted past the end keep no slots
                 self.bm.truncate(s.table, len(s.tokens) - 1)
