@@ -5,9 +5,17 @@
 Greedy decoding of the held-out instruction prompts (``engine/mtp_prompts.json``, never trained on)
 on one paged engine: single stream (one prompt at a time), 16 and 64 sequences at once; each
 configuration with and without MTP in ABBA order, the ratio of the faster wall times is the speedup
-(with the default ``--max-batch 16``, 64 sequences decode plainly: the fall-back). Prints ONE JSON object:
+(with the default ``--max-batch``, 8 as in ``smcserve serve``, 16 and 64 sequences decode plainly: the
+fall-back). Prints ONE JSON object:
 the first style's figures at the top level and every style's under ``styles`` (heads from
 ``smcserve mtp train``; a style without heads is reported as missing).
+
+``fallback`` decides ``smcserve serve --speculative-max-batch``: at each batch size B, the wall time of
+a speculative step (drafting k tokens per sequence and the forward over k+1 positions each) over that of
+a plain decode step (one position each), ``step_cost_ratio``, both on the same sequences (the fastest
+of ``--reps`` each, alternated). A speculative step yields ``mean_accepted_length`` tokens per sequence
+where a plain one yields 1, so speculation pays at B while ratio(B) < mean_accepted_length:
+``pays_up_to_batch`` is the largest such B (0: none).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import time
 import torch
 
 from smcserve.engine.block_manager import BlockManager
+from smcserve.engine.config import DEFAULT_SPECULATIVE_MAX_BATCH
 from smcserve.engine.model import load_model
 from smcserve.engine.model_runner import ModelRunner
 from smcserve.engine.mtp import load_heads, read_metadata
@@ -67,6 +76,37 @@ def _side_by_side(lm, heads, k, prompts, max_tokens, max_batch, at_once) -> tupl
     return min(times[False]) / min(times[True]), last
 
 
+TARGET_LENGTH = 1.8  # issue 13's target mean accepted length with 3 depths
+
+
+def step_cost_ratios(lm, heads, k: int, batches: list[int], reps: int) -> dict[int, float]:
+    """Speculative step time / plain decode step time at each batch size (held-out prompts, KV in place)."""
+    prompts = _prompts(lm, max(batches))
+    out = {}
+    for B in batches:
+        blocks = B * (-(-(max(len(p) for p in prompts[:B]) + k + 8) // 16) + 1)
+        dec = SpeculativeDecoder(ModelRunner(lm, blocks, 16), BlockManager(blocks, 16), heads, k, lm.eos_token_ids, B)
+        seqs = [SpecSeq(p, SamplingParams(temperature=0.0, max_tokens=k + 2)) for p in prompts[:B]]
+        dec.prefill_many(seqs)  # prompt KV, first token, hidden states
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(reps):
+            for spec in (False, True):
+                starts = [s.table.num_tokens for s in seqs]
+                t0 = time.perf_counter()
+                if spec:
+                    drafts = dec.spec.draft([(s.hidden, s.tokens, s.params, k) for s in seqs])
+                    items = [dec._append(s.table, [s.output[-1], *d.tokens]) for s, d in zip(seqs, drafts)]
+                    dec.runner.forward_all(items)[0].argmax(-1)
+                else:
+                    items = [dec._append(s.table, [s.output[-1]]) for s in seqs]
+                    dec.runner.forward(items).argmax(-1)
+                times[spec].append(time.perf_counter() - t0)
+                for s, n in zip(seqs, starts):
+                    dec.bm.truncate(s.table, n)
+        out[B] = round(min(times[True]) / min(times[False]), 3)
+    return out
+
+
 def measure(lm, heads, k: int, max_tokens: int, single: int, max_batch: int) -> dict:
     prompts = _prompts(lm, 64)
     out: dict = {}
@@ -86,8 +126,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3, help="drafted tokens per step")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--single", type=int, default=8, help="prompts decoded one at a time")
-    ap.add_argument("--max-batch", type=int, default=16, help="speculate up to this many running sequences")
+    ap.add_argument(
+        "--max-batch", type=int, default=DEFAULT_SPECULATIVE_MAX_BATCH, help="speculate up to this many sequences"
+    )
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cost-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument("--reps", type=int, default=5, help="steps timed per batch size and kind (the fastest counts)")
+    ap.add_argument("--no-speedups", action="store_true", help="only the step costs (fallback), no decoding runs")
     args = ap.parse_args()
     lm = load_model(args.model, "float32", args.threads)
     result: dict = {"model": lm.name, "k": args.k, "threads": torch.get_num_threads(), "styles": {}}
@@ -98,7 +143,16 @@ def main() -> None:
             result["styles"][style] = {"missing": str(err)}
             continue
         info = read_metadata(heads_file := lm.path / "mtp" / f"{style}.safetensors")["info"]
-        r = measure(lm, heads, min(args.k, heads.spec.depths), args.max_tokens, args.single, args.max_batch)
+        k = min(args.k, heads.spec.depths)
+        r = {} if args.no_speedups else measure(lm, heads, k, args.max_tokens, args.single, args.max_batch)
+        ratios = step_cost_ratios(lm, heads, k, args.cost_batches, args.reps)
+        length = r.get("mean_accepted_length")
+        r["fallback"] = {
+            "step_cost_ratio": ratios,
+            "pays_up_to_batch": max([b for b, x in ratios.items() if length and x < length], default=0),
+            "pays_up_to_batch_at_target_1.8": max([b for b, x in ratios.items() if x < TARGET_LENGTH], default=0),
+            "serve_default": DEFAULT_SPECULATIVE_MAX_BATCH,
+        }
         r["train_minutes"] = round(float(info.get("train_minutes", 0.0)), 2)
         r["train_steps"] = info.get("steps")
         r["heads"] = str(heads_file)

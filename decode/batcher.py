@@ -64,6 +64,13 @@ class Batch:
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write, before the forward
     seqs: list[DecodeSeq] = field(default_factory=list)  # rows 0 .. len(seqs) - 1
     jobs: list[tuple[ExtendJob, int, int]] = field(default_factory=list)  # (job, first row, rows)
+    drafts: dict = field(default_factory=dict)  # request id → engine.speculative.Draft (speculative steps)
+    hidden: Any = None  # speculative steps: the trunk's last hidden states, a row per new token
+
+    @property
+    def rows(self) -> int:
+        """Logits rows of the forward (a sequence's drafts add rows of their own)."""
+        return sum(len(it.tokens) for it in self.items)
 
 
 @dataclass
@@ -94,6 +101,11 @@ def append_slots(
             copies.append(copy)
         items.append(SeqBatchItem([token], start, table.blocks))
     return items
+
+
+def merge_items(items: list[SeqBatchItem]) -> SeqBatchItem:
+    """One sequence's consecutive one-token items as one item (its token and drafts, one forward row each)."""
+    return SeqBatchItem([t for it in items for t in it.tokens], items[0].start, items[-1].blocks)
 
 
 class Batcher:
@@ -196,12 +208,27 @@ class Batcher:
         self.loading.pop(seq.request_id, None)
         self.active[seq.request_id] = seq
 
-    def allocate(self, seqs: list[DecodeSeq], jobs: list[ExtendJob]) -> Batch:
-        """A slot for each sequence's and each job's next token. A sequence the pool cannot extend
-        retires (out of KV); a job that does not fit fails its future; the rest make the batch."""
+    def allocate(self, seqs: list[DecodeSeq], jobs: list[ExtendJob], drafts: dict | None = None) -> Batch:
+        """A slot for each sequence's and each job's next token (and each of a sequence's ``drafts``, by request
+        id: dropped when they do not fit). A sequence the pool cannot extend retires (out of KV); a job that
+        does not fit fails its future; the rest make the batch."""
         batch = Batch()
         full: list[tuple[DecodeSeq, OutOfBlocks]] = []
         for seq in seqs:
+            draft = (drafts or {}).get(seq.request_id)
+            if draft is not None and draft.tokens:
+                start = seq.table.num_tokens
+                try:
+                    tokens = [seq.output_ids[-1], *draft.tokens]
+                    batch.items += append_slots(self.bm, [seq.table] * len(tokens), tokens, batch.copies)
+                except OutOfBlocks:  # no room for the drafts: the token alone (copies made so far are kept)
+                    self.bm.truncate(seq.table, start)
+                    del batch.items[len(batch.seqs) :]
+                else:
+                    batch.items[len(batch.seqs) :] = [merge_items(batch.items[len(batch.seqs) :])]
+                    batch.seqs.append(seq)
+                    batch.drafts[seq.request_id] = draft
+                    continue
             try:
                 batch.items += append_slots(self.bm, [seq.table], [seq.output_ids[-1]], batch.copies)
                 batch.seqs.append(seq)
@@ -213,7 +240,7 @@ class Batcher:
             except OutOfBlocks as err:
                 job.future.set_exception(err)
                 continue
-            batch.jobs.append((job, len(batch.items), len(job_items)))
+            batch.jobs.append((job, batch.rows, len(job_items)))
             batch.items += job_items
         for seq, err in full:
             self.retire(seq, FinishReason.ERROR, str(err), out_of_kv=True)

@@ -12,6 +12,7 @@ only queue work (:meth:`submit`, :meth:`abort`, :meth:`call`, :meth:`extend`) an
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -21,14 +22,16 @@ from typing import Any
 
 import torch
 
-from smcserve.decode.batcher import Batcher, ExtendJob, Reservation, StepPlan, append_slots
+from smcserve.decode.batcher import Batch, Batcher, ExtendJob, Reservation, StepPlan, append_slots
 from smcserve.decode.sequence import DecodeSeq
+from smcserve.decode.speculation import Speculation
 from smcserve.engine.block_manager import BlockManager, BlockTable, OutOfBlocks
 from smcserve.engine.config import DEFAULT_PREFILL_CHUNK
 from smcserve.engine.finish import FinishReason
 from smcserve.engine.model import LoadedModel
 from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
 from smcserve.engine.sampling import TokenLogprob, sample_tokens, token_logprobs
+from smcserve.engine.speculative import SpecStats
 from smcserve.kvstore import KVStore
 from smcserve.kvstore.transfer import KVTransfer
 
@@ -68,6 +71,7 @@ class DecodeStats:
     batched_tokens: int
     max_batch_size: int
     particles_imported: int
+    spec: SpecStats | None = None  # --speculative mtp: drafts made and accepted
 
 
 class DecodeLoop:
@@ -83,11 +87,14 @@ class DecodeLoop:
         block_size: int,
         num_blocks: int,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        speculation: Speculation | None = None,
     ):
-        """``prefill_chunk``: prompt tokens recomputed per step (a prompt not in the store); 0: a whole prompt."""
+        """``prefill_chunk``: prompt tokens recomputed per step (a prompt not in the store); 0: a whole prompt.
+        ``speculation``: self-speculative decoding of plain requests (``--speculative mtp``)."""
         self.lm = lm
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
+        self.speculation = speculation
         self.bm = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(lm, num_blocks, block_size)
         self.lock = threading.Lock()  # guards bm, batcher, calls and every counter
@@ -175,6 +182,7 @@ class DecodeLoop:
                 batched_tokens=self.batched_tokens,
                 max_batch_size=self.max_batch_size,
                 particles_imported=self.particles_imported,
+                spec=copy.deepcopy(self.speculation.speculator.stats) if self.speculation else None,
             )
 
     # --- the particle groups' interface (decode.host.ParticleHost); loop thread --------------------
@@ -255,11 +263,27 @@ class DecodeLoop:
         joined += self._recompute()
         if not (plan.running or joined or plan.jobs):
             return None
+        drafts = self._drafts(plan.running + joined, plan.jobs)
         with self.lock:
-            plan.batch = self.batcher.allocate(plan.running + joined, plan.jobs)
+            plan.batch = self.batcher.allocate(plan.running + joined, plan.jobs, drafts)
         for src, dst in plan.batch.copies:
             self.runner.copy_block(src, dst)
-        return self.runner.forward(plan.batch.items) if plan.batch.items else None
+        if not plan.batch.items:
+            return None
+        if drafts is None:
+            return self.runner.forward(plan.batch.items)
+        logits, plan.batch.hidden = self.runner.forward_all(plan.batch.items)  # a row per token and draft
+        return logits
+
+    def _drafts(self, seqs: list[DecodeSeq], jobs: list[ExtendJob]) -> dict | None:
+        """With speculation: the step's drafts by request id (decode/speculation.py); None: a plain step."""
+        if self.speculation is None:
+            return None
+        try:
+            return self.speculation.drafts(seqs, len(seqs) + sum(len(j.tables) for j in jobs))
+        except Exception:  # drafting is an optimisation: the step goes on without drafts
+            log.exception("drafting failed")
+            return {}
 
     def postprocess(self, plan: StepPlan, logits: torch.Tensor | None) -> None:
         """Hand the jobs their rows, sample a token for every sequence, stream it, retire the finished."""
@@ -278,6 +302,9 @@ class DecodeLoop:
         seqs = batch.seqs
         if not seqs:
             return
+        if batch.hidden is not None:
+            self._postprocess_speculative(batch, logits)
+            return
         with self.lock:
             try:
                 tokens = sample_tokens(logits[: len(seqs)], [s.params for s in seqs], [s.num_tokens for s in seqs])
@@ -295,6 +322,35 @@ class DecodeLoop:
             for seq in seqs:
                 if seq.finish_reason:
                     self.batcher.retire(seq, seq.finish_reason)
+
+    def _postprocess_speculative(self, batch: Batch, logits: torch.Tensor) -> None:
+        """A speculative step: each sequence appends its accepted drafts and one token (streamed one by one,
+        so stop strings, EOS and max_tokens end it exactly where plain decoding would), keeps the KV and
+        hidden states of what it kept, and releases the rejected drafts' slots."""
+        spec, row = self.speculation, 0
+        for seq, item in zip(batch.seqs, batch.items):
+            n = len(item.tokens)
+            rows, hidden = logits[row : row + n], batch.hidden[row : row + n]
+            row += n
+            with self.lock:
+                try:
+                    tokens = spec.decide(seq, rows, batch.drafts.get(seq.request_id))
+                    lps = self._logprobs(rows, [seq] * len(tokens), tokens)
+                    emitted = 0
+                    for i, token in enumerate(tokens):
+                        self.batcher.emit(seq, token, lps.get(i))
+                        emitted += 1
+                        if seq.finish_reason:
+                            break
+                except Exception as err:  # this sequence alone fails
+                    log.exception("the speculative step of %s failed", seq.request_id)
+                    self.batcher.retire(seq, FinishReason.ERROR, f"the decode step failed: {type(err).__name__}")
+                    continue
+                if seq.finish_reason:
+                    self.batcher.retire(seq, seq.finish_reason)
+                    continue
+                self.bm.truncate(seq.table, item.start + emitted)  # KV of every token but the newest
+            spec.keep(seq, hidden[:emitted])
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, seqs: list[DecodeSeq], tokens: list[int | None]) -> dict[int, TokenLogprob]:

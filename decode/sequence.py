@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 from dataclasses import dataclass, field
+from typing import Any
 
 from smcserve.engine.block_manager import BlockTable
 from smcserve.engine.detok import IncrementalDetokenizer
@@ -33,6 +34,7 @@ class DecodeSeq:
     table: BlockTable = field(default_factory=BlockTable)  # KV of prompt_ids + output_ids[:-1]
     finish_reason: FinishReason | None = None
     events: queue.Queue[DecodeEvent] = field(default_factory=queue.Queue)
+    hidden: Any = None  # --speculative mtp: the trunk's hidden states of its last positions with KV (drafting)
 
     def kv_token_ids(self) -> list[int]:
         """The tokens whose KV ``table`` must hold before the sequence runs (``block_keys`` are their keys)."""

@@ -20,13 +20,16 @@ from smcserve.decode.loop import DecodeLoop
 from smcserve.decode.particles import ParticleGroup
 from smcserve.decode.secret import SecretCheck
 from smcserve.decode.sequence import DecodeSeq
+from smcserve.decode.speculation import Speculation
 from smcserve.engine.block_manager import OutOfBlocks
 from smcserve.engine.config import WorkerConfig
 from smcserve.engine.detok import IncrementalDetokenizer
 from smcserve.engine.finish import FinishReason
 from smcserve.engine.kv import KVLayout
 from smcserve.engine.model import load_model
+from smcserve.engine.mtp import load_heads
 from smcserve.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, TokenLogprob
+from smcserve.engine.speculative import SpecStats, Speculator
 from smcserve.kvstore import KVStore
 from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 from smcserve.protos.messages import logprob_message
@@ -52,6 +55,7 @@ def sampling_from_proto(p: smcserve_pb2.SamplingParams) -> SamplingParams:
         seed=p.seed,
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs if p.HasField("logprobs") else -1,
+        disable_speculation=p.disable_speculation,
     )
 
 
@@ -346,7 +350,30 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             particles_imported=st.particles_imported,
             kv_blocks_loaded=st.kv_blocks_loaded,
             kv_load_ms=st.kv_load_ms,
+            **_spec_fields(st.spec),
         )
+
+
+def _spec_fields(spec: SpecStats | None) -> dict:
+    """The speculative counters of ``WorkerStats`` (none without speculation)."""
+    if spec is None:
+        return {}
+    return dict(
+        spec_steps=spec.steps,
+        spec_drafted=spec.drafted,
+        spec_accepted=spec.accepted,
+        mean_accepted_length=spec.mean_accepted_length,
+        acceptance_per_depth=spec.acceptance_per_depth,
+    )
+
+
+def _speculation(lm, config: WorkerConfig) -> Speculation | None:
+    """``--speculative mtp``: the model's heads (refused when trained for other weights) and the settings."""
+    if config.speculative != "mtp":
+        return None
+    heads = load_heads(lm, style=config.mtp_style)
+    k = config.num_speculative_tokens
+    return Speculation(Speculator(heads, k, lm.config.vocab_size), config.speculative_max_batch)
 
 
 def _node_ip(node_id: str) -> str:
@@ -374,7 +401,12 @@ class DecodeWorker:
         layout = KVLayout.from_config(self.lm.config, self.lm.dtype, config.block_size)
         num_blocks = max(1, layout.blocks_in(config.kv_cache_bytes))
         self.loop = DecodeLoop(
-            self.lm, KVStore(config.redis_url), config.block_size, num_blocks, config.prefill_chunk
+            self.lm,
+            KVStore(config.redis_url),
+            config.block_size,
+            num_blocks,
+            config.prefill_chunk,
+            speculation=_speculation(self.lm, config),
         ).start()
         node_id = ray.get_runtime_context().get_node_id()
         host = config.host or _node_ip(node_id)

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field, replace
 
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 
+DEFAULT_SPECULATIVE_MAX_BATCH = 8  # running sequences above which a step decodes plainly: bench.mtp's
+# step_cost_ratio (speculative step ÷ plain step, k = 3) is ≤ 1.54 up to 8 and ≥ 2.39 from 16, so heads of
+# the issue's target mean accepted length 1.8 pay up to 8 (measured on 2 shared vCPUs, see README)
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per forward (``--prefill-chunk``): a cached request waits at most
 # this much of another prompt on the prefill worker; smaller chunks pay each forward's fixed cost more often (on
 # our Xeon a 1,024-token prompt took 1.63x as long in 64-token chunks, 1.19x in 128, 1.02x in 256)
@@ -30,6 +33,10 @@ class WorkerConfig:
     device: str = "cpu"  # cpu or cuda (the launcher resolves auto, engine/device.py)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per forward (prefill, a decode worker's
     # prompt recompute), other work running between chunks; 0: a whole prompt at once
+    speculative: str = ""  # decode workers: "mtp" (self-speculative decoding with the model's MTP heads) or off
+    mtp_style: str = "deepseek"  # the heads' style: MODEL/mtp/STYLE.safetensors
+    num_speculative_tokens: int = 3  # drafts per step and sequence (≤ the heads' depths)
+    speculative_max_batch: int = DEFAULT_SPECULATIVE_MAX_BATCH  # above this many running sequences: plain steps
 
     def same_but_secret(self, other: WorkerConfig) -> bool:
         return replace(self, secret="") == replace(other, secret="")

@@ -9,6 +9,7 @@ the longest) for one ``scaled_dot_product_attention`` call per layer.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,7 +144,16 @@ class ModelRunner:
         """Run every item's new tokens (writing their KV); return the last token's logits per item."""
         if all(len(it.tokens) == 1 for it in items):
             return self._decode(items)
-        return torch.cat([self._prefill(it) for it in items])
+        x = self._positions(items)
+        last = torch.tensor(list(itertools.accumulate(len(it.tokens) for it in items)), device=self.device) - 1
+        return self.head(self.norm(x[last])).float()
+
+    @torch.inference_mode()
+    def forward_all(self, items: list[SeqBatchItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run every item's new tokens (writing their KV); return the logits [T, V] and last hidden states
+        [T, d] (before the final norm) of every new token, item after item (speculative verification)."""
+        x = self._positions(items)
+        return self.head(self.norm(x)).float(), x
 
     def _decode(self, items: list[SeqBatchItem]) -> torch.Tensor:
         """One new token per sequence, attention over each sequence's own (padded) slots."""
@@ -177,22 +187,42 @@ class ModelRunner:
         tokens = torch.tensor([it.tokens[0] for it in items], device=dev)
         return self._run(tokens, positions, slots, attend, last=None)
 
-    def _prefill(self, it: SeqBatchItem) -> torch.Tensor:
-        """Several new tokens of one sequence (prompt recompute), causal over its cached prefix."""
-        n, end = len(it.tokens), it.start + len(it.tokens)
-        gather = self._slots(it.blocks, 0, end)
-        slots = gather[it.start :]
-        positions = torch.arange(it.start, end, device=self.device)
-        causal = torch.arange(end, device=self.device)[None, :] <= positions[:, None]  # [n, S]
+    def _positions(self, items: list[SeqBatchItem]) -> torch.Tensor:
+        """Any number of new tokens per sequence (a prompt chunk, a token and its drafts), causal over
+        each sequence's cached prefix: the last hidden states [T, d] of every new token, item after item.
+        Attention is one call per layer, queries and slots padded to the longest item."""
+        dev, B = self.device, len(items)
+        ends = [it.start + len(it.tokens) for it in items]
+        S, N = max(ends), max(len(it.tokens) for it in items)
+        gather = torch.zeros(B, S, dtype=torch.long, device=dev)
+        qpos = torch.full((B, N), -1, dtype=torch.long, device=dev)  # each query row's position (-1: padding)
+        for b, it in enumerate(items):
+            gather[b, : ends[b]] = self._slots(it.blocks, 0, ends[b])
+            qpos[b, : len(it.tokens)] = torch.arange(it.start, ends[b], device=dev)
+        real = qpos >= 0
+        rows = real.view(-1).nonzero().squeeze(1)  # flat [B * N] index of each new token, item after item
+        mask = torch.arange(S, device=dev)[None, None, :] <= qpos[:, :, None]
+        mask[:, :, 0] |= ~real  # a padding row attends to slot 0 (no NaN; discarded)
+        mask = mask[:, None]  # [B, 1, N, S]
+        positions = qpos[real]
+        slots = gather.gather(1, qpos.clamp(min=0))[real]
+        H, D = self.layout.num_kv_heads, self.layout.head_dim
+        flat = gather.view(-1)
 
-        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [n, Hq, D]
-            k = self.k_cache[layer][gather].transpose(0, 1)[None]  # [1, Hkv, S, D]
-            v = self.v_cache[layer][gather].transpose(0, 1)[None]
-            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=causal, enable_gqa=True)
-            return o[0].transpose(0, 1).reshape(n, -1)
+        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [T, Hq, D]
+            k = self.k_cache[layer].view(-1, H * D)[flat].view(B, S, H, D).transpose(1, 2)
+            v = self.v_cache[layer].view(-1, H * D)[flat].view(B, S, H, D).transpose(1, 2)
+            if B == 1 and N == len(rows):  # one sequence, no padding
+                qp = q[None].transpose(1, 2)
+            else:
+                qp = q.new_zeros(B * N, *q.shape[1:])
+                qp[rows] = q
+                qp = qp.view(B, N, *q.shape[1:]).transpose(1, 2)  # [B, Hq, N, D]
+            o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, enable_gqa=True)
+            return o.transpose(1, 2).reshape(B * N, -1)[rows]
 
-        tokens = torch.tensor(it.tokens, device=self.device)
-        return self._run(tokens, positions, slots, attend, last=[n - 1])
+        tokens = torch.tensor([t for it in items for t in it.tokens], device=dev)
+        return self.trunk(tokens, positions, slots, attend)
 
     def _run(
         self,

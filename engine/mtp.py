@@ -219,6 +219,28 @@ def read_metadata(path: Path) -> dict:
     }
 
 
+def check_heads(model_path: Path, style: str = "deepseek", k: int = 1, path: Path | None = None) -> MTPSpec:
+    """The spec of the heads at ``path`` (default ``model_path/mtp/<style>.safetensors``) after checking that
+    they exist, were trained for these weights and have at least ``k`` depths; :class:`HeadsMismatch` (a
+    ValueError, with what to do) otherwise. Reads only the metadata (``smcserve serve`` checks before its
+    workers start)."""
+    path = Path(path) if path is not None else Path(model_path) / "mtp" / f"{style}.safetensors"
+    if not path.is_file():
+        raise HeadsMismatch(f"no MTP heads at {path}: train them with `smcserve mtp train --style {style}`")
+    meta = read_metadata(path)
+    expected = model_fingerprint(Path(model_path), torch.float32)
+    if meta["fingerprint"] != expected:
+        raise HeadsMismatch(
+            f"MTP heads {path} were trained for other model weights (fingerprint {meta['fingerprint'] or 'none'}, "
+            f"the loaded model's is {expected}); train them for this model with `smcserve mtp train`"
+        )
+    if meta["spec"].style != style and path.name == f"{style}.safetensors":
+        raise HeadsMismatch(f"MTP heads {path} are {meta['spec'].style!r} heads, not {style!r}")
+    if not 1 <= k <= meta["spec"].depths:
+        raise HeadsMismatch(f"num_speculative_tokens: 1 to the heads' {meta['spec'].depths} depths ({path}), got {k}")
+    return meta["spec"]
+
+
 def load_heads(lm: LoadedModel, path: Path | None = None, style: str = "deepseek") -> MTPHeads:
     """The heads at ``path`` (default: the model's ``mtp/<style>.safetensors``), in the model's dtype.
 
@@ -228,14 +250,7 @@ def load_heads(lm: LoadedModel, path: Path | None = None, style: str = "deepseek
     path = Path(path) if path is not None else heads_path(lm, style)
     if not path.is_file():
         raise FileNotFoundError(f"no MTP heads at {path}: train them with `smcserve mtp train --style {style}`")
-    meta = read_metadata(path)
-    expected = weights_fingerprint(lm)
-    if meta["fingerprint"] != expected:
-        raise HeadsMismatch(
-            f"MTP heads {path} were trained for other model weights (fingerprint {meta['fingerprint'] or 'none'}, "
-            f"the loaded model's is {expected}); train them for this model with `smcserve mtp train`"
-        )
-    heads = MTPHeads(lm.model, meta["spec"])
+    heads = MTPHeads(lm.model, check_heads(lm.path, style, 1, path))
     state = load_file(path)
     heads.set_vocab(state["vocab"])
     try:

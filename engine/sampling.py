@@ -28,6 +28,7 @@ class SamplingParams:
     seed: int = 0
     ignore_eos: bool = False
     logprobs: int = -1  # ≥ 0: report each token's log-probability and this many most likely alternatives
+    disable_speculation: bool = False  # decode plainly on a server with --speculative mtp
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from smcserve.engine.block_manager import BlockManager, BlockTable
 from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
@@ -77,46 +76,6 @@ class SpecSeq:
         return self.prompt + self.output
 
 
-@torch.inference_mode()
-def forward_all(runner: ModelRunner, items: list[SeqBatchItem]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run every new token of every item (causal over its cached prefix, writing KV): logits [T, V]
-    and last hidden states [T, d], item after item. Attention is one call per layer over the items'
-    slots, padded to the longest (as in the engine's decode step)."""
-    bs = runner.block_size
-    B = len(items)
-    ends = [it.start + len(it.tokens) for it in items]
-    S, N = max(ends), max(len(it.tokens) for it in items)
-    gather = torch.zeros(B, S, dtype=torch.long)
-    qpos = torch.full((B, N), -1, dtype=torch.long)  # each query row's position (-1: padding)
-    for b, it in enumerate(items):
-        table = torch.tensor(it.blocks, dtype=torch.long)
-        pos = torch.arange(ends[b])
-        gather[b, : ends[b]] = table[pos // bs] * bs + pos % bs
-        qpos[b, : len(it.tokens)] = torch.arange(it.start, ends[b])
-    real = qpos >= 0
-    rows = real.view(-1).nonzero().squeeze(1)  # flat [B * N] index of each new token, item after item
-    mask = torch.arange(S)[None, None, :] <= qpos[:, :, None]
-    mask[:, :, 0] |= ~real  # a padding row attends to slot 0 (no NaN; discarded)
-    mask = mask[:, None]  # [B, 1, N, S]
-    positions = qpos[real]
-    slots = gather.gather(1, qpos.clamp(min=0))[real]
-    H, D = runner.layout.num_kv_heads, runner.layout.head_dim
-    flat = gather.view(-1)
-
-    def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [T, Hq, D]
-        k = runner.k_cache[layer].view(-1, H * D)[flat].view(B, S, H, D).transpose(1, 2)
-        v = runner.v_cache[layer].view(-1, H * D)[flat].view(B, S, H, D).transpose(1, 2)
-        qp = q.new_zeros(B * N, *q.shape[1:])
-        qp[rows] = q
-        qp = qp.view(B, N, *q.shape[1:]).transpose(1, 2)  # [B, Hq, N, D]
-        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, enable_gqa=True)
-        return o.transpose(1, 2).reshape(B * N, -1)[rows]
-
-    tokens = torch.tensor([t for it in items for t in it.tokens])
-    x = runner.trunk(tokens, positions, slots, attend)
-    return runner.head(runner.norm(x)).float(), x
-
-
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution a token is drawn from under ``params`` (temperature > 0), float64 [V]."""
     return torch.softmax(_filter(logits.float(), params).double(), dim=-1)
@@ -146,6 +105,76 @@ def accept_drafts(
     return len(drafts), out
 
 
+@dataclass
+class Draft:
+    """A sequence's drafted tokens and, when it samples, their distributions q [k, V] (float64)."""
+
+    tokens: list[int]
+    q: torch.Tensor | None = None
+
+
+class Speculator:
+    """Drafting from the heads and verifying against the trunk's logits, for :class:`SpeculativeDecoder`
+    and the serving decode loop (``decode/loop.py``) alike; counts :class:`SpecStats`."""
+
+    def __init__(self, heads: MTPHeads, k: int, vocab_size: int):
+        if not 1 <= k <= heads.spec.depths:
+            raise ValueError(f"num_speculative_tokens: 1 to the heads' {heads.spec.depths} depths, got {k}")
+        self.heads, self.k, self.vocab_size = heads, k, vocab_size
+        self.stats = SpecStats()
+
+    @property
+    def window(self) -> int:
+        """Trunk hidden states a sequence keeps for drafting (the heads' attention window)."""
+        return self.heads.spec.window
+
+    def draft(self, seqs: list[tuple[torch.Tensor, list[int], SamplingParams, int]]) -> list[Draft]:
+        """Drafts for each (hidden [n, d] of its last n positions with KV, its tokens, params, k ≤ self.k):
+        the heads run batched over the sequences, left-padded to the longest window."""
+        heads = self.heads
+        W = max(h.shape[0] for h, *_ in seqs)
+        d = seqs[0][0].shape[1]
+        h0 = torch.zeros(len(seqs), W, d, dtype=seqs[0][0].dtype)
+        toks = torch.zeros(len(seqs), W, dtype=torch.long)
+        valid = torch.zeros(len(seqs), W, dtype=torch.bool)
+        for b, (hidden, tokens, _, _) in enumerate(seqs):
+            n = hidden.shape[0]
+            h0[b, W - n :] = hidden.to(h0.device)
+            toks[b, W - n :] = torch.tensor(tokens[len(tokens) - n :])  # x[p+1] for each position p
+            valid[b, W - n :] = True
+        qs: list[list[torch.Tensor]] = [[] for _ in seqs]
+
+        def pick(k: int, logits: torch.Tensor) -> torch.Tensor:
+            idx = logits.argmax(-1)
+            for b, (_, tokens, params, _) in enumerate(seqs):
+                if params.temperature == 0.0:
+                    continue
+                q_sub = target_probs(logits[b], params)
+                u = torch.tensor([[seeded_uniform(params.seed, len(tokens) + k, DRAFT)]], dtype=torch.float64)
+                idx[b] = inverse_cdf(q_sub[None], u)[0, 0]
+                qs[b].append(torch.zeros(self.vocab_size, dtype=torch.float64).index_copy_(0, heads.vocab, q_sub))
+            return idx
+
+        drafted = heads.draft(h0, toks, valid, pick)
+        return [Draft(drafted[b][:k], torch.stack(qs[b][:k]) if qs[b] else None) for b, (_, _, _, k) in enumerate(seqs)]
+
+    def verify(self, logits: torch.Tensor, draft: Draft, params: SamplingParams, index: int) -> tuple[int, list[int]]:
+        """The verdict on ``draft`` (its first token at token index ``index``) from the trunk's ``logits``
+        [k+1, V] at [last token, d1..dk]: (drafts accepted, the tokens to append: those and one more)."""
+        drafts = draft.tokens
+        if params.temperature == 0.0:
+            target = logits.argmax(-1).tolist()
+            a = 0
+            while a < len(drafts) and drafts[a] == target[a]:
+                a += 1
+            accepted, tokens = a, drafts[:a] + [target[a]]
+        else:
+            p = torch.stack([target_probs(row, params) for row in logits])
+            accepted, tokens = accept_drafts(p, draft.q, drafts, params.seed, index)
+        self.stats.count(len(drafts), accepted)
+        return accepted, tokens
+
+
 class SpeculativeDecoder:
     """Decode a batch of :class:`SpecSeq` on ``runner``'s paged KV (blocks from ``bm``), drafting
     ``k`` tokens per step from ``heads`` (None or k = 0: plain decoding, the engine's decode path)."""
@@ -159,12 +188,13 @@ class SpeculativeDecoder:
         eos_token_ids: frozenset[int],
         max_batch: int = 16,
     ):
-        if heads is not None and k > heads.spec.depths:
-            raise ValueError(f"num_speculative_tokens: at most the heads' {heads.spec.depths} depths, got {k}")
-        self.runner, self.bm, self.heads, self.eos = runner, bm, heads, eos_token_ids
-        self.k = k if heads is not None else 0
+        self.runner, self.bm, self.eos = runner, bm, eos_token_ids
+        self.spec = Speculator(heads, k, runner.lm.config.vocab_size) if heads is not None and k > 0 else None
         self.max_batch = max_batch
-        self.stats = SpecStats()
+
+    @property
+    def stats(self) -> SpecStats:
+        return self.spec.stats if self.spec is not None else SpecStats()
 
     # --- slots --------------------------------------------------------------------------------
     def _append(self, table: BlockTable, tokens: list[int]) -> SeqBatchItem:
@@ -193,7 +223,7 @@ class SpeculativeDecoder:
                 group.append(s)
                 n += len(items[-1].tokens)
                 i += 1
-            logits, hidden = forward_all(self.runner, items)
+            logits, hidden = self.runner.forward_all(items)
             end = 0
             for s, item in zip(group, items):
                 start, end = end, end + len(item.tokens)
@@ -209,83 +239,38 @@ class SpeculativeDecoder:
 
     def step(self, seqs: list[SpecSeq]) -> None:
         """One verify step for ``seqs`` (each has its next token decided, its KV one token behind)."""
-        speculate = self.k > 0 and len(seqs) <= self.max_batch
-        spec = [s for s in seqs if speculate and s.speculate]
-        drafts, qs = self._draft(spec) if spec else ({}, {})
-        items = [self._append(s.table, [s.output[-1], *drafts.get(id(s), [])]) for s in seqs]
-        if not speculate:  # one token per sequence: the engine's decode forward
-            if self.heads is None:
-                logits, hidden = self.runner.forward(items), None
-            else:  # the heads need the trunk's hidden states for later steps
-                logits, hidden = forward_all(self.runner, items)
-            for i, s in enumerate(seqs):
-                if hidden is not None:
-                    s.hidden = torch.cat([s.hidden, hidden[i : i + 1]])[-self._window() :]
-                self._emit(s, [self._sample(logits[i], s, len(s.tokens))])
-            return
-        logits, hidden = forward_all(self.runner, items)
+        speculate = self.spec is not None and len(seqs) <= self.max_batch
+        spec = [s for s in seqs if speculate and s.speculate and s.hidden is not None]
+        drafts: dict[int, Draft] = {}
+        if spec:
+            made = self.spec.draft([(s.hidden, s.tokens, s.params, self.spec.k) for s in spec])
+            drafts = {id(s): d for s, d in zip(spec, made)}
+        none = Draft([])
+        items = [self._append(s.table, [s.output[-1], *drafts.get(id(s), none).tokens]) for s in seqs]
+        if not speculate:  # plain decoding: the engine's decode forward; the windows start again after it
+            logits, hidden = self.runner.forward(items), None
+            for s in seqs:
+                s.hidden = None
+        else:  # the heads need the trunk's hidden states for later steps
+            logits, hidden = self.runner.forward_all(items)
         row = 0
         for s, item in zip(seqs, items):
             n = len(item.tokens)
-            d = drafts.get(id(s), [])
-            if d:
-                accepted, new = self._verify(logits[row : row + n], d, qs.get(id(s)), s)
-                self.stats.count(len(d), accepted)
+            if id(s) in drafts:
+                accepted, new = self.spec.verify(logits[row : row + n], drafts[id(s)], s.params, len(s.tokens))
             else:
                 accepted, new = 0, [self._sample(logits[row], s, len(s.tokens))]
             self.bm.truncate(s.table, item.start + accepted + 1)  # roll back the rejected drafts' slots
-            s.hidden = torch.cat([s.hidden, hidden[row : row + accepted + 1]])[-self._window() :]
+            if hidden is not None:
+                kept = hidden[row : row + accepted + 1]
+                s.hidden = (kept if s.hidden is None else torch.cat([s.hidden, kept]))[-self._window() :]
             self._emit(s, new)
             if s.done:  # drafts accepted past the end keep no slots
                 self.bm.truncate(s.table, len(s.tokens) - 1)
             row += n
 
-    # --- drafting and verifying ------------------------------------------------------------------
     def _window(self) -> int:
-        return self.heads.spec.window if self.heads is not None else 1
-
-    def _draft(self, seqs: list[SpecSeq]) -> tuple[dict[int, list[int]], dict[int, torch.Tensor]]:
-        """Drafts (k tokens) per sequence and, for sampled ones, their distributions q [k, V]."""
-        heads = self.heads
-        W = max(s.hidden.shape[0] for s in seqs)
-        d = seqs[0].hidden.shape[1]
-        h0 = torch.zeros(len(seqs), W, d, dtype=seqs[0].hidden.dtype)
-        toks = torch.zeros(len(seqs), W, dtype=torch.long)
-        valid = torch.zeros(len(seqs), W, dtype=torch.bool)
-        for b, s in enumerate(seqs):
-            n = s.hidden.shape[0]
-            h0[b, W - n :] = s.hidden
-            toks[b, W - n :] = torch.tensor(s.tokens[len(s.tokens) - n :])  # x[p+1] for each position p
-            valid[b, W - n :] = True
-        V = self.runner.lm.config.vocab_size
-        qs: dict[int, list[torch.Tensor]] = {id(s): [] for s in seqs if s.params.temperature != 0.0}
-
-        def pick(k: int, logits: torch.Tensor) -> torch.Tensor:
-            idx = logits.argmax(-1)
-            for b, s in enumerate(seqs):
-                if s.params.temperature == 0.0:
-                    continue
-                q_sub = target_probs(logits[b], s.params)
-                u = torch.tensor([[seeded_uniform(s.params.seed, len(s.tokens) + k, DRAFT)]], dtype=torch.float64)
-                idx[b] = inverse_cdf(q_sub[None], u)[0, 0]
-                qs[id(s)].append(torch.zeros(V, dtype=torch.float64).index_copy_(0, heads.vocab, q_sub))
-            return idx
-
-        drafted = heads.draft(h0, toks, valid, pick)
-        out = {id(s): drafted[b][: self.k] for b, s in enumerate(seqs)}
-        return out, {key: torch.stack(v[: self.k]) for key, v in qs.items()}
-
-    def _verify(
-        self, logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, s: SpecSeq
-    ) -> tuple[int, list[int]]:
-        if s.params.temperature == 0.0:
-            target = logits.argmax(-1).tolist()
-            a = 0
-            while a < len(drafts) and drafts[a] == target[a]:
-                a += 1
-            return a, drafts[:a] + [target[a]]
-        p = torch.stack([target_probs(row, s.params) for row in logits])
-        return accept_drafts(p, q, drafts, s.params.seed, len(s.tokens))
+        return self.spec.window if self.spec is not None else 1
 
     def _sample(self, logits: torch.Tensor, s: SpecSeq, index: int) -> int:
         """One token from the trunk's ``logits`` (plain: no draft) at token index ``index``."""

@@ -25,6 +25,7 @@ def _generate(args) -> int:
         max_tokens=args.max_tokens,
         stop=args.stop,
         seed=args.seed,
+        disable_speculation=args.no_speculation,
     )
     prompt, messages = (args.prompt, None) if args.raw else (None, [{"role": "user", "content": args.prompt}])
     if args.system and messages is not None:
@@ -65,6 +66,9 @@ def _generate_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0: off")
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable; not included in the output)")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
+    g.add_argument(
+        "--no-speculation", action="store_true", help="decode plainly on a server with --speculative mtp (no drafts)"
+    )
     g.set_defaults(func=_generate)
 
 

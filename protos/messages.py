@@ -131,6 +131,7 @@ def build_request(
     ignore_eos: bool = False,
     steering: dict | None = None,
     logprobs: int | None = None,
+    disable_speculation: bool = False,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from a raw ``prompt`` or chat ``messages`` ([{"role", "content"}, ...]).
 
@@ -139,7 +140,9 @@ def build_request(
     "potentials": [{"kind": "regex", "pattern": ...}, ...]} turns on SMC steering (each potential a
     dict as :func:`potential_message` takes it, plugin ``options`` included, or a ``Potential`` message).
     """
-    sampling = pb.SamplingParams(top_k=top_k, stop=list(stop), ignore_eos=ignore_eos)
+    sampling = pb.SamplingParams(
+        top_k=top_k, stop=list(stop), ignore_eos=ignore_eos, disable_speculation=disable_speculation
+    )
     if temperature is not None:
         sampling.temperature = temperature
     if top_p is not None:

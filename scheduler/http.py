@@ -9,7 +9,8 @@ that disconnects cancels its handler, which closes the streams, which frees thei
 Extensions (as vLLM takes its own): ``steering`` (the gRPC ``SteeringSpec`` as JSON: ``particles``,
 ``extensions``, ``scheme``, ``ess_threshold``, ``patch_max_tokens``, ``entropy_threshold``, ``weight_drop``,
 ``potentials`` as ``smcserve steer`` takes them) returns
-every particle as a choice plus a ``steering`` object (weights, log Ẑ); ``top_k`` and ``ignore_eos``.
+every particle as a choice plus a ``steering`` object (weights, log Ẑ); ``top_k``, ``ignore_eos`` and
+``disable_speculation``.
 ``response_format`` (``json_object``, ``json_schema``) is served by the grammar-constrained proposal:
 one particle steered by a ``json_schema`` potential.
 """
@@ -214,6 +215,7 @@ def parse_body(body: object, chat: bool, model_name: str) -> Parsed:
     if body.get("tools") or body.get("functions"):
         raise BadBody("tools", "tool calling is not supported")
     ignore_eos = _opt(body, "ignore_eos", (bool,), "a boolean") or False
+    disable_speculation = _opt(body, "disable_speculation", (bool,), "a boolean") or False
     steering = _opt(body, "steering", (dict,), "an object")
     fmt = _opt(body, "response_format", (dict,), "an object")
     if fmt is not None:
@@ -254,6 +256,7 @@ def parse_body(body: object, chat: bool, model_name: str) -> Parsed:
                         seed=None if seed is None else (seed + i) % (1 << 64),
                         ignore_eos=ignore_eos,
                         steering=steering,
+                        disable_speculation=disable_speculation,
                     )
                 )
                 if logprobs is not None:

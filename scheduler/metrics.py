@@ -195,7 +195,8 @@ class WorkerCollector(Collector):
             name: (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(f"{p}{name}", help, labels=["worker"])
             for name, help, _, kind in _DECODE_SERIES
         }
-        for worker, role, st, is_alive, n in self.reports():
+        reports = list(self.reports())
+        for worker, role, st, is_alive, n in reports:
             alive.add_metric([worker, role], 1.0 if is_alive else 0.0)
             restarts.add_metric([worker, role], n)
             if st is None or role != "decode":
@@ -207,3 +208,31 @@ class WorkerCollector(Collector):
         yield restarts
         yield usage
         yield from families.values()
+        yield from self._speculative(reports)
+
+    @staticmethod
+    def _speculative(reports):
+        """``--speculative mtp`` (vLLM's spec_decode series): sequence-steps that verified drafts, drafts made
+        and accepted, and accepted per draft position (0-based depth)."""
+        p = PREFIX
+        drafts = CounterMetricFamily(
+            f"{p}spec_decode_num_drafts", "Sequence-steps that verified drafts", labels=["worker"]
+        )
+        tokens = CounterMetricFamily(f"{p}spec_decode_num_draft_tokens", "Draft tokens made", labels=["worker"])
+        accepted = CounterMetricFamily(
+            f"{p}spec_decode_num_accepted_tokens", "Draft tokens accepted", labels=["worker"]
+        )
+        per_pos = CounterMetricFamily(
+            f"{p}spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at each draft position",
+            labels=["worker", "position"],
+        )
+        for worker, role, st, _, _ in reports:
+            if st is None or role != "decode" or not st.spec_drafted:
+                continue
+            drafts.add_metric([worker], st.spec_steps)
+            tokens.add_metric([worker], sum(st.spec_drafted))
+            accepted.add_metric([worker], sum(st.spec_accepted))
+            for j, a in enumerate(st.spec_accepted):
+                per_pos.add_metric([worker, str(j)], a)
+        yield from (drafts, tokens, accepted, per_pos)

@@ -82,6 +82,18 @@ class Running:
     owner: str = OPEN  # the caller's key id: only the same caller may Abort it
 
 
+def spec_totals(workers) -> tuple[int, list[int], list[int]]:
+    """The decode workers' speculative counters together: (steps, accepted per depth, drafted per depth)."""
+    steps, accepted, drafted = 0, [], []
+    for st in workers:
+        steps += st.spec_steps
+        for totals, mine in ((accepted, st.spec_accepted), (drafted, st.spec_drafted)):
+            totals += [0] * (len(mine) - len(totals))
+            for j, v in enumerate(mine):
+                totals[j] += v
+    return steps, accepted, drafted
+
+
 @dataclass
 class ModelSummary:
     name: str
@@ -92,6 +104,10 @@ class ModelSummary:
     kv_bytes_per_token: int = 0  # K and V of every layer for one token (0: unknown)
     dtype_reason: str = ""  # why this dtype (--dtype auto: the timings that decided)
     device: str = "cpu"  # where the workers compute
+    speculative: str = ""  # --speculative: "mtp" or "" (off)
+    num_speculative_tokens: int = 0
+    speculative_max_batch: int = 0
+    mtp_style: str = ""
 
 
 class _MeteredContext:
@@ -142,6 +158,7 @@ def _sampling_proto(p: SamplingParams) -> smcserve_pb2.SamplingParams:
         seed=p.seed,
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs if p.logprobs >= 0 else None,
+        disable_speculation=p.disable_speculation,
     )
 
 
@@ -692,6 +709,10 @@ class SchedulerService:
             kv_store_restarts=self.liveness.store_restarts,
             dtype_reason=self.model.dtype_reason,
             device=self.model.device,
+            speculative=self.model.speculative,
+            num_speculative_tokens=self.model.num_speculative_tokens,
+            speculative_max_batch=self.model.speculative_max_batch,
+            mtp_style=self.model.mtp_style,
         )
         own = await asyncio.gather(  # the workers' own counts (answered from a thread of their own)
             *(asyncio.wait_for(w.actor.stats.remote(), 10) for w in self.prefill), return_exceptions=True
@@ -713,6 +734,10 @@ class SchedulerService:
             else:
                 info.decode_workers.append(st)
             info.decode_workers[-1].alive, info.decode_workers[-1].restarts = w.alive, w.restarts
+        if self.model.speculative:
+            steps, accepted, drafted = spec_totals(info.decode_workers)
+            info.mean_accepted_length = 1.0 + sum(accepted) / steps if steps else 1.0
+            info.acceptance_per_depth.extend(a / d if d else 0.0 for a, d in zip(accepted, drafted))
         return info
 
     def handlers(self) -> grpc.GenericRpcHandler:

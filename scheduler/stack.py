@@ -16,11 +16,12 @@ import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from smcserve.engine.config import WorkerConfig, parse_size
+from smcserve.engine.config import DEFAULT_SPECULATIVE_MAX_BATCH, WorkerConfig, parse_size
 from smcserve.engine.device import resolve_device
 from smcserve.engine.dtype import CANDIDATES as DTYPE_CANDIDATES
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 from smcserve.engine.model import DEFAULT_MODEL, model_fingerprint, resolve_dtype_choice, resolve_model_path
+from smcserve.engine.mtp import STYLES, check_heads
 from smcserve.engine.quant import QUANTIZATIONS
 from smcserve.kvstore import EmbeddedRedis, KVStore, start_or_connect
 from smcserve.protos import smcserve_pb2
@@ -86,6 +87,19 @@ class ServeConfig:
         "prompt tokens per forward; other prompts (prefill) and decode steps (a prompt recompute) run between "
         "chunks; 0: a whole prompt at once",
     )
+    speculative: str = _field(
+        "none",
+        "decoding: mtp = self-speculative with the model's MTP heads (smcserve mtp train); plain requests only",
+        choices=("none", "mtp"),
+    )
+    num_speculative_tokens: int = _field(3, "with --speculative mtp: tokens drafted per step (≤ the heads' depths)")
+    mtp_style: str = _field(
+        "deepseek", "with --speculative mtp: which heads, MODEL/mtp/STYLE.safetensors", choices=STYLES
+    )
+    speculative_max_batch: int = _field(
+        DEFAULT_SPECULATIVE_MAX_BATCH,
+        "with --speculative mtp: above this many running sequences a step decodes plainly",
+    )
     policy: str = _field("cache_global", "placement policy of the Conductor", choices=POLICY_NAMES)
     slo_ttft_ms: float = _field(0.0, "reject requests predicted to miss this TTFT; 0: off")
     slo_tbt_ms: float = _field(0.0, "reject requests predicted to miss this TBT; 0: off")
@@ -140,11 +154,17 @@ class Stack:
         if cfg.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk: {cfg.prefill_chunk}; use 0 (off) or a number of tokens")
         model_path = resolve_model_path(cfg.model)  # fetch + convert once, before the workers start
+        if cfg.speculative == "mtp":  # the heads are there, for these weights, deep enough: refused at start
+            check_heads(model_path, cfg.mtp_style, cfg.num_speculative_tokens)
+            if cfg.speculative_max_batch < 0:
+                raise ValueError(f"--speculative-max-batch: {cfg.speculative_max_batch}; use a number >= 0")
         # ``auto`` is decided once, here, before Ray and the workers load the cores, and every worker
         # gets the concrete dtype: the KV block keys include it, so all workers must agree.
         # the launcher's view of the device decides for every worker (on a cluster: nodes alike)
         device = resolve_device(cfg.device)
         self.device = str(device)
+        if cfg.speculative == "mtp" and device.type != "cpu":
+            raise ValueError(f"--speculative mtp: the MTP heads draft on the CPU only for now, not on {device}")
         threads = cfg.threads or os.cpu_count()
         choice = await asyncio.to_thread(resolve_dtype_choice, cfg.dtype, model_path, threads, device)
         dtype, self.dtype, self.dtype_reason = choice.torch_dtype, choice.dtype, choice.reason
@@ -172,6 +192,10 @@ class Stack:
             kv_cache_bytes=parse_size(cfg.kv_cache),
             prefix_cache=cfg.prefix_cache,
             prefill_chunk=cfg.prefill_chunk,
+            speculative="" if cfg.speculative == "none" else cfg.speculative,
+            mtp_style=cfg.mtp_style,
+            num_speculative_tokens=cfg.num_speculative_tokens,
+            speculative_max_batch=cfg.speculative_max_batch,
             quantization=cfg.quantization,
             device=self.device,
             host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"),
@@ -233,6 +257,10 @@ class Stack:
                 kv_bytes_per_token=kv_bytes_per_token(hf_config, dtype),
                 dtype_reason=self.dtype_reason,
                 device=self.device,
+                speculative="" if cfg.speculative == "none" else cfg.speculative,
+                num_speculative_tokens=cfg.num_speculative_tokens if cfg.speculative != "none" else 0,
+                speculative_max_batch=cfg.speculative_max_batch if cfg.speculative != "none" else 0,
+                mtp_style=cfg.mtp_style if cfg.speculative != "none" else "",
             ),
             prefill=self.prefill,
             decode=self.decode,

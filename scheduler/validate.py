@@ -180,6 +180,7 @@ def validate_sampling(p: smcserve_pb2.SamplingParams, limits: Limits, prompt_len
         seed=seed,
         ignore_eos=p.ignore_eos,
         logprobs=logprobs,
+        disable_speculation=p.disable_speculation,
     )
 
 
