@@ -7,8 +7,7 @@ from dataclasses import dataclass, field, replace
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 
 DEFAULT_SPECULATIVE_MAX_BATCH = 8  # running sequences above which a step decodes plainly: bench.mtp's
-# step_cost_ratio (speculative step ÷ plain step, k = 3) is ≤ 1.54 up to 8 and ≥ 2.39 from 16, so heads of
-# the target mean accepted length 1.8 pay up to 8 (measured on 2 shared vCPUs, see README)
+# step_cost_ratio (speculative step ÷ plain step, k = 3) is ~1.8 up to 8 and ≥ 2.3 from 16 on our Xeon (README)
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per forward (``--prefill-chunk``): a cached request waits at most
 # this much of another prompt on the prefill worker; smaller chunks pay each forward's fixed cost more often (on
 # our Xeon a 1,024-token prompt took 1.63x as long in 64-token chunks, 1.19x in 128, 1.02x in 256)
