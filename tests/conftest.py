@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -81,3 +82,40 @@ def client(server):
 
     with Client(server.address) as c:
         yield c
+
+
+@contextlib.contextmanager
+def _in_process_stack(config, num_cpus: int = 2, start_timeout: float = 300, **ray_kw):
+    """The real stack (Ray workers, embedded Redis, gRPC) with its scheduler on an event loop in a thread of
+    this process, so that a test can reach the scheduler's objects. Starts a local Ray cluster unless one is
+    initialised (never one left running on this machine), and shuts down only its own."""
+    import asyncio
+    import threading
+
+    import ray
+
+    from smcserve.scheduler.stack import Stack
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="scheduler-loop", daemon=True)
+    thread.start()
+    own_ray = not ray.is_initialized()
+    if own_ray:  # from the main thread
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **ray_kw)
+    st = Stack(config)
+    try:
+        asyncio.run_coroutine_threadsafe(st.start(), loop).result(timeout=start_timeout)
+        yield st
+    finally:
+        asyncio.run_coroutine_threadsafe(st.stop(), loop).result(timeout=120)
+        if own_ray:
+            ray.shutdown()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def in_process_stack():
+    """``in_process_stack(config, num_cpus=2, start_timeout=300, **ray_init_kwargs)``: a context manager
+    giving a started :class:`~smcserve.scheduler.stack.Stack` (see ``_in_process_stack``)."""
+    return _in_process_stack

@@ -53,16 +53,12 @@ def burst_prompt(i: int) -> str:
 
 
 @pytest.fixture()
-def live_stack(monkeypatch):
+def live_stack(monkeypatch, in_process_stack):
     """The real stack (real model, Ray workers, embedded Redis) with its scheduler in this process, so
     that the test can read the scheduler's cost model and set its SLO (as ``test_served_unbiased``).
     One torch thread per worker: two workers of all the cores each on a busy machine slow every op
     by whole scheduler slices, far beyond their share of the CPU. Ray's workers at nice 0, not Ray's
     default 15, at which any other busy process on the machine starves them (~30x slower)."""
-    import asyncio
-
-    import ray
-
     import smcserve.scheduler.stack as stack_mod
 
     services = []
@@ -73,30 +69,9 @@ def live_stack(monkeypatch):
         return services[-1]
 
     monkeypatch.setattr(stack_mod, "SchedulerService", capture)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="scheduler-loop", daemon=True)
-    thread.start()
-    own_ray = not ray.is_initialized()
-    if own_ray:  # a new local cluster (never one left running on this machine)
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            _system_config={"worker_niceness": 0},
-        )
-    st = stack_mod.Stack(
-        stack_mod.ServeConfig(dtype="float32", port=0, threads=1, kv_cache="256mb", redis_maxmemory="128mb")
-    )
-    try:
-        asyncio.run_coroutine_threadsafe(st.start(), loop).result(timeout=600)
+    config = stack_mod.ServeConfig(dtype="float32", port=0, threads=1, kv_cache="256mb", redis_maxmemory="128mb")
+    with in_process_stack(config, start_timeout=600, _system_config={"worker_niceness": 0}) as st:
         yield st, services[0]
-    finally:
-        asyncio.run_coroutine_threadsafe(st.stop(), loop).result(timeout=120)
-        if own_ray:
-            ray.shutdown()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
 
 
 @pytest.mark.e2e

@@ -12,7 +12,6 @@ above ``--speculative-max-batch`` is tested on the decode loop itself, where the
 from __future__ import annotations
 
 import asyncio
-import threading
 import urllib.request
 
 import pytest
@@ -65,17 +64,9 @@ def plain_greedy(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_dir):
-    import ray
+def stack(tiny_dir, in_process_stack):
+    from smcserve.scheduler.stack import ServeConfig
 
-    from smcserve.scheduler.stack import ServeConfig, Stack
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="scheduler-loop", daemon=True)
-    thread.start()
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = ServeConfig(
         model=str(tiny_dir),
         dtype="float32",
@@ -90,16 +81,8 @@ def stack(tiny_dir):
         num_speculative_tokens=3,
         speculative_max_batch=MAX_BATCH,
     )
-    st = Stack(config)
-    try:
-        asyncio.run_coroutine_threadsafe(st.start(), loop).result(timeout=300)
+    with in_process_stack(config) as st:
         yield st
-    finally:
-        asyncio.run_coroutine_threadsafe(st.stop(), loop).result(timeout=120)
-        if own_ray:
-            ray.shutdown()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

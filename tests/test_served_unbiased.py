@@ -43,7 +43,6 @@ patched function was called, so a refactor that bypasses it fails loudly instead
 
 from __future__ import annotations
 
-import asyncio
 import math
 import threading
 import time
@@ -126,18 +125,10 @@ def targets(tables, temperature: float) -> dict:
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_dir):
+def stack(tiny_dir, in_process_stack):
     """The real stack on the tiny model, its scheduler in this process (see the module docstring)."""
-    import ray
+    from smcserve.scheduler.stack import ServeConfig
 
-    from smcserve.scheduler.stack import ServeConfig, Stack
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="scheduler-loop", daemon=True)
-    thread.start()
-    own_ray = not ray.is_initialized()
-    if own_ray:  # a new local cluster (never one left running on this machine), from the main thread
-        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     config = ServeConfig(
         model=str(tiny_dir),
         dtype="float32",
@@ -148,16 +139,8 @@ def stack(tiny_dir):
         kv_cache="16mb",
         redis_maxmemory="64mb",
     )
-    st = Stack(config)
-    try:
-        asyncio.run_coroutine_threadsafe(st.start(), loop).result(timeout=300)
+    with in_process_stack(config, num_cpus=3) as st:
         yield st
-    finally:
-        asyncio.run_coroutine_threadsafe(st.stop(), loop).result(timeout=120)
-        if own_ray:
-            ray.shutdown()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
