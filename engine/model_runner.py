@@ -20,12 +20,14 @@ from smcserve.engine.device import to_device, to_host
 from smcserve.engine.kv import KVLayout
 from smcserve.engine.model import LoadedModel
 from smcserve.engine.quant import make_linear
+from smcserve.engine.single_row import narrow_ops
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 # Forwards of at most this many tokens (decode batches) run their small elementwise ops (norms, rotary,
 # residuals, activation, KV writes) on one thread and only GEMMs and attention on all: waking a sleeping
 # OpenMP thread (OMP_WAIT_POLICY=passive, or a busy machine) costs ~60 us, 15x such an op at batch 64.
-# Elementwise results do not depend on the thread count, so the logits are unchanged.
+# Elementwise results do not depend on the thread count, so the logits are unchanged. A one-row forward
+# (a single stream) also runs the products that are faster so on one thread (engine/single_row.py).
 SERIAL_MAX_TOKENS = 256
 
 
@@ -100,6 +102,7 @@ class ModelRunner:
         self.o_proj = [make_linear(q, la.self_attn.o_proj.weight, la.self_attn.o_proj.bias) for la in self.layers]
         self.down_proj = [make_linear(q, la.mlp.down_proj.weight, la.mlp.down_proj.bias) for la in self.layers]
         self.head = make_linear(q, self.lm_head.weight, self.lm_head.bias)
+        self.one_thread_ops: frozenset[str] | None = None  # of a one-row forward: engine/single_row.py
 
     @property
     def block_bytes(self) -> int:
@@ -254,9 +257,12 @@ class ModelRunner:
         q_size, kv_size = self.num_heads * D, H * D
         threads = torch.get_num_threads()
         serial = T <= SERIAL_MAX_TOKENS and threads > 1 and self.device.type == "cpu"
+        if serial and T == 1 and self.one_thread_ops is None:
+            self.one_thread_ops = narrow_ops(self, threads)
+        one_thread = self.one_thread_ops if serial and T == 1 else frozenset()
 
-        def wide(f, *args):  # a GEMM or attention on every thread; with ``serial``, the ops between on one
-            if not serial:
+        def wide(f, *args, name: str):  # a GEMM or attention on every thread (unless ``one_thread``); with
+            if not serial or name in one_thread:  # ``serial``, the ops between on one
                 return f(*args)
             torch.set_num_threads(threads)
             try:
@@ -269,7 +275,7 @@ class ModelRunner:
         try:
             for i, layer in enumerate(self.layers):
                 attn = layer.self_attn
-                qkv = wide(self.qkv[i], layer.input_layernorm(x))
+                qkv = wide(self.qkv[i], layer.input_layernorm(x), name="qkv")
                 q = qkv[:, :q_size].view(T, self.num_heads, D)
                 k = qkv[:, q_size : q_size + kv_size].view(T, H, D)
                 v = qkv[:, q_size + kv_size :].view(T, H, D)
@@ -283,9 +289,9 @@ class ModelRunner:
                     q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
                 self.k_cache[i][slots] = k
                 self.v_cache[i][slots] = v
-                x = x + wide(self.o_proj[i], wide(attend, i, q))
-                gate, up = wide(self.gate_up[i], layer.post_attention_layernorm(x)).chunk(2, -1)
-                x = x + wide(self.down_proj[i], layer.mlp.act_fn(gate) * up)
+                x = x + wide(self.o_proj[i], wide(attend, i, q, name="attend"), name="o")
+                gate, up = wide(self.gate_up[i], layer.post_attention_layernorm(x), name="gate_up").chunk(2, -1)
+                x = x + wide(self.down_proj[i], layer.mlp.act_fn(gate) * up, name="down")
         finally:
             if serial:
                 torch.set_num_threads(threads)
