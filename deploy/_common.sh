@@ -9,6 +9,11 @@ RUN_DIR="${SMCSERVE_RUN_DIR:-/tmp/smcserve-deploy}"
 # Never phone home from anything these scripts start (ray start gets --disable-usage-stats too).
 export RAY_USAGE_STATS_ENABLED=0
 
+# A raylet started by `ray start` runs its workers (our prefill and decode actors) at nice 15, so any
+# other busy process on the node (Ray's own GCS, raylet and agents among them) takes their cores first.
+# The raylet reads its system config from RAY_<name>; run the workers at the raylet's own priority.
+export RAY_worker_niceness="${RAY_WORKER_NICENESS:-0}"
+
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 log() { echo "[$(basename "$0")] $*" >&2; }
 

@@ -24,6 +24,8 @@
 #   RAY_DASHBOARD            1: start Ray's dashboard and job API (default 0: neither runs)
 #   RAY_DASHBOARD_HOST       the address they listen on (default 127.0.0.1: reach them through an SSH
 #                            tunnel); RAY_DASHBOARD_PORT (default 8265)
+#   RAY_WORKER_NICENESS      the nice value of the node's Ray workers (default 0; Ray's own default,
+#                            15, lets any busy process on the node starve the model's workers)
 #   SMCSERVE_RUN_DIR         where the session-id file goes (default /tmp/smcserve-deploy)
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"

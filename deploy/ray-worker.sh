@@ -17,6 +17,7 @@
 #   RAY_TEMP_DIR             Ray's temp root here (default: the head's)
 #   RAY_AUTH_MODE            token (default here) or disabled. With token, this machine needs the
 #                            head's ~/.ray/auth_token (copy it, or set RAY_AUTH_TOKEN; made 0600 here).
+#   RAY_WORKER_NICENESS      the nice value of the node's Ray workers (default 0, as ray-head.sh)
 #   SMCSERVE_RUN_DIR         where the session-id file goes (default /tmp/smcserve-deploy)
 #
 # A second node on the head's own machine needs its own dashboard-agent port and worker-port

@@ -104,3 +104,21 @@ def test_scheduler_killed_workers_free_its_requests_and_a_new_one_takes_over(clu
             report("scheduler killed → orphans freed", time.monotonic() - t_kill)
     finally:
         assert second.stop() == 0
+
+
+NICE_OF_A_WORKER = """
+import os, sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+print("nice", ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote()))
+"""
+
+
+def test_the_clusters_deploy_starts_run_workers_at_normal_priority(cluster):
+    """`ray start` runs a node's workers at nice 15 unless told otherwise: deploy/_common.sh tells it, so the
+    model's actors do not yield their cores to every other busy process of the node."""
+    env, ray_address, _ = cluster
+    out = subprocess.run(
+        [sys.executable, "-c", NICE_OF_A_WORKER, ray_address], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"nice {os.nice(0)}" in out.stdout.splitlines()  # the raylet's (started from here): Ray adds nothing
