@@ -42,11 +42,14 @@ def start(args):
     from ray.cluster_utils import Cluster
 
     from smcserve.loadtest.server_process import ServeProcess
+    from smcserve.scheduler.stack import RAY_SYSTEM_CONFIG
+
+    head = {"num_cpus": 2, "include_dashboard": False, "_system_config": RAY_SYSTEM_CONFIG}
 
     cluster = None
     for attempt in range(2):  # Ray waits a fixed 30 s for a raylet; a loaded machine can miss it once
         try:
-            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+            cluster = Cluster(initialize_head=True, head_node_args=head)
             break
         except Exception as err:
             if "timed out during startup" not in str(err) or attempt:

@@ -34,6 +34,10 @@ from smcserve.scheduler.server import DecodeHandle, ModelSummary, PrefillHandle,
 from smcserve.scheduler.validate import Limits
 
 log = logging.getLogger(__name__)
+# Ray runs workers at nice 15 by default: any other busy process of the node would starve them. For a
+# cluster of our own (a local one here; ``ray.cluster_utils.Cluster`` in tests and benches); nodes that
+# ``ray start`` starts get RAY_worker_niceness from deploy/_common.sh.
+RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 SECRET_ENV = "SMCSERVE_CLUSTER_SECRET"  # a fixed cluster secret for the decode workers (default: a fresh one)
 RAY_NAMESPACE = "smcserve"  # of the named worker actors on a joined cluster
 SERVICE_NAME = smcserve_pb2.DESCRIPTOR.services_by_name["SmcServe"].full_name
@@ -179,8 +183,7 @@ class Stack:
                     address="local",  # a new local cluster, never one left running on this machine
                     num_cpus=max(os.cpu_count() or 1, int(n * cfg.worker_cpus + 0.999)),
                     include_dashboard=False,
-                    # Ray runs workers at nice 15 by default: any other busy process would starve them
-                    _system_config={"worker_niceness": 0},
+                    _system_config=RAY_SYSTEM_CONFIG,
                 )
             self.started_ray = True
         wcfg = WorkerConfig(

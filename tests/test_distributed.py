@@ -16,9 +16,13 @@ def start_cluster():
     loaded two-core machine it has missed that (a raylet that never logged a line): one more try."""
     from ray.cluster_utils import Cluster
 
+    from smcserve.scheduler.stack import RAY_SYSTEM_CONFIG
+
+    head = {"num_cpus": 2, "include_dashboard": False, "_system_config": RAY_SYSTEM_CONFIG}
+
     for attempt in range(2):
         try:
-            return Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+            return Cluster(initialize_head=True, head_node_args=head)
         except Exception as err:
             if "timed out during startup" not in str(err) or attempt:
                 raise
