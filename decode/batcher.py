@@ -46,14 +46,19 @@ class Reservation:
 class ExtendJob:
     """Sequences outside the plain decode path (SMC particles) that ride in the next batched step.
 
-    ``complete`` receives their next-token logits (one row per table) in the loop's thread.
+    ``complete`` receives their next-token logits (one row per table) in the loop's thread; with
+    ``drafts`` (or ``hidden``) a row per token fed, and the trunk's hidden states of those tokens.
     """
 
     tables: list[BlockTable]
     tokens: list[int]
-    complete: Callable[[Any], Any]
+    complete: Callable[..., Any]
     live: Callable[[], bool] = lambda: True  # False once its request was closed: the job is dropped
     future: Future = field(default_factory=Future)
+    # speculative steering lanes (decode/particles.py): each table's drafted tokens, run after its token
+    # (rows [token, d1..dk] per table); set to None by :meth:`Batcher.allocate` when they do not fit
+    drafts: list[list[int]] | None = None
+    hidden: bool = False  # ``complete(logits, hidden)``: a row of each per token (the trunk's hidden states too)
 
 
 @dataclass
@@ -65,7 +70,8 @@ class Batch:
     seqs: list[DecodeSeq] = field(default_factory=list)  # rows 0 .. len(seqs) - 1
     jobs: list[tuple[ExtendJob, int, int]] = field(default_factory=list)  # (job, first row, rows)
     drafts: dict = field(default_factory=dict)  # request id → engine.speculative.Draft (speculative steps)
-    hidden: Any = None  # speculative steps: the trunk's last hidden states, a row per new token
+    hidden: Any = None  # forward_all steps: the trunk's last hidden states, a row per new token
+    speculative: bool = False  # the sequences' drafts were verified (a speculative step)
 
     @property
     def rows(self) -> int:
@@ -236,15 +242,31 @@ class Batcher:
                 full.append((seq, err))
         for job in jobs:
             try:
-                job_items = append_slots(self.bm, job.tables, job.tokens, batch.copies)
+                job_items = self._job_items(job, batch.copies)
             except OutOfBlocks as err:
                 job.future.set_exception(err)
                 continue
-            batch.jobs.append((job, batch.rows, len(job_items)))
+            batch.jobs.append((job, batch.rows, sum(len(it.tokens) for it in job_items)))
             batch.items += job_items
         for seq, err in full:
             self.retire(seq, FinishReason.ERROR, str(err), out_of_kv=True)
         return batch
+
+    def _job_items(self, job: ExtendJob, copies: list[tuple[int, int]]) -> list[SeqBatchItem]:
+        """Slots for a job's tokens: one per table, or with ``job.drafts`` the token and its drafts (one item
+        per table). Drafts that do not fit are dropped (``job.drafts`` = None): each table's token alone."""
+        if job.drafts:
+            starts = [t.num_tokens for t in job.tables]
+            try:
+                return [
+                    merge_items(append_slots(self.bm, [t] * (1 + len(d)), [token, *d], copies))
+                    for t, token, d in zip(job.tables, job.tokens, job.drafts)
+                ]
+            except OutOfBlocks:  # the copies made so far are kept (their blocks are the tables' own now)
+                for t, start in zip(job.tables, starts):
+                    self.bm.truncate(t, start)
+                job.drafts = None
+        return append_slots(self.bm, job.tables, job.tokens, copies)
 
     def emit(self, seq: DecodeSeq, token: int, logprob=None) -> None:
         """Record a sampled token, decide whether the sequence is finished and queue its event."""

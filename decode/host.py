@@ -14,6 +14,7 @@ import torch
 
 from smcserve.decode.batcher import ExtendJob, Reservation
 from smcserve.engine.block_manager import BlockTable
+from smcserve.engine.speculative import Speculator
 
 
 class ParticleHost(Protocol):
@@ -51,6 +52,19 @@ class ParticleHost(Protocol):
 
     def count_imported(self, n: int) -> None:
         """Count ``n`` particles that migrated in from another worker (``WorkerStats.particles_imported``)."""
+        ...
+
+    @property
+    def speculator(self) -> Speculator | None:
+        """The MTP heads' drafter (``--speculative mtp``; its ``stats`` count the drafts), or None."""
+        ...
+
+    def truncate(self, table: BlockTable, num_tokens: int) -> None:
+        """Keep the first ``num_tokens`` slots of ``table`` (rejected drafts' slots are rolled back)."""
+        ...
+
+    def count_drafts(self, k: int, accepted: int) -> None:
+        """Count a verify of ``k`` drafts of which the first ``accepted`` were accepted (``SpecStats``)."""
         ...
 
     def extend(self, job: ExtendJob) -> Future:

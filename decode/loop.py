@@ -31,7 +31,7 @@ from smcserve.engine.finish import FinishReason
 from smcserve.engine.model import LoadedModel
 from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
 from smcserve.engine.sampling import TokenLogprob, sample_tokens, token_logprobs
-from smcserve.engine.speculative import SpecStats
+from smcserve.engine.speculative import SpecStats, Speculator
 from smcserve.kvstore import KVStore
 from smcserve.kvstore.transfer import KVTransfer
 
@@ -217,6 +217,19 @@ class DecodeLoop:
         with self.lock:
             self.particles_imported += n
 
+    @property
+    def speculator(self) -> Speculator | None:
+        """The MTP drafter and its counters (``--speculative mtp``), None without speculation."""
+        return self.speculation.speculator if self.speculation is not None else None
+
+    def truncate(self, table: BlockTable, num_tokens: int) -> None:
+        with self.lock:
+            self.bm.truncate(table, num_tokens)
+
+    def count_drafts(self, k: int, accepted: int) -> None:
+        with self.lock:
+            self.speculation.speculator.stats.count(k, accepted)
+
     def prompt_logits(self, tokens: list[int]) -> torch.Tensor:
         """Next-token logits after every prefix of ``tokens`` ([len, vocab]), by the model itself (no KV kept)."""
         with torch.inference_mode():
@@ -270,9 +283,11 @@ class DecodeLoop:
             self.runner.copy_block(src, dst)
         if not plan.batch.items:
             return None
-        if drafts is None:
+        if drafts is None and not any(job.hidden for job, _, _ in plan.batch.jobs):
             return self.runner.forward(plan.batch.items)
-        logits, plan.batch.hidden = self.runner.forward_all(plan.batch.items)  # a row per token and draft
+        # a row per token and draft (the sequences', and the steering lanes' of jobs that want hidden states)
+        logits, plan.batch.hidden = self.runner.forward_all(plan.batch.items)
+        plan.batch.speculative = drafts is not None
         return logits
 
     def _drafts(self, seqs: list[DecodeSeq], jobs: list[ExtendJob]) -> dict | None:
@@ -292,7 +307,10 @@ class DecodeLoop:
             return
         for job, start, n in batch.jobs:
             try:
-                job.future.set_result(job.complete(logits[start : start + n]))
+                if job.hidden:
+                    job.future.set_result(job.complete(logits[start : start + n], batch.hidden[start : start + n]))
+                else:
+                    job.future.set_result(job.complete(logits[start : start + n]))
             except Exception as err:
                 job.future.set_exception(err)
         with self.lock:
@@ -302,7 +320,7 @@ class DecodeLoop:
         seqs = batch.seqs
         if not seqs:
             return
-        if batch.hidden is not None:
+        if batch.speculative:
             self._postprocess_speculative(batch, logits)
             return
         with self.lock:

@@ -8,11 +8,18 @@ times its potentials' factors, masked by the hard constraints and renormalised; 
 allowed mass) and ``smc.extension``, the same code the reference driver runs. Each child's uniform
 is a hash of (request seed, step, population index, child), so it does not depend on placement or
 batching; a patch's later tokens hash (seed, step, index, child, position).
+
+With ``--speculative mtp`` (and unless the request opts out) a patch's later tokens are drafted by the
+MTP heads, k per lane, and verified in one multi-position forward per lane set against exactly the
+proposal the per-token path would draw from at each position (``smc.speculative``): the patch's tokens,
+boundaries and increments have the same law as without drafts. The first token of a patch (K children
+from one proposal, maybe without replacement) is never speculative.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -24,6 +31,8 @@ from smcserve.decode.host import ParticleHost
 from smcserve.engine.block_manager import BlockTable
 from smcserve.engine.kv import chain_keys
 from smcserve.engine.sampling import SamplingParams, seeded_uniform
+from smcserve.engine.speculative import Draft, Speculator
+from smcserve.smc import speculative
 from smcserve.smc.extension import extend
 from smcserve.smc.patch import PatchRule, calibrate, entropy, stops_after, stops_before
 from smcserve.smc.potentials import (
@@ -34,8 +43,10 @@ from smcserve.smc.potentials import (
     combined_mask,
     companion_prompts,
 )
-from smcserve.smc.proposal import propose, stacked_masks, with_factors
+from smcserve.smc.proposal import Proposal, propose, stacked_masks, with_factors
 from smcserve.smc.vocab import Vocab
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +58,9 @@ class Particle:
     # a patch that ended before a token (an entropy boundary) keeps that token's logits (one row per
     # prompt): the tables then cover every generated token, and the next step needs no forward for it
     ahead: torch.Tensor | None = None
+    # speculative patches: the trunk's hidden states (prompt 0) of this patch's positions with KV, newest
+    # last (the heads' drafting window); between patches only the row of a particle kept ``ahead``
+    hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -194,7 +208,12 @@ class ParticleGroup:
                         p
                         if j == 0
                         else Particle(
-                            list(p.generated), clone_all(p.potentials), self._fork(p.tables), p.finished, p.ahead
+                            list(p.generated),
+                            clone_all(p.potentials),
+                            self._fork(p.tables),
+                            p.finished,
+                            p.ahead,
+                            p.hidden,
                         )
                     )
         except BaseException:
@@ -233,7 +252,7 @@ class ParticleGroup:
     def _free(self, particles) -> None:
         for p in particles:
             self.host.free(p.tables or [])
-            p.tables, p.ahead = None, None
+            p.tables, p.ahead, p.hidden = None, None, None
 
     # --- extension: a patch of batched steps -------------------------------------------------------
     def _check_items(self, items: list[tuple[str, int, int]]) -> list[Particle]:
@@ -268,9 +287,14 @@ class ParticleGroup:
         then each child alone, token by token, until its boundary (``smc.patch``). Every position is
         one batched step of the decode loop shared by the request's particles still in their patch;
         the next position's job is queued from the last one's ``complete``, so no position waits on
-        the caller. The future gets the children (their tokens and summed increments)."""
+        the caller. The future gets the children (their tokens and summed increments).
+
+        Speculating (:meth:`_speculator`), each position after the first is instead a verify step of
+        every lane: up to k drafts each, one forward over [last token, drafts] (:meth:`_verify`), so a
+        lane may advance several tokens per step and the lanes' positions differ."""
         parents = self._check_items(items)
         done: Future = Future()
+        spec = self._speculator()
 
         def failed(f: Future) -> None:  # a dropped or failed position fails the patch
             if f.exception() is not None and not done.done():
@@ -280,9 +304,29 @@ class ParticleGroup:
             job.future.add_done_callback(failed)
             self.host.extend(job)
 
-        def first(logits) -> None:
+        def first(logits, hidden=None) -> None:
+            if spec is not None:
+                windows = self._first_windows(items, parents, hidden)
             out, lanes = self._children(step, items, parents, logits)
-            advance(out, lanes, 1)
+            if spec is None:
+                advance(out, lanes, 1)
+                return
+            for c, p, _ in lanes:
+                p.hidden = windows.get(c.parent_id)
+            verify(out, lanes)
+
+        def verify(out: list[Child], lanes: list[tuple[Child, Particle, int]]) -> None:
+            """The lanes' next tokens, drafted and verified in one forward (positions vary by lane)."""
+            if not lanes:
+                done.set_result(out)
+                return
+            drafts = self._draft(spec, step, lanes)
+            ps = [p for _, p, _ in lanes]
+            job = self._job(ps, None)
+            job.drafts = [d.tokens for p, d in zip(ps, drafts) for _ in p.tables]
+            job.hidden = True
+            job.complete = lambda logits, hidden: verify(out, self._verify(step, lanes, drafts, job, logits, hidden))
+            follow(job)
 
         def advance(out: list[Child], lanes: list[tuple[Child, Particle, int]], position: int) -> None:
             if not lanes:
@@ -295,7 +339,9 @@ class ParticleGroup:
 
         forward = [p for p in parents if p.ahead is None]
         if forward:
-            follow(self._job(forward, first))
+            job = self._job(forward, first)
+            job.hidden = spec is not None  # the drafting windows start at the parents' last token
+            follow(job)
         else:  # every parent stopped before its next token: its logits are here already
             first(None)
         return done
@@ -316,12 +362,17 @@ class ParticleGroup:
         return torch.cat(rows)
 
     def _proposal(self, particles: list[Particle], logits: torch.Tensor, u: torch.Tensor):
+        rows, allowed = self._targets(particles, logits)
+        return propose(rows, allowed, u), rows, allowed
+
+    def _targets(self, particles: list[Particle], logits: torch.Tensor):
+        """Each particle's proposal before masking, log p0 + log φ [P, V], and its mask [P, V] (or None)."""
         m = len(self.prompts)
         logp = torch.log_softmax(logits.double() / self.params.temperature, dim=-1).view(len(particles), m, -1)
         factors = [combined_log_factor(p.potentials, list(logp[r, 1:])) for r, p in enumerate(particles)]
         rows = with_factors(logp[:, 0], factors)
         allowed = stacked_masks([combined_mask(p.potentials) for p in particles], rows.shape[1], rows.device)
-        return propose(rows, allowed, u), rows, allowed
+        return rows, allowed
 
     def _extend(self, p: Particle, prop, row: int, col: int):
         return extend(
@@ -412,3 +463,123 @@ class ParticleGroup:
                 going.append((c, p, index))
         self._count_held()
         return going
+
+    # --- speculative patches (--speculative mtp; smc.speculative) ------------------------------------
+    def _speculator(self) -> Speculator | None:
+        """The drafter when this request's patches speculate: the worker has MTP heads, the request did not
+        opt out (``disable_speculation``) and its patches have later tokens (``patch.max_tokens`` > 1). Not
+        the plain path's ``--speculative-max-batch`` limit: whether a lane speculates never depends on the
+        load, so a seeded request draws the same tokens however it is batched."""
+        spec = self.host.speculator
+        if spec is None or self.params.disable_speculation or self.patch.per_token:
+            return None
+        return spec
+
+    def _first_windows(self, items, parents: list[Particle], hidden: torch.Tensor | None) -> dict:
+        """Each parent's drafting window for its children's lanes, by particle id: the hidden state of its
+        last token (the forward's row of its first prompt, or the row it kept with ``ahead``). A window
+        depends on the particle's tokens alone, never on where it ran before: a seeded request reproduces."""
+        m, r, out = len(self.prompts), 0, {}
+        for (pid, _, _), p in zip(items, parents):
+            if p.ahead is not None:
+                row = p.hidden
+            else:
+                row = None if hidden is None else hidden[r * m : r * m + 1].clone()
+                r += 1
+            if row is not None:
+                out[pid] = row
+        return out
+
+    def _draft(self, spec: Speculator, step: int, lanes) -> list[Draft]:
+        """Each lane's drafts from the heads (unmasked; a forbidden draft is rejected at verification):
+        k = up to the worker's k, never past the patch's last position or the request's max_tokens; none for
+        a lane without a window yet. The draws hash (seed, step, index, child, position) in their stream."""
+        out = [Draft([]) for _ in lanes]
+        ready, seqs = [], []
+        for i, (c, p, index) in enumerate(lanes):
+            position = len(c.tokens)
+            k = min(spec.k, self.patch.max_tokens - 1 - position, self.params.max_tokens - len(p.generated) - 1)
+            if k < 1 or p.hidden is None:
+                continue
+            child = int(c.child_id.rsplit("/", 1)[1])
+            seed = speculative.draft_seed(self.params.seed, step, index, child, position)
+            params = dataclasses.replace(self.params, seed=seed, top_k=0, top_p=1.0)
+            ready.append(i)
+            seqs.append((p.hidden, self.prompts[0] + p.generated, params, k))
+        if seqs:
+            try:
+                for i, d in zip(ready, spec.draft(seqs)):
+                    out[i] = d
+            except Exception:  # drafting is an optimisation: the lanes go on a token at a time
+                log.exception("drafting for the steering request %s failed", self.request_id)
+        return out
+
+    def _verify(self, step: int, lanes, drafts: list[Draft], job: ExtendJob, logits, hidden):
+        """Each lane's tokens from its verify rows ([last token, d1..dk] per prompt), then its boundary;
+        returns the lanes that go on. The discarded positions' slots are rolled back."""
+        if job.drafts is None:  # no room for the drafts in the pool: each lane ran its token alone
+            drafts = [Draft([]) for _ in lanes]
+        m, row, going = len(self.prompts), 0, []
+        w = self.host.speculator.window
+        for (c, p, index), d in zip(lanes, drafts):
+            n = len(d.tokens) + 1
+            rows = logits[row : row + m * n].view(m, n, -1)
+            h = hidden[row : row + n]
+            row += m * n
+            starts = [t.num_tokens - n for t in p.tables]
+            kept, judged, accepted, goes = self._verify_lane(step, c, p, index, d, rows)
+            if judged:  # drafts a boundary discarded before their verdict are not counted
+                self.host.count_drafts(judged, accepted)
+            if p.finished:
+                continue  # freed
+            for t, start in zip(p.tables, starts):
+                self.host.truncate(t, start + kept)
+            window = h[:kept] if p.hidden is None else torch.cat([p.hidden, h[:kept]])
+            p.hidden = window[-w:].clone() if goes else (window[-1:].clone() if p.ahead is not None else None)
+            if goes:
+                going.append((c, p, index))
+        self._count_held()
+        return going
+
+    def _verify_lane(self, step: int, c: Child, p: Particle, index: int, d: Draft, rows: torch.Tensor):
+        """Position by position j (patch position ``len(c.tokens)``): the target p_j from ``rows[:, j]`` with
+        the potentials as the tokens so far left them; the entropy boundary before the token; the token
+        (the draft, accepted with probability min(1, p_j/q_j), else a draw from the residual; after every
+        draft, one from p_j); its increment and the boundaries after it, exactly as :meth:`_continue`.
+        Returns (slots kept: the fed positions up to j, drafts judged, drafts accepted, whether the lane
+        goes on)."""
+        k = len(d.tokens)
+        child = int(c.child_id.rsplit("/", 1)[1])
+        judged, accepted, uses = 0, 0, (speculative.ACCEPT, speculative.RESAMPLE)
+        for j in range(k + 1):
+            position = len(c.tokens)
+            target, allowed = self._targets([p], rows[:, j])
+            if math.isfinite(self.patch.entropy_threshold) and stops_before(
+                self.patch, position, float(entropy(target, allowed)[0])
+            ):
+                p.ahead = rows[:, j].clone()
+                return j + 1, judged, accepted, False
+            masked = target if allowed is None else target.masked_fill(~allowed[:, : target.shape[1]], -math.inf)
+            log_mass = torch.logsumexp(masked, dim=1)
+            token, hit = -1, False
+            if float(log_mass[0]) > -math.inf:
+                u = [speculative.lane_uniform(self.params.seed, step, index, child, position, use) for use in uses]
+                draft = d.tokens[j] if j < k else None
+                q = d.q[j] if j < k else None
+                token, hit = speculative.verify_token(torch.exp(masked[0] - log_mass[0]), q, draft, *u)
+            prop = Proposal(torch.tensor([[token]], dtype=torch.int64), log_mass)
+            ext = self._extend(p, prop, 0, 0)
+            if ext.token >= 0:
+                c.tokens.append(ext.token)
+            c.log_increment += ext.log_increment
+            judged, accepted = judged + (j < k and token >= 0), accepted + hit
+            if ext.finished:
+                p.finished = c.finished = True
+                c.finish_reason = ext.reason
+                self._free([p])
+                return j + 1, judged, accepted, False
+            if stops_after(self.patch, position, ext.log_increment):
+                return j + 1, judged, accepted, False
+            if not hit:  # a draw of its own (rejection, or past the drafts): the next verify starts from it
+                return j + 1, judged, accepted, True
+        raise AssertionError("unreachable: the position after the drafts never accepts a draft")

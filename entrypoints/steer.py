@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         max_tokens=args.max_tokens,
         seed=args.seed,
+        disable_speculation=args.no_speculation,
     )
     if args.extensions is not None:
         kw["extensions"] = args.extensions
@@ -257,6 +258,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="the LM proposal's temperature (> 0)")
     parser.add_argument(
         "--seed", type=int, default=None, help="seed; the same seed gives the same particles (default: random)"
+    )
+    parser.add_argument(
+        "--no-speculation",
+        action="store_true",
+        help="on a server with --speculative mtp: patches draw every token from the proposal (no MTP drafts)",
     )
     pg = parser.add_argument_group("potentials")
     pg.add_argument(

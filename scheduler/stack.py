@@ -93,7 +93,8 @@ class ServeConfig:
     )
     speculative: str = _field(
         "none",
-        "decoding: mtp = self-speculative with the model's MTP heads (smcserve mtp train); plain requests only",
+        "decoding: mtp = self-speculative with the model's MTP heads (smcserve mtp train): plain requests, and "
+        "steering requests' patches after their first token",
         choices=("none", "mtp"),
     )
     num_speculative_tokens: int = _field(3, "with --speculative mtp: tokens drafted per step (≤ the heads' depths)")
@@ -102,7 +103,8 @@ class ServeConfig:
     )
     speculative_max_batch: int = _field(
         DEFAULT_SPECULATIVE_MAX_BATCH,
-        "with --speculative mtp: above this many running sequences a step decodes plainly",
+        "with --speculative mtp: above this many running sequences a step decodes plainly (plain requests; "
+        "steering patches always draft)",
     )
     policy: str = _field("cache_global", "placement policy of the Conductor", choices=POLICY_NAMES)
     slo_ttft_ms: float = _field(0.0, "reject requests predicted to miss this TTFT; 0: off")

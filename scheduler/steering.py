@@ -203,7 +203,12 @@ class SteeringRun:
     def _sampling(self) -> pb.SamplingParams:
         p = self.params
         return pb.SamplingParams(
-            temperature=p.temperature, top_p=1.0, max_tokens=p.max_tokens, seed=p.seed, ignore_eos=p.ignore_eos
+            temperature=p.temperature,
+            top_p=1.0,
+            max_tokens=p.max_tokens,
+            seed=p.seed,
+            ignore_eos=p.ignore_eos,
+            disable_speculation=p.disable_speculation,  # patches draft with the MTP heads unless opted out
         )
 
     async def open(self, block_keys: list[str]) -> _Population:
