@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from smcserve.engine import paged_attention
 from smcserve.engine.device import to_device, to_host
 from smcserve.engine.kv import KVLayout
 from smcserve.engine.model import LoadedModel
+from smcserve.engine.paged_attention import PagedMask
 from smcserve.engine.quant import make_linear
 from smcserve.engine.single_row import narrow_ops
 
@@ -103,6 +105,9 @@ class ModelRunner:
         self.down_proj = [make_linear(q, la.mlp.down_proj.weight, la.mlp.down_proj.bias) for la in self.layers]
         self.head = make_linear(q, self.lm_head.weight, self.lm_head.bias)
         self.one_thread_ops: frozenset[str] | None = None  # of a one-row forward: engine/single_row.py
+        # attention: "flex", paged FlexAttention (engine/paged_attention.py), on CUDA; "sdpa" over gathered
+        # slots elsewhere (on the CPU the gather and SDPA beat FlexAttention's eager reference)
+        self.attention = "flex" if dev.type == "cuda" and paged_attention.available() else "sdpa"
 
     @property
     def block_bytes(self) -> int:
@@ -167,14 +172,22 @@ class ModelRunner:
         rows = [it.blocks[: -(-n // self.block_size)] for it, n in zip(items, lens)]
         table = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.long, device=dev)
         gather = (table[:, :, None] * self.block_size + self.arange_block).view(len(items), -1)[:, :max_len]
+        positions = torch.tensor([it.start for it in items], device=dev)
+        slots = gather[torch.arange(len(items), device=dev), positions]
+        tokens = torch.tensor([it.tokens[0] for it in items], device=dev)
+        B, H, D = len(items), self.layout.num_kv_heads, self.layout.head_dim
+        if self.attention == "flex":
+            paged = PagedMask.build(rows, positions[:, None], self.block_size, self.num_blocks, dev)
+
+            def attend_paged(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [B, Hq, D]
+                return paged.attend(q[:, :, None], self.k_cache[layer], self.v_cache[layer]).reshape(B, -1)
+
+            return self._run(tokens, positions, slots, attend_paged, last=None)
+
         valid = torch.arange(max_len, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
         # additive, in the query's dtype, made once for every layer (SDPA would convert a bool mask per layer)
         mask = torch.zeros(valid.shape, dtype=self.lm.dtype, device=dev).masked_fill_(~valid, float("-inf"))
         mask = mask[:, None, None, :]  # [B, 1, 1, S]
-        positions = torch.tensor([it.start for it in items], device=dev)
-        slots = gather[torch.arange(len(items), device=dev), positions]
-
-        B, H, D = len(items), self.layout.num_kv_heads, self.layout.head_dim
         flat = gather.reshape(-1)
         k_buf = torch.empty(flat.numel(), H * D, dtype=self.k_cache.dtype, device=dev)  # reused by every layer
         v_buf = torch.empty_like(k_buf)
@@ -187,7 +200,6 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
             return o.reshape(B, -1)
 
-        tokens = torch.tensor([it.tokens[0] for it in items], device=dev)
         return self._run(tokens, positions, slots, attend, last=None)
 
     def _positions(self, items: list[SeqBatchItem]) -> torch.Tensor:
@@ -211,17 +223,24 @@ class ModelRunner:
         slots = gather.gather(1, qpos.clamp(min=0))[real]
         H, D = self.layout.num_kv_heads, self.layout.head_dim
         flat = gather.view(-1)
+        paged = None
+        if self.attention == "flex":  # a padding row sees position 0 (no NaN; discarded)
+            tables = [it.blocks[: -(-e // self.block_size)] for it, e in zip(items, ends)]
+            paged = PagedMask.build(tables, qpos.clamp(min=0), self.block_size, self.num_blocks, dev)
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [T, Hq, D]
-            k = self.k_cache[layer].view(-1, H * D)[flat].view(B, S, H, D).transpose(1, 2)
-            v = self.v_cache[layer].view(-1, H * D)[flat].view(B, S, H, D).transpose(1, 2)
             if B == 1 and N == len(rows):  # one sequence, no padding
                 qp = q[None].transpose(1, 2)
             else:
                 qp = q.new_zeros(B * N, *q.shape[1:])
                 qp[rows] = q
                 qp = qp.view(B, N, *q.shape[1:]).transpose(1, 2)  # [B, Hq, N, D]
-            o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, enable_gqa=True)
+            if paged is not None:
+                o = paged.attend(qp, self.k_cache[layer], self.v_cache[layer])
+            else:
+                k = self.k_cache[layer].view(-1, H * D)[flat].view(B, S, H, D).transpose(1, 2)
+                v = self.v_cache[layer].view(-1, H * D)[flat].view(B, S, H, D).transpose(1, 2)
+                o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, enable_gqa=True)
             return o.transpose(1, 2).reshape(B * N, -1)[rows]
 
         tokens = torch.tensor([t for it in items for t in it.tokens], device=dev)

@@ -4,9 +4,12 @@ device would end up there and fail the forward, as it would be on the CPU beside
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
+from smcserve.engine import paged_attention
 from smcserve.engine.block_manager import BlockManager, BlockTable
 from smcserve.engine.device import resolve_device, to_device, to_host
 from smcserve.engine.model import load_model
@@ -99,3 +102,46 @@ def test_serve_on_cuda_without_a_gpu_is_a_clear_error():
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0
     assert "device: cuda asked for, but torch sees no CUDA device" in out.stderr + out.stdout
+
+
+def assert_flex_matches_sdpa(tiny_model_dir) -> None:
+    """Prompts, a forked sequence sharing blocks, ragged batched decode steps and a two-sequence
+    multi-position forward (padded queries): the paged FlexAttention path gives the SDPA path's logits."""
+    lm = load_model(str(tiny_model_dir), "float32", device="cpu")
+    prompts = [list(range(3, 3 + n)) for n in (5, 9, 14)]
+
+    def run(attention: str) -> list[torch.Tensor]:
+        runner, bm = ModelRunner(lm, 24, 4), BlockManager(24, 4)
+        runner.attention = attention
+        out = steps(runner, bm, prompts)
+        a, b = BlockTable(), BlockTable()
+        for _ in range(6):
+            bm.append_slot(a)
+        runner.forward([SeqBatchItem(list(range(40, 46)), 0, a.blocks)])
+        for _ in range(7):
+            bm.append_slot(b)
+        out.append(runner.forward_all([SeqBatchItem([50, 51], 4, a.blocks), SeqBatchItem([60] * 7, 0, b.blocks)])[0])
+        return out
+
+    sdpa, flex = run("sdpa"), run("flex")
+    assert len(sdpa) == len(flex) == 6
+    for x, y in zip(sdpa, flex):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+
+
+def test_paged_flex_attention_matches_sdpa_over_gathered_slots(tiny_model_dir):
+    """engine/paged_attention.py (the CUDA path's attention), run here with FlexAttention's eager reference
+    (which applies ``mask_mod`` to the whole pool)."""
+    assert_flex_matches_sdpa(tiny_model_dir)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_paged_flex_attention_reads_only_each_sequences_blocks(tiny_model_dir, monkeypatch):
+    """The eager reference applies ``mask_mod`` everywhere; a compiled kernel visits only the blocks the
+    ``BlockMask`` lists (its block-sparse half, what CUDA runs). Compiled here for the CPU (static shapes):
+    the same logits as SDPA, so each sequence's block list is right."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(paged_attention, "_kernel", lambda _device: compiled)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    assert_flex_matches_sdpa(tiny_model_dir)
