@@ -113,8 +113,14 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     probs = probs.double()
     cdf = torch.cumsum(probs, dim=-1)
     idx = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True)
-    last_positive = probs.shape[-1] - 1 - torch.argmax((probs > 0).flip(-1).view(torch.int8), dim=-1)
-    return torch.minimum(idx, last_positive.unsqueeze(1))
+    # An index below V has cdf[i] > cdf[i-1]: a positive probability. Only u·total rounded up to the total
+    # gives V; then the last index of positive probability (looked for in those rows alone).
+    over = (idx >= probs.shape[-1]).any(dim=1)
+    if bool(over.any()):
+        rows = over.nonzero().squeeze(1)
+        last_positive = probs.shape[-1] - 1 - torch.argmax((probs[rows] > 0).flip(-1).view(torch.int8), dim=-1)
+        idx[rows] = torch.minimum(idx[rows], last_positive.unsqueeze(1))
+    return idx
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, position: int) -> int:

@@ -57,6 +57,11 @@ def test_inverse_cdf_never_returns_zero_probability_tokens():
     p = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]], dtype=torch.float64)
     u = torch.tensor([[0.0, 0.4999, 0.5, 0.999999999999]], dtype=torch.float64)
     assert inverse_cdf(p, u).tolist() == [[1, 1, 3, 3]]
+    # u = 1 (not a seeded uniform, which stays below 1) lands past the trailing zeros: the last positive
+    # index, in that row only
+    p = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2], [0.5, 0.0, 0.5, 0.0, 0.0]])
+    u = torch.tensor([[1.0, 0.3], [0.5, 0.7], [0.9, 1.0]], dtype=torch.float64)
+    assert inverse_cdf(p, u).tolist() == [[3, 1], [2, 3], [2, 2]]
 
 
 def test_proposal_masks_renormalises_and_weights_by_the_allowed_mass():
