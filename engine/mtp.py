@@ -112,7 +112,7 @@ class MTPHeads(nn.Module):
         self.spec = spec
         inner = model.model
         d = model.config.hidden_size
-        self.shared = _Shared(inner.embed_tokens, inner.rotary_emb, model.lm_head)
+        self.shared = _Shared(inner.embed_tokens, inner.rotary_emb, inner.norm, model.lm_head)
         self.blocks = nn.ModuleList(copy.deepcopy(inner.layers[-1]) for _ in range(spec.depths))
         self.out_norms = nn.ModuleList(copy.deepcopy(inner.norm) for _ in range(spec.depths))
         if spec.style == "deepseek":
@@ -138,11 +138,6 @@ class MTPHeads(nn.Module):
             self._unembed = self.shared.lm_head.weight.detach()[self.vocab]
         return self._unembed
 
-    def vocab_index(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Each token's index in the draft vocabulary (-100, cross-entropy's ignore index, when absent)."""
-        i = torch.searchsorted(self.vocab, tokens.contiguous()).clamp(max=self.vocab.numel() - 1)
-        return torch.where(self.vocab[i] == tokens, i, torch.full_like(i, -100))
-
     # --- one depth -----------------------------------------------------------------------------
     def depth_hidden(
         self, k: int, prev: torch.Tensor, next_tokens: torch.Tensor | None, mask: torch.Tensor
@@ -162,10 +157,17 @@ class MTPHeads(nn.Module):
         """Depth ``k``'s logits over the draft vocabulary (index i is token ``vocab[i]``)."""
         return F.linear(self.out_norms[k](h), self.unembed()).float()
 
+    def trunk_logits(self, h0: torch.Tensor) -> torch.Tensor:
+        """The trunk's own next-token logits from its hidden states ``h0``, over the draft vocabulary (the
+        targets of self-distillation)."""
+        return F.linear(self.shared.norm(h0), self.unembed()).float()
+
     # --- drafting ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def draft(self, h0: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, pick) -> list[list[int]]:
-        """Draft ``depths`` tokens per row.
+    def draft(
+        self, h0: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, pick, depths: int | None = None
+    ) -> list[list[int]]:
+        """Draft ``depths`` tokens per row (default: every depth; the depths beyond do not run).
 
         ``h0`` [B, W, d]: trunk hidden states of the last W positions p (left-padded, ``valid`` [B, W]);
         ``tokens`` [B, W]: the token after each, ``x[p+1]`` (the last column is the token just decided).
@@ -174,7 +176,7 @@ class MTPHeads(nn.Module):
         """
         mask = window_mask(h0.shape[1], self.spec.window, valid)
         prev, toks, drafts = h0, tokens, []
-        for k in range(self.spec.depths):
+        for k in range(self.spec.depths if depths is None else depths):
             # depth k at p needs x[p+k+1]: shift in the drafts so far (the last column gets the newest)
             if self.spec.style == "deepseek" and k > 0:
                 toks = torch.cat([toks[:, 1:], drafts[-1][:, None]], dim=1)
@@ -188,8 +190,8 @@ class MTPHeads(nn.Module):
 class _Shared:
     """The trunk's modules the heads use but do not own (kept out of ``state_dict`` and ``parameters``)."""
 
-    def __init__(self, embed: nn.Module, rotary: nn.Module, lm_head: nn.Module):
-        self.embed, self.rotary, self.lm_head = embed, rotary, lm_head
+    def __init__(self, embed: nn.Module, rotary: nn.Module, norm: nn.Module, lm_head: nn.Module):
+        self.embed, self.rotary, self.norm, self.lm_head = embed, rotary, norm, lm_head
 
 
 # --- saving and loading ----------------------------------------------------------------------------
