@@ -85,21 +85,28 @@ def window_mask(n: int, window: int, valid: torch.Tensor | None = None) -> torch
     return mask
 
 
-def block_forward(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor):
-    """One decoder layer (the trunk's module layout: llama, mistral, qwen2/3) on ``x`` [B, T, d]."""
+def block_forward(
+    layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, last: int = 0
+):
+    """One decoder layer (the trunk's module layout: llama, mistral, qwen2/3) on ``x`` [B, T, d]; with
+    ``last``, the outputs of the last ``last`` positions only (every position still gives its key and value:
+    a draft's last depth needs one query, not the window's)."""
     a = layer.self_attn
     B, T, _ = x.shape
     D = a.head_dim
     h = layer.input_layernorm(x)
-    q = a.q_proj(h).view(B, T, -1, D)
     k = a.k_proj(h).view(B, T, -1, D)
     v = a.v_proj(h).view(B, T, -1, D)
+    if last:
+        x, h, mask = x[:, -last:], h[:, -last:], mask[..., -last:, :]
+    Q = x.shape[1]
+    q = a.q_proj(h).view(B, Q, -1, D)
     if hasattr(a, "q_norm"):
         q, k = a.q_norm(q), a.k_norm(k)
-    q = (q * cos + _rotate_half(q) * sin).transpose(1, 2)
+    q = (q * cos[:, -Q:] + _rotate_half(q) * sin[:, -Q:]).transpose(1, 2)
     k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, enable_gqa=True)
-    x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+    x = x + a.o_proj(o.transpose(1, 2).reshape(B, Q, -1))
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
@@ -140,10 +147,11 @@ class MTPHeads(nn.Module):
 
     # --- one depth -----------------------------------------------------------------------------
     def depth_hidden(
-        self, k: int, prev: torch.Tensor, next_tokens: torch.Tensor | None, mask: torch.Tensor
+        self, k: int, prev: torch.Tensor, next_tokens: torch.Tensor | None, mask: torch.Tensor, last: int = 0
     ) -> torch.Tensor:
         """Depth ``k`` (0-based) over [B, T] positions: ``prev`` the trunk's (gloeckle) or the previous
-        depth's (deepseek) hidden states, ``next_tokens`` the tokens ``x[p+k+1]`` (deepseek only)."""
+        depth's (deepseek) hidden states, ``next_tokens`` the tokens ``x[p+k+1]`` (deepseek only); ``last``:
+        the hidden states of the last ``last`` positions only."""
         if self.spec.style == "deepseek":
             e = self.shared.embed(next_tokens).to(prev.dtype)
             x = self.projs[k](torch.cat([self.h_norms[k](prev), self.e_norms[k](e)], dim=-1))
@@ -151,7 +159,7 @@ class MTPHeads(nn.Module):
             x = prev
         positions = torch.arange(x.shape[1])[None]
         cos, sin = self.shared.rotary(x, positions)
-        return block_forward(self.blocks[k], x, cos[:, :, None], sin[:, :, None], mask)
+        return block_forward(self.blocks[k], x, cos[:, :, None], sin[:, :, None], mask, last)
 
     def logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Depth ``k``'s logits over the draft vocabulary (index i is token ``vocab[i]``)."""
@@ -176,11 +184,14 @@ class MTPHeads(nn.Module):
         """
         mask = window_mask(h0.shape[1], self.spec.window, valid)
         prev, toks, drafts = h0, tokens, []
-        for k in range(self.spec.depths if depths is None else depths):
+        depths = self.spec.depths if depths is None else depths
+        for k in range(depths):
             # depth k at p needs x[p+k+1]: shift in the drafts so far (the last column gets the newest)
             if self.spec.style == "deepseek" and k > 0:
                 toks = torch.cat([toks[:, 1:], drafts[-1][:, None]], dim=1)
-            h = self.depth_hidden(k, prev, toks, mask)
+            # the next deepseek depth reads this one's whole window; otherwise only the last position counts
+            chained = self.spec.style == "deepseek" and k + 1 < depths
+            h = self.depth_hidden(k, prev, toks, mask, last=0 if chained else 1)
             drafts.append(self.vocab[pick(k, self.logits(k, h[:, -1]))])
             if self.spec.style == "deepseek":
                 prev = h

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from smcserve.engine.model import load_model
-from smcserve.engine.mtp import HeadsMismatch, MTPHeads, MTPSpec, load_heads, save_heads
+from smcserve.engine.mtp import HeadsMismatch, MTPHeads, MTPSpec, load_heads, save_heads, window_mask
 from smcserve.engine.mtp_train import (
     Corpus,
     TrainConfig,
@@ -101,6 +101,10 @@ def test_drafting_fewer_depths_runs_only_those(tiny):
     ran.clear()
     assert heads.draft(h0, toks, valid, argmax, depths=2) == [d[:2] for d in full]
     assert ran == [0, 1]
+    # a draft's last depth computes its last position only: the same hidden state as over the whole window
+    mask = window_mask(6, 8, valid)
+    whole = heads.depth_hidden(1, h0, toks, mask)
+    torch.testing.assert_close(heads.depth_hidden(1, h0, toks, mask, last=1), whole[:, -1:])
 
 
 def test_depth_k_is_distilled_from_the_trunk_at_p_plus_k_plus_1(tiny):
