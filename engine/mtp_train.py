@@ -1,10 +1,12 @@
 """Self-distillation of MTP heads (``smcserve mtp train``).
 
-1. The served model samples its own corpus from the instruction prompts shipped in
+1. The served model decodes its own corpus from the instruction prompts shipped in
    ``engine/mtp_prompts.json`` (the ``train`` set; ``heldout`` is for measuring).
 2. The trunk runs once over each sequence under ``no_grad``; its last hidden states are cached
    (``corpus.safetensors`` in the work folder, so a resumed run skips steps 1 and 2).
-3. The heads train on random windows of the cache, one head at a time (:func:`train_step`).
+3. The heads train on random windows of the cache, one head at a time (:func:`train_step`), each
+   depth towards the trunk's own next-token distribution at the position it drafts for (soft targets:
+   the trunk's logits are its unembedding of the cached hidden states, recomputed per batch).
 
 A checkpoint (heads and optimiser) is written every ``checkpoint_every`` steps; a run with the same
 work folder resumes from it.
