@@ -1,12 +1,16 @@
 """Self-speculative decoding with MTP heads against plain decoding, side by side in one run.
 
-    python -m bench.mtp [--model M] [--styles deepseek gloeckle] [--k 3] [--max-tokens 64]
+    python -m bench.mtp [--model M] [--styles deepseek gloeckle] [--k 2] [--max-tokens 64]
 
 Greedy decoding of the held-out instruction prompts (``engine/mtp_prompts.json``, never trained on)
-on one paged engine: single stream (one prompt at a time), 16 and 64 sequences at once; each
-configuration with and without MTP in ABBA order, the ratio of the faster wall times is the speedup
-(with the default ``--max-batch``, 8 as in ``smcserve serve``, 16 and 64 sequences decode plainly: the
-fall-back). Prints ONE JSON object:
+on one paged engine. ``mean_accepted_length`` and ``acceptance_per_depth``: every depth of the heads
+drafting (3 by default), the 16 held-out prompts one at a time. The timed runs draft ``--k`` tokens a
+step (default: ``smcserve serve``'s ``--num-speculative-tokens``, 2: on our Xeon a forward over 3
+positions costs about one over 1, one over 4 about 1.6x, ``step_cost_ratio_batch1_by_k``), their
+accepted length is ``mean_accepted_length_at_k``: single stream (one prompt at a time), 16 and 64
+sequences at once; each configuration with and without MTP in ABBA order, the ratio of the faster wall
+times is the speedup (with the default ``--max-batch``, 8 as in ``smcserve serve``, 16 and 64 sequences
+decode plainly: the fall-back). Prints ONE JSON object:
 the first style's figures at the top level and every style's under ``styles`` (heads from
 ``smcserve mtp train``; a style without heads is reported as missing).
 
@@ -14,7 +18,7 @@ the first style's figures at the top level and every style's under ``styles`` (h
 a speculative step (drafting k tokens per sequence and the forward over k+1 positions each) over that of
 a plain decode step (one position each), ``step_cost_ratio``, both on the same sequences (the fastest
 of ``--reps`` each, alternated). A speculative step yields ``mean_accepted_length`` tokens per sequence
-where a plain one yields 1, so speculation pays at B while ratio(B) < mean_accepted_length:
+where a plain one yields 1, so speculation pays at B while ratio(B) < mean_accepted_length_at_k:
 ``pays_up_to_batch`` is the largest such B (0: none).
 """
 
@@ -27,7 +31,7 @@ import time
 import torch
 
 from smcserve.engine.block_manager import BlockManager
-from smcserve.engine.config import DEFAULT_SPECULATIVE_MAX_BATCH
+from smcserve.engine.config import DEFAULT_NUM_SPECULATIVE_TOKENS, DEFAULT_SPECULATIVE_MAX_BATCH
 from smcserve.engine.model import load_model
 from smcserve.engine.model_runner import ModelRunner
 from smcserve.engine.mtp import load_heads, read_metadata
@@ -110,9 +114,13 @@ def step_cost_ratios(lm, heads, k: int, batches: list[int], reps: int) -> dict[i
 def measure(lm, heads, k: int, max_tokens: int, single: int, max_batch: int) -> dict:
     prompts = _prompts(lm, 64)
     out: dict = {}
-    speedup, dec = _side_by_side(lm, heads, k, prompts[:single], max_tokens, max_batch, 1)
+    # the heads' quality: every depth drafting, one held-out prompt at a time (not timed)
+    held_out = prompts[: len(instruction_prompts("heldout"))]
+    dec = _run(lm, heads, heads.spec.depths, held_out, max_tokens, max_batch, 1)[1]
     out["mean_accepted_length"] = round(dec.stats.mean_accepted_length, 3)
     out["acceptance_per_depth"] = [round(a, 3) for a in dec.stats.acceptance_per_depth]
+    speedup, dec = _side_by_side(lm, heads, k, prompts[:single], max_tokens, max_batch, 1)
+    out["mean_accepted_length_at_k"] = round(dec.stats.mean_accepted_length, 3)
     out["single_stream_speedup"] = round(speedup, 3)
     for n in (16, 64):
         out[f"batch{n}_speedup"] = round(_side_by_side(lm, heads, k, prompts[:n], max_tokens, max_batch, n)[0], 3)
@@ -123,7 +131,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--styles", nargs="+", default=["deepseek", "gloeckle"])
-    ap.add_argument("--k", type=int, default=3, help="drafted tokens per step")
+    ap.add_argument(
+        "--k", type=int, default=DEFAULT_NUM_SPECULATIVE_TOKENS, help="drafted tokens per step (timed runs)"
+    )
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--single", type=int, default=8, help="prompts decoded one at a time")
     ap.add_argument(
@@ -146,9 +156,11 @@ def main() -> None:
         k = min(args.k, heads.spec.depths)
         r = {} if args.no_speedups else measure(lm, heads, k, args.max_tokens, args.single, args.max_batch)
         ratios = step_cost_ratios(lm, heads, k, args.cost_batches, args.reps)
-        length = r.get("mean_accepted_length")
+        by_k = {j: step_cost_ratios(lm, heads, j, [1], args.reps)[1] for j in range(1, heads.spec.depths + 1)}
+        length = r.get("mean_accepted_length_at_k")
         r["fallback"] = {
             "step_cost_ratio": ratios,
+            "step_cost_ratio_batch1_by_k": by_k,
             "pays_up_to_batch": max([b for b, x in ratios.items() if length and x < length], default=0),
             "pays_up_to_batch_at_target_1.8": max([b for b, x in ratios.items() if x < TARGET_LENGTH], default=0),
             "serve_default": DEFAULT_SPECULATIVE_MAX_BATCH,

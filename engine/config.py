@@ -7,7 +7,9 @@ from dataclasses import dataclass, field, replace
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 
 DEFAULT_SPECULATIVE_MAX_BATCH = 8  # running sequences above which a step decodes plainly: bench.mtp's
-# step_cost_ratio (speculative step ÷ plain step, k = 3) is ~1.8 up to 8 and ≥ 2.3 from 16 on our Xeon (README)
+# step_cost_ratio (speculative step ÷ plain step, k = 2) is 1.4-1.9 up to 8 and ≥ 1.85 from 16 on our Xeon (README)
+DEFAULT_NUM_SPECULATIVE_TOKENS = 2  # drafts per step: MKL's fp32 GEMM over 1-3 rows costs about one row's (the
+# weights streamed once), over 4 rows about twice, so verifying 3 drafts costs ~1.6 plain steps, 2 drafts ~1
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per forward (``--prefill-chunk``): a cached request waits at most
 # this much of another prompt on the prefill worker; smaller chunks pay each forward's fixed cost more often (on
 # our Xeon a 1,024-token prompt took 1.63x as long in 64-token chunks, 1.19x in 128, 1.02x in 256)
@@ -34,7 +36,7 @@ class WorkerConfig:
     # prompt recompute), other work running between chunks; 0: a whole prompt at once
     speculative: str = ""  # decode workers: "mtp" (self-speculative decoding with the model's MTP heads) or off
     mtp_style: str = "deepseek"  # the heads' style: MODEL/mtp/STYLE.safetensors
-    num_speculative_tokens: int = 3  # drafts per step and sequence (≤ the heads' depths)
+    num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS  # drafts per step and sequence (≤ the heads' depths)
     speculative_max_batch: int = DEFAULT_SPECULATIVE_MAX_BATCH  # above this many running sequences: plain steps
 
     def same_but_secret(self, other: WorkerConfig) -> bool:

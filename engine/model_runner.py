@@ -157,6 +157,12 @@ class ModelRunner:
         return self.head(self.norm(x[last])).float()
 
     @torch.inference_mode()
+    def hidden_states(self, items: list[SeqBatchItem]) -> torch.Tensor:
+        """Run every item's new tokens (writing their KV); the last hidden states [T, d] (before the final
+        norm) of every new token, item after item, without the unembedding."""
+        return self._positions(items)
+
+    @torch.inference_mode()
     def forward_all(self, items: list[SeqBatchItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run every item's new tokens (writing their KV); return the logits [T, V] and last hidden states
         [T, d] (before the final norm) of every new token, item after item (speculative verification)."""

@@ -85,21 +85,28 @@ def window_mask(n: int, window: int, valid: torch.Tensor | None = None) -> torch
     return mask
 
 
-def block_forward(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor):
-    """One decoder layer (the trunk's module layout: llama, mistral, qwen2/3) on ``x`` [B, T, d]."""
+def block_forward(
+    layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, last: int = 0
+):
+    """One decoder layer (the trunk's module layout: llama, mistral, qwen2/3) on ``x`` [B, T, d]; with
+    ``last``, the outputs of the last ``last`` positions only (every position still gives its key and value:
+    a draft's last depth needs one query, not the window's)."""
     a = layer.self_attn
     B, T, _ = x.shape
     D = a.head_dim
     h = layer.input_layernorm(x)
-    q = a.q_proj(h).view(B, T, -1, D)
     k = a.k_proj(h).view(B, T, -1, D)
     v = a.v_proj(h).view(B, T, -1, D)
+    if last:
+        x, h, mask = x[:, -last:], h[:, -last:], mask[..., -last:, :]
+    Q = x.shape[1]
+    q = a.q_proj(h).view(B, Q, -1, D)
     if hasattr(a, "q_norm"):
         q, k = a.q_norm(q), a.k_norm(k)
-    q = (q * cos + _rotate_half(q) * sin).transpose(1, 2)
+    q = (q * cos[:, -Q:] + _rotate_half(q) * sin[:, -Q:]).transpose(1, 2)
     k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, enable_gqa=True)
-    x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+    x = x + a.o_proj(o.transpose(1, 2).reshape(B, Q, -1))
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
@@ -112,7 +119,7 @@ class MTPHeads(nn.Module):
         self.spec = spec
         inner = model.model
         d = model.config.hidden_size
-        self.shared = _Shared(inner.embed_tokens, inner.rotary_emb, model.lm_head)
+        self.shared = _Shared(inner.embed_tokens, inner.rotary_emb, inner.norm, model.lm_head)
         self.blocks = nn.ModuleList(copy.deepcopy(inner.layers[-1]) for _ in range(spec.depths))
         self.out_norms = nn.ModuleList(copy.deepcopy(inner.norm) for _ in range(spec.depths))
         if spec.style == "deepseek":
@@ -138,17 +145,13 @@ class MTPHeads(nn.Module):
             self._unembed = self.shared.lm_head.weight.detach()[self.vocab]
         return self._unembed
 
-    def vocab_index(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Each token's index in the draft vocabulary (-100, cross-entropy's ignore index, when absent)."""
-        i = torch.searchsorted(self.vocab, tokens.contiguous()).clamp(max=self.vocab.numel() - 1)
-        return torch.where(self.vocab[i] == tokens, i, torch.full_like(i, -100))
-
     # --- one depth -----------------------------------------------------------------------------
     def depth_hidden(
-        self, k: int, prev: torch.Tensor, next_tokens: torch.Tensor | None, mask: torch.Tensor
+        self, k: int, prev: torch.Tensor, next_tokens: torch.Tensor | None, mask: torch.Tensor, last: int = 0
     ) -> torch.Tensor:
         """Depth ``k`` (0-based) over [B, T] positions: ``prev`` the trunk's (gloeckle) or the previous
-        depth's (deepseek) hidden states, ``next_tokens`` the tokens ``x[p+k+1]`` (deepseek only)."""
+        depth's (deepseek) hidden states, ``next_tokens`` the tokens ``x[p+k+1]`` (deepseek only); ``last``:
+        the hidden states of the last ``last`` positions only."""
         if self.spec.style == "deepseek":
             e = self.shared.embed(next_tokens).to(prev.dtype)
             x = self.projs[k](torch.cat([self.h_norms[k](prev), self.e_norms[k](e)], dim=-1))
@@ -156,16 +159,23 @@ class MTPHeads(nn.Module):
             x = prev
         positions = torch.arange(x.shape[1])[None]
         cos, sin = self.shared.rotary(x, positions)
-        return block_forward(self.blocks[k], x, cos[:, :, None], sin[:, :, None], mask)
+        return block_forward(self.blocks[k], x, cos[:, :, None], sin[:, :, None], mask, last)
 
     def logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Depth ``k``'s logits over the draft vocabulary (index i is token ``vocab[i]``)."""
         return F.linear(self.out_norms[k](h), self.unembed()).float()
 
+    def trunk_logits(self, h0: torch.Tensor) -> torch.Tensor:
+        """The trunk's own next-token logits from its hidden states ``h0``, over the draft vocabulary (the
+        targets of self-distillation)."""
+        return F.linear(self.shared.norm(h0), self.unembed()).float()
+
     # --- drafting ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def draft(self, h0: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, pick) -> list[list[int]]:
-        """Draft ``depths`` tokens per row.
+    def draft(
+        self, h0: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, pick, depths: int | None = None
+    ) -> list[list[int]]:
+        """Draft ``depths`` tokens per row (default: every depth; the depths beyond do not run).
 
         ``h0`` [B, W, d]: trunk hidden states of the last W positions p (left-padded, ``valid`` [B, W]);
         ``tokens`` [B, W]: the token after each, ``x[p+1]`` (the last column is the token just decided).
@@ -174,11 +184,14 @@ class MTPHeads(nn.Module):
         """
         mask = window_mask(h0.shape[1], self.spec.window, valid)
         prev, toks, drafts = h0, tokens, []
-        for k in range(self.spec.depths):
+        depths = self.spec.depths if depths is None else depths
+        for k in range(depths):
             # depth k at p needs x[p+k+1]: shift in the drafts so far (the last column gets the newest)
             if self.spec.style == "deepseek" and k > 0:
                 toks = torch.cat([toks[:, 1:], drafts[-1][:, None]], dim=1)
-            h = self.depth_hidden(k, prev, toks, mask)
+            # the next deepseek depth reads this one's whole window; otherwise only the last position counts
+            chained = self.spec.style == "deepseek" and k + 1 < depths
+            h = self.depth_hidden(k, prev, toks, mask, last=0 if chained else 1)
             drafts.append(self.vocab[pick(k, self.logits(k, h[:, -1]))])
             if self.spec.style == "deepseek":
                 prev = h
@@ -188,8 +201,8 @@ class MTPHeads(nn.Module):
 class _Shared:
     """The trunk's modules the heads use but do not own (kept out of ``state_dict`` and ``parameters``)."""
 
-    def __init__(self, embed: nn.Module, rotary: nn.Module, lm_head: nn.Module):
-        self.embed, self.rotary, self.lm_head = embed, rotary, lm_head
+    def __init__(self, embed: nn.Module, rotary: nn.Module, norm: nn.Module, lm_head: nn.Module):
+        self.embed, self.rotary, self.norm, self.lm_head = embed, rotary, norm, lm_head
 
 
 # --- saving and loading ----------------------------------------------------------------------------

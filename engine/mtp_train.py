@@ -1,10 +1,12 @@
 """Self-distillation of MTP heads (``smcserve mtp train``).
 
-1. The served model samples its own corpus from the instruction prompts shipped in
+1. The served model decodes its own corpus from the instruction prompts shipped in
    ``engine/mtp_prompts.json`` (the ``train`` set; ``heldout`` is for measuring).
 2. The trunk runs once over each sequence under ``no_grad``; its last hidden states are cached
    (``corpus.safetensors`` in the work folder, so a resumed run skips steps 1 and 2).
-3. The heads train on random windows of the cache, one head at a time (:func:`train_step`).
+3. The heads train on random windows of the cache, one head at a time (:func:`train_step`), each
+   depth towards the trunk's own next-token distribution at the position it drafts for (soft targets:
+   the trunk's logits are its unembedding of the cached hidden states, recomputed per batch).
 
 A checkpoint (heads and optimiser) is written every ``checkpoint_every`` steps; a run with the same
 work folder resumes from it.
@@ -37,17 +39,17 @@ def instruction_prompts(split: str = "train") -> list[str]:
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int = 2500
     batch: int = 8  # windows per step
     seq_len: int = 64  # tokens per window
-    lr: float = 1e-3
-    completions: int = 2  # sampled completions per training prompt
+    lr: float = 2e-3
+    completions: int = 6  # completions per training prompt (the first greedy)
     max_tokens: int = 160  # tokens per completion
-    temperature: float = 0.8
+    temperature: float = 0.7
     seed: int = 0
     checkpoint_every: int = 50
     draft_vocab: int = 8192  # the corpus's most frequent tokens the heads draft from (0: the whole vocabulary)
-    minutes: float = 0.0  # > 0: stop (after a checkpoint) once this much training time has passed
+    minutes: float = 20.0  # > 0: stop (after a checkpoint) once this much wall time has passed (rerun to go on)
 
 
 # --- corpus ----------------------------------------------------------------------------------------
@@ -76,8 +78,9 @@ def trunk_hidden(lm: LoadedModel, tokens: list[int]) -> torch.Tensor:
 def generate_corpus(
     lm: LoadedModel, prompts: list[str], cfg: TrainConfig, progress: Callable[[int], None] = lambda n: None
 ) -> list[list[int]]:
-    """Prompt + sampled completion token lists, ``cfg.completions`` per prompt, decoded by the paged
-    engine in batches (seeded: the same config gives the same corpus)."""
+    """Prompt + completion token lists, ``cfg.completions`` per prompt (the first greedy, as the drafts are
+    mostly verified greedily, the others sampled at ``cfg.temperature`` for variety), decoded by the paged
+    engine 64 at a time (seeded: the same config gives the same corpus)."""
     from smcserve.engine.block_manager import BlockManager
     from smcserve.engine.model_runner import ModelRunner
     from smcserve.engine.sampling import SamplingParams
@@ -92,19 +95,18 @@ def generate_corpus(
         else:
             ids.append(tok.encode(p))
     jobs = [(p, c) for c in range(cfg.completions) for p in ids]
-    batch, block = 32, 16
+    batch, block = 64, 16
     longest = max(len(p) for p in ids) + cfg.max_tokens
     num_blocks = batch * (-(-longest // block) + 1)
     out: list[list[int]] = []
     for i in range(0, len(jobs), batch):
         runner = ModelRunner(lm, num_blocks, block)
         dec = SpeculativeDecoder(runner, BlockManager(num_blocks, block), None, 0, lm.eos_token_ids)
-        seqs = [
-            SpecSeq(
-                p, SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed + 7919 * c + n)
-            )
-            for n, (p, c) in enumerate(jobs[i : i + batch], start=i)
-        ]
+        seqs = []
+        for n, (p, c) in enumerate(jobs[i : i + batch], start=i):
+            temperature = 0.0 if c == 0 else cfg.temperature
+            params = SamplingParams(temperature=temperature, max_tokens=cfg.max_tokens, seed=cfg.seed + 7919 * c + n)
+            seqs.append(SpecSeq(p, params))
         dec.generate(seqs)
         out += [s.tokens for s in seqs]
         progress(len(seqs))
@@ -153,16 +155,51 @@ class Corpus:
         return torch.stack(hs), torch.stack(ts)
 
 
+def trunk_hidden_many(lm: LoadedModel, seqs: list[list[int]], chunk: int = 4096) -> list[torch.Tensor]:
+    """:func:`trunk_hidden` of every sequence on the paged engine (the hidden states drafting reads),
+    about ``chunk`` tokens per forward and no unembedding."""
+    from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
+
+    block = 16
+    longest = max(len(s) for s in seqs)
+    runner = ModelRunner(lm, (max(chunk, longest) + block * len(seqs)) // block + 1, block)
+    out: list[torch.Tensor] = []
+    i = 0
+    while i < len(seqs):
+        items, n, b = [], 0, 0
+        while i < len(seqs) and (not items or n + len(seqs[i]) <= chunk):
+            nb = -(-len(seqs[i]) // block)
+            items.append(SeqBatchItem(list(seqs[i]), 0, list(range(b, b + nb))))
+            n, b, i = n + len(seqs[i]), b + nb, i + 1
+        hidden = runner.hidden_states(items)
+        end = 0
+        for it in items:
+            start, end = end, end + len(it.tokens)
+            out.append(hidden[start:end].float().clone())  # a plain tensor (autograd may save it)
+    return out
+
+
 def build_corpus(lm: LoadedModel, prompts: list[str], cfg: TrainConfig, progress=lambda n: None) -> Corpus:
     seqs = generate_corpus(lm, prompts, cfg, progress)
-    return Corpus([torch.tensor(s) for s in seqs], [trunk_hidden(lm, s) for s in seqs])
+    return Corpus([torch.tensor(s) for s in seqs], trunk_hidden_many(lm, seqs))
 
 
 # --- one training step -------------------------------------------------------------------------------
-def depth_targets(tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depth ``k`` (0-based) at position p reads ``x[p+k+1]`` and predicts ``x[p+k+2]``: (inputs, targets)."""
-    T = tokens.shape[1]
-    return tokens[:, k + 1 : T], tokens[:, k + 2 :]
+def distill_targets(heads: MTPHeads, hidden: torch.Tensor) -> torch.Tensor:
+    """The trunk's next-token log-probabilities at every position of the windows [B, T, V'], restricted to
+    the draft vocabulary and renormalised: depth k (0-based) at position p reads ``x[p+k+1]`` and learns
+    the trunk's distribution of ``x[p+k+2]``, its row at position p+k+1."""
+    with torch.no_grad():
+        return F.log_softmax(heads.trunk_logits(hidden), dim=-1)
+
+
+def distill_loss(logits: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
+    """KL(trunk ‖ head) per position, mean: the soft cross-entropy less the trunk's entropy (0: a perfect
+    draft distribution)."""
+    V = logits.shape[-1]
+    return F.kl_div(
+        F.log_softmax(logits.reshape(-1, V), -1), target_logp.reshape(-1, V), log_target=True, reduction="batchmean"
+    )
 
 
 def train_step(
@@ -172,7 +209,7 @@ def train_step(
     trunk_tail: Callable[[torch.Tensor], torch.Tensor] | None = None,
     head_by_head: bool = True,
 ) -> list[float]:
-    """Accumulate the gradients of one step; return each depth's mean cross-entropy.
+    """Accumulate the gradients of one step; return each depth's mean KL to the trunk.
 
     ``hidden`` [B, T, d] are the cached trunk hidden states, or, with ``trunk_tail`` (fine-tuning the
     last trunk layers), that tail's inputs. The order follows Gloeckle et al.: the trunk output z is
@@ -183,20 +220,19 @@ def train_step(
     """
     z = trunk_tail(hidden) if trunk_tail is not None else hidden
     d = z.detach().requires_grad_(trunk_tail is not None)
+    target = distill_targets(heads, d.detach())
     mask = window_mask(tokens.shape[1], heads.spec.window)
     prev, losses, total = d, [], []
     for k in range(heads.spec.depths):
-        inputs, targets = depth_targets(tokens, k)
-        n = inputs.shape[1]
-        h = heads.depth_hidden(k, prev[:, :n], inputs, mask[..., :n, :n])
-        logits = heads.logits(k, h[:, : targets.shape[1]])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), heads.vocab_index(targets).reshape(-1))
+        n = tokens.shape[1] - k - 1
+        h = heads.depth_hidden(k, prev[:, :n], tokens[:, k + 1 :], mask[..., :n, :n])
+        loss = distill_loss(heads.logits(k, h), target[:, k + 1 :])
         losses.append(loss.item())
         if head_by_head:
             loss.backward()
         else:
             total.append(loss)
-        del logits, loss
+        del loss
         if heads.spec.style == "deepseek":
             prev = h.detach()
     if not head_by_head:
@@ -208,16 +244,14 @@ def train_step(
 
 @torch.no_grad()
 def depth_losses(heads: MTPHeads, hidden: torch.Tensor, tokens: torch.Tensor) -> list[float]:
-    """Each depth's mean cross-entropy on a batch of windows (no gradients)."""
+    """Each depth's mean KL to the trunk on a batch of windows (no gradients)."""
+    target = distill_targets(heads, hidden)
     mask = window_mask(tokens.shape[1], heads.spec.window)
     prev, losses = hidden, []
     for k in range(heads.spec.depths):
-        inputs, targets = depth_targets(tokens, k)
-        n = inputs.shape[1]
-        h = heads.depth_hidden(k, prev[:, :n], inputs, mask[..., :n, :n])
-        logits = heads.logits(k, h[:, : targets.shape[1]])
-        target = heads.vocab_index(targets).reshape(-1)
-        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target).item())
+        n = tokens.shape[1] - k - 1
+        h = heads.depth_hidden(k, prev[:, :n], tokens[:, k + 1 :], mask[..., :n, :n])
+        losses.append(distill_loss(heads.logits(k, h), target[:, k + 1 :]).item())
         if heads.spec.style == "deepseek":
             prev = h
     return losses
@@ -306,7 +340,7 @@ def train(
     work.mkdir(parents=True, exist_ok=True)
     prompts = instruction_prompts("train") if prompts is None else prompts
     fp = weights_fingerprint(lm)
-    corpus_path = work / f"corpus-{fp}-{cfg.completions}x{cfg.max_tokens}-{cfg.seed}.safetensors"
+    corpus_path = work / f"corpus-{fp}-{cfg.completions}x{cfg.max_tokens}-t{cfg.temperature}-{cfg.seed}.safetensors"
     if corpus is not None:
         pass
     elif corpus_path.is_file():
@@ -322,7 +356,7 @@ def train(
         heads.set_vocab(corpus.frequent_tokens(cfg.draft_vocab))
     heads.train()
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
-    meta = {"fingerprint": fp, "spec": json.dumps(spec.__dict__), "seed": str(cfg.seed)}
+    meta = {"fingerprint": fp, "spec": json.dumps(spec.__dict__), "seed": str(cfg.seed), "corpus": corpus_path.name}
     ckpt = work / f"checkpoint-{spec.style}.safetensors"
     start = _load_checkpoint(ckpt, heads, opt, meta)
     rng = random.Random(cfg.seed * 1_000_003 + start)

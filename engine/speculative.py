@@ -155,7 +155,7 @@ class Speculator:
                 qs[b].append(torch.zeros(self.vocab_size, dtype=torch.float64).index_copy_(0, heads.vocab, q_sub))
             return idx
 
-        drafted = heads.draft(h0, toks, valid, pick)
+        drafted = heads.draft(h0, toks, valid, pick, max(k for *_, k in seqs))
         return [Draft(drafted[b][:k], torch.stack(qs[b][:k]) if qs[b] else None) for b, (_, _, _, k) in enumerate(seqs)]
 
     def verify(self, logits: torch.Tensor, draft: Draft, params: SamplingParams, index: int) -> tuple[int, list[int]]:

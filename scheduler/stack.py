@@ -16,7 +16,12 @@ import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from smcserve.engine.config import DEFAULT_SPECULATIVE_MAX_BATCH, WorkerConfig, parse_size
+from smcserve.engine.config import (
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
+    DEFAULT_SPECULATIVE_MAX_BATCH,
+    WorkerConfig,
+    parse_size,
+)
 from smcserve.engine.device import resolve_device
 from smcserve.engine.dtype import CANDIDATES as DTYPE_CANDIDATES
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
@@ -97,7 +102,9 @@ class ServeConfig:
         "steering requests' patches after their first token",
         choices=("none", "mtp"),
     )
-    num_speculative_tokens: int = _field(3, "with --speculative mtp: tokens drafted per step (≤ the heads' depths)")
+    num_speculative_tokens: int = _field(
+        DEFAULT_NUM_SPECULATIVE_TOKENS, "with --speculative mtp: tokens drafted per step (≤ the heads' depths)"
+    )
     mtp_style: str = _field(
         "deepseek", "with --speculative mtp: which heads, MODEL/mtp/STYLE.safetensors", choices=STYLES
     )

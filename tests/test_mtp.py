@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from smcserve.engine.model import load_model
-from smcserve.engine.mtp import HeadsMismatch, MTPHeads, MTPSpec, load_heads, save_heads
+from smcserve.engine.mtp import HeadsMismatch, MTPHeads, MTPSpec, load_heads, save_heads, window_mask
 from smcserve.engine.mtp_train import (
     Corpus,
     TrainConfig,
@@ -20,6 +20,7 @@ from smcserve.engine.mtp_train import (
     train,
     train_step,
     trunk_hidden,
+    trunk_hidden_many,
     trunk_tail_fn,
 )
 
@@ -73,6 +74,57 @@ def test_heads_roundtrip_and_refuse_other_weights(tiny, tiny_model_dir, tmp_path
         load_heads(lm2, tmp_path / "deepseek.safetensors")
     with pytest.raises(FileNotFoundError, match="smcserve mtp train"):
         load_heads(lm2)
+
+
+def test_trunk_hidden_many_is_each_sequences_own(tiny):
+    """The paged engine's batched pass (several sequences a forward, several forwards) gives each sequence
+    the hidden states of the model run on it alone."""
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (7, 20, 3, 33, 16, 17)]
+    many = trunk_hidden_many(tiny, seqs, chunk=40)  # 40 tokens a forward: 4 forwards
+    assert [h.shape[0] for h in many] == [len(s) for s in seqs]
+    for s, h in zip(seqs, many):
+        torch.testing.assert_close(h, trunk_hidden(tiny, s), atol=1e-4, rtol=1e-4)
+
+
+def test_drafting_fewer_depths_runs_only_those(tiny):
+    heads = MTPHeads(tiny.model, MTPSpec("deepseek", depths=3, window=8))
+    ran = []
+    for k, block in enumerate(heads.blocks):
+        block.mlp.register_forward_hook(lambda *_, k=k: ran.append(k))  # block_forward calls its parts
+    h0 = torch.randn(2, 6, tiny.config.hidden_size)
+    toks = torch.randint(0, 100, (2, 6))
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    argmax = lambda k, logits: logits.argmax(-1)  # noqa: E731
+    full = heads.draft(h0, toks, valid, argmax)
+    assert ran == [0, 1, 2]
+    ran.clear()
+    assert heads.draft(h0, toks, valid, argmax, depths=2) == [d[:2] for d in full]
+    assert ran == [0, 1]
+    # a draft's last depth computes its last position only: the same hidden state as over the whole window
+    mask = window_mask(6, 8, valid)
+    whole = heads.depth_hidden(1, h0, toks, mask)
+    torch.testing.assert_close(heads.depth_hidden(1, h0, toks, mask, last=1), whole[:, -1:])
+
+
+def test_depth_k_is_distilled_from_the_trunk_at_p_plus_k_plus_1(tiny):
+    """The alignment of self-distillation: depth k (0-based) at position p reads x[p+k+1] and is scored
+    against the trunk's distribution at p+k+1 (that of x[p+k+2], the token it drafts). Heads whose logits
+    are exactly that distribution have zero loss at every depth; heads one position early do not."""
+    heads = MTPHeads(tiny.model, MTPSpec("deepseek", depths=3, window=16))
+    hidden = torch.randn(2, 12, tiny.config.hidden_size)
+    tokens = torch.randint(0, 100, (2, 12))
+
+    def losses(shift: int) -> list[float]:
+        def logits(k, h):  # the trunk's logits at p + k + 1 + shift (kept on the autograd graph of h)
+            n = h.shape[1]
+            return heads.trunk_logits(hidden[:, k + 1 + shift : k + 1 + shift + n]) + 0 * h[..., :1]
+
+        heads.logits = logits
+        return train_step(heads, hidden, tokens)
+
+    assert max(losses(0)) < 1e-5, losses(0)
+    assert min(losses(-1)) > 1e-2, losses(-1)
 
 
 def test_generate_corpus_samples_the_model(tiny):
