@@ -567,7 +567,7 @@ class ParticleGroup:
                 draft = d.tokens[j] if j < k else None
                 q = d.q[j] if j < k else None
                 token, hit = speculative.verify_token(torch.exp(masked[0] - log_mass[0]), q, draft, *u)
-            prop = Proposal(torch.tensor([[token]], dtype=torch.int64), log_mass)
+            prop = Proposal(torch.tensor([[token]], dtype=torch.int64, device=log_mass.device), log_mass)
             ext = self._extend(p, prop, 0, 0)
             if ext.token >= 0:
                 c.tokens.append(ext.token)

@@ -72,16 +72,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
-def window_mask(n: int, window: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+def window_mask(n: int, window: int, valid: torch.Tensor | None = None, device=None) -> torch.Tensor:
     """Causal sliding-window mask ``[B or 1, 1, n, n]``: query i sees keys j with i - window < j ≤ i
-    (and ``valid[b, j]``, for left-padded rows)."""
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
+    (and ``valid[b, j]``, for left-padded rows); on ``valid``'s device (else ``device``)."""
+    device = valid.device if valid is not None else device
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
     mask = (j <= i) & (i - j < window)
     mask = mask[None, None]
     if valid is not None:
         mask = mask & valid[:, None, None, :]
-        mask = mask | torch.eye(n, dtype=torch.bool)[None, None]  # a padded query attends to itself (no NaN)
+        # a padded query attends to itself (no NaN)
+        mask = mask | torch.eye(n, dtype=torch.bool, device=device)[None, None]
     return mask
 
 
@@ -132,11 +134,11 @@ class MTPHeads(nn.Module):
         self.register_buffer("vocab", torch.arange(model.config.vocab_size))  # draft vocabulary (token ids)
         self._unembed: torch.Tensor | None = None
         ref = next(model.parameters())
-        self.to(dtype=ref.dtype)
+        self.to(device=ref.device, dtype=ref.dtype)
 
     def set_vocab(self, token_ids: torch.Tensor) -> None:
         """Restrict the drafts to ``token_ids`` (ascending)."""
-        self.vocab = torch.as_tensor(token_ids, dtype=torch.long).sort().values
+        self.vocab = torch.as_tensor(token_ids, dtype=torch.long, device=self.vocab.device).sort().values
         self._unembed = None
 
     def unembed(self) -> torch.Tensor:
@@ -157,7 +159,7 @@ class MTPHeads(nn.Module):
             x = self.projs[k](torch.cat([self.h_norms[k](prev), self.e_norms[k](e)], dim=-1))
         else:
             x = prev
-        positions = torch.arange(x.shape[1])[None]
+        positions = torch.arange(x.shape[1], device=x.device)[None]
         cos, sin = self.shared.rotary(x, positions)
         return block_forward(self.blocks[k], x, cos[:, :, None], sin[:, :, None], mask, last)
 

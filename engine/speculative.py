@@ -97,10 +97,12 @@ def accept_drafts(
         residual = (p[j] - q[j]).clamp(min=0)
         if float(residual.sum()) <= 0:  # p == q: no rejection is possible, but numerically guard
             residual = p[j]
-        u = torch.tensor([[seeded_uniform(seed, index, RESAMPLE)]], dtype=torch.float64)
+        u = torch.tensor([[seeded_uniform(seed, index, RESAMPLE)]], dtype=torch.float64, device=p.device)
         out.append(int(inverse_cdf(residual[None], u)[0, 0]))
         return j, out
-    u = torch.tensor([[seeded_uniform(seed, first_index + len(drafts), RESAMPLE)]], dtype=torch.float64)
+    u = torch.tensor(
+        [[seeded_uniform(seed, first_index + len(drafts), RESAMPLE)]], dtype=torch.float64, device=p.device
+    )
     out.append(int(inverse_cdf(p[len(drafts)][None], u)[0, 0]))
     return len(drafts), out
 
@@ -134,13 +136,14 @@ class Speculator:
         heads = self.heads
         W = max(h.shape[0] for h, *_ in seqs)
         d = seqs[0][0].shape[1]
-        h0 = torch.zeros(len(seqs), W, d, dtype=seqs[0][0].dtype)
-        toks = torch.zeros(len(seqs), W, dtype=torch.long)
-        valid = torch.zeros(len(seqs), W, dtype=torch.bool)
+        dev = seqs[0][0].device
+        h0 = torch.zeros(len(seqs), W, d, dtype=seqs[0][0].dtype, device=dev)
+        toks = torch.zeros(len(seqs), W, dtype=torch.long, device=dev)
+        valid = torch.zeros(len(seqs), W, dtype=torch.bool, device=dev)
         for b, (hidden, tokens, _, _) in enumerate(seqs):
             n = hidden.shape[0]
             h0[b, W - n :] = hidden.to(h0.device)
-            toks[b, W - n :] = torch.tensor(tokens[len(tokens) - n :])  # x[p+1] for each position p
+            toks[b, W - n :] = torch.tensor(tokens[len(tokens) - n :], device=dev)  # x[p+1] for each position p
             valid[b, W - n :] = True
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
 
@@ -150,9 +153,12 @@ class Speculator:
                 if params.temperature == 0.0:
                     continue
                 q_sub = target_probs(logits[b], params)
-                u = torch.tensor([[seeded_uniform(params.seed, len(tokens) + k, DRAFT)]], dtype=torch.float64)
+                u = torch.tensor(
+                    [[seeded_uniform(params.seed, len(tokens) + k, DRAFT)]], dtype=torch.float64, device=dev
+                )
                 idx[b] = inverse_cdf(q_sub[None], u)[0, 0]
-                qs[b].append(torch.zeros(self.vocab_size, dtype=torch.float64).index_copy_(0, heads.vocab, q_sub))
+                q = torch.zeros(self.vocab_size, dtype=torch.float64, device=dev)
+                qs[b].append(q.index_copy_(0, heads.vocab, q_sub))
             return idx
 
         drafted = heads.draft(h0, toks, valid, pick, max(k for *_, k in seqs))
@@ -276,7 +282,7 @@ class SpeculativeDecoder:
         """One token from the trunk's ``logits`` (plain: no draft) at token index ``index``."""
         if s.params.temperature == 0.0:
             return int(logits.argmax())
-        u = torch.tensor([[seeded_uniform(s.params.seed, index, RESAMPLE)]], dtype=torch.float64)
+        u = torch.tensor([[seeded_uniform(s.params.seed, index, RESAMPLE)]], dtype=torch.float64, device=logits.device)
         return int(inverse_cdf(target_probs(logits, s.params)[None], u)[0, 0])
 
     def _emit(self, s: SpecSeq, tokens: list[int]) -> None:

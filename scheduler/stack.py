@@ -176,8 +176,6 @@ class Stack:
         # the launcher's view of the device decides for every worker (on a cluster: nodes alike)
         device = resolve_device(cfg.device)
         self.device = str(device)
-        if cfg.speculative == "mtp" and device.type != "cpu":
-            raise ValueError(f"--speculative mtp: the MTP heads draft on the CPU only for now, not on {device}")
         threads = cfg.threads or os.cpu_count()
         choice = await asyncio.to_thread(resolve_dtype_choice, cfg.dtype, model_path, threads, device)
         dtype, self.dtype, self.dtype_reason = choice.torch_dtype, choice.dtype, choice.reason
