@@ -9,7 +9,7 @@ step (default: ``smcserve serve``'s ``--num-speculative-tokens``, 2: on our Xeon
 positions costs about one over 1, one over 4 about 1.6x, ``step_cost_ratio_batch1_by_k``), their
 accepted length is ``mean_accepted_length_at_k``: single stream (one prompt at a time), 16 and 64
 sequences at once; each configuration with and without MTP in ABBA order, the ratio of the faster wall
-times is the speedup (with the default ``--max-batch``, 8 as in ``smcserve serve``, 16 and 64 sequences
+times is the speedup (with the default ``--max-batch``, 1 as in ``smcserve serve``, 16 and 64 sequences
 decode plainly: the fall-back). Prints ONE JSON object:
 the first style's figures at the top level and every style's under ``styles`` (heads from
 ``smcserve mtp train``; a style without heads is reported as missing).
