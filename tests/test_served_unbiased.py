@@ -124,12 +124,12 @@ def targets(tables, temperature: float) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_dir, in_process_stack):
-    """The real stack on the tiny model, its scheduler in this process (see the module docstring)."""
+def tiny_stack_config(tiny_dir, **more):
+    """The served tests' configuration: the tiny model, one prefill and two decode workers (``more``: other
+    ``ServeConfig`` fields)."""
     from smcserve.scheduler.stack import ServeConfig
 
-    config = ServeConfig(
+    return ServeConfig(
         model=str(tiny_dir),
         dtype="float32",
         prefill_workers=1,
@@ -138,8 +138,14 @@ def stack(tiny_dir, in_process_stack):
         threads=1,
         kv_cache="16mb",
         redis_maxmemory="64mb",
+        **more,
     )
-    with in_process_stack(config, num_cpus=3) as st:
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_dir, in_process_stack):
+    """The real stack on the tiny model, its scheduler in this process (see the module docstring)."""
+    with in_process_stack(tiny_stack_config(tiny_dir), num_cpus=3) as st:
         yield st
 
 
@@ -264,19 +270,24 @@ def test_tiny_model_is_served_with_its_vocabulary(stack, client):
     assert out.text == "".join(TEXTS[t] for t in out.token_ids if t != EOS_ID)
 
 
+def allowed_product_log_weight(tables_t, y: tuple[int, ...]) -> float:
+    """Σ_t log Σ_v G(v) p_P(v)·p_Q(v)^w at the prefixes of ``y``, from one temperature's enumeration tables."""
+    lp1, lp2 = tables_t
+    out = 0.0
+    for t in range(len(y)):
+        allowed = [v for v in range(len(PIECES)) if hard_ok(y[:t] + (v,), FORBIDDEN, MAX_WORD)]
+        out += math.log(math.fsum(math.exp(lp1[y[:t]][v] + WEIGHT * lp2[y[:t]][v]) for v in allowed))
+    return out
+
+
 def test_served_weights_are_the_allowed_product_mass(client, tables):
     """No resampling: each particle's log weight is Σ_t log Σ_v G(v) p_P(v)·p_Q(v)^w at its prefixes,
     computed from the enumeration tables (tempered at T = 0.8 here), with no finish term."""
-    lp1, lp2 = tables[0.8]
     res = steer(client, 123, 0.8, scheme="multinomial", ess_threshold=0.0)
     check_particles(res)
     for p in res.particles:
         y = tuple(p.token_ids)
-        expected = 0.0
-        for t in range(len(y)):
-            allowed = [v for v in range(len(PIECES)) if hard_ok(y[:t] + (v,), FORBIDDEN, MAX_WORD)]
-            expected += math.log(math.fsum(math.exp(lp1[y[:t]][v] + WEIGHT * lp2[y[:t]][v]) for v in allowed))
-        assert p.log_weight == pytest.approx(expected, abs=1e-4), y
+        assert p.log_weight == pytest.approx(allowed_product_log_weight(tables[0.8], y), abs=1e-4), y
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))

@@ -14,15 +14,11 @@ that an opted-out request drafts nothing.
 
 from __future__ import annotations
 
-import math
 import time
 
 import pytest
 from test_served_unbiased import (  # noqa: F401  (module-scoped fixtures, one instance for this module)
-    FORBIDDEN,
-    MAX_WORD,
-    PIECES,
-    WEIGHT,
+    allowed_product_log_weight,
     check_particles,
     check_unbiased,
     estimates,
@@ -33,8 +29,8 @@ from test_served_unbiased import (  # noqa: F401  (module-scoped fixtures, one i
     tables,
     targets,
     tiny_dir,
+    tiny_stack_config,
 )
-from tiny_vocab import hard_ok
 
 from smcserve.client import Client
 
@@ -51,23 +47,11 @@ def stack(tiny_dir, in_process_stack):  # noqa: F811
 
     from smcserve.engine.model import load_model
     from smcserve.engine.mtp import MTPHeads, MTPSpec, save_heads
-    from smcserve.scheduler.stack import ServeConfig
 
     lm = load_model(str(tiny_dir), "float32")
     torch.manual_seed(0)
     save_heads(MTPHeads(lm.model, MTPSpec("deepseek", K_DRAFT, 8)), lm)
-    config = ServeConfig(
-        model=str(tiny_dir),
-        dtype="float32",
-        prefill_workers=1,
-        decode_workers=2,
-        port=0,
-        threads=1,
-        kv_cache="16mb",
-        redis_maxmemory="64mb",
-        speculative="mtp",
-        num_speculative_tokens=K_DRAFT,
-    )
+    config = tiny_stack_config(tiny_dir, speculative="mtp", num_speculative_tokens=K_DRAFT)
     with in_process_stack(config, num_cpus=3) as st:
         yield st
 
@@ -114,17 +98,12 @@ def test_served_speculative_patches_are_unbiased(client, tables, rule):  # noqa:
 
 def test_served_speculative_patch_weights_are_the_allowed_product_mass(client, tables, rule):  # noqa: F811
     """No resampling: each particle's log weight is Σ_t log Σ_allowed p_P·p_Q^w, as without MTP."""
-    lp1, lp2 = tables[1.0]
     for seed in range(3):
         res = steer(client, seed, 1.0, scheme="multinomial", ess_threshold=0.0, **rule)
         check_particles(res)
         for p in res.particles:
             y = tuple(p.token_ids)
-            expected = 0.0
-            for t in range(len(y)):
-                allowed = [v for v in range(len(PIECES)) if hard_ok(y[:t] + (v,), FORBIDDEN, MAX_WORD)]
-                expected += math.log(math.fsum(math.exp(lp1[y[:t]][v] + WEIGHT * lp2[y[:t]][v]) for v in allowed))
-            assert p.log_weight == pytest.approx(expected, abs=1e-4), y
+            assert p.log_weight == pytest.approx(allowed_product_log_weight(tables[1.0], y), abs=1e-4), y
 
 
 def test_seeded_steering_with_mtp_reproduces_and_opting_out_drafts_nothing(client, rule):
