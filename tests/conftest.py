@@ -94,8 +94,9 @@ def _in_process_stack(config, num_cpus: int = 2, start_timeout: float = 300, **r
 
     import ray
 
-    from smcserve.scheduler.stack import Stack
+    from smcserve.scheduler.stack import RAY_SYSTEM_CONFIG, Stack
 
+    ray_kw.setdefault("_system_config", RAY_SYSTEM_CONFIG)  # workers at nice 0, as a served local cluster's
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="scheduler-loop", daemon=True)
     thread.start()

@@ -70,7 +70,7 @@ def live_stack(monkeypatch, in_process_stack):
 
     monkeypatch.setattr(stack_mod, "SchedulerService", capture)
     config = stack_mod.ServeConfig(dtype="float32", port=0, threads=1, kv_cache="256mb", redis_maxmemory="128mb")
-    with in_process_stack(config, start_timeout=600, _system_config={"worker_niceness": 0}) as st:
+    with in_process_stack(config, start_timeout=600) as st:
         yield st, services[0]
 
 
