@@ -222,17 +222,18 @@ class ModelRunner:
             qpos[b, : len(it.tokens)] = torch.arange(it.start, ends[b], device=dev)
         real = qpos >= 0
         rows = real.view(-1).nonzero().squeeze(1)  # flat [B * N] index of each new token, item after item
-        mask = torch.arange(S, device=dev)[None, None, :] <= qpos[:, :, None]
-        mask[:, :, 0] |= ~real  # a padding row attends to slot 0 (no NaN; discarded)
-        mask = mask[:, None]  # [B, 1, N, S]
         positions = qpos[real]
         slots = gather.gather(1, qpos.clamp(min=0))[real]
         H, D = self.layout.num_kv_heads, self.layout.head_dim
         flat = gather.view(-1)
-        paged = None
+        paged = mask = None
         if self.attention == "flex":  # a padding row sees position 0 (no NaN; discarded)
             tables = [it.blocks[: -(-e // self.block_size)] for it, e in zip(items, ends)]
             paged = PagedMask.build(tables, qpos.clamp(min=0), self.block_size, self.num_blocks, dev)
+        else:
+            mask = torch.arange(S, device=dev)[None, None, :] <= qpos[:, :, None]
+            mask[:, :, 0] |= ~real  # a padding row attends to slot 0 (no NaN; discarded)
+            mask = mask[:, None]  # [B, 1, N, S]
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [T, Hq, D]
             if B == 1 and N == len(rows):  # one sequence, no padding
