@@ -18,18 +18,19 @@ import torch.nn.functional as F
 
 from smcserve.engine import paged_attention
 from smcserve.engine.device import to_device, to_host
+from smcserve.engine.few_rows import FEW_ROWS, plan
 from smcserve.engine.kv import KVLayout
 from smcserve.engine.model import LoadedModel
 from smcserve.engine.paged_attention import PagedMask
 from smcserve.engine.quant import make_linear
-from smcserve.engine.single_row import narrow_ops
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 # Forwards of at most this many tokens (decode batches) run their small elementwise ops (norms, rotary,
 # residuals, activation, KV writes) on one thread and only GEMMs and attention on all: waking a sleeping
 # OpenMP thread (OMP_WAIT_POLICY=passive, or a busy machine) costs ~60 us, 15x such an op at batch 64.
 # Elementwise results do not depend on the thread count, so the logits are unchanged. A one-row forward
-# (a single stream) also runs the products that are faster so on one thread (engine/single_row.py).
+# (a single stream) also runs the products that are faster so on one thread, and a forward of a few rows
+# computes each product the way round that is faster (engine/few_rows.py).
 SERIAL_MAX_TOKENS = 256
 
 
@@ -104,7 +105,8 @@ class ModelRunner:
         self.o_proj = [make_linear(q, la.self_attn.o_proj.weight, la.self_attn.o_proj.bias) for la in self.layers]
         self.down_proj = [make_linear(q, la.mlp.down_proj.weight, la.mlp.down_proj.bias) for la in self.layers]
         self.head = make_linear(q, self.lm_head.weight, self.lm_head.bias)
-        self.one_thread_ops: frozenset[str] | None = None  # of a one-row forward: engine/single_row.py
+        self.one_thread_ops: frozenset[str] | None = None  # of a one-row forward: engine/few_rows.py
+        self.planned: set[int] = set()  # row counts whose products' formulation is chosen (engine/few_rows.py)
         # attention: "flex", paged FlexAttention (engine/paged_attention.py), on CUDA; "sdpa" over gathered
         # slots elsewhere (on the CPU the gather and SDPA beat FlexAttention's eager reference)
         self.attention = "flex" if dev.type == "cuda" and paged_attention.available() else "sdpa"
@@ -154,7 +156,7 @@ class ModelRunner:
             return self._decode(items)
         x = self._positions(items)
         last = torch.tensor(list(itertools.accumulate(len(it.tokens) for it in items)), device=self.device) - 1
-        return self.head(self.norm(x[last])).float()
+        return self._head(x[last])
 
     @torch.inference_mode()
     def hidden_states(self, items: list[SeqBatchItem]) -> torch.Tensor:
@@ -167,7 +169,7 @@ class ModelRunner:
         """Run every item's new tokens (writing their KV); return the logits [T, V] and last hidden states
         [T, d] (before the final norm) of every new token, item after item (speculative verification)."""
         x = self._positions(items)
-        return self.head(self.norm(x)).float(), x
+        return self._head(x), x
 
     def _decode(self, items: list[SeqBatchItem]) -> torch.Tensor:
         """One new token per sequence, attention over each sequence's own (padded) slots."""
@@ -264,7 +266,29 @@ class ModelRunner:
         x = self.trunk(tokens, positions, slots, attend)
         if last is not None:
             x = x[last]
+        return self._head(x)
+
+    def products(self) -> dict[str, list]:
+        """Every matrix product of a forward, by name: each layer's, and the LM head."""
+        return {"qkv": self.qkv, "o": self.o_proj, "gate_up": self.gate_up, "down": self.down_proj, "head": [self.head]}
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits (float32) of the last hidden states ``x`` [T, d]."""
+        self._plan(x.shape[0])
         return self.head(self.norm(x)).float()
+
+    def _plan(self, rows: int) -> None:
+        """Choose, once per row count, how a forward of a few rows runs (engine/few_rows.py)."""
+        if rows > FEW_ROWS or rows in self.planned:
+            return
+        chosen = plan(self, rows, torch.get_num_threads())
+        products = self.products()
+        for name in chosen.columns:
+            for lin in products[name]:
+                lin.columns.add(rows)
+        if rows == 1 and self.one_thread_ops is None:
+            self.one_thread_ops = chosen.one_thread
+        self.planned.add(rows)
 
     def trunk(
         self,
@@ -283,9 +307,8 @@ class ModelRunner:
         q_size, kv_size = self.num_heads * D, H * D
         threads = torch.get_num_threads()
         serial = T <= SERIAL_MAX_TOKENS and threads > 1 and self.device.type == "cpu"
-        if serial and T == 1 and self.one_thread_ops is None:
-            self.one_thread_ops = narrow_ops(self, threads)
-        one_thread = self.one_thread_ops if serial and T == 1 else frozenset()
+        self._plan(T)
+        one_thread = (self.one_thread_ops or frozenset()) if serial and T == 1 else frozenset()
 
         def wide(f, *args, name: str):  # a GEMM or attention on every thread (unless ``one_thread``); with
             if not serial or name in one_thread:  # ``serial``, the ops between on one

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smcserve.engine.few_rows import columns_faster
 from smcserve.engine.model import LoadedModel, model_fingerprint
+from smcserve.engine.quant import columns_product
 
 STYLES = ("deepseek", "gloeckle")
 DEFAULT_DEPTHS = 3
@@ -165,7 +167,10 @@ class MTPHeads(nn.Module):
 
     def logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Depth ``k``'s logits over the draft vocabulary (index i is token ``vocab[i]``)."""
-        return F.linear(self.out_norms[k](h), self.unembed()).float()
+        x, w = self.out_norms[k](h), self.unembed()
+        if x.dim() == 2 and not torch.is_grad_enabled() and columns_faster(w, x.shape[0]):  # drafting
+            return columns_product(x, w, None).float()
+        return F.linear(x, w).float()
 
     def trunk_logits(self, h0: torch.Tensor) -> torch.Tensor:
         """The trunk's own next-token logits from its hidden states ``h0``, over the draft vocabulary (the

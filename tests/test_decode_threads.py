@@ -3,10 +3,12 @@ the logits are bit for bit those of the all-threads forward, and the thread coun
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from smcserve.decode.loop import append_tokens
-from smcserve.engine import model_runner, single_row
+from smcserve.engine import few_rows, model_runner, quant
 from smcserve.engine.block_manager import BlockManager, BlockTable
 from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
 
@@ -46,10 +48,17 @@ def test_serial_small_ops_change_no_logit_and_restore_the_threads(real_model, mo
         assert torch.equal(a, b)
 
 
-def single_row_logits(lm, one_thread_ops: frozenset[str], seen: dict[str, set[int]]) -> torch.Tensor:
-    """A prompt's prefill then 4 one-row decode steps with ``one_thread_ops`` on one thread; ``seen``
-    collects the thread counts the Q/K/V and O products ran with."""
+def single_row_logits(
+    lm, one_thread_ops: frozenset[str], seen: dict[str, set[int]], columns: bool = False
+) -> torch.Tensor:
+    """A prompt's prefill then 4 one-row decode steps with ``one_thread_ops`` on one thread and every
+    product computed as ``W @ x.T`` if ``columns`` (else as ``F.linear``); ``seen`` collects the thread
+    counts the Q/K/V and O products ran with."""
     runner = ModelRunner(lm, 16, 16)
+    runner.planned.add(1)  # the formulation is set here, not timed
+    for linears in runner.products().values():
+        for lin in linears:
+            lin.columns = {1} if columns else set()
     for name, linears in (("qkv", runner.qkv), ("o", runner.o_proj)):
         for i, f in enumerate(linears):
             linears[i] = lambda x, f=f, name=name: seen[name].add(torch.get_num_threads()) or f(x)
@@ -65,32 +74,87 @@ def single_row_logits(lm, one_thread_ops: frozenset[str], seen: dict[str, set[in
     return torch.cat(rows)
 
 
-def test_one_row_ops_on_one_thread_change_no_logit(real_model):
-    """engine/single_row.py: a single stream's step may run any of its ops on one thread (chosen by timing);
-    the logits are bit for bit the same, and the chosen ops really run on one thread."""
+@pytest.mark.parametrize("columns", [False, True], ids=["rows", "columns"])
+def test_one_row_ops_on_one_thread_change_no_logit(real_model, columns):
+    """engine/few_rows.py: a single stream's step may run on one thread any op whose result is the same so
+    (``narrowable``, checked on this CPU; the plan then chooses among them by timing): with every such op
+    on one thread the logits are bit for bit the same, either way round the products are computed, and
+    the ops really run on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        ops = few_rows.narrowable(ModelRunner(real_model, 4, 16), 2)
         narrow_seen, wide_seen = {"qkv": set(), "o": set()}, {"qkv": set(), "o": set()}
-        narrow = single_row_logits(real_model, frozenset(single_row.OPS), narrow_seen)
-        wide = single_row_logits(real_model, frozenset(), wide_seen)
+        narrow = single_row_logits(real_model, ops, narrow_seen, columns)
+        wide = single_row_logits(real_model, frozenset(), wide_seen, columns)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
-    assert narrow_seen == {"qkv": {1}, "o": {1}}
+    assert ops <= frozenset(few_rows.OPS) and ops & {"qkv", "o", "gate_up", "down"}  # products: so far on every CPU
+    assert narrow_seen == {name: {1} if name in ops else {2} for name in ("qkv", "o")}
     assert wide_seen == {"qkv": {2}, "o": {2}}
     assert torch.equal(narrow, wide)
 
 
-def test_the_one_thread_choice_is_timed_once_and_restores_the_threads(real_model):
+def test_only_ops_whose_result_is_the_same_are_narrowable(real_model, monkeypatch):
+    """An op whose one-thread result differs (here: attention made to depend on the thread count) is never
+    run on one thread, however fast."""
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        few_rows.F, "scaled_dot_product_attention", lambda *a, **k: sdpa(*a, **k) + torch.get_num_threads()
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(few_rows, "_NARROWABLE", {})  # not what other tests checked
+        monkeypatch.setattr(few_rows, "_PLANS", {})
+        runner = ModelRunner(real_model, 4, 16)
+        assert "attend" not in few_rows.narrowable(runner, 2)
+        assert "attend" not in few_rows.plan(runner, 1, 2).one_thread
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_plan_is_timed_once_per_row_count_and_restores_the_threads(real_model):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         runner = ModelRunner(real_model, 4, 16)
-        chosen = single_row.narrow_ops(runner, 2)
+        one = few_rows.plan(runner, 1, 2)
         assert torch.get_num_threads() == 2
-        assert chosen <= frozenset(single_row.OPS)
-        assert single_row.narrow_ops(ModelRunner(real_model, 4, 16), 2) is chosen  # once per process and shape
-        assert single_row.narrow_ops(runner, 1) == frozenset()  # one thread: nothing to choose
+        assert one.one_thread <= few_rows.narrowable(runner, 2) <= frozenset(few_rows.OPS)
+        assert one.columns <= frozenset(few_rows.PRODUCTS)
+        assert few_rows.plan(ModelRunner(real_model, 4, 16), 1, 2) is one  # once per process, shape and rows
+        three = few_rows.plan(runner, 3, 2)
+        assert three.one_thread == frozenset()  # only a one-row forward runs products on one thread
+        assert few_rows.plan(runner, 1, 1).one_thread == frozenset()  # one thread: nothing to choose
+        assert few_rows.plan(runner, few_rows.FEW_ROWS + 1, 2) == few_rows.RowPlan()
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_columns_formulation_runs_and_keeps_the_logits(real_model, rows, monkeypatch):
+    """A forward of a few rows with every product as ``W @ x.T`` (engine/few_rows.py) gives F.linear's logits
+    up to float rounding and the same greedy tokens; the products really run that way round."""
+    calls = []
+    real = quant.columns_product
+    monkeypatch.setattr(quant, "columns_product", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+
+    def logits(columns: bool) -> torch.Tensor:
+        runner = ModelRunner(real_model, 16, 16)
+        runner.planned.add(rows)
+        for linears in runner.products().values():
+            for lin in linears:
+                lin.columns = {rows} if columns else set()
+        blocks = list(range(16))
+        runner.forward([SeqBatchItem(list(range(200, 237)), 0, blocks)])
+        calls.clear()  # the prompt's last row went through the head
+        return runner.forward_all([SeqBatchItem(list(range(500, 500 + rows)), 37, blocks)])[0]
+
+    plain = logits(False)
+    assert calls == []
+    cols = logits(True)
+    assert set(calls) == {rows} and len(calls) == 4 * real_model.config.num_hidden_layers + 1
+    torch.testing.assert_close(cols, plain, rtol=0, atol=1e-3)
+    assert torch.equal(cols.argmax(-1), plain.argmax(-1))
