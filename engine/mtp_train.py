@@ -9,7 +9,9 @@
    the trunk's logits are its unembedding of the cached hidden states, recomputed per batch).
 
 A checkpoint (heads and optimiser) is written every ``checkpoint_every`` steps; a run with the same
-work folder resumes from it.
+work folder resumes from it. ``minutes`` is a budget for the whole (corpus included, resumed runs
+added up): the learning rate's cosine decay follows whichever of steps and wall time is further
+along, so a slower CPU trains fewer steps but still ends annealed, within the budget.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     draft_vocab: int = 8192  # the corpus's most frequent tokens the heads draft from (0: the whole vocabulary)
-    minutes: float = 20.0  # > 0: stop (after a checkpoint) once this much wall time has passed (rerun to go on)
+    minutes: float = 20.0  # > 0: wall-time budget of the whole training, corpus included (module docstring)
 
 
 # --- corpus ----------------------------------------------------------------------------------------
@@ -117,6 +119,7 @@ def generate_corpus(
 class Corpus:
     tokens: list[torch.Tensor]  # [T] per sequence
     hidden: list[torch.Tensor]  # [T, d] trunk last hidden states per sequence
+    minutes: float = 0.0  # the wall time it took to make (counted in the training's budget)
 
     @property
     def num_tokens(self) -> int:
@@ -128,15 +131,18 @@ class Corpus:
         state = {}
         for i, (t, h) in enumerate(zip(self.tokens, self.hidden)):
             state[f"t{i}"], state[f"h{i}"] = t.contiguous(), h.contiguous()
-        save_file(state, path)
+        save_file(state, path, metadata={"minutes": str(self.minutes)})
 
     @classmethod
     def load(cls, path: Path) -> Corpus:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
+        with safe_open(path, framework="pt") as f:
+            minutes = float((f.metadata() or {}).get("minutes", 0.0))
         state = load_file(path)
         n = len(state) // 2
-        return cls([state[f"t{i}"] for i in range(n)], [state[f"h{i}"] for i in range(n)])
+        return cls([state[f"t{i}"] for i in range(n)], [state[f"h{i}"] for i in range(n)], minutes)
 
     def frequent_tokens(self, n: int) -> torch.Tensor:
         """The ``n`` most frequent token ids of the corpus."""
@@ -273,8 +279,11 @@ def trunk_tail_fn(model: nn.Module, layers: int) -> Callable[[torch.Tensor], tor
 
 
 # --- the training run --------------------------------------------------------------------------------
-def _save_checkpoint(path: Path, heads: MTPHeads, opt: torch.optim.Optimizer, step: int, meta: dict) -> None:
-    """Heads and AdamW moments as safetensors (never a pickle); step and identity in the metadata."""
+def _save_checkpoint(
+    path: Path, heads: MTPHeads, opt: torch.optim.Optimizer, step: int, meta: dict, minutes: float
+) -> None:
+    """Heads and AdamW moments as safetensors (never a pickle); step, training minutes so far and identity
+    in the metadata."""
     from safetensors.torch import save_file
 
     state = {f"heads.{k}": v.detach().float().contiguous() for k, v in heads.state_dict().items()}
@@ -284,21 +293,22 @@ def _save_checkpoint(path: Path, heads: MTPHeads, opt: torch.optim.Optimizer, st
         for key in ("exp_avg", "exp_avg_sq"):
             state[f"opt.{by_id[id(p)]}.{key}"] = s[key].contiguous()
     tmp = path.with_suffix(".tmp")
-    save_file(state, tmp, metadata={"step": str(step), **meta})
+    save_file(state, tmp, metadata={"step": str(step), "minutes": str(minutes), **meta})
     tmp.replace(path)
 
 
-def _load_checkpoint(path: Path, heads: MTPHeads, opt: torch.optim.Optimizer, meta: dict) -> int:
-    """The step the checkpoint at ``path`` reached (0 when absent or made for another model/spec)."""
+def _load_checkpoint(path: Path, heads: MTPHeads, opt: torch.optim.Optimizer, meta: dict) -> tuple[int, float]:
+    """The step the checkpoint at ``path`` reached and the training minutes it took ((0, 0) when absent or
+    made for another model/spec)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     if not path.is_file():
-        return 0
+        return 0, 0.0
     with safe_open(path, framework="pt") as f:
         saved = f.metadata() or {}
     if any(saved.get(k) != v for k, v in meta.items()):
-        return 0
+        return 0, 0.0
     state = load_file(path)
     heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
     heads.set_vocab(heads.vocab)
@@ -310,7 +320,7 @@ def _load_checkpoint(path: Path, heads: MTPHeads, opt: torch.optim.Optimizer, me
                 "exp_avg": state[f"opt.{name}.exp_avg"],
                 "exp_avg_sq": state[f"opt.{name}.exp_avg_sq"],
             }
-    return step
+    return step, float(saved.get("minutes", 0.0))
 
 
 @dataclass
@@ -318,7 +328,7 @@ class TrainResult:
     path: Path
     steps: int
     losses: list[float]  # per depth, mean over the last steps
-    train_minutes: float  # wall time of this run: corpus, cache and training
+    train_minutes: float  # wall time of the heads: corpus, cache and training, over every resumed run
     corpus_tokens: int
 
 
@@ -331,12 +341,14 @@ def train(
     prompts: list[str] | None = None,
     show_progress: bool = True,
     corpus: Corpus | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> TrainResult:
     """Self-distil ``spec``'s heads for ``lm`` (resumable through ``work``) and save them (``output``
-    or the model's ``mtp/<style>.safetensors``). ``corpus``: train on this one instead of sampling one."""
+    or the model's ``mtp/<style>.safetensors``). ``corpus``: train on this one instead of sampling one;
+    ``clock``: seconds (the budget's)."""
     from tqdm import tqdm
 
-    t0 = time.monotonic()
+    t0 = clock()
     work.mkdir(parents=True, exist_ok=True)
     prompts = instruction_prompts("train") if prompts is None else prompts
     fp = weights_fingerprint(lm)
@@ -348,6 +360,7 @@ def train(
     else:
         with tqdm(total=len(prompts) * cfg.completions, desc="corpus", unit="seq", disable=not show_progress) as bar:
             corpus = build_corpus(lm, prompts, cfg, bar.update)
+        corpus.minutes = (clock() - t0) / 60
         corpus.save(corpus_path)
     lm.model.requires_grad_(False)  # the trunk (and the shared embedding and unembedding) stays frozen
     heads = MTPHeads(lm.model, spec).float()
@@ -358,15 +371,24 @@ def train(
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
     meta = {"fingerprint": fp, "spec": json.dumps(spec.__dict__), "seed": str(cfg.seed), "corpus": corpus_path.name}
     ckpt = work / f"checkpoint-{spec.style}.safetensors"
-    start = _load_checkpoint(ckpt, heads, opt, meta)
+    start, trained = _load_checkpoint(ckpt, heads, opt, meta)
     rng = random.Random(cfg.seed * 1_000_003 + start)
     seq_len = min(cfg.seq_len, max(len(t) for t in corpus.tokens))
     ema: list[float] = []
     step = start
+    t1 = clock()
+
+    def spent() -> float:  # minutes of the budget spent: the corpus, earlier runs' training, this run's
+        return corpus.minutes + trained + (clock() - t1) / 60
+
+    def progress(step: int) -> float:  # how far along the schedule is: steps or time, whichever is further
+        return max(step / cfg.steps, spent() / cfg.minutes if cfg.minutes > 0 else 0.0)
+
     with tqdm(total=cfg.steps, initial=start, desc=f"mtp {spec.style}", disable=not show_progress) as bar:
         for step in range(start + 1, cfg.steps + 1):
+            done = progress(step)
             for g in opt.param_groups:  # cosine decay
-                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
             hidden, tokens = corpus.windows(rng, cfg.batch, seq_len)
             opt.zero_grad(set_to_none=True)
             losses = train_step(heads, hidden, tokens)
@@ -375,12 +397,12 @@ def train(
             ema = losses if not ema else [0.9 * e + 0.1 * v for e, v in zip(ema, losses)]
             bar.set_postfix({f"loss{k + 1}": f"{v:.2f}" for k, v in enumerate(ema)})
             bar.update(1)
-            stop = cfg.minutes > 0 and time.monotonic() - t0 > cfg.minutes * 60
+            stop = done >= 1.0
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
-                _save_checkpoint(ckpt, heads, opt, step, meta)
+                _save_checkpoint(ckpt, heads, opt, step, meta, trained + (clock() - t1) / 60)
             if stop:
                 break
-    minutes = (time.monotonic() - t0) / 60
+    minutes = corpus.minutes + trained + (clock() - t1) / 60
     heads.eval()
     path = save_heads(heads, lm, output, steps=step, losses=ema, train_minutes=minutes, corpus_tokens=corpus.num_tokens)
     return TrainResult(path, step, ema, minutes, corpus.num_tokens)

@@ -28,7 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--completions", type=int, default=d.completions, help="sampled completions per training prompt")
     t.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens per sampled completion")
     t.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help="tokens the heads draft from; 0: all")
-    t.add_argument("--minutes", type=float, default=d.minutes, help="stop after this much wall time; 0: no limit")
+    t.add_argument(
+        "--minutes",
+        type=float,
+        default=d.minutes,
+        help="wall-time budget, corpus included (the learning rate anneals by steps or time, whichever is"
+        " further; 0: steps only)",
+    )
     t.add_argument("--seed", type=int, default=d.seed, help="seed of the corpus and the windows")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     t.add_argument("--work", type=Path, default=None, help="corpus and checkpoint folder (default: MODEL/mtp/work)")

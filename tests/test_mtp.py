@@ -156,6 +156,33 @@ def test_training_learns_and_resumes(tiny8, tmp_path, style):
     assert second.steps == 40 and second.train_minutes < first.train_minutes * 10
 
 
+def test_training_anneals_within_its_time_budget(tiny8, tmp_path, monkeypatch):
+    """``minutes`` budgets the corpus and the training together: on a clock that advances 6 s per reading
+    (a slow CPU), a 1-minute budget with a 0.1-minute corpus ends after ~9 of 1,000 steps, the learning
+    rate annealed to ~0 on the way (steps alone would have kept it near its peak)."""
+    corpus = pattern_corpus(tiny8)
+    corpus.minutes = 0.1
+    readings = iter(range(10**6))
+    lrs: list[float] = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda opt, *a: lrs.append(opt.param_groups[0]["lr"]) or step(opt))
+    cfg = TrainConfig(steps=1000, batch=2, seq_len=12, lr=1e-2, checkpoint_every=1000, minutes=1.0)
+    spec = MTPSpec("deepseek", depths=1, window=4)
+    result = train(
+        tiny8,
+        spec,
+        cfg,
+        tmp_path / "w",
+        tmp_path / "h.safetensors",
+        show_progress=False,
+        corpus=corpus,
+        clock=lambda: 6.0 * next(readings),
+    )
+    assert 5 <= result.steps <= 12, result.steps
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 0.5 * cfg.lr and lrs[-1] < 0.05 * cfg.lr, lrs
+    assert 1.0 <= result.train_minutes <= 1.3
+
+
 class PeakLiveBytes(TorchDispatchMode):
     """The peak of the bytes held by live tensors (distinct storages) produced by any op, backward included."""
 
