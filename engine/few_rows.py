@@ -155,13 +155,13 @@ def plan(runner, rows: int, threads: int) -> RowPlan:
     with torch.inference_mode():
         for name, lins in _products(runner).items():
             x = torch.randn(rows, lins[0].weight.shape[1], dtype=runner.lm.dtype)
-            for form, product in (("rows", F.linear), ("columns", columns_product)):
+            for form, product in zip(FORMS, (F.linear, columns_product)):
                 # the head runs after the layers, on every thread
                 for n in (1, threads) if name in narrow and name != "head" else (threads,):
                     variants[name, n, form] = _sweep(product, lins, x)
         for n in (1, threads) if "attend" in narrow else ():
             variants["attend", n, "rows"] = _attend(runner, CONTEXT, runner.layout.num_layers)
-        best = dict.fromkeys(variants, float("inf"))
+        best = dict.fromkeys(variants, INF)
         try:
             for _ in range(ROUNDS):
                 for (name, n, form), f in variants.items():
@@ -195,11 +195,11 @@ def columns_faster(weight: torch.Tensor, rows: int) -> bool:
     threads = torch.get_num_threads()
     key = (tuple(weight.shape), weight.dtype, rows, threads)
     if key not in _ONE:
-        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-        best = {"rows": float("inf"), "columns": float("inf")}
+        x, lins = torch.randn(rows, weight.shape[1], dtype=weight.dtype), [Linear(weight)]
+        best = dict.fromkeys(FORMS, INF)
         with torch.inference_mode():
             for _ in range(ROUNDS):
-                best["rows"] = _best(lambda: F.linear(x, weight), threads, best["rows"])
-                best["columns"] = _best(lambda: columns_product(x, weight, None), threads, best["columns"])
+                for form, product in zip(FORMS, (F.linear, columns_product)):
+                    best[form] = _best(_sweep(product, lins, x), threads, best[form])
         _ONE[key] = best["columns"] * MARGIN < best["rows"]
     return _ONE[key]
