@@ -14,12 +14,14 @@ decode plainly: the fall-back). Prints ONE JSON object:
 the first style's figures at the top level and every style's under ``styles`` (heads from
 ``smcserve mtp train``; a style without heads is reported as missing).
 
-``fallback`` decides ``smcserve serve --speculative-max-batch``: at each batch size B, the wall time of
+``fallback`` is what ``smcserve serve --speculative-max-batch auto`` measures at start
+(``engine/spec_pays.py``, the same steps): at each batch size B, the wall time of
 a speculative step (drafting k tokens per sequence and the forward over k+1 positions each) over that of
 a plain decode step (one position each), ``step_cost_ratio``, both on the same sequences (the fastest
 of ``--reps`` each, alternated). A speculative step yields ``mean_accepted_length`` tokens per sequence
 where a plain one yields 1, so speculation pays at B while ratio(B) < mean_accepted_length_at_k:
-``pays_up_to_batch`` is the largest such B (0: none).
+``pays_up_to_batch`` is the largest such B (0: none); the server weighs the same ratios against the
+held-out acceptance that ``smcserve mtp train`` stored in the heads (``heldout_acceptance_in_heads``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from smcserve.engine.model_runner import ModelRunner
 from smcserve.engine.mtp import load_heads, read_metadata
 from smcserve.engine.mtp_train import instruction_prompts
 from smcserve.engine.sampling import SamplingParams
+from smcserve.engine.spec_pays import pays_up_to, step_cost_ratios
 from smcserve.engine.speculative import SpecSeq, SpeculativeDecoder
 
 
@@ -83,34 +86,6 @@ def _side_by_side(lm, heads, k, prompts, max_tokens, max_batch, at_once) -> tupl
 TARGET_LENGTH = 1.8  # issue 13's target mean accepted length with 3 depths
 
 
-def step_cost_ratios(lm, heads, k: int, batches: list[int], reps: int) -> dict[int, float]:
-    """Speculative step time / plain decode step time at each batch size (held-out prompts, KV in place)."""
-    prompts = _prompts(lm, max(batches))
-    out = {}
-    for B in batches:
-        blocks = B * (-(-(max(len(p) for p in prompts[:B]) + k + 8) // 16) + 1)
-        dec = SpeculativeDecoder(ModelRunner(lm, blocks, 16), BlockManager(blocks, 16), heads, k, lm.eos_token_ids, B)
-        seqs = [SpecSeq(p, SamplingParams(temperature=0.0, max_tokens=k + 2)) for p in prompts[:B]]
-        dec.prefill_many(seqs)  # prompt KV, first token, hidden states
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(reps):
-            for spec in (False, True):
-                starts = [s.table.num_tokens for s in seqs]
-                t0 = time.perf_counter()
-                if spec:
-                    drafts = dec.spec.draft([(s.hidden, s.tokens, s.params, k) for s in seqs])
-                    items = [dec._append(s.table, [s.output[-1], *d.tokens]) for s, d in zip(seqs, drafts)]
-                    dec.runner.forward_all(items)[0].argmax(-1)
-                else:
-                    items = [dec._append(s.table, [s.output[-1]]) for s in seqs]
-                    dec.runner.forward(items).argmax(-1)
-                times[spec].append(time.perf_counter() - t0)
-                for s, n in zip(seqs, starts):
-                    dec.bm.truncate(s.table, n)
-        out[B] = round(min(times[True]) / min(times[False]), 3)
-    return out
-
-
 def measure(lm, heads, k: int, max_tokens: int, single: int, max_batch: int) -> dict:
     prompts = _prompts(lm, 64)
     out: dict = {}
@@ -155,15 +130,16 @@ def main() -> None:
         info = read_metadata(heads_file := lm.path / "mtp" / f"{style}.safetensors")["info"]
         k = min(args.k, heads.spec.depths)
         r = {} if args.no_speedups else measure(lm, heads, k, args.max_tokens, args.single, args.max_batch)
-        ratios = step_cost_ratios(lm, heads, k, args.cost_batches, args.reps)
-        by_k = {j: step_cost_ratios(lm, heads, j, [1], args.reps)[1] for j in range(1, heads.spec.depths + 1)}
+        prompts = _prompts(lm, max(args.cost_batches))
+        ratios = step_cost_ratios(lm, heads, k, prompts, args.cost_batches, args.reps)
+        by_k = {j: step_cost_ratios(lm, heads, j, prompts, [1], args.reps)[1] for j in range(1, heads.spec.depths + 1)}
         length = r.get("mean_accepted_length_at_k")
         r["fallback"] = {
             "step_cost_ratio": ratios,
             "step_cost_ratio_batch1_by_k": by_k,
-            "pays_up_to_batch": max([b for b, x in ratios.items() if length and x < length], default=0),
-            "pays_up_to_batch_at_target_1.8": max([b for b, x in ratios.items() if x < TARGET_LENGTH], default=0),
-            "serve_default": DEFAULT_SPECULATIVE_MAX_BATCH,
+            "pays_up_to_batch": pays_up_to(ratios, length) if length else 0,
+            "pays_up_to_batch_at_target_1.8": pays_up_to(ratios, TARGET_LENGTH),
+            "heldout_acceptance_in_heads": info.get("acceptance_per_depth"),
         }
         r["train_minutes"] = round(float(info.get("train_minutes", 0.0)), 2)
         r["train_steps"] = info.get("steps")

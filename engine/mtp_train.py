@@ -12,6 +12,10 @@ A checkpoint (heads and optimiser) is written every ``checkpoint_every`` steps; 
 work folder resumes from it. ``minutes`` is a budget for the whole (corpus included, resumed runs
 added up): the learning rate's cosine decay follows whichever of steps and wall time is further
 along, so a slower CPU trains fewer steps but still ends annealed, within the budget.
+4. With ``heldout`` prompts (``smcserve mtp train``: 8 of the ``heldout`` set), the trained heads draft
+   on them greedily and each depth's acceptance is kept in the heads' file (its ``HELDOUT_MINUTES``
+   are kept out of the training's share of the budget): ``smcserve serve --speculative-max-batch
+   auto`` weighs a speculative step's measured cost against it (``engine/spec_pays.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -37,6 +41,14 @@ def instruction_prompts(split: str = "train") -> list[str]:
     """The shipped instruction prompts: ``train`` (the corpus) or ``heldout`` (benchmarks)."""
     data = json.loads(resources.files("smcserve.engine").joinpath("mtp_prompts.json").read_text())
     return list(data[split])
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """``text`` as the user's turn of the model's chat template (its plain tokens without one)."""
+    if getattr(tok, "chat_template", None):
+        enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    return tok.encode(text)
 
 
 @dataclass
@@ -88,14 +100,7 @@ def generate_corpus(
     from smcserve.engine.sampling import SamplingParams
     from smcserve.engine.speculative import SpecSeq, SpeculativeDecoder
 
-    tok = lm.tokenizer
-    ids = []
-    for p in prompts:
-        if getattr(tok, "chat_template", None):
-            enc = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-            ids.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
-        else:
-            ids.append(tok.encode(p))
+    ids = [encode_prompt(lm.tokenizer, p) for p in prompts]
     jobs = [(p, c) for c in range(cfg.completions) for p in ids]
     batch, block = 64, 16
     longest = max(len(p) for p in ids) + cfg.max_tokens
@@ -330,6 +335,27 @@ class TrainResult:
     losses: list[float]  # per depth, mean over the last steps
     train_minutes: float  # wall time of the heads: corpus, cache and training, over every resumed run
     corpus_tokens: int
+    acceptance_per_depth: list[float] = field(default_factory=list)  # on held-out prompts (empty: not measured)
+
+
+HELDOUT_MINUTES = 0.5  # kept out of the training's time budget for the held-out measurement (~25 s here)
+
+
+def heldout_acceptance(lm: LoadedModel, heads: MTPHeads, prompts: list[str], max_tokens: int = 32) -> list[float]:
+    """Each depth's acceptance on ``prompts`` (never trained on), every depth drafting, greedy, the prompts
+    decoded together: what ``--speculative-max-batch auto`` weighs a speculative step's cost against."""
+    from smcserve.engine.block_manager import BlockManager
+    from smcserve.engine.model_runner import ModelRunner
+    from smcserve.engine.sampling import SamplingParams
+    from smcserve.engine.speculative import SpecSeq, SpeculativeDecoder
+
+    ids = [encode_prompt(lm.tokenizer, p) for p in prompts]
+    longest = max(len(p) for p in ids) + max_tokens + heads.spec.depths + 8
+    blocks = len(ids) * (-(-longest // 16) + 1)
+    runner = ModelRunner(lm, blocks, 16)
+    dec = SpeculativeDecoder(runner, BlockManager(blocks, 16), heads, heads.spec.depths, lm.eos_token_ids, len(ids))
+    dec.generate([SpecSeq(p, SamplingParams(temperature=0.0, max_tokens=max_tokens)) for p in ids])
+    return [round(a, 4) for a in dec.stats.acceptance_per_depth]
 
 
 def train(
@@ -342,10 +368,12 @@ def train(
     show_progress: bool = True,
     corpus: Corpus | None = None,
     clock: Callable[[], float] = time.monotonic,
+    heldout: list[str] | None = None,
 ) -> TrainResult:
     """Self-distil ``spec``'s heads for ``lm`` (resumable through ``work``) and save them (``output``
     or the model's ``mtp/<style>.safetensors``). ``corpus``: train on this one instead of sampling one;
-    ``clock``: seconds (the budget's)."""
+    ``clock``: seconds (the budget's); ``heldout``: prompts to measure the trained heads' acceptance on
+    (kept in the heads' file, see :func:`heldout_acceptance`)."""
     from tqdm import tqdm
 
     t0 = clock()
@@ -378,11 +406,14 @@ def train(
     step = start
     t1 = clock()
 
+    # the held-out measurement after training comes out of the budget too
+    budget = max(cfg.minutes - (HELDOUT_MINUTES if heldout else 0.0), cfg.minutes / 2) if cfg.minutes > 0 else 0.0
+
     def spent() -> float:  # minutes of the budget spent: the corpus, earlier runs' training, this run's
         return corpus.minutes + trained + (clock() - t1) / 60
 
     def progress(step: int) -> float:  # how far along the schedule is: steps or time, whichever is further
-        return max(step / cfg.steps, spent() / cfg.minutes if cfg.minutes > 0 else 0.0)
+        return max(step / cfg.steps, spent() / budget if budget > 0 else 0.0)
 
     with tqdm(total=cfg.steps, initial=start, desc=f"mtp {spec.style}", disable=not show_progress) as bar:
         for step in range(start + 1, cfg.steps + 1):
@@ -404,5 +435,9 @@ def train(
                 break
     minutes = corpus.minutes + trained + (clock() - t1) / 60
     heads.eval()
-    path = save_heads(heads, lm, output, steps=step, losses=ema, train_minutes=minutes, corpus_tokens=corpus.num_tokens)
-    return TrainResult(path, step, ema, minutes, corpus.num_tokens)
+    t2 = clock()
+    acceptance = heldout_acceptance(lm, heads, heldout) if heldout else []
+    minutes += (clock() - t2) / 60 if heldout else 0.0
+    info = dict(steps=step, losses=ema, train_minutes=minutes, corpus_tokens=corpus.num_tokens)
+    path = save_heads(heads, lm, output, **info, acceptance_per_depth=acceptance)
+    return TrainResult(path, step, ema, minutes, corpus.num_tokens, acceptance)

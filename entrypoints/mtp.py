@@ -42,10 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.set_defaults(func=run_train)
 
 
+HELDOUT_PROMPTS = 8  # held-out prompts the trained heads' acceptance is measured on (32 greedy tokens each)
+
+
 def run_train(args) -> int:
     from smcserve.engine.model import load_model
     from smcserve.engine.mtp import MTPSpec
-    from smcserve.engine.mtp_train import TrainConfig, train
+    from smcserve.engine.mtp_train import TrainConfig, instruction_prompts, train
 
     lm = load_model(args.model, "float32", args.threads)
     spec = MTPSpec(args.style, args.depths, args.window)
@@ -60,7 +63,8 @@ def run_train(args) -> int:
         minutes=args.minutes,
         seed=args.seed,
     )
-    result = train(lm, spec, cfg, args.work or lm.path / "mtp" / "work", args.output)
+    heldout = instruction_prompts("heldout")[:HELDOUT_PROMPTS]
+    result = train(lm, spec, cfg, args.work or lm.path / "mtp" / "work", args.output, heldout=heldout)
     print(
         json.dumps(
             {
@@ -71,6 +75,7 @@ def run_train(args) -> int:
                 "loss_per_depth": [round(v, 3) for v in result.losses],
                 "corpus_tokens": result.corpus_tokens,
                 "train_minutes": round(result.train_minutes, 2),
+                "heldout_acceptance_per_depth": result.acceptance_per_depth,
             }
         )
     )

@@ -59,11 +59,17 @@ def run(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
                 loop.add_signal_handler(sig, stop.set)
+            speculation = (
+                f"speculative mtp up to {stack.speculative_max_batch} sequences a step: {stack.speculative_reason}\n"
+                if config.speculative == "mtp"
+                else ""
+            )
             print(
                 f"smcserve listening on {stack.address} (model {config.model or 'smollm2-135m-instruct'}, "
                 f"{config.prefill_workers} prefill + {config.decode_workers} decode workers, "
                 f"redis {redacted(stack.redis_url)}, ray {config.ray_address or 'local'})\n"
                 f"device {stack.device}, dtype {stack.dtype}: {stack.dtype_reason}\n"
+                f"{speculation}"
                 f"http {stack.http_address or 'off'} (OpenAI-compatible /v1, /metrics, /health)",
                 flush=True,
             )

@@ -16,6 +16,7 @@ import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from smcserve.engine import spec_pays
 from smcserve.engine.config import (
     DEFAULT_NUM_SPECULATIVE_TOKENS,
     DEFAULT_SPECULATIVE_MAX_BATCH,
@@ -46,6 +47,19 @@ RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 SECRET_ENV = "SMCSERVE_CLUSTER_SECRET"  # a fixed cluster secret for the decode workers (default: a fresh one)
 RAY_NAMESPACE = "smcserve"  # of the named worker actors on a joined cluster
 SERVICE_NAME = smcserve_pb2.DESCRIPTOR.services_by_name["SmcServe"].full_name
+
+
+def parse_max_batch(value: int | str) -> int | None:
+    """``--speculative-max-batch``: a number ≥ 0, or ``auto`` (None: measured at start)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0:
+        raise ValueError(f"--speculative-max-batch: {value!r}; use auto or a number >= 0")
+    return n
 
 
 def _field(default, help: str, hidden: bool = False, **meta):
@@ -108,10 +122,11 @@ class ServeConfig:
     mtp_style: str = _field(
         "deepseek", "with --speculative mtp: which heads, MODEL/mtp/STYLE.safetensors", choices=STYLES
     )
-    speculative_max_batch: int = _field(
-        DEFAULT_SPECULATIVE_MAX_BATCH,
+    speculative_max_batch: str = _field(
+        "auto",
         "with --speculative mtp: above this many running sequences a step decodes plainly (plain requests; "
-        "steering patches always draft)",
+        "steering patches always draft); auto = the largest batch where a speculative step, timed here against "
+        "a plain one, pays for the heads' held-out acceptance (0 when it never does; cached per machine)",
     )
     policy: str = _field("cache_global", "placement policy of the Conductor", choices=POLICY_NAMES)
     slo_ttft_ms: float = _field(0.0, "reject requests predicted to miss this TTFT; 0: off")
@@ -156,6 +171,8 @@ class Stack:
         self.dtype = ""  # the concrete dtype every worker runs ("float32" or "bfloat16")
         self.dtype_reason = ""  # why: as given, or the timings that decided ``--dtype auto``
         self.device = ""  # where every worker computes ("cpu", "cuda")
+        self.speculative_max_batch = 0  # with --speculative mtp: the concrete limit every worker gets
+        self.speculative_reason = ""  # why: as given, or what ``auto`` measured (engine/spec_pays.py)
 
     async def start(self) -> Stack:
         from transformers import AutoConfig, AutoTokenizer
@@ -169,8 +186,7 @@ class Stack:
         model_path = resolve_model_path(cfg.model)  # fetch + convert once, before the workers start
         if cfg.speculative == "mtp":  # the heads are there, for these weights, deep enough: refused at start
             check_heads(model_path, cfg.mtp_style, cfg.num_speculative_tokens)
-            if cfg.speculative_max_batch < 0:
-                raise ValueError(f"--speculative-max-batch: {cfg.speculative_max_batch}; use a number >= 0")
+        max_batch = parse_max_batch(cfg.speculative_max_batch)
         # ``auto`` is decided once, here, before Ray and the workers load the cores, and every worker
         # gets the concrete dtype: the KV block keys include it, so all workers must agree.
         # the launcher's view of the device decides for every worker (on a cluster: nodes alike)
@@ -180,6 +196,26 @@ class Stack:
         choice = await asyncio.to_thread(resolve_dtype_choice, cfg.dtype, model_path, threads, device)
         dtype, self.dtype, self.dtype_reason = choice.torch_dtype, choice.dtype, choice.reason
         log.info("dtype %s: %s", choice.dtype, choice.reason)
+        if cfg.speculative == "mtp" and max_batch is None:  # auto: timed with the workers' dtype and threads
+            if device.type == "cpu":
+                spec = await asyncio.to_thread(
+                    spec_pays.resolve,
+                    model_path,
+                    cfg.mtp_style,
+                    cfg.num_speculative_tokens,
+                    choice.dtype,
+                    cfg.quantization,
+                    threads,
+                )
+                max_batch, self.speculative_reason = spec.max_batch, spec.reason
+            else:
+                max_batch = DEFAULT_SPECULATIVE_MAX_BATCH
+                self.speculative_reason = f"the default {max_batch}: auto times CPU decoding only"
+        elif cfg.speculative == "mtp":
+            self.speculative_reason = "as given"
+        self.speculative_max_batch = max_batch if cfg.speculative == "mtp" else 0
+        if cfg.speculative == "mtp":
+            log.info("speculative max batch %d: %s", self.speculative_max_batch, self.speculative_reason)
         self.redis_url, self.redis = start_or_connect(cfg.redis_url, cfg.redis_maxmemory)
         if not ray.is_initialized():
             if cfg.ray_address:
@@ -205,7 +241,7 @@ class Stack:
             speculative="" if cfg.speculative == "none" else cfg.speculative,
             mtp_style=cfg.mtp_style,
             num_speculative_tokens=cfg.num_speculative_tokens,
-            speculative_max_batch=cfg.speculative_max_batch,
+            speculative_max_batch=self.speculative_max_batch,
             quantization=cfg.quantization,
             device=self.device,
             host=cfg.worker_host if cfg.worker_host is not None else ("" if cfg.ray_address else "127.0.0.1"),
@@ -269,7 +305,7 @@ class Stack:
                 device=self.device,
                 speculative="" if cfg.speculative == "none" else cfg.speculative,
                 num_speculative_tokens=cfg.num_speculative_tokens if cfg.speculative != "none" else 0,
-                speculative_max_batch=cfg.speculative_max_batch if cfg.speculative != "none" else 0,
+                speculative_max_batch=self.speculative_max_batch,
                 mtp_style=cfg.mtp_style if cfg.speculative != "none" else "",
             ),
             prefill=self.prefill,

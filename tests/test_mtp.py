@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from smcserve.engine.model import load_model
-from smcserve.engine.mtp import HeadsMismatch, MTPHeads, MTPSpec, load_heads, save_heads, window_mask
+from smcserve.engine.mtp import HeadsMismatch, MTPHeads, MTPSpec, load_heads, read_metadata, save_heads, window_mask
 from smcserve.engine.mtp_train import (
     Corpus,
     TrainConfig,
@@ -251,5 +251,10 @@ def test_cli_trains_and_resumes(tiny, tiny_model_dir, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["steps"] == 2 and len(report["loss_per_depth"]) == 3 and report["corpus_tokens"] > 80 * 4
     assert load_heads(tiny, tmp_path / "h.safetensors").spec.depths == 3
+    # the trained heads' acceptance on held-out prompts, per depth, in the report and in the heads' file
+    acceptance = report["heldout_acceptance_per_depth"]
+    assert len(acceptance) == 3 and all(0.0 <= a <= 1.0 for a in acceptance)
+    assert acceptance == sorted(acceptance, reverse=True)  # a depth counts only after the ones before it
+    assert read_metadata(tmp_path / "h.safetensors")["info"]["acceptance_per_depth"] == acceptance
     assert main([*argv[:5], "3", *argv[6:]]) == 0  # resumes at step 2 from the checkpoint, corpus reused
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3

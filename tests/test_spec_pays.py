@@ -1,0 +1,100 @@
+"""``--speculative-max-batch auto`` (engine/spec_pays.py): the measured step costs weighed against the
+heads' held-out acceptance, cached per machine and heads; on the tiny random Llama."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from smcserve.engine import spec_pays
+from smcserve.engine.model import load_model
+from smcserve.engine.mtp import MTPHeads, MTPSpec, save_heads
+from smcserve.engine.spec_pays import accepted_length, pays_up_to, resolve
+from smcserve.scheduler.stack import parse_max_batch
+
+
+@pytest.fixture()
+def model_dir(tiny_model_dir, tmp_path):
+    """A copy of the tiny model (its ``mtp/`` folder is this test's own)."""
+    path = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, path)
+    return path
+
+
+def write_heads(model_dir, acceptance: list[float] | None) -> None:
+    lm = load_model(str(model_dir), "float32")
+    heads = MTPHeads(lm.model, MTPSpec("deepseek", depths=3, window=8))
+    info = {} if acceptance is None else {"acceptance_per_depth": acceptance}
+    save_heads(heads, lm, model_dir / "mtp" / "deepseek.safetensors", steps=1, **info)
+
+
+def test_accepted_length_and_the_largest_batch_that_pays():
+    assert accepted_length([0.4, 0.2, 0.1], 2) == pytest.approx(1.6)
+    assert accepted_length([0.4, 0.2, 0.1], 3) == pytest.approx(1.7)
+    ratios = {1: 1.3, 2: 1.5, 4: 1.9, 8: 2.6}
+    assert pays_up_to(ratios, 1.6) == 2
+    assert pays_up_to(ratios, 1.2) == 0  # slower even for one sequence: never speculate
+    assert pays_up_to(ratios, 3.0) == 8
+    assert pays_up_to({1: 1.2, 2: 1.7, 4: 1.4}, 1.6) == 1  # up to the first size where it does not pay
+
+
+def test_auto_weighs_the_measured_ratios_against_the_heads_acceptance_and_caches(model_dir, tmp_path):
+    write_heads(model_dir, [0.5, 0.2, 0.1])
+    calls = []
+
+    def ratios(k, accepted):
+        calls.append((k, accepted))
+        return {1: 1.3, 2: 1.6, 4: 1.75}
+
+    cache = tmp_path / "choice.json"
+    first = resolve(model_dir, "deepseek", 2, "float32", "none", 2, cache_path=cache, ratios_fn=ratios)
+    assert calls == [(2, pytest.approx(1.7))]
+    assert first.max_batch == 2 and first.ratios == {1: 1.3, 2: 1.6, 4: 1.75}
+    assert "1.70 tokens" in first.reason and "pays up to 2" in first.reason
+    again = resolve(model_dir, "deepseek", 2, "float32", "none", 2, cache_path=cache, ratios_fn=ratios)
+    assert len(calls) == 1 and again.max_batch == 2 and "cached" in again.reason
+    # another k, thread count or dtype is another question: measured again
+    third = resolve(model_dir, "deepseek", 1, "float32", "none", 2, cache_path=cache, ratios_fn=ratios)
+    assert calls[-1] == (1, pytest.approx(1.5)) and third.max_batch == 1
+    resolve(model_dir, "deepseek", 2, "float32", "none", 1, cache_path=cache, ratios_fn=ratios)
+    assert len(calls) == 3
+    # retrained heads (another file) are measured again, against their own acceptance
+    write_heads(model_dir, [0.1, 0.05, 0.0])
+    fourth = resolve(model_dir, "deepseek", 2, "float32", "none", 2, cache_path=cache, ratios_fn=ratios)
+    assert len(calls) == 4 and fourth.max_batch == 0
+
+
+def test_heads_without_a_heldout_acceptance_get_the_default(model_dir, tmp_path):
+    write_heads(model_dir, None)
+
+    def never(k, accepted):
+        raise AssertionError("nothing to weigh the ratios against: not measured")
+
+    choice = resolve(model_dir, "deepseek", 2, "float32", "none", 2, cache_path=tmp_path / "c.json", ratios_fn=never)
+    assert choice.max_batch == spec_pays.DEFAULT_SPECULATIVE_MAX_BATCH and "retrain" in choice.reason
+
+
+def test_auto_times_real_steps_and_decides_from_what_it_timed(model_dir, tmp_path):
+    """Without injection: speculative and plain steps of the tiny model and its heads are timed (the
+    decision is whatever those timings say, by the same rule, never a fixed answer)."""
+    write_heads(model_dir, [0.9, 0.8, 0.7])
+    choice = resolve(model_dir, "deepseek", 2, "float32", "none", torch.get_num_threads(), cache_path=tmp_path / "c")
+    assert choice.ratios and min(choice.ratios) == 1 and all(r > 0 for r in choice.ratios.values())
+    assert choice.max_batch == pays_up_to(choice.ratios, 2.7)
+    # it stopped at the first size where speculation did not pay (or ran them all)
+    sizes = sorted(choice.ratios)
+    assert all(choice.ratios[b] < 2.7 for b in sizes[:-1])
+    assert sizes == list(spec_pays.BATCHES[: len(sizes)])
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", None), ("AUTO", None), ("3", 3), (0, 0), (5, 5)])
+def test_parse_max_batch(value, expected):
+    assert parse_max_batch(value) == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "many", -2, "1.5"])
+def test_parse_max_batch_refuses(value):
+    with pytest.raises(ValueError, match="--speculative-max-batch"):
+        parse_max_batch(value)
