@@ -6,9 +6,10 @@ from dataclasses import dataclass, field, replace
 
 from smcserve.engine.kv import DEFAULT_BLOCK_SIZE
 
-DEFAULT_SPECULATIVE_MAX_BATCH = 1  # running sequences above which a step decodes plainly: bench.mtp's
-# step_cost_ratio (speculative step ÷ plain step, k = 2) is 1.37 at 1 and 1.5-2.8 from 2 on our Xeon, against 1.51
-# tokens per step with the default heads (README): speculation pays for a single stream only (pays_up_to_batch 1)
+DEFAULT_SPECULATIVE_MAX_BATCH = 1  # running sequences above which a step decodes plainly, where ``auto`` has nothing
+# to weigh (heads without a held-out acceptance; CUDA) or for a bare WorkerConfig: bench.mtp's step_cost_ratio (k = 2)
+# is 1.37 at 1 and 1.5-2.8 from 2 on our Xeon against 1.51 tokens per step (README); ``smcserve serve`` measures
+# its own (engine/spec_pays.py)
 DEFAULT_NUM_SPECULATIVE_TOKENS = 2  # drafts per step: MKL's fp32 GEMM over 1-3 rows costs about one row's (the
 # weights streamed once), over 4 rows about twice, so verifying 3 drafts costs ~1.6 plain steps, 2 drafts ~1
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per forward (``--prefill-chunk``): a cached request waits at most

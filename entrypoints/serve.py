@@ -59,11 +59,10 @@ def run(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
                 loop.add_signal_handler(sig, stop.set)
-            speculation = (
-                f"speculative mtp up to {stack.speculative_max_batch} sequences a step: {stack.speculative_reason}\n"
-                if config.speculative == "mtp"
-                else ""
-            )
+            n = stack.speculative_max_batch
+            limit = f"up to {n} sequence{'s' if n != 1 else ''} a step" if n else "plain requests decode plainly"
+            mtp = config.speculative == "mtp"
+            speculation = f"speculative mtp, {limit}: {stack.speculative_reason}\n" if mtp else ""
             print(
                 f"smcserve listening on {stack.address} (model {config.model or 'smollm2-135m-instruct'}, "
                 f"{config.prefill_workers} prefill + {config.decode_workers} decode workers, "
