@@ -368,8 +368,10 @@ def _spec_fields(spec: SpecStats | None) -> dict:
 
 
 def _speculation(lm, config: WorkerConfig) -> Speculation | None:
-    """``--speculative mtp``: the model's heads (refused when trained for other weights) and the settings."""
-    if config.speculative != "mtp":
+    """``--speculative mtp``: the model's heads (refused when trained for other weights) and the settings.
+    None with a limit of 0 sequences (what ``--speculative-max-batch auto`` picks where speculation pays at
+    no batch size): nothing drafts, not even steering patches, and the heads are not loaded."""
+    if config.speculative != "mtp" or config.speculative_max_batch == 0:
         return None
     heads = load_heads(lm, style=config.mtp_style)
     k = config.num_speculative_tokens

@@ -3,6 +3,7 @@ heads' held-out acceptance, cached per machine and heads; on the tiny random Lla
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -98,3 +99,16 @@ def test_parse_max_batch(value, expected):
 def test_parse_max_batch_refuses(value):
     with pytest.raises(ValueError, match="--speculative-max-batch"):
         parse_max_batch(value)
+
+
+def test_a_limit_of_zero_drafts_nothing_and_loads_no_heads(model_dir):
+    """0 (``auto`` where speculation never pays): the decode worker runs without the heads, so steering
+    patches, which ignore the limit otherwise, do not draft either."""
+    from smcserve.decode.worker import _speculation
+    from smcserve.engine.config import WorkerConfig
+
+    lm = load_model(str(model_dir), "float32")  # a copy without heads
+    config = WorkerConfig(model=str(model_dir), speculative="mtp", speculative_max_batch=0)
+    assert _speculation(lm, config) is None
+    with pytest.raises(FileNotFoundError, match="smcserve mtp train"):  # 1: the heads are loaded (none here)
+        _speculation(lm, dataclasses.replace(config, speculative_max_batch=1))
