@@ -29,7 +29,8 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,10 +348,25 @@ def _read_cache(path: Path) -> dict:
 
 
 def _write_cache(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dtype-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True, ensure_ascii=False)
     os.replace(tmp, path)
+
+
+@contextmanager
+def machine_cache(path: Path) -> Iterator[dict]:
+    """The entries of a per-machine JSON cache of measured decisions (this ``auto`` and ``--speculative-max-batch
+    auto``), held under an exclusive file lock for the block: one process of the machine measures, the others
+    wait and then read its answer. Entries the block adds or changes are written back when it ends normally."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = _read_cache(path)
+        before = json.dumps(data, sort_keys=True)
+        yield data
+        if json.dumps(data, sort_keys=True) != before:
+            _write_cache(path, data)
 
 
 class CpuLoad:
@@ -402,10 +418,8 @@ def choose_auto(
     threads = int(threads or torch.get_num_threads())
     path = Path(cache_path) if cache_path is not None else default_cache_path()
     key = cache_key(dims, threads)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # every process of this machine gets the same answer
-        hit = _read_cache(path).get(key)
+    with machine_cache(path) as entries:  # every process of this machine gets the same answer
+        hit = entries.get(key)
         if isinstance(hit, dict) and hit.get("dtype") in CANDIDATES:
             reason = f"{hit.get('reason', '')} [cached {hit.get('measured_at', '')}]"
             log.info("dtype: %s (%s)", hit["dtype"], reason)
@@ -432,8 +446,7 @@ def choose_auto(
             return DtypeChoice("float32", reason, timings, measured=True)
         reason += where
         log.info("dtype: %s; measured in %.1f s; cached in %s under %r", reason, took, path, key)
-        data = _read_cache(path)
-        data[key] = {
+        entries[key] = {
             "dtype": dtype,
             "reason": reason,
             "timings_ms": timings,
@@ -441,7 +454,6 @@ def choose_auto(
             "other_load": round(load.others, 3),
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        _write_cache(path, data)
         return DtypeChoice(dtype, reason, timings, measured=True)
 
 

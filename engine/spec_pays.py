@@ -16,7 +16,6 @@ Like ``--dtype auto`` it is decided once, in the launcher, and cached per machin
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from smcserve.engine.config import DEFAULT_SPECULATIVE_MAX_BATCH
-from smcserve.engine.dtype import BUSY, CpuLoad, _read_cache, _write_cache, cpu_name
+from smcserve.engine.dtype import BUSY, CpuLoad, cpu_name, machine_cache
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +142,9 @@ def resolve(
         return SpecChoice(DEFAULT_SPECULATIVE_MAX_BATCH, reason)
     accepted = accepted_length(acceptance, k)
     cache_path = Path(cache_path) if cache_path is not None else cache_dir() / CACHE_FILE
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
     key = cache_key(model_path, style, k, dtype, quantization, threads)
-    with open(cache_path.parent / f".{cache_path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process of a machine measures; the others read its answer
-        hit = _read_cache(cache_path).get(key)
+    with machine_cache(cache_path) as entries:  # one process of a machine measures; the others read its answer
+        hit = entries.get(key)
         if isinstance(hit, dict) and isinstance(hit.get("max_batch"), int):
             ratios = {int(b): r for b, r in hit.get("ratios", {}).items()}
             reason = f"{hit.get('reason', '')} [cached {hit.get('measured_at', '')}]"
@@ -179,12 +176,10 @@ def resolve(
             log.warning("speculative max batch %d: %s", max_batch, reason)
             return SpecChoice(max_batch, reason, ratios)
         log.info("speculative max batch %d: %s; measured in %.1f s", max_batch, reason, took)
-        data = _read_cache(cache_path)
-        data[key] = {
+        entries[key] = {
             "max_batch": max_batch,
             "reason": reason,
             "ratios": {str(b): r for b, r in ratios.items()},
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        _write_cache(cache_path, data)
         return SpecChoice(max_batch, reason, ratios)
