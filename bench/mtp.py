@@ -37,19 +37,16 @@ from smcserve.engine.config import DEFAULT_NUM_SPECULATIVE_TOKENS, DEFAULT_SPECU
 from smcserve.engine.model import load_model
 from smcserve.engine.model_runner import ModelRunner
 from smcserve.engine.mtp import load_heads, read_metadata
-from smcserve.engine.mtp_train import instruction_prompts
+from smcserve.engine.mtp_train import encode_prompt, instruction_prompts
 from smcserve.engine.sampling import SamplingParams
 from smcserve.engine.spec_pays import pays_up_to, step_cost_ratios
 from smcserve.engine.speculative import SpecSeq, SpeculativeDecoder
 
 
 def _prompts(lm, n: int) -> list[list[int]]:
-    tok, out = lm.tokenizer, []
+    """``n`` chat prompts from the held-out instructions, cycling through them."""
     texts = instruction_prompts("heldout")
-    for i in range(n):
-        enc = tok.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}], add_generation_prompt=True)
-        out.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
-    return out
+    return [encode_prompt(lm.tokenizer, texts[i % len(texts)]) for i in range(n)]
 
 
 def _run(lm, heads, k, prompts, max_tokens, max_batch, at_once) -> tuple[float, SpeculativeDecoder, list]:

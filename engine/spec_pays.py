@@ -103,14 +103,13 @@ def heldout_prompts(lm, n: int) -> list[list[int]]:
     return [encode_prompt(lm.tokenizer, t) for t in instruction_prompts("heldout")[:n]]
 
 
-def cache_key(model_path: Path, style: str, k: int, dtype: str, quantization: str, threads: int) -> str:
+def cache_key(model_path: Path, heads: Path, k: int, dtype: str, quantization: str, threads: int) -> str:
     from smcserve.engine.model import model_fingerprint
 
-    heads = Path(model_path) / "mtp" / f"{style}.safetensors"
     st, weights = heads.stat(), model_fingerprint(Path(model_path), torch.float32)
     return (
         f"{cpu_name()}|torch {torch.__version__}|threads {threads}|{weights}|"
-        f"{style} heads {st.st_size}/{st.st_mtime_ns}|k {k}|{dtype}|{quantization}"
+        f"{heads.stem} heads {st.st_size}/{st.st_mtime_ns}|k {k}|{dtype}|{quantization}"
     )
 
 
@@ -129,7 +128,7 @@ def resolve(
     cache, else timed (``ratios_fn`` replaces :func:`step_cost_ratios` in tests) and cached. Heads without a
     held-out acceptance (trained before it was measured) get the default, with the reason."""
     from smcserve.engine.model import cache_dir, load_model
-    from smcserve.engine.mtp import heads_path, load_heads, read_metadata
+    from smcserve.engine.mtp import load_heads, read_metadata
 
     path = Path(model_path) / "mtp" / f"{style}.safetensors"
     acceptance = read_metadata(path)["info"].get("acceptance_per_depth")
@@ -142,7 +141,7 @@ def resolve(
         return SpecChoice(DEFAULT_SPECULATIVE_MAX_BATCH, reason)
     accepted = accepted_length(acceptance, k)
     cache_path = Path(cache_path) if cache_path is not None else cache_dir() / CACHE_FILE
-    key = cache_key(model_path, style, k, dtype, quantization, threads)
+    key = cache_key(model_path, path, k, dtype, quantization, threads)
     with machine_cache(cache_path) as entries:  # one process of a machine measures; the others read its answer
         hit = entries.get(key)
         if isinstance(hit, dict) and isinstance(hit.get("max_batch"), int):
@@ -156,7 +155,7 @@ def resolve(
                 t0 = time.perf_counter()
                 if ratios_fn is None:
                     lm = load_model(str(model_path), dtype, threads, quantization)
-                    heads = load_heads(lm, heads_path(lm, style), style)
+                    heads = load_heads(lm, path, style)
                     ratios = step_cost_ratios(lm, heads, k, heldout_prompts(lm, 8), until=accepted)
                 else:
                     ratios = ratios_fn(k, accepted)
