@@ -153,26 +153,21 @@ class ModelRunner:
     def forward(self, items: list[SeqBatchItem]) -> torch.Tensor:
         """Run every item's new tokens (writing their KV); return the last token's logits per item."""
         if all(len(it.tokens) == 1 for it in items):
-            return self._decode(items)
+            return self._head(self._decode(items))
         x = self._positions(items)
         last = torch.tensor(list(itertools.accumulate(len(it.tokens) for it in items)), device=self.device) - 1
         return self._head(x[last])
 
     @torch.inference_mode()
-    def hidden_states(self, items: list[SeqBatchItem]) -> torch.Tensor:
-        """Run every item's new tokens (writing their KV); the last hidden states [T, d] (before the final
-        norm) of every new token, item after item, without the unembedding."""
-        return self._positions(items)
-
-    @torch.inference_mode()
     def forward_all(self, items: list[SeqBatchItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run every item's new tokens (writing their KV); return the logits [T, V] and last hidden states
         [T, d] (before the final norm) of every new token, item after item (speculative verification)."""
-        x = self._positions(items)
+        x = self._decode(items) if all(len(it.tokens) == 1 for it in items) else self._positions(items)
         return self._head(x), x
 
     def _decode(self, items: list[SeqBatchItem]) -> torch.Tensor:
-        """One new token per sequence, attention over each sequence's own (padded) slots."""
+        """One new token per sequence, attention over each sequence's own (padded) slots: the last hidden
+        states [B, d] (before the final norm)."""
         dev = self.device
         lens = [it.start + 1 for it in items]
         max_len = max(lens)
@@ -190,7 +185,7 @@ class ModelRunner:
             def attend_paged(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [B, Hq, D]
                 return paged.attend(q[:, :, None], self.k_cache[layer], self.v_cache[layer]).reshape(B, -1)
 
-            return self._run(tokens, positions, slots, attend_paged, last=None)
+            return self.trunk(tokens, positions, slots, attend_paged)
 
         valid = torch.arange(max_len, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
         # additive, in the query's dtype, made once for every layer (SDPA would convert a bool mask per layer)
@@ -208,7 +203,7 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
             return o.reshape(B, -1)
 
-        return self._run(tokens, positions, slots, attend, last=None)
+        return self.trunk(tokens, positions, slots, attend)
 
     def _positions(self, items: list[SeqBatchItem]) -> torch.Tensor:
         """Any number of new tokens per sequence (a prompt chunk, a token and its drafts), causal over
@@ -254,19 +249,6 @@ class ModelRunner:
 
         tokens = torch.tensor([t for it in items for t in it.tokens], device=dev)
         return self.trunk(tokens, positions, slots, attend)
-
-    def _run(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        attend: Callable[[int, torch.Tensor], torch.Tensor],
-        last: list[int] | None,
-    ) -> torch.Tensor:
-        x = self.trunk(tokens, positions, slots, attend)
-        if last is not None:
-            x = x[last]
-        return self._head(x)
 
     def products(self) -> dict[str, list]:
         """Every matrix product of a forward, by name: each layer's, and the LM head."""

@@ -2,8 +2,9 @@
 
 1. The served model decodes its own corpus from the instruction prompts shipped in
    ``engine/mtp_prompts.json`` (the ``train`` set; ``heldout`` is for measuring).
-2. The trunk runs once over each sequence under ``no_grad``; its last hidden states are cached
-   (``corpus.safetensors`` in the work folder, so a resumed run skips steps 1 and 2).
+2. The trunk's last hidden state of every position, kept as the corpus is decoded, is cached with it
+   (``corpus-*.safetensors`` in the work folder, named by the prompts and settings that made it, so a
+   resumed run skips steps 1 and 2).
 3. The heads train on random windows of the cache, one head at a time (:func:`train_step`), each
    depth towards the trunk's own next-token distribution at the position it drafts for (soft targets:
    the trunk's logits are its unembedding of the cached hidden states, recomputed per batch).
@@ -20,6 +21,7 @@ along, so a slower CPU trains fewer steps but still ends annealed, within the bu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -57,7 +59,7 @@ class TrainConfig:
     batch: int = 8  # windows per step
     seq_len: int = 64  # tokens per window
     lr: float = 2e-3
-    completions: int = 6  # completions per training prompt (the first greedy)
+    completions: int = 2  # completions per training prompt (the first greedy)
     max_tokens: int = 160  # tokens per completion
     temperature: float = 0.7
     seed: int = 0
@@ -91,10 +93,11 @@ def trunk_hidden(lm: LoadedModel, tokens: list[int]) -> torch.Tensor:
 
 def generate_corpus(
     lm: LoadedModel, prompts: list[str], cfg: TrainConfig, progress: Callable[[int], None] = lambda n: None
-) -> list[list[int]]:
-    """Prompt + completion token lists, ``cfg.completions`` per prompt (the first greedy, as the drafts are
-    mostly verified greedily, the others sampled at ``cfg.temperature`` for variety), decoded by the paged
-    engine 64 at a time (seeded: the same config gives the same corpus)."""
+) -> Corpus:
+    """Prompt + completion, ``cfg.completions`` per prompt (the first greedy, as the drafts are mostly
+    verified greedily, the others sampled at ``cfg.temperature`` for variety), decoded by the paged engine
+    64 at a time (seeded: the same config gives the same corpus). The decoder keeps the trunk's last hidden
+    state of every position as it goes (a sequence's last token, never run, is left out): no second pass."""
     from smcserve.engine.block_manager import BlockManager
     from smcserve.engine.model_runner import ModelRunner
     from smcserve.engine.sampling import SamplingParams
@@ -105,19 +108,23 @@ def generate_corpus(
     batch, block = 64, 16
     longest = max(len(p) for p in ids) + cfg.max_tokens
     num_blocks = batch * (-(-longest // block) + 1)
-    out: list[list[int]] = []
+    tokens: list[torch.Tensor] = []
+    hidden: list[torch.Tensor] = []
     for i in range(0, len(jobs), batch):
         runner = ModelRunner(lm, num_blocks, block)
-        dec = SpeculativeDecoder(runner, BlockManager(num_blocks, block), None, 0, lm.eos_token_ids)
+        dec = SpeculativeDecoder(runner, BlockManager(num_blocks, block), None, 0, lm.eos_token_ids, record=True)
         seqs = []
         for n, (p, c) in enumerate(jobs[i : i + batch], start=i):
             temperature = 0.0 if c == 0 else cfg.temperature
             params = SamplingParams(temperature=temperature, max_tokens=cfg.max_tokens, seed=cfg.seed + 7919 * c + n)
             seqs.append(SpecSeq(p, params))
         dec.generate(seqs)
-        out += [s.tokens for s in seqs]
+        for s in seqs:
+            h = torch.cat(s.recorded).float()  # a plain tensor, out of inference mode (autograd may save it)
+            tokens.append(torch.tensor(s.tokens[: len(h)]))
+            hidden.append(h)
         progress(len(seqs))
-    return out
+    return Corpus(tokens, hidden)
 
 
 @dataclass
@@ -164,35 +171,6 @@ class Corpus:
             hs.append(self.hidden[i][s : s + seq_len])
             ts.append(self.tokens[i][s : s + seq_len])
         return torch.stack(hs), torch.stack(ts)
-
-
-def trunk_hidden_many(lm: LoadedModel, seqs: list[list[int]], chunk: int = 4096) -> list[torch.Tensor]:
-    """:func:`trunk_hidden` of every sequence on the paged engine (the hidden states drafting reads),
-    about ``chunk`` tokens per forward and no unembedding."""
-    from smcserve.engine.model_runner import ModelRunner, SeqBatchItem
-
-    block = 16
-    longest = max(len(s) for s in seqs)
-    runner = ModelRunner(lm, (max(chunk, longest) + block * len(seqs)) // block + 1, block)
-    out: list[torch.Tensor] = []
-    i = 0
-    while i < len(seqs):
-        items, n, b = [], 0, 0
-        while i < len(seqs) and (not items or n + len(seqs[i]) <= chunk):
-            nb = -(-len(seqs[i]) // block)
-            items.append(SeqBatchItem(list(seqs[i]), 0, list(range(b, b + nb))))
-            n, b, i = n + len(seqs[i]), b + nb, i + 1
-        hidden = runner.hidden_states(items)
-        end = 0
-        for it in items:
-            start, end = end, end + len(it.tokens)
-            out.append(hidden[start:end].float().clone())  # a plain tensor (autograd may save it)
-    return out
-
-
-def build_corpus(lm: LoadedModel, prompts: list[str], cfg: TrainConfig, progress=lambda n: None) -> Corpus:
-    seqs = generate_corpus(lm, prompts, cfg, progress)
-    return Corpus([torch.tensor(s) for s in seqs], trunk_hidden_many(lm, seqs))
 
 
 # --- one training step -------------------------------------------------------------------------------
@@ -380,14 +358,16 @@ def train(
     work.mkdir(parents=True, exist_ok=True)
     prompts = instruction_prompts("train") if prompts is None else prompts
     fp = weights_fingerprint(lm)
-    corpus_path = work / f"corpus-{fp}-{cfg.completions}x{cfg.max_tokens}-t{cfg.temperature}-{cfg.seed}.safetensors"
+    made_of = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:12]  # the prompts it was decoded from
+    name = f"corpus-{fp}-{made_of}-{cfg.completions}x{cfg.max_tokens}-t{cfg.temperature}-{cfg.seed}.safetensors"
+    corpus_path = work / name
     if corpus is not None:
         pass
     elif corpus_path.is_file():
         corpus = Corpus.load(corpus_path)
     else:
         with tqdm(total=len(prompts) * cfg.completions, desc="corpus", unit="seq", disable=not show_progress) as bar:
-            corpus = build_corpus(lm, prompts, cfg, bar.update)
+            corpus = generate_corpus(lm, prompts, cfg, bar.update)
         corpus.minutes = (clock() - t0) / 60
         corpus.save(corpus_path)
     lm.model.requires_grad_(False)  # the trunk (and the shared embedding and unembedding) stays frozen

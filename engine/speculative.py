@@ -70,6 +70,7 @@ class SpecSeq:
     table: BlockTable = field(default_factory=BlockTable)
     hidden: torch.Tensor | None = None
     done: bool = False
+    recorded: list[torch.Tensor] = field(default_factory=list)  # see SpeculativeDecoder's ``record``
 
     @property
     def tokens(self) -> list[int]:
@@ -183,7 +184,9 @@ class Speculator:
 
 class SpeculativeDecoder:
     """Decode a batch of :class:`SpecSeq` on ``runner``'s paged KV (blocks from ``bm``), drafting
-    ``k`` tokens per step from ``heads`` (None or k = 0: plain decoding, the engine's decode path)."""
+    ``k`` tokens per step from ``heads`` (None or k = 0: plain decoding, the engine's decode path).
+    ``record``: keep the trunk's last hidden state of every position a sequence writes KV for in its
+    ``recorded`` (the MTP training corpus, without a second pass over the tokens)."""
 
     def __init__(
         self,
@@ -193,8 +196,9 @@ class SpeculativeDecoder:
         k: int,
         eos_token_ids: frozenset[int],
         max_batch: int = 16,
+        record: bool = False,
     ):
-        self.runner, self.bm, self.eos = runner, bm, eos_token_ids
+        self.runner, self.bm, self.eos, self.record = runner, bm, eos_token_ids, record
         self.spec = Speculator(heads, k, runner.lm.config.vocab_size) if heads is not None and k > 0 else None
         self.max_batch = max_batch
 
@@ -234,6 +238,8 @@ class SpeculativeDecoder:
             for s, item in zip(group, items):
                 start, end = end, end + len(item.tokens)
                 s.hidden = hidden[max(start, end - self._window()) : end]
+                if self.record:
+                    s.recorded.append(hidden[start:end])
                 if not s.output:
                     self._emit(s, [self._sample(logits[end - 1], s, len(s.prompt))])
 
@@ -254,7 +260,7 @@ class SpeculativeDecoder:
         none = Draft([])
         items = [self._append(s.table, [s.output[-1], *drafts.get(id(s), none).tokens]) for s in seqs]
         if not speculate:  # plain decoding: the engine's decode forward; the windows start again after it
-            logits, hidden = self.runner.forward(items), None
+            logits, hidden = self.runner.forward_all(items) if self.record else (self.runner.forward(items), None)
             for s in seqs:
                 s.hidden = None
         else:  # the heads need the trunk's hidden states for later steps
@@ -269,7 +275,10 @@ class SpeculativeDecoder:
             self.bm.truncate(s.table, item.start + accepted + 1)  # roll back the rejected drafts' slots
             if hidden is not None:
                 kept = hidden[row : row + accepted + 1]
-                s.hidden = (kept if s.hidden is None else torch.cat([s.hidden, kept]))[-self._window() :]
+                if self.record:
+                    s.recorded.append(kept)
+                if speculate:
+                    s.hidden = (kept if s.hidden is None else torch.cat([s.hidden, kept]))[-self._window() :]
             self._emit(s, new)
             if s.done:  # drafts accepted past the end keep no slots
                 self.bm.truncate(s.table, len(s.tokens) - 1)

@@ -17,10 +17,10 @@ from smcserve.engine.mtp_train import (
     TrainConfig,
     depth_losses,
     generate_corpus,
+    instruction_prompts,
     train,
     train_step,
     trunk_hidden,
-    trunk_hidden_many,
     trunk_tail_fn,
 )
 
@@ -76,17 +76,6 @@ def test_heads_roundtrip_and_refuse_other_weights(tiny, tiny_model_dir, tmp_path
         load_heads(lm2)
 
 
-def test_trunk_hidden_many_is_each_sequences_own(tiny):
-    """The paged engine's batched pass (several sequences a forward, several forwards) gives each sequence
-    the hidden states of the model run on it alone."""
-    g = torch.Generator().manual_seed(5)
-    seqs = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (7, 20, 3, 33, 16, 17)]
-    many = trunk_hidden_many(tiny, seqs, chunk=40)  # 40 tokens a forward: 4 forwards
-    assert [h.shape[0] for h in many] == [len(s) for s in seqs]
-    for s, h in zip(seqs, many):
-        torch.testing.assert_close(h, trunk_hidden(tiny, s), atol=1e-4, rtol=1e-4)
-
-
 def test_drafting_fewer_depths_runs_only_those(tiny):
     heads = MTPHeads(tiny.model, MTPSpec("deepseek", depths=3, window=8))
     ran = []
@@ -127,13 +116,20 @@ def test_depth_k_is_distilled_from_the_trunk_at_p_plus_k_plus_1(tiny):
     assert min(losses(-1)) > 1e-2, losses(-1)
 
 
-def test_generate_corpus_samples_the_model(tiny):
-    cfg = TrainConfig(completions=1, max_tokens=6)
-    seqs = generate_corpus(tiny, ["Say hi.", "Count to three please."], cfg)
-    assert len(seqs) == 2
+def test_generate_corpus_keeps_the_trunks_hidden_states(tiny):
+    """The corpus is the model's own completions, and the hidden states the decoder kept as it went (a
+    prompt's prefill, then one position per step, several sequences a batch) are those of the model run
+    on each sequence alone."""
+    cfg = TrainConfig(completions=2, max_tokens=6)
+    corpus = generate_corpus(tiny, ["Say hi.", "Count to three please."], cfg)
+    assert len(corpus.tokens) == 4  # a greedy and a sampled completion per prompt
     prompt = tiny.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True)
     prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
-    assert seqs[0][: len(prompt)] == list(prompt) and len(prompt) < len(seqs[0]) <= len(prompt) + 6
+    first = corpus.tokens[0].tolist()  # the last token, never run, is left out
+    assert first[: len(prompt)] == list(prompt) and len(prompt) < len(first) < len(prompt) + 6
+    for t, h in zip(corpus.tokens, corpus.hidden):
+        assert h.shape == (len(t), tiny.config.hidden_size) and not h.is_inference()
+        torch.testing.assert_close(h, trunk_hidden(tiny, t.tolist()), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("style", ["deepseek", "gloeckle"])
@@ -249,7 +245,8 @@ def test_cli_trains_and_resumes(tiny, tiny_model_dir, tmp_path, capsys):
     argv += ["--max-tokens", "4", "--work", str(tmp_path / "w"), "--output", str(tmp_path / "h.safetensors")]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["steps"] == 2 and len(report["loss_per_depth"]) == 3 and report["corpus_tokens"] > 80 * 4
+    assert report["steps"] == 2 and len(report["loss_per_depth"]) == 3
+    assert report["corpus_tokens"] > len(instruction_prompts("train")) * 4
     assert load_heads(tiny, tmp_path / "h.safetensors").spec.depths == 3
     # the trained heads' acceptance on held-out prompts, per depth, in the report and in the heads' file
     acceptance = report["heldout_acceptance_per_depth"]
