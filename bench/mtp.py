@@ -1,18 +1,19 @@
 """Self-speculative decoding with MTP heads against plain decoding, side by side in one run.
 
-    python -m bench.mtp [--model M] [--styles deepseek gloeckle] [--k 2] [--max-tokens 64]
+    python -m bench.mtp [--model M] [--styles deepseek gloeckle] [--k auto|N] [--max-tokens 64]
 
 Greedy decoding of the held-out instruction prompts (``engine/mtp_prompts.json``, never trained on)
 on one paged engine. ``mean_accepted_length`` and ``acceptance_per_depth``: every depth of the heads
 drafting (3 by default), the 16 held-out prompts one at a time. The timed runs draft ``--k`` tokens a
-step (default: ``smcserve serve``'s ``--num-speculative-tokens``, 2: on our Xeon a forward over 3
-positions costs about one over 1, one over 4 about 1.6x, ``step_cost_ratio_batch1_by_k``), their
-accepted length is ``mean_accepted_length_at_k``: single stream (one prompt at a time), 16 and 64
-sequences at once; each configuration with and without MTP in ABBA order, the ratio of the faster wall
-times is the speedup (with the default ``--max-batch``, 1 as in ``smcserve serve``, 16 and 64 sequences
-decode plainly: the fall-back). Prints ONE JSON object:
-the first style's figures at the top level and every style's under ``styles`` (heads from
-``smcserve mtp train``; a style without heads is reported as missing).
+step (``k`` in the JSON; default ``auto``, as ``smcserve serve --num-speculative-tokens auto`` chooses:
+the k with the largest held-out accepted length over its step cost at batch 1,
+``step_cost_ratio_batch1_by_k``; on our Xeon a forward over 3 positions cost about one over 1, so k = 2;
+on the AVX2 EPYC k = 1), their accepted length is ``mean_accepted_length_at_k``: single stream (one
+prompt at a time), 16 and 64 sequences at once; each configuration with and without MTP in ABBA order,
+the ratio of the faster wall times is the speedup (with the default ``--max-batch``, 1, 16 and 64
+sequences decode plainly: the fall-back). Prints ONE JSON object: the first style's figures at the
+top level and every style's under ``styles`` (heads from ``smcserve mtp train``; a style without heads
+is reported as missing).
 
 ``fallback`` is what ``smcserve serve --speculative-max-batch auto`` measures at start
 (``engine/spec_pays.py``, the same steps): at each batch size B, the wall time of
@@ -39,7 +40,7 @@ from smcserve.engine.model_runner import ModelRunner
 from smcserve.engine.mtp import load_heads, read_metadata
 from smcserve.engine.mtp_train import encode_prompt, instruction_prompts
 from smcserve.engine.sampling import SamplingParams
-from smcserve.engine.spec_pays import pays_up_to, step_cost_ratios
+from smcserve.engine.spec_pays import choose_k, pays_up_to, step_cost_ratios
 from smcserve.engine.speculative import SpecSeq, SpeculativeDecoder
 
 
@@ -104,7 +105,11 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--styles", nargs="+", default=["deepseek", "gloeckle"])
     ap.add_argument(
-        "--k", type=int, default=DEFAULT_NUM_SPECULATIVE_TOKENS, help="drafted tokens per step (timed runs)"
+        "--k",
+        type=lambda v: None if v == "auto" else int(v),
+        default=None,
+        help="drafted tokens per step (timed runs); auto (default): as `smcserve serve` chooses it, the k whose "
+        "held-out accepted length per batch-1 step cost is largest",
     )
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--single", type=int, default=8, help="prompts decoded one at a time")
@@ -117,7 +122,7 @@ def main() -> None:
     ap.add_argument("--no-speedups", action="store_true", help="only the step costs (fallback), no decoding runs")
     args = ap.parse_args()
     lm = load_model(args.model, "float32", args.threads)
-    result: dict = {"model": lm.name, "k": args.k, "threads": torch.get_num_threads(), "styles": {}}
+    result: dict = {"model": lm.name, "threads": torch.get_num_threads(), "styles": {}}
     for style in args.styles:
         try:
             heads = load_heads(lm, style=style)
@@ -125,11 +130,19 @@ def main() -> None:
             result["styles"][style] = {"missing": str(err)}
             continue
         info = read_metadata(heads_file := lm.path / "mtp" / f"{style}.safetensors")["info"]
-        k = min(args.k, heads.spec.depths)
-        r = {} if args.no_speedups else measure(lm, heads, k, args.max_tokens, args.single, args.max_batch)
         prompts = _prompts(lm, max(args.cost_batches))
-        ratios = step_cost_ratios(lm, heads, k, prompts, args.cost_batches, args.reps)
         by_k = {j: step_cost_ratios(lm, heads, j, prompts, [1], args.reps)[1] for j in range(1, heads.spec.depths + 1)}
+        acceptance = info.get("acceptance_per_depth")
+        if args.k is not None:
+            k, why = min(args.k, heads.spec.depths), "as given"
+        elif acceptance:
+            k, why = choose_k(by_k, acceptance), "auto: the largest held-out accepted length / step cost at batch 1"
+        else:
+            k, why = min(DEFAULT_NUM_SPECULATIVE_TOKENS, heads.spec.depths), "auto: the default (no acceptance)"
+        r = {"k": k, "k_choice": why}
+        if not args.no_speedups:
+            r.update(measure(lm, heads, k, args.max_tokens, args.single, args.max_batch))
+        ratios = step_cost_ratios(lm, heads, k, prompts, args.cost_batches, args.reps)
         length = r.get("mean_accepted_length_at_k")
         r["fallback"] = {
             "step_cost_ratio": ratios,

@@ -30,6 +30,7 @@ from smcserve.engine.model import load_model
 from smcserve.engine.mtp import load_heads
 from smcserve.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, TokenLogprob
 from smcserve.engine.speculative import SpecStats, Speculator
+from smcserve.engine.threads import on_passing_thread
 from smcserve.kvstore import KVStore
 from smcserve.protos import smcserve_pb2, worker_pb2, worker_pb2_grpc
 from smcserve.protos.messages import logprob_message
@@ -393,23 +394,29 @@ class DecodeWorker:
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
         self.config = config
-        self.lm = load_model(
-            config.model,
-            config.dtype,
-            threads=config.threads or os.cpu_count(),
-            quantization=config.quantization,
-            device=config.device,
-        )
-        layout = KVLayout.from_config(self.lm.config, self.lm.dtype, config.block_size)
-        num_blocks = max(1, layout.blocks_in(config.kv_cache_bytes))
-        self.loop = DecodeLoop(
-            self.lm,
-            KVStore(config.redis_url),
-            config.block_size,
-            num_blocks,
-            config.prefill_chunk,
-            speculation=_speculation(self.lm, config),
-        ).start()
+
+        def build() -> tuple:  # the engine's torch work stays off this (Ray's main) thread: engine/threads.py
+            lm = load_model(
+                config.model,
+                config.dtype,
+                threads=config.threads or os.cpu_count(),
+                quantization=config.quantization,
+                device=config.device,
+            )
+            layout = KVLayout.from_config(lm.config, lm.dtype, config.block_size)
+            num_blocks = max(1, layout.blocks_in(config.kv_cache_bytes))
+            loop = DecodeLoop(
+                lm,
+                KVStore(config.redis_url),
+                config.block_size,
+                num_blocks,
+                config.prefill_chunk,
+                speculation=_speculation(lm, config),
+            )
+            return lm, loop
+
+        self.lm, loop = on_passing_thread(build)
+        self.loop = loop.start()
         node_id = ray.get_runtime_context().get_node_id()
         host = config.host or _node_ip(node_id)
         self.server = grpc.server(

@@ -1,5 +1,5 @@
-"""``--speculative-max-batch auto``: up to how many running sequences self-speculative decoding pays on
-this machine, measured rather than assumed.
+"""``--num-speculative-tokens auto`` and ``--speculative-max-batch auto``: how many tokens to draft and up
+to how many running sequences self-speculative decoding pays on this machine, measured rather than assumed.
 
 A speculative step (k drafts per sequence, one forward over k+1 positions each) yields on average the
 heads' accepted length L_k = 1 + a_1 + ... + a_k tokens per sequence, a_j being depth j's acceptance on
@@ -11,7 +11,10 @@ on a 2-vCPU AVX2 EPYC its BLAS reads the weights half as fast for 3 columns as f
 third of a plain step (ratio ~1.6 at B = 1 against L_2 ~1.5: it pays at no batch). :func:`resolve` times
 ratio(B) for B = 1, 2, 4, ... on the model and heads the workers load (the steps ``bench.mtp`` times),
 stops at the first B where speculation does not pay and answers the largest B before it (0: never).
-Like ``--dtype auto`` it is decided once, in the launcher, and cached per machine.
+With k auto it first times ratio_k(1) for every depth k of the heads and drafts the k that yields the
+most tokens per unit of time for a single stream, L_k / ratio_k(1) (:func:`choose_k`): on the EPYC above,
+k = 1 (1.35 tokens for 1.22 steps) where k = 2 yields 1.43 for 1.89. Like ``--dtype auto`` it is decided
+once, in the launcher, and cached per machine.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from smcserve.engine.config import DEFAULT_SPECULATIVE_MAX_BATCH
+from smcserve.engine.config import DEFAULT_NUM_SPECULATIVE_TOKENS, DEFAULT_SPECULATIVE_MAX_BATCH
 from smcserve.engine.dtype import BUSY, CpuLoad, cpu_name, machine_cache
 
 log = logging.getLogger(__name__)
@@ -36,9 +39,11 @@ REPS = 5  # alternated speculative and plain steps per batch size; the fastest o
 
 @dataclass(frozen=True)
 class SpecChoice:
+    k: int  # tokens drafted per step (as given, or chosen)
     max_batch: int  # speculate while a step has at most this many sequences (0: never)
     reason: str
-    ratios: dict[int, float] = field(default_factory=dict)  # speculative / plain step time, by batch size
+    ratios: dict[int, float] = field(default_factory=dict)  # speculative / plain step time (at k), by batch size
+    single_by_k: dict[int, float] = field(default_factory=dict)  # with k auto: ratio at batch 1 for each k
 
 
 def accepted_length(acceptance_per_depth: list[float], k: int) -> float:
@@ -46,6 +51,13 @@ def accepted_length(acceptance_per_depth: list[float], k: int) -> float:
     depth's drafts count as accepted only after every earlier depth's were, so each a_j is already the
     probability that the first j drafts all pass)."""
     return 1.0 + sum(acceptance_per_depth[:k])
+
+
+def choose_k(single_by_k: Mapping[int, float], acceptance_per_depth: list[float]) -> int:
+    """The number of drafts that yields the most tokens per unit of time for one sequence: the k maximising
+    L_k / ratio_k(1) over the timed ks (``single_by_k``: k → a speculative step's cost at batch 1 in plain
+    steps), the smaller k on a tie; also where none pays (the limit is then 0: nothing drafts)."""
+    return max(sorted(single_by_k), key=lambda k: accepted_length(acceptance_per_depth, k) / single_by_k[k])
 
 
 def pays_up_to(ratios: Mapping[int, float], accepted: float) -> int:
@@ -103,20 +115,20 @@ def heldout_prompts(lm, n: int) -> list[list[int]]:
     return [encode_prompt(lm.tokenizer, t) for t in instruction_prompts("heldout")[:n]]
 
 
-def cache_key(model_path: Path, heads: Path, k: int, dtype: str, quantization: str, threads: int) -> str:
+def cache_key(model_path: Path, heads: Path, k: int | None, dtype: str, quantization: str, threads: int) -> str:
     from smcserve.engine.model import model_fingerprint
 
     st, weights = heads.stat(), model_fingerprint(Path(model_path), torch.float32)
     return (
         f"{cpu_name()}|torch {torch.__version__}|threads {threads}|{weights}|"
-        f"{heads.stem} heads {st.st_size}/{st.st_mtime_ns}|k {k}|{dtype}|{quantization}"
+        f"{heads.stem} heads {st.st_size}/{st.st_mtime_ns}|k {'auto' if k is None else k}|{dtype}|{quantization}"
     )
 
 
 def resolve(
     model_path: Path,
     style: str,
-    k: int,
+    k: int | None,
     dtype: str,
     quantization: str,
     threads: int,
@@ -124,41 +136,58 @@ def resolve(
     cache_path: Path | None = None,
     ratios_fn: Callable[..., dict[int, float]] | None = None,
 ) -> SpecChoice:
-    """The measured ``--speculative-max-batch`` for these heads, model settings and thread count: from the
-    cache, else timed (``ratios_fn`` replaces :func:`step_cost_ratios` in tests) and cached. Heads without a
-    held-out acceptance (trained before it was measured) get the default, with the reason."""
+    """The measured ``--speculative-max-batch`` (and with ``k`` None, ``--num-speculative-tokens``) for
+    these heads, model settings and thread count: from the cache, else timed and cached. ``ratios_fn(k,
+    accepted, batches)`` replaces :func:`step_cost_ratios` in tests. Heads without a held-out acceptance
+    (trained before it was measured) get the defaults, with the reason."""
     from smcserve.engine.model import cache_dir, load_model
     from smcserve.engine.mtp import load_heads, read_metadata
 
     path = Path(model_path) / "mtp" / f"{style}.safetensors"
-    acceptance = read_metadata(path)["info"].get("acceptance_per_depth")
+    meta = read_metadata(path)
+    depths = meta["spec"].depths
+    acceptance = meta["info"].get("acceptance_per_depth")
     if not acceptance:
+        given = min(DEFAULT_NUM_SPECULATIVE_TOKENS, depths) if k is None else k
         reason = (
-            f"the default {DEFAULT_SPECULATIVE_MAX_BATCH}: the heads {path} carry no held-out acceptance "
-            "(trained before `smcserve mtp train` measured it); retrain them or pass a number"
+            f"the defaults (k = {given}, max batch {DEFAULT_SPECULATIVE_MAX_BATCH}): the heads {path} carry no "
+            "held-out acceptance (trained before `smcserve mtp train` measured it); retrain them or pass numbers"
         )
-        log.warning("speculative max batch: %s", reason)
-        return SpecChoice(DEFAULT_SPECULATIVE_MAX_BATCH, reason)
-    accepted = accepted_length(acceptance, k)
+        log.warning("speculation: %s", reason)
+        return SpecChoice(given, DEFAULT_SPECULATIVE_MAX_BATCH, reason)
     cache_path = Path(cache_path) if cache_path is not None else cache_dir() / CACHE_FILE
     key = cache_key(model_path, path, k, dtype, quantization, threads)
     with machine_cache(cache_path) as entries:  # one process of a machine measures; the others read its answer
         hit = entries.get(key)
-        if isinstance(hit, dict) and isinstance(hit.get("max_batch"), int):
+        if isinstance(hit, dict) and isinstance(hit.get("max_batch"), int) and isinstance(hit.get("k"), int):
             ratios = {int(b): r for b, r in hit.get("ratios", {}).items()}
+            single = {int(j): r for j, r in hit.get("single_by_k", {}).items()}
             reason = f"{hit.get('reason', '')} [cached {hit.get('measured_at', '')}]"
-            return SpecChoice(hit["max_batch"], reason, ratios)
+            return SpecChoice(hit["k"], hit["max_batch"], reason, ratios, single)
         saved = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             with CpuLoad() as load:
                 t0 = time.perf_counter()
-                if ratios_fn is None:
+                measure = ratios_fn
+                if measure is None:
                     lm = load_model(str(model_path), dtype, threads, quantization)
                     heads = load_heads(lm, path, style)
-                    ratios = step_cost_ratios(lm, heads, k, heldout_prompts(lm, 8), until=accepted)
-                else:
-                    ratios = ratios_fn(k, accepted)
+                    prompts = heldout_prompts(lm, 8)
+
+                    def measure(j, accepted, batches):
+                        return step_cost_ratios(lm, heads, j, prompts, batches, until=accepted)
+
+                single: dict[int, float] = {}
+                if k is None:  # every depth at batch 1, then the best one's sweep
+                    for j in range(1, depths + 1):
+                        single[j] = measure(j, accepted_length(acceptance, j), (1,))[1]
+                    k = choose_k(single, acceptance)
+                accepted = accepted_length(acceptance, k)
+                ratios = {1: single[k]} if single else {}
+                if not ratios or ratios[1] < accepted:
+                    rest = [b for b in BATCHES if b not in ratios]
+                    ratios.update(measure(k, accepted, tuple(rest)))
                 took = time.perf_counter() - t0
         finally:
             torch.set_num_threads(saved)
@@ -168,17 +197,24 @@ def resolve(
             f"measured: a speculative step (k = {k}) costs {{{shown}}} plain steps by batch size and yields "
             f"{accepted:.2f} tokens (the heads' held-out acceptance), so it pays "
             + (f"up to {max_batch} sequences" if max_batch else "at no batch size (plain decoding)")
-            + f" on {cpu_name()}, {threads} thread{'s' if threads != 1 else ''}, other load {load.others:.0%}"
         )
+        if single:
+            options = ", ".join(
+                f"k = {j}: {accepted_length(acceptance, j):.2f} tokens for {r:.2f}" for j, r in sorted(single.items())
+            )
+            reason += f"; k = {k} yields the most per plain step's time for one sequence ({options})"
+        reason += f" on {cpu_name()}, {threads} thread{'s' if threads != 1 else ''}, other load {load.others:.0%}"
         if load.others > BUSY:
             reason += "; the CPU was busy while timing: not cached, measured again at the next start"
-            log.warning("speculative max batch %d: %s", max_batch, reason)
-            return SpecChoice(max_batch, reason, ratios)
-        log.info("speculative max batch %d: %s; measured in %.1f s", max_batch, reason, took)
+            log.warning("speculation k %d, max batch %d: %s", k, max_batch, reason)
+            return SpecChoice(k, max_batch, reason, ratios, single)
+        log.info("speculation k %d, max batch %d: %s; measured in %.1f s", k, max_batch, reason, took)
         entries[key] = {
+            "k": k,
             "max_batch": max_batch,
             "reason": reason,
             "ratios": {str(b): r for b, r in ratios.items()},
+            "single_by_k": {str(j): r for j, r in single.items()},
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        return SpecChoice(max_batch, reason, ratios)
+        return SpecChoice(k, max_batch, reason, ratios, single)

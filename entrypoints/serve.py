@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
             n = stack.speculative_max_batch
             limit = f"up to {n} sequence{'s' if n != 1 else ''} a step" if n else "plain requests decode plainly"
             mtp = config.speculative == "mtp"
-            speculation = f"speculative mtp, {limit}: {stack.speculative_reason}\n" if mtp else ""
+            k = stack.num_speculative_tokens
+            speculation = f"speculative mtp, k = {k}, {limit}: {stack.speculative_reason}\n" if mtp else ""
             print(
                 f"smcserve listening on {stack.address} (model {config.model or 'smollm2-135m-instruct'}, "
                 f"{config.prefill_workers} prefill + {config.decode_workers} decode workers, "

@@ -12,6 +12,7 @@ from smcserve.engine.config import WorkerConfig
 from smcserve.engine.kv import KVLayout
 from smcserve.engine.model import load_model
 from smcserve.engine.sampling import SamplingParams
+from smcserve.engine.threads import on_passing_thread
 from smcserve.kvstore import KVStore
 from smcserve.prefill.prefiller import Prefiller
 from smcserve.prefill.queue import PrefillQueue
@@ -30,18 +31,21 @@ class PrefillWorker:
     def __init__(self, config: WorkerConfig, worker_id: str):
         self.worker_id = worker_id
         self.config = config
-        self.lm = load_model(
-            config.model,
-            config.dtype,
-            threads=config.threads or os.cpu_count(),
-            quantization=config.quantization,
-            device=config.device,
-        )
-        bs = config.block_size
-        cache_blocks = KVLayout.from_config(self.lm.config, self.lm.dtype, bs).blocks_in(config.kv_cache_bytes)
-        self.prefiller = Prefiller(
-            self.lm, KVStore(config.redis_url), bs, config.prefix_cache, cache_blocks, chunk=config.prefill_chunk
-        )
+
+        def build() -> tuple:  # the engine's torch work stays off this (Ray's main) thread: engine/threads.py
+            lm = load_model(
+                config.model,
+                config.dtype,
+                threads=config.threads or os.cpu_count(),
+                quantization=config.quantization,
+                device=config.device,
+            )
+            bs = config.block_size
+            cache_blocks = KVLayout.from_config(lm.config, lm.dtype, bs).blocks_in(config.kv_cache_bytes)
+            store = KVStore(config.redis_url)
+            return lm, Prefiller(lm, store, bs, config.prefix_cache, cache_blocks, chunk=config.prefill_chunk)
+
+        self.lm, self.prefiller = on_passing_thread(build)
         self.queue = PrefillQueue(self.prefiller).start()
         self.counters = threading.Lock()  # the counters below: prefill calls end in their own threads
         self.served = 0

@@ -62,6 +62,19 @@ def parse_max_batch(value: int | str) -> int | None:
     return n
 
 
+def parse_num_speculative_tokens(value: int | str) -> int | None:
+    """``--num-speculative-tokens``: a number ≥ 1, or ``auto`` (None: measured at start)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ValueError(f"--num-speculative-tokens: {value!r}; use auto or a number >= 1")
+    return n
+
+
 def _field(default, help: str, hidden: bool = False, **meta):
     """A :class:`ServeConfig` field: its default and what it means (``help``, the ``smcserve serve --help``
     text; ``choices`` where only some values are valid); ``hidden``: may hold a password or key, so left
@@ -116,8 +129,11 @@ class ServeConfig:
         "steering requests' patches after their first token",
         choices=("none", "mtp"),
     )
-    num_speculative_tokens: int = _field(
-        DEFAULT_NUM_SPECULATIVE_TOKENS, "with --speculative mtp: tokens drafted per step (≤ the heads' depths)"
+    num_speculative_tokens: str = _field(
+        "auto",
+        "with --speculative mtp: tokens drafted per step (≤ the heads' depths); auto = the number that yields "
+        "the most tokens per unit of time for one sequence, timed here for each depth against a plain step and "
+        "the heads' held-out acceptance (cached per machine)",
     )
     mtp_style: str = _field(
         "deepseek", "with --speculative mtp: which heads, MODEL/mtp/STYLE.safetensors", choices=STYLES
@@ -172,6 +188,7 @@ class Stack:
         self.dtype_reason = ""  # why: as given, or the timings that decided ``--dtype auto``
         self.device = ""  # where every worker computes ("cpu", "cuda")
         self.speculative_max_batch = 0  # with --speculative mtp: the concrete limit every worker gets
+        self.num_speculative_tokens = 0  # with --speculative mtp: the concrete k every worker drafts
         self.speculative_reason = ""  # why: as given, or what ``auto`` measured (engine/spec_pays.py)
 
     async def start(self) -> Stack:
@@ -184,8 +201,9 @@ class Stack:
         if cfg.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk: {cfg.prefill_chunk}; use 0 (off) or a number of tokens")
         model_path = resolve_model_path(cfg.model)  # fetch + convert once, before the workers start
+        k = parse_num_speculative_tokens(cfg.num_speculative_tokens)
         if cfg.speculative == "mtp":  # the heads are there, for these weights, deep enough: refused at start
-            check_heads(model_path, cfg.mtp_style, cfg.num_speculative_tokens)
+            depths = check_heads(model_path, cfg.mtp_style, k or 1).depths
         max_batch = parse_max_batch(cfg.speculative_max_batch)
         # ``auto`` is decided once, here, before Ray and the workers load the cores, and every worker
         # gets the concrete dtype: the KV block keys include it, so all workers must agree.
@@ -196,26 +214,24 @@ class Stack:
         choice = await asyncio.to_thread(resolve_dtype_choice, cfg.dtype, model_path, threads, device)
         dtype, self.dtype, self.dtype_reason = choice.torch_dtype, choice.dtype, choice.reason
         log.info("dtype %s: %s", choice.dtype, choice.reason)
-        if cfg.speculative == "mtp" and max_batch is None:  # auto: timed with the workers' dtype and threads
+        if cfg.speculative == "mtp" and (max_batch is None or k is None):  # auto: timed with the workers' settings
             if device.type == "cpu":
                 spec = await asyncio.to_thread(
-                    spec_pays.resolve,
-                    model_path,
-                    cfg.mtp_style,
-                    cfg.num_speculative_tokens,
-                    choice.dtype,
-                    cfg.quantization,
-                    threads,
+                    spec_pays.resolve, model_path, cfg.mtp_style, k, choice.dtype, cfg.quantization, threads
                 )
-                max_batch, self.speculative_reason = spec.max_batch, spec.reason
+                k, given = spec.k, max_batch
+                max_batch = spec.max_batch if given is None else given
+                self.speculative_reason = spec.reason if given is None else f"max batch as given; {spec.reason}"
             else:
-                max_batch = DEFAULT_SPECULATIVE_MAX_BATCH
-                self.speculative_reason = f"the default {max_batch}: auto times CPU decoding only"
+                k = k or min(DEFAULT_NUM_SPECULATIVE_TOKENS, depths)
+                max_batch = DEFAULT_SPECULATIVE_MAX_BATCH if max_batch is None else max_batch
+                self.speculative_reason = f"the defaults where auto: auto times CPU decoding only (k = {k})"
         elif cfg.speculative == "mtp":
             self.speculative_reason = "as given"
         self.speculative_max_batch = max_batch if cfg.speculative == "mtp" else 0
+        self.num_speculative_tokens = k if cfg.speculative == "mtp" else 0
         if cfg.speculative == "mtp":
-            log.info("speculative max batch %d: %s", self.speculative_max_batch, self.speculative_reason)
+            log.info("speculation k %d, max batch %d: %s", k, self.speculative_max_batch, self.speculative_reason)
         self.redis_url, self.redis = start_or_connect(cfg.redis_url, cfg.redis_maxmemory)
         if not ray.is_initialized():
             if cfg.ray_address:
@@ -240,7 +256,7 @@ class Stack:
             prefill_chunk=cfg.prefill_chunk,
             speculative="" if cfg.speculative == "none" else cfg.speculative,
             mtp_style=cfg.mtp_style,
-            num_speculative_tokens=cfg.num_speculative_tokens,
+            num_speculative_tokens=self.num_speculative_tokens or DEFAULT_NUM_SPECULATIVE_TOKENS,
             speculative_max_batch=self.speculative_max_batch,
             quantization=cfg.quantization,
             device=self.device,
@@ -304,7 +320,7 @@ class Stack:
                 dtype_reason=self.dtype_reason,
                 device=self.device,
                 speculative="" if cfg.speculative == "none" else cfg.speculative,
-                num_speculative_tokens=cfg.num_speculative_tokens if cfg.speculative != "none" else 0,
+                num_speculative_tokens=self.num_speculative_tokens,
                 speculative_max_batch=self.speculative_max_batch,
                 mtp_style=cfg.mtp_style if cfg.speculative != "none" else "",
             ),

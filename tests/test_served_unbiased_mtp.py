@@ -51,7 +51,8 @@ def stack(tiny_dir, in_process_stack):  # noqa: F811
     lm = load_model(str(tiny_dir), "float32")
     torch.manual_seed(0)
     save_heads(MTPHeads(lm.model, MTPSpec("deepseek", K_DRAFT, 8)), lm)
-    config = tiny_stack_config(tiny_dir, speculative="mtp", num_speculative_tokens=K_DRAFT)
+    # k auto: these heads carry no held-out acceptance to weigh timings against, so the default k (2)
+    config = tiny_stack_config(tiny_dir, speculative="mtp", num_speculative_tokens="auto")
     with in_process_stack(config, num_cpus=3) as st:
         yield st
 
@@ -114,6 +115,8 @@ def test_seeded_steering_with_mtp_reproduces_and_opting_out_drafts_nothing(clien
         check_particles(res)
         return [tuple(p.token_ids) for p in res.particles], [p.log_weight for p in res.particles], res.log_z
 
+    info = client.info()
+    assert info.num_speculative_tokens == K_DRAFT and info.speculative_max_batch == 1  # the defaults, for auto
     before = spec_counts(client)
     tokens, weights, log_z = run(7)
     assert spec_counts(client)[1] > before[1]

@@ -1,5 +1,6 @@
-"""``--speculative-max-batch auto`` (engine/spec_pays.py): the measured step costs weighed against the
-heads' held-out acceptance, cached per machine and heads; on the tiny random Llama."""
+"""``--speculative-max-batch auto`` and ``--num-speculative-tokens auto`` (engine/spec_pays.py): the measured
+step costs weighed against the heads' held-out acceptance, cached per machine and heads; on the tiny random
+Llama."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 from smcserve.engine import spec_pays
 from smcserve.engine.model import load_model
 from smcserve.engine.mtp import MTPHeads, MTPSpec, save_heads
-from smcserve.engine.spec_pays import accepted_length, pays_up_to, resolve
-from smcserve.scheduler.stack import parse_max_batch
+from smcserve.engine.spec_pays import accepted_length, choose_k, pays_up_to, resolve
+from smcserve.scheduler.stack import parse_max_batch, parse_num_speculative_tokens
 
 
 @pytest.fixture()
@@ -45,14 +46,14 @@ def test_auto_weighs_the_measured_ratios_against_the_heads_acceptance_and_caches
     write_heads(model_dir, [0.5, 0.2, 0.1])
     calls = []
 
-    def ratios(k, accepted):
+    def ratios(k, accepted, batches):
         calls.append((k, accepted))
         return {1: 1.3, 2: 1.6, 4: 1.75}
 
     cache = tmp_path / "choice.json"
     first = resolve(model_dir, "deepseek", 2, "float32", "none", 2, cache_path=cache, ratios_fn=ratios)
     assert calls == [(2, pytest.approx(1.7))]
-    assert first.max_batch == 2 and first.ratios == {1: 1.3, 2: 1.6, 4: 1.75}
+    assert first.k == 2 and first.max_batch == 2 and first.ratios == {1: 1.3, 2: 1.6, 4: 1.75}
     assert "1.70 tokens" in first.reason and "pays up to 2" in first.reason
     again = resolve(model_dir, "deepseek", 2, "float32", "none", 2, cache_path=cache, ratios_fn=ratios)
     assert len(calls) == 1 and again.max_batch == 2 and "cached" in again.reason
@@ -70,11 +71,59 @@ def test_auto_weighs_the_measured_ratios_against_the_heads_acceptance_and_caches
 def test_heads_without_a_heldout_acceptance_get_the_default(model_dir, tmp_path):
     write_heads(model_dir, None)
 
-    def never(k, accepted):
+    def never(k, accepted, batches):
         raise AssertionError("nothing to weigh the ratios against: not measured")
 
     choice = resolve(model_dir, "deepseek", 2, "float32", "none", 2, cache_path=tmp_path / "c.json", ratios_fn=never)
     assert choice.max_batch == spec_pays.DEFAULT_SPECULATIVE_MAX_BATCH and "retrain" in choice.reason
+    assert choice.k == 2
+    auto = resolve(model_dir, "deepseek", None, "float32", "none", 2, cache_path=tmp_path / "c.json", ratios_fn=never)
+    assert auto.k == spec_pays.DEFAULT_NUM_SPECULATIVE_TOKENS and "retrain" in auto.reason
+
+
+def test_choose_k_yields_the_most_tokens_per_unit_of_time_for_one_sequence():
+    acceptance = [0.35, 0.13, 0.05]  # 1.35, 1.48, 1.53 tokens a step
+    assert choose_k({1: 1.22, 2: 1.89, 3: 2.13}, acceptance) == 1  # this EPYC: 1.11 against 0.78 and 0.72
+    assert choose_k({1: 1.05, 2: 1.07, 3: 1.6}, acceptance) == 2  # 3 positions cost about 1 (our Xeon)
+    assert choose_k({1: 1.0, 2: 1.0, 3: 1.0}, acceptance) == 3  # free drafts: draft them all
+    assert choose_k({1: 1.5, 2: 1.75}, [0.5, 0.25]) == 1  # a tie: the fewer drafts
+    assert choose_k({1: 3.0, 2: 5.0}, [0.35, 0.13]) == 1  # none pays: still a k (the limit says 0)
+
+
+def test_auto_k_times_each_depth_alone_then_sweeps_the_chosen_one(model_dir, tmp_path):
+    write_heads(model_dir, [0.5, 0.3, 0.1])  # 1.5, 1.8, 1.9 tokens a step
+    calls = []
+    costs = {1: {1: 1.2, 2: 1.4, 4: 1.7}, 2: {1: 1.3, 2: 1.5, 4: 1.7, 8: 1.9}, 3: {1: 1.9, 2: 2.0}}
+
+    def ratios(k, accepted, batches):
+        calls.append((k, tuple(batches)))
+        return {b: r for b, r in costs[k].items() if b in batches}
+
+    cache = tmp_path / "choice.json"
+    choice = resolve(model_dir, "deepseek", None, "float32", "none", 2, cache_path=cache, ratios_fn=ratios)
+    # 1.5 / 1.2 = 1.25, 1.8 / 1.3 = 1.38, 1.9 / 1.9 = 1.0: k = 2, then its sweep from batch 2 on
+    assert calls[:3] == [(1, (1,)), (2, (1,)), (3, (1,))]
+    assert calls[3] == (2, spec_pays.BATCHES[1:]) and len(calls) == 4
+    assert choice.k == 2 and choice.single_by_k == {1: 1.2, 2: 1.3, 3: 1.9}
+    assert choice.ratios == costs[2] and choice.max_batch == 4  # 1.9 ≥ 1.8 at 8
+    assert "k = 2 yields the most" in choice.reason
+    again = resolve(model_dir, "deepseek", None, "float32", "none", 2, cache_path=cache, ratios_fn=ratios)
+    assert len(calls) == 4 and (again.k, again.max_batch) == (2, 4) and again.single_by_k == choice.single_by_k
+    # a given k is another question, cached apart from auto's
+    resolve(model_dir, "deepseek", 2, "float32", "none", 2, cache_path=cache, ratios_fn=ratios)
+    assert calls[4] == (2, spec_pays.BATCHES)
+
+
+def test_auto_k_where_no_depth_pays_sweeps_nothing(model_dir, tmp_path):
+    write_heads(model_dir, [0.1, 0.05, 0.01])
+    calls = []
+
+    def ratios(k, accepted, batches):
+        calls.append(k)
+        return {1: 1.5 + k}
+
+    choice = resolve(model_dir, "deepseek", None, "float32", "none", 2, cache_path=tmp_path / "c", ratios_fn=ratios)
+    assert calls == [1, 2, 3] and choice.k == 1 and choice.max_batch == 0 and choice.ratios == {1: 2.5}
 
 
 def test_auto_times_real_steps_and_decides_from_what_it_timed(model_dir, tmp_path):
@@ -88,6 +137,22 @@ def test_auto_times_real_steps_and_decides_from_what_it_timed(model_dir, tmp_pat
     sizes = sorted(choice.ratios)
     assert all(choice.ratios[b] < 2.7 for b in sizes[:-1])
     assert sizes == list(spec_pays.BATCHES[: len(sizes)])
+    # k auto: each depth timed at batch 1, the best by the same rule, then its sweep
+    auto = resolve(model_dir, "deepseek", None, "float32", "none", torch.get_num_threads(), cache_path=tmp_path / "c")
+    assert sorted(auto.single_by_k) == [1, 2, 3] and all(r > 0 for r in auto.single_by_k.values())
+    assert auto.k == choose_k(auto.single_by_k, [0.9, 0.8, 0.7]) and auto.ratios[1] == auto.single_by_k[auto.k]
+    assert auto.max_batch == pays_up_to(auto.ratios, accepted_length([0.9, 0.8, 0.7], auto.k))
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", None), (" Auto", None), ("1", 1), (3, 3)])
+def test_parse_num_speculative_tokens(value, expected):
+    assert parse_num_speculative_tokens(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", 0, "1.5"])
+def test_parse_num_speculative_tokens_refuses(value):
+    with pytest.raises(ValueError, match="--num-speculative-tokens"):
+        parse_num_speculative_tokens(value)
 
 
 @pytest.mark.parametrize(("value", "expected"), [("auto", None), ("AUTO", None), ("3", 3), (0, 0), (5, 5)])
