@@ -135,11 +135,13 @@ def resolve(
     *,
     cache_path: Path | None = None,
     ratios_fn: Callable[..., dict[int, float]] | None = None,
+    load_probe: Callable[[], CpuLoad] | None = None,
 ) -> SpecChoice:
     """The measured ``--speculative-max-batch`` (and with ``k`` None, ``--num-speculative-tokens``) for
     these heads, model settings and thread count: from the cache, else timed and cached. ``ratios_fn(k,
-    accepted, batches)`` replaces :func:`step_cost_ratios` in tests. Heads without a held-out acceptance
-    (trained before it was measured) get the defaults, with the reason."""
+    accepted, batches)`` replaces :func:`step_cost_ratios` in tests, ``load_probe`` the CPU-load probe
+    (timings taken while other processes kept the CPU busy are used once, not cached). Heads without a
+    held-out acceptance (trained before it was measured) get the defaults, with the reason."""
     from smcserve.engine.model import cache_dir, load_model
     from smcserve.engine.mtp import load_heads, read_metadata
 
@@ -167,7 +169,7 @@ def resolve(
         saved = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            with CpuLoad() as load:
+            with (load_probe or CpuLoad)() as load:
                 t0 = time.perf_counter()
                 measure = ratios_fn
                 if measure is None:

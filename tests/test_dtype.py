@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from fake_load import FakeLoad
 
 import smcserve.engine.dtype as dt
 from smcserve.engine.dtype import SHAPES, ModelDims, choose_auto, decide, resolve
@@ -36,22 +37,6 @@ MARGINAL_BF16 = {
     "float32": {"decode_b1": 10.0, "decode_b64": 100.0, "prefill_128": 80.0},
     "bfloat16": {"decode_b1": 9.0, "decode_b64": 90.0, "prefill_128": 60.0},
 }
-
-
-class FakeLoad:
-    """A CPU-load probe that reports a fixed share of the CPU used by other processes."""
-
-    def __init__(self, others: float):
-        self.others = others
-
-    def __call__(self):
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 @pytest.fixture()

@@ -9,12 +9,19 @@ import shutil
 
 import pytest
 import torch
+from fake_load import FakeLoad
 
 from smcserve.engine import spec_pays
 from smcserve.engine.model import load_model
 from smcserve.engine.mtp import MTPHeads, MTPSpec, save_heads
 from smcserve.engine.spec_pays import accepted_length, choose_k, pays_up_to, resolve
 from smcserve.scheduler.stack import parse_max_batch, parse_num_speculative_tokens
+
+
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """Timings count as taken on an idle machine, whatever else runs here now (the busy case is its own test)."""
+    monkeypatch.setattr(spec_pays, "CpuLoad", FakeLoad(0.0))
 
 
 @pytest.fixture()
@@ -66,6 +73,34 @@ def test_auto_weighs_the_measured_ratios_against_the_heads_acceptance_and_caches
     write_heads(model_dir, [0.1, 0.05, 0.0])
     fourth = resolve(model_dir, "deepseek", 2, "float32", "none", 2, cache_path=cache, ratios_fn=ratios)
     assert len(calls) == 4 and fourth.max_batch == 0
+
+
+def test_timings_taken_on_a_busy_machine_are_used_once_and_not_cached(model_dir, tmp_path):
+    write_heads(model_dir, [0.5, 0.2, 0.1])
+    calls = []
+
+    def ratios(k, accepted, batches):
+        calls.append(k)
+        return {1: 1.3, 2: 1.6, 4: 1.75}
+
+    def choose(load):
+        return resolve(
+            model_dir,
+            "deepseek",
+            2,
+            "float32",
+            "none",
+            2,
+            cache_path=tmp_path / "c",
+            ratios_fn=ratios,
+            load_probe=FakeLoad(load),
+        )
+
+    busy = choose(0.6)
+    assert busy.max_batch == 2 and "busy while timing: not cached" in busy.reason and "other load 60%" in busy.reason
+    calm = choose(0.1)
+    assert calls == [2, 2] and "busy" not in calm.reason  # measured again, now cached
+    assert "cached" in choose(0.6).reason and calls == [2, 2]
 
 
 def test_heads_without_a_heldout_acceptance_get_the_default(model_dir, tmp_path):
