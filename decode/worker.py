@@ -6,7 +6,6 @@ import collections
 import dataclasses
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -26,7 +25,7 @@ from smcserve.engine.config import WorkerConfig
 from smcserve.engine.detok import IncrementalDetokenizer
 from smcserve.engine.finish import FinishReason
 from smcserve.engine.kv import KVLayout
-from smcserve.engine.model import load_model
+from smcserve.engine.model import load_for_worker
 from smcserve.engine.mtp import load_heads
 from smcserve.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, TokenLogprob
 from smcserve.engine.speculative import SpecStats, Speculator
@@ -396,13 +395,7 @@ class DecodeWorker:
         self.config = config
 
         def build() -> tuple:  # the engine's torch work stays off this (Ray's main) thread: engine/threads.py
-            lm = load_model(
-                config.model,
-                config.dtype,
-                threads=config.threads or os.cpu_count(),
-                quantization=config.quantization,
-                device=config.device,
-            )
+            lm = load_for_worker(config)
             layout = KVLayout.from_config(lm.config, lm.dtype, config.block_size)
             num_blocks = max(1, layout.blocks_in(config.kv_cache_bytes))
             loop = DecodeLoop(

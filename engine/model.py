@@ -19,12 +19,16 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from smcserve.engine.device import cuda_dtype, resolve_device
 from smcserve.engine.dtype import DtypeChoice, ModelDims, resolve
 from smcserve.engine.quant import QUANTIZATIONS
+
+if TYPE_CHECKING:
+    from smcserve.engine.config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -190,3 +194,14 @@ def load_model(
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     print(resolve_model_path(sys.argv[1] if len(sys.argv) > 1 else None))
+
+
+def load_for_worker(config: WorkerConfig) -> LoadedModel:
+    """A prefill or decode worker's model, as its config says (threads: every CPU unless given)."""
+    return load_model(
+        config.model,
+        config.dtype,
+        threads=config.threads or os.cpu_count(),
+        quantization=config.quantization,
+        device=config.device,
+    )

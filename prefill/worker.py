@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import threading
 
 import ray
 
 from smcserve.engine.config import WorkerConfig
 from smcserve.engine.kv import KVLayout
-from smcserve.engine.model import load_model
+from smcserve.engine.model import load_for_worker
 from smcserve.engine.sampling import SamplingParams
 from smcserve.engine.threads import on_passing_thread
 from smcserve.kvstore import KVStore
@@ -33,13 +32,7 @@ class PrefillWorker:
         self.config = config
 
         def build() -> tuple:  # the engine's torch work stays off this (Ray's main) thread: engine/threads.py
-            lm = load_model(
-                config.model,
-                config.dtype,
-                threads=config.threads or os.cpu_count(),
-                quantization=config.quantization,
-                device=config.device,
-            )
+            lm = load_for_worker(config)
             bs = config.block_size
             cache_blocks = KVLayout.from_config(lm.config, lm.dtype, bs).blocks_in(config.kv_cache_bytes)
             store = KVStore(config.redis_url)

@@ -49,30 +49,27 @@ RAY_NAMESPACE = "smcserve"  # of the named worker actors on a joined cluster
 SERVICE_NAME = smcserve_pb2.DESCRIPTOR.services_by_name["SmcServe"].full_name
 
 
-def parse_max_batch(value: int | str) -> int | None:
-    """``--speculative-max-batch``: a number ≥ 0, or ``auto`` (None: measured at start)."""
+def parse_auto_int(value: int | str, flag: str, minimum: int) -> int | None:
+    """A flag that takes a number ≥ ``minimum`` or ``auto`` (None: measured at start)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return None
     try:
         n = int(value)
     except (TypeError, ValueError):
-        n = -1
-    if n < 0:
-        raise ValueError(f"--speculative-max-batch: {value!r}; use auto or a number >= 0")
+        n = minimum - 1
+    if n < minimum:
+        raise ValueError(f"{flag}: {value!r}; use auto or a number >= {minimum}")
     return n
+
+
+def parse_max_batch(value: int | str) -> int | None:
+    """``--speculative-max-batch``: running sequences above which a step decodes plainly (0: never drafts)."""
+    return parse_auto_int(value, "--speculative-max-batch", 0)
 
 
 def parse_num_speculative_tokens(value: int | str) -> int | None:
-    """``--num-speculative-tokens``: a number ≥ 1, or ``auto`` (None: measured at start)."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return None
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1:
-        raise ValueError(f"--num-speculative-tokens: {value!r}; use auto or a number >= 1")
-    return n
+    """``--num-speculative-tokens``: drafts per speculative step."""
+    return parse_auto_int(value, "--num-speculative-tokens", 1)
 
 
 def _field(default, help: str, hidden: bool = False, **meta):
