@@ -46,6 +46,13 @@ class SpecChoice:
     single_by_k: dict[int, float] = field(default_factory=dict)  # with k auto: ratio at batch 1 for each k
 
 
+NO_BATCH = "at no batch size (plain decoding)"
+
+
+def plural(n: int, noun: str) -> str:
+    return noun if n == 1 else noun + "s"
+
+
 def accepted_length(acceptance_per_depth: list[float], k: int) -> float:
     """Tokens a speculative step yields per sequence with k drafts: 1 + the acceptance of depths 1..k (a
     depth's drafts count as accepted only after every earlier depth's were, so each a_j is already the
@@ -198,14 +205,14 @@ def resolve(
         reason = (
             f"measured: a speculative step (k = {k}) costs {{{shown}}} plain steps by batch size and yields "
             f"{accepted:.2f} tokens (the heads' held-out acceptance), so it pays "
-            + (f"up to {max_batch} sequences" if max_batch else "at no batch size (plain decoding)")
+            + (f"up to {max_batch} {plural(max_batch, 'sequence')}" if max_batch else NO_BATCH)
         )
         if single:
             options = ", ".join(
                 f"k = {j}: {accepted_length(acceptance, j):.2f} tokens for {r:.2f}" for j, r in sorted(single.items())
             )
             reason += f"; k = {k} yields the most per plain step's time for one sequence ({options})"
-        reason += f" on {cpu_name()}, {threads} thread{'s' if threads != 1 else ''}, other load {load.others:.0%}"
+        reason += f" on {cpu_name()}, {threads} {plural(threads, 'thread')}, other load {load.others:.0%}"
         if load.others > BUSY:
             reason += "; the CPU was busy while timing: not cached, measured again at the next start"
             log.warning("speculation k %d, max batch %d: %s", k, max_batch, reason)
