@@ -191,11 +191,6 @@ def load_model(
     )
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    print(resolve_model_path(sys.argv[1] if len(sys.argv) > 1 else None))
-
-
 def load_for_worker(config: WorkerConfig) -> LoadedModel:
     """A prefill or decode worker's model, as its config says (threads: every CPU unless given)."""
     return load_model(
@@ -205,3 +200,8 @@ def load_for_worker(config: WorkerConfig) -> LoadedModel:
         quantization=config.quantization,
         device=config.device,
     )
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    print(resolve_model_path(sys.argv[1] if len(sys.argv) > 1 else None))
