@@ -97,6 +97,8 @@ class DecodeLoop:
         self.speculation = speculation
         self.bm = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(lm, num_blocks, block_size)
+        if speculation is not None:  # the heads' mid-layer features, in every row forward_all returns
+            self.runner.features = speculation.speculator.heads.spec.features
         self.lock = threading.Lock()  # guards bm, batcher, calls and every counter
         self.wakeup = threading.Condition(self.lock)
         self.batcher = Batcher(self.bm, lm.eos_token_ids)

@@ -106,6 +106,8 @@ class ModelRunner:
         self.down_proj = [make_linear(q, la.mlp.down_proj.weight, la.mlp.down_proj.bias) for la in self.layers]
         self.head = make_linear(q, self.lm_head.weight, self.lm_head.bias)
         self.one_thread_ops: frozenset[str] | None = None  # of a one-row forward: engine/few_rows.py
+        # layers (1-based) whose outputs forward_all appends to each row after h0: MTP heads with features
+        self.features: tuple[int, ...] = ()
         self.planned: set[int] = set()  # row counts whose products' formulation is chosen (engine/few_rows.py)
         # attention: "flex", paged FlexAttention (engine/paged_attention.py), on CUDA; "sdpa" over gathered
         # slots elsewhere (on the CPU the gather and SDPA beat FlexAttention's eager reference)
@@ -161,11 +163,14 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_all(self, items: list[SeqBatchItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run every item's new tokens (writing their KV); return the logits [T, V] and last hidden states
-        [T, d] (before the final norm) of every new token, item after item (speculative verification)."""
-        x = self._decode(items) if all(len(it.tokens) == 1 for it in items) else self._positions(items)
-        return self._head(x), x
+        [T, d] (before the final norm) of every new token, item after item (speculative verification); with
+        ``features``, each row is [h0, the outputs after those layers]."""
+        keep = self.features
+        one = all(len(it.tokens) == 1 for it in items)
+        rows = self._decode(items, keep) if one else self._positions(items, keep)
+        return self._head(rows[:, : self.lm.config.hidden_size] if keep else rows), rows
 
-    def _decode(self, items: list[SeqBatchItem]) -> torch.Tensor:
+    def _decode(self, items: list[SeqBatchItem], keep: tuple[int, ...] = ()) -> torch.Tensor:
         """One new token per sequence, attention over each sequence's own (padded) slots: the last hidden
         states [B, d] (before the final norm)."""
         dev = self.device
@@ -185,7 +190,7 @@ class ModelRunner:
             def attend_paged(layer: int, q: torch.Tensor) -> torch.Tensor:  # q [B, Hq, D]
                 return paged.attend(q[:, :, None], self.k_cache[layer], self.v_cache[layer]).reshape(B, -1)
 
-            return self.trunk(tokens, positions, slots, attend_paged)
+            return self.trunk(tokens, positions, slots, attend_paged, keep)
 
         valid = torch.arange(max_len, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
         # additive, in the query's dtype, made once for every layer (SDPA would convert a bool mask per layer)
@@ -203,9 +208,9 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
             return o.reshape(B, -1)
 
-        return self.trunk(tokens, positions, slots, attend)
+        return self.trunk(tokens, positions, slots, attend, keep)
 
-    def _positions(self, items: list[SeqBatchItem]) -> torch.Tensor:
+    def _positions(self, items: list[SeqBatchItem], keep: tuple[int, ...] = ()) -> torch.Tensor:
         """Any number of new tokens per sequence (a prompt chunk, a token and its drafts), causal over
         each sequence's cached prefix: the last hidden states [T, d] of every new token, item after item.
         Attention is one call per layer, queries and slots padded to the longest item."""
@@ -248,7 +253,7 @@ class ModelRunner:
             return o.transpose(1, 2).reshape(B * N, -1)[rows]
 
         tokens = torch.tensor([t for it in items for t in it.tokens], device=dev)
-        return self.trunk(tokens, positions, slots, attend)
+        return self.trunk(tokens, positions, slots, attend, keep)
 
     def products(self) -> dict[str, list]:
         """Every matrix product of a forward, by name: each layer's, and the LM head."""
@@ -278,9 +283,10 @@ class ModelRunner:
         positions: torch.Tensor,
         slots: torch.Tensor,
         attend: Callable[[int, torch.Tensor], torch.Tensor],
+        keep: tuple[int, ...] = (),
     ) -> torch.Tensor:
         """Every layer over ``tokens`` (writing their KV at ``slots``): the last hidden states [T, d] (before the
-        final norm)."""
+        final norm), followed in each row by the outputs after the layers in ``keep`` (1-based)."""
         T = tokens.shape[0]
         H, D = self.layout.num_kv_heads, self.layout.head_dim
         x = self.embed(tokens)
@@ -301,6 +307,7 @@ class ModelRunner:
             finally:
                 torch.set_num_threads(1)
 
+        kept: list[torch.Tensor] = []
         if serial:
             torch.set_num_threads(1)
         try:
@@ -323,7 +330,9 @@ class ModelRunner:
                 x = x + wide(self.o_proj[i], wide(attend, i, q, name="attend"), name="o")
                 gate, up = wide(self.gate_up[i], layer.post_attention_layernorm(x), name="gate_up").chunk(2, -1)
                 x = x + wide(self.down_proj[i], layer.mlp.act_fn(gate) * up, name="down")
+                if i + 1 in keep:
+                    kept.append(x)
         finally:
             if serial:
                 torch.set_num_threads(threads)
-        return x
+        return torch.cat([x, *kept], dim=-1) if keep else x

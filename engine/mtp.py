@@ -10,6 +10,11 @@ layer as initialisation):
   depth knows the tokens drafted before it.
 - ``gloeckle`` (Gloeckle et al. 2024): head k reads ``h0`` alone and predicts ``x[p+k+1]``.
 
+With ``features`` (deepseek only), depth 1 also reads the trunk's outputs after those layers (EAGLE-3's
+fused features, Li et al. 2025): each RMSNormed, concatenated and projected to d, added to its input
+projection (zero-initialised, so training starts from the plain head). The trunk then hands the heads a
+row per position of [h0, the outputs after each listed layer] (``ModelRunner.features``) instead of h0.
+
 The heads predict over a draft vocabulary, the corpus's most frequent tokens (``vocab``; as in
 FR-Spec, Zhao et al. 2025): on a CPU the unembedding is the bulk of a head's cost, and a draft
 outside it is merely one the verifier would rarely accept. Each block attends over a sliding
@@ -48,8 +53,14 @@ class MTPSpec:
     style: str = "deepseek"
     depths: int = DEFAULT_DEPTHS
     window: int = DEFAULT_WINDOW
+    features: tuple[int, ...] = ()  # trunk layers (1-based: the output after that many) depth 1 also reads
 
     def __post_init__(self):
+        object.__setattr__(self, "features", tuple(int(n) for n in self.features))  # (a JSON list)
+        if self.features and self.style != "deepseek":
+            raise ValueError("features: only deepseek heads read mid-layer features")
+        if any(n < 1 for n in self.features) or len(set(self.features)) != len(self.features):
+            raise ValueError(f"features: distinct layer counts ≥ 1, got {list(self.features)}")
         if self.style not in STYLES:
             raise ValueError(f"style: must be one of {', '.join(STYLES)}, got {self.style!r}")
         if self.depths < 1:
@@ -133,6 +144,14 @@ class MTPHeads(nn.Module):
             with torch.no_grad():
                 for p in self.projs:  # start as the sum of the two normed inputs
                     p.weight.copy_(torch.cat([torch.eye(d), torch.eye(d)], dim=1))
+        if spec.features:
+            layers = model.config.num_hidden_layers
+            if max(spec.features) >= layers:
+                raise ValueError(f"features: layer counts below the trunk's {layers} (its last is h0)")
+            self.f_norms = nn.ModuleList(copy.deepcopy(inner.norm) for _ in spec.features)
+            self.f_proj = nn.Linear(len(spec.features) * d, d, bias=False)
+            nn.init.zeros_(self.f_proj.weight)
+        self.d = d
         self.register_buffer("vocab", torch.arange(model.config.vocab_size))  # draft vocabulary (token ids)
         self._unembed: torch.Tensor | None = None
         ref = next(model.parameters())
@@ -157,8 +176,12 @@ class MTPHeads(nn.Module):
         depth's (deepseek) hidden states, ``next_tokens`` the tokens ``x[p+k+1]`` (deepseek only); ``last``:
         the hidden states of the last ``last`` positions only."""
         if self.spec.style == "deepseek":
+            h, mids = prev[..., : self.d], prev[..., self.d :]  # depth 1 with features: [h0, mid-layer outputs]
             e = self.shared.embed(next_tokens).to(prev.dtype)
-            x = self.projs[k](torch.cat([self.h_norms[k](prev), self.e_norms[k](e)], dim=-1))
+            x = self.projs[k](torch.cat([self.h_norms[k](h), self.e_norms[k](e)], dim=-1))
+            if k == 0 and self.spec.features:
+                parts = mids.split(self.d, dim=-1)
+                x = x + self.f_proj(torch.cat([n(m) for n, m in zip(self.f_norms, parts)], dim=-1))
         else:
             x = prev
         positions = torch.arange(x.shape[1], device=x.device)[None]
@@ -173,9 +196,9 @@ class MTPHeads(nn.Module):
         return F.linear(x, w).float()
 
     def trunk_logits(self, h0: torch.Tensor) -> torch.Tensor:
-        """The trunk's own next-token logits from its hidden states ``h0``, over the draft vocabulary (the
-        targets of self-distillation)."""
-        return F.linear(self.shared.norm(h0), self.unembed()).float()
+        """The trunk's own next-token logits from its hidden states ``h0`` (or feature rows, h0 first), over
+        the draft vocabulary (the targets of self-distillation)."""
+        return F.linear(self.shared.norm(h0[..., : self.d]), self.unembed()).float()
 
     # --- drafting ------------------------------------------------------------------------------
     @torch.inference_mode()

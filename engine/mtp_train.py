@@ -92,12 +92,17 @@ def trunk_hidden(lm: LoadedModel, tokens: list[int]) -> torch.Tensor:
 
 
 def generate_corpus(
-    lm: LoadedModel, prompts: list[str], cfg: TrainConfig, progress: Callable[[int], None] = lambda n: None
+    lm: LoadedModel,
+    prompts: list[str],
+    cfg: TrainConfig,
+    progress: Callable[[int], None] = lambda n: None,
+    features: tuple[int, ...] = (),
 ) -> Corpus:
     """Prompt + completion, ``cfg.completions`` per prompt (the first greedy, as the drafts are mostly
     verified greedily, the others sampled at ``cfg.temperature`` for variety), decoded by the paged engine
     64 at a time (seeded: the same config gives the same corpus). The decoder keeps the trunk's last hidden
-    state of every position as it goes (a sequence's last token, never run, is left out): no second pass."""
+    state of every position as it goes (a sequence's last token, never run, is left out): no second pass.
+    With ``features``, each position's row also holds the outputs after those layers (``MTPSpec.features``)."""
     from smcserve.engine.block_manager import BlockManager
     from smcserve.engine.model_runner import ModelRunner
     from smcserve.engine.sampling import SamplingParams
@@ -112,6 +117,7 @@ def generate_corpus(
     hidden: list[torch.Tensor] = []
     for i in range(0, len(jobs), batch):
         runner = ModelRunner(lm, num_blocks, block)
+        runner.features = features
         dec = SpeculativeDecoder(runner, BlockManager(num_blocks, block), None, 0, lm.eos_token_ids, record=True)
         seqs = []
         for n, (p, c) in enumerate(jobs[i : i + batch], start=i):
@@ -130,7 +136,7 @@ def generate_corpus(
 @dataclass
 class Corpus:
     tokens: list[torch.Tensor]  # [T] per sequence
-    hidden: list[torch.Tensor]  # [T, d] trunk last hidden states per sequence
+    hidden: list[torch.Tensor]  # [T, d] trunk last hidden states per sequence ([T, d × (1 + features)] with them)
     minutes: float = 0.0  # the wall time it took to make (counted in the training's budget)
 
     @property
@@ -359,7 +365,8 @@ def train(
     prompts = instruction_prompts("train") if prompts is None else prompts
     fp = weights_fingerprint(lm)
     made_of = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:12]  # the prompts it was decoded from
-    name = f"corpus-{fp}-{made_of}-{cfg.completions}x{cfg.max_tokens}-t{cfg.temperature}-{cfg.seed}.safetensors"
+    layers = "".join(f"-f{n}" for n in spec.features)  # rows with mid-layer features: a corpus of its own
+    name = f"corpus-{fp}-{made_of}-{cfg.completions}x{cfg.max_tokens}-t{cfg.temperature}-{cfg.seed}{layers}.safetensors"
     corpus_path = work / name
     if corpus is not None:
         pass
@@ -367,7 +374,7 @@ def train(
         corpus = Corpus.load(corpus_path)
     else:
         with tqdm(total=len(prompts) * cfg.completions, desc="corpus", unit="seq", disable=not show_progress) as bar:
-            corpus = generate_corpus(lm, prompts, cfg, bar.update)
+            corpus = generate_corpus(lm, prompts, cfg, bar.update, spec.features)
         corpus.minutes = (clock() - t0) / 60
         corpus.save(corpus_path)
     lm.model.requires_grad_(False)  # the trunk (and the shared embedding and unembedding) stays frozen

@@ -200,6 +200,8 @@ class SpeculativeDecoder:
     ):
         self.runner, self.bm, self.eos, self.record = runner, bm, eos_token_ids, record
         self.spec = Speculator(heads, k, runner.lm.config.vocab_size) if heads is not None and k > 0 else None
+        if self.spec is not None:
+            runner.features = heads.spec.features
         self.max_batch = max_batch
 
     @property

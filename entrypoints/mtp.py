@@ -21,6 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--depths", type=int, default=DEFAULT_DEPTHS, help="extra prediction depths (drafts per step)")
     t.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="positions a head's block attends over")
+    t.add_argument(
+        "--features",
+        type=_layer_list,
+        default=(),
+        help="deepseek: trunk layers whose outputs depth 1 also reads, e.g. 8,16,24 (EAGLE-3's fused features)",
+    )
     t.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (a resumed run continues to this many)")
     t.add_argument("--batch", type=int, default=d.batch, help="windows per step")
     t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per window")
@@ -42,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.set_defaults(func=run_train)
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layer counts separated by commas, e.g. 8,16,24; got {text!r}") from None
+
+
 HELDOUT_PROMPTS = 8  # held-out prompts the trained heads' acceptance is measured on (32 greedy tokens each)
 
 
@@ -51,7 +64,7 @@ def run_train(args) -> int:
     from smcserve.engine.mtp_train import TrainConfig, instruction_prompts, train
 
     lm = load_model(args.model, "float32", args.threads)
-    spec = MTPSpec(args.style, args.depths, args.window)
+    spec = MTPSpec(args.style, args.depths, args.window, args.features)
     cfg = TrainConfig(
         steps=args.steps,
         batch=args.batch,
@@ -71,6 +84,7 @@ def run_train(args) -> int:
                 "heads": str(result.path),
                 "style": spec.style,
                 "depths": spec.depths,
+                "features": list(spec.features),
                 "steps": result.steps,
                 "loss_per_depth": [round(v, 3) for v in result.losses],
                 "corpus_tokens": result.corpus_tokens,

@@ -255,3 +255,59 @@ def test_cli_trains_and_resumes(tiny, tiny_model_dir, tmp_path, capsys):
     assert read_metadata(tmp_path / "h.safetensors")["info"]["acceptance_per_depth"] == acceptance
     assert main([*argv[:5], "3", *argv[6:]]) == 0  # resumes at step 2 from the checkpoint, corpus reused
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
+
+
+def test_features_heads_read_the_trunks_mid_layer_outputs(tiny, tmp_path):
+    """``features``: depth 1 also reads the outputs after those trunk layers (rows [h0, mid, ...]); its
+    projection of them starts at zero (the plain head's drafts), saved and loaded with the spec."""
+    d = tiny.config.hidden_size
+    plain = MTPHeads(tiny.model, MTPSpec("deepseek", depths=2, window=8))
+    fused = MTPHeads(tiny.model, MTPSpec("deepseek", depths=2, window=8, features=(1,)))
+    fused.load_state_dict(plain.state_dict(), strict=False)
+    rows = torch.randn(2, 6, 2 * d)  # [h0, the output after layer 1]
+    toks = torch.randint(0, 100, (2, 6))
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    argmax = lambda k, logits: logits.argmax(-1)  # noqa: E731
+    assert fused.draft(rows, toks, valid, argmax) == plain.draft(rows[..., :d], toks, valid, argmax)
+    with torch.no_grad():
+        fused.f_proj.weight.normal_(0, 1.0)
+    mask = window_mask(6, 8, valid)
+    with torch.no_grad():
+        moved = fused.depth_hidden(0, rows, toks, mask) - plain.depth_hidden(0, rows[..., :d], toks, mask)
+        assert moved.abs().max() > 1e-3  # the mid-layer outputs count
+        torch.testing.assert_close(fused.trunk_logits(rows), plain.trunk_logits(rows[..., :d]))
+    back = load_heads(tiny, save_heads(fused, tiny, tmp_path / "f.safetensors"))
+    assert back.spec.features == (1,) and torch.equal(back.f_proj.weight, fused.f_proj.weight)
+    with pytest.raises(ValueError, match="only deepseek"):
+        MTPSpec("gloeckle", features=(1,))
+    with pytest.raises(ValueError, match="below the trunk's 2"):
+        MTPHeads(tiny.model, MTPSpec("deepseek", features=(2,)))
+
+
+def test_generate_corpus_keeps_the_mid_layer_outputs_too(tiny):
+    cfg = TrainConfig(completions=1, max_tokens=5)
+    corpus = generate_corpus(tiny, ["Say hi."], cfg, features=(1,))
+    (t,), (rows,) = corpus.tokens, corpus.hidden
+    d = tiny.config.hidden_size
+    assert rows.shape == (len(t), 2 * d)
+    torch.testing.assert_close(rows[:, :d], trunk_hidden(tiny, t.tolist()), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        mid = tiny.model(t[None], output_hidden_states=True).hidden_states[1][0]  # the output after layer 1
+    torch.testing.assert_close(rows[:, d:], mid, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_trains_heads_with_mid_layer_features(tiny, tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from smcserve.entrypoints.cli import main
+
+    argv = ["mtp", "train", "--model", str(tiny_model_dir), "--steps", "2", "--batch", "2", "--seq-len", "16"]
+    argv += ["--max-tokens", "4", "--work", str(tmp_path / "w"), "--output", str(tmp_path / "h.safetensors")]
+    assert main([*argv, "--depths", "2", "--features", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["features"] == [1] and len(report["heldout_acceptance_per_depth"]) == 2
+    assert [p.name.endswith("-f1.safetensors") for p in (tmp_path / "w").glob("corpus-*")] == [True]
+    heads = load_heads(tiny, tmp_path / "h.safetensors")
+    assert heads.spec.features == (1,) and heads.f_proj.weight.abs().max() > 0  # trained from zero
+    with pytest.raises(SystemExit):
+        main([*argv, "--features", "one"])

@@ -171,3 +171,39 @@ def test_real_model_greedy_identical(real_model):
     dec = decoder(real_model, heads, 3, num_blocks=256, block_size=16)
     assert dec.generate([SpecSeq(p, greedy(16)) for p in prompts]) == plain
     assert dec.stats.steps > 0
+
+
+def test_heads_with_mid_layer_features_draft_from_the_runners_rows_and_stay_lossless(tiny_model_dir, redis_url):
+    """Heads that read the output after trunk layer 1 (``MTPSpec.features``): the runner hands them rows
+    [h0, that output] and greedy decoding stays token-identical, whatever they draft."""
+    lm = load_model(str(tiny_model_dir), "float32")
+    heads = MTPHeads(lm.model, MTPSpec("deepseek", 2, 8, features=(1,))).eval()
+    with torch.no_grad():
+        heads.f_proj.weight.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 100, (n,), generator=g).tolist() for n in (2, 5, 9)]
+    plain = decoder(lm, None, 0).generate([SpecSeq(p, greedy(12)) for p in prompts])
+    dec = decoder(lm, heads, 2)
+    assert dec.runner.features == (1,)
+    seqs = [SpecSeq(p, greedy(12)) for p in prompts]
+    assert dec.generate(seqs) == plain and dec.stats.steps > 0
+    assert all(s.hidden.shape[1] == 2 * lm.config.hidden_size for s in seqs)
+    # the serving loop (decode/loop.py) hands its runner the heads' layers too
+    from smcserve.decode.loop import DecodeLoop
+    from smcserve.decode.sequence import DecodeSeq
+    from smcserve.decode.speculation import Speculation
+    from smcserve.engine.detok import IncrementalDetokenizer
+    from smcserve.kvstore import KVStore
+    from smcserve.prefill.prefiller import Prefiller
+
+    store = KVStore(redis_url, key_prefix="t-features:")
+    loop = DecodeLoop(
+        lm, store, 16, 64, speculation=Speculation(speculative.Speculator(heads, 2, lm.config.vocab_size), 4)
+    )
+    assert loop.runner.features == (1,)
+    pre = Prefiller(lm, store, 16).prefill(prompts[2], greedy(12))
+    seq = DecodeSeq("r", prompts[2], pre.block_keys, greedy(12), IncrementalDetokenizer(lm.tokenizer))
+    loop.submit(seq, pre.first_token)
+    while seq.finish_reason is None:
+        loop.step()
+    assert seq.output_ids == plain[2] and loop.speculator.stats.steps > 0
