@@ -44,6 +44,13 @@ DEFAULT_DEPTHS = 3
 DEFAULT_WINDOW = 32
 
 
+def default_features(layers: int) -> tuple[int, ...]:
+    """``smcserve mtp train``'s features for a trunk of ``layers`` layers: the outputs after a quarter, half
+    and three quarters of them (EAGLE-3's low, middle and high features; h0, after the last, is read anyway).
+    SmolLM2-135M (30 layers): 8, 15, 23."""
+    return tuple(sorted({n for n in (int(layers * i / 4 + 0.5) for i in (1, 2, 3)) if 1 <= n < layers}))
+
+
 class HeadsMismatch(ValueError):
     """Heads trained for other weights (or another shape) than the loaded model's."""
 

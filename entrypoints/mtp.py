@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--features",
         type=_layer_list,
-        default=(),
-        help="deepseek: trunk layers whose outputs depth 1 also reads, e.g. 8,16,24 (EAGLE-3's fused features)",
+        default=None,
+        help="deepseek: trunk layers whose outputs depth 1 also reads, e.g. 8,16,24 (EAGLE-3's fused features);"
+        " default: after a quarter, half and three quarters of the layers; none: h0 only",
     )
     t.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (a resumed run continues to this many)")
     t.add_argument("--batch", type=int, default=d.batch, help="windows per step")
@@ -49,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _layer_list(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
     try:
         return tuple(int(n) for n in text.split(",") if n.strip())
     except ValueError:
@@ -60,11 +63,14 @@ HELDOUT_PROMPTS = 8  # held-out prompts the trained heads' acceptance is measure
 
 def run_train(args) -> int:
     from smcserve.engine.model import load_model
-    from smcserve.engine.mtp import MTPSpec
+    from smcserve.engine.mtp import MTPSpec, default_features
     from smcserve.engine.mtp_train import TrainConfig, instruction_prompts, train
 
     lm = load_model(args.model, "float32", args.threads)
-    spec = MTPSpec(args.style, args.depths, args.window, args.features)
+    features = args.features
+    if features is None:  # the default: deepseek heads read mid-layer features, gloeckle heads cannot
+        features = default_features(lm.config.num_hidden_layers) if args.style == "deepseek" else ()
+    spec = MTPSpec(args.style, args.depths, args.window, features)
     cfg = TrainConfig(
         steps=args.steps,
         batch=args.batch,

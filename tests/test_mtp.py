@@ -246,6 +246,7 @@ def test_cli_trains_and_resumes(tiny, tiny_model_dir, tmp_path, capsys):
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["steps"] == 2 and len(report["loss_per_depth"]) == 3
+    assert report["features"] == [1]  # by default the output after half of the tiny model's 2 layers
     assert report["corpus_tokens"] > len(instruction_prompts("train")) * 4
     assert load_heads(tiny, tmp_path / "h.safetensors").spec.depths == 3
     # the trained heads' acceptance on held-out prompts, per depth, in the report and in the heads' file
