@@ -7,7 +7,10 @@
    resumed run skips steps 1 and 2).
 3. The heads train on random windows of the cache, one head at a time (:func:`train_step`), each
    depth towards the trunk's own next-token distribution at the position it drafts for (soft targets:
-   the trunk's logits are its unembedding of the cached hidden states, recomputed per batch).
+   the trunk's logits are its unembedding of the cached hidden states, recomputed per batch). Depth 1
+   trains alone for the first ``depth1_share`` of the schedule (its steps cost ~0.4 of a step of three
+   depths, and every later depth's acceptance is conditional on its own), then every depth; each depth's
+   learning rate decays on a cosine from the step it starts (:func:`depth_lr`).
 
 A checkpoint (heads and optimiser) is written every ``checkpoint_every`` steps; a run with the same
 work folder resumes from it. ``minutes`` is a budget for the whole (corpus included, resumed runs
@@ -65,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     draft_vocab: int = 8192  # the corpus's most frequent tokens the heads draft from (0: the whole vocabulary)
+    depth1_share: float = 0.5  # of the schedule (steps or time) in which depth 1 trains alone (0: all from the start)
     minutes: float = 20.0  # > 0: wall-time budget of the whole training, corpus included (module docstring)
 
 
@@ -203,8 +207,10 @@ def train_step(
     tokens: torch.Tensor,
     trunk_tail: Callable[[torch.Tensor], torch.Tensor] | None = None,
     head_by_head: bool = True,
+    depths: int | None = None,
 ) -> list[float]:
-    """Accumulate the gradients of one step; return each depth's mean KL to the trunk.
+    """Accumulate the gradients of one step of the first ``depths`` depths (default: all); return each
+    one's mean KL to the trunk.
 
     ``hidden`` [B, T, d] are the cached trunk hidden states, or, with ``trunk_tail`` (fine-tuning the
     last trunk layers), that tail's inputs. The order follows Gloeckle et al.: the trunk output z is
@@ -218,7 +224,7 @@ def train_step(
     target = distill_targets(heads, d.detach())
     mask = window_mask(tokens.shape[1], heads.spec.window)
     prev, losses, total = d, [], []
-    for k in range(heads.spec.depths):
+    for k in range(heads.spec.depths if depths is None else depths):
         n = tokens.shape[1] - k - 1
         h = heads.depth_hidden(k, prev[:, :n], tokens[:, k + 1 :], mask[..., :n, :n])
         loss = distill_loss(heads.logits(k, h), target[:, k + 1 :])
@@ -268,6 +274,24 @@ def trunk_tail_fn(model: nn.Module, layers: int) -> Callable[[torch.Tensor], tor
 
 
 # --- the training run --------------------------------------------------------------------------------
+def depth_parameters(heads: MTPHeads) -> list[list[nn.Parameter]]:
+    """Each depth's parameters (the mid-layer feature projection belongs to depth 1)."""
+    groups: list[list[nn.Parameter]] = [[] for _ in range(heads.spec.depths)]
+    for name, p in heads.named_parameters():
+        first, _, rest = name.partition(".")
+        groups[0 if first.startswith("f_") else int(rest.split(".")[0])].append(p)
+    return groups
+
+
+def depth_lr(cfg: TrainConfig, k: int, done: float) -> float:
+    """Depth ``k``'s (0-based) learning rate when ``done`` of the schedule is: 0 before it starts (depth 1
+    at once, the others after ``cfg.depth1_share``), then a cosine decay to 0 at the schedule's end."""
+    start = cfg.depth1_share if k > 0 else 0.0
+    if done < start:
+        return 0.0
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min((done - start) / (1 - start), 1.0)))
+
+
 def _save_checkpoint(
     path: Path, heads: MTPHeads, opt: torch.optim.Optimizer, step: int, meta: dict, minutes: float
 ) -> None:
@@ -383,13 +407,21 @@ def train(
     if cfg.draft_vocab:
         heads.set_vocab(corpus.frequent_tokens(cfg.draft_vocab))
     heads.train()
-    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
-    meta = {"fingerprint": fp, "spec": json.dumps(spec.__dict__), "seed": str(cfg.seed), "corpus": corpus_path.name}
+    if not 0.0 <= cfg.depth1_share < 1.0:
+        raise ValueError(f"depth1_share: from 0 up to (not including) 1, got {cfg.depth1_share}")
+    opt = torch.optim.AdamW([{"params": ps} for ps in depth_parameters(heads)], lr=cfg.lr, weight_decay=0.0)
+    meta = {
+        "fingerprint": fp,
+        "spec": json.dumps(spec.__dict__),
+        "seed": str(cfg.seed),
+        "corpus": corpus_path.name,
+        "depth1_share": str(cfg.depth1_share),
+    }
     ckpt = work / f"checkpoint-{spec.style}.safetensors"
     start, trained = _load_checkpoint(ckpt, heads, opt, meta)
     rng = random.Random(cfg.seed * 1_000_003 + start)
     seq_len = min(cfg.seq_len, max(len(t) for t in corpus.tokens))
-    ema: list[float] = []
+    ema: list[float] = []  # per depth trained so far (depth 1 first)
     step = start
     t1 = clock()
 
@@ -405,14 +437,15 @@ def train(
     with tqdm(total=cfg.steps, initial=start, desc=f"mtp {spec.style}", disable=not show_progress) as bar:
         for step in range(start + 1, cfg.steps + 1):
             done = progress(step)
-            for g in opt.param_groups:  # cosine decay
-                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+            for k, g in enumerate(opt.param_groups):
+                g["lr"] = depth_lr(cfg, k, done)
             hidden, tokens = corpus.windows(rng, cfg.batch, seq_len)
             opt.zero_grad(set_to_none=True)
-            losses = train_step(heads, hidden, tokens)
+            depths = heads.spec.depths if done >= cfg.depth1_share else 1
+            losses = train_step(heads, hidden, tokens, depths=depths)
             torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
             opt.step()
-            ema = losses if not ema else [0.9 * e + 0.1 * v for e, v in zip(ema, losses)]
+            ema = [v if k >= len(ema) else 0.9 * ema[k] + 0.1 * v for k, v in enumerate(losses)]
             bar.set_postfix({f"loss{k + 1}": f"{v:.2f}" for k, v in enumerate(ema)})
             bar.update(1)
             stop = done >= 1.0

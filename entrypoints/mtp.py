@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens per sampled completion")
     t.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help="tokens the heads draft from; 0: all")
     t.add_argument(
+        "--depth1-share",
+        type=_share,
+        default=d.depth1_share,
+        help="share of the schedule in which depth 1 trains alone before every depth does (0: all from the start)",
+    )
+    t.add_argument(
         "--minutes",
         type=float,
         default=d.minutes,
@@ -47,6 +53,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--work", type=Path, default=None, help="corpus and checkpoint folder (default: MODEL/mtp/work)")
     t.add_argument("--output", type=Path, default=None, help="heads file (default: MODEL/mtp/STYLE.safetensors)")
     t.set_defaults(func=run_train)
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"a share from 0 up to (not including) 1, got {text!r}")
+    return value
 
 
 def _layer_list(text: str) -> tuple[int, ...]:
@@ -79,6 +95,7 @@ def run_train(args) -> int:
         completions=args.completions,
         max_tokens=args.max_tokens,
         draft_vocab=args.draft_vocab,
+        depth1_share=args.depth1_share,
         minutes=args.minutes,
         seed=args.seed,
     )

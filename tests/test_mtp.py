@@ -16,6 +16,8 @@ from smcserve.engine.mtp_train import (
     Corpus,
     TrainConfig,
     depth_losses,
+    depth_lr,
+    depth_parameters,
     generate_corpus,
     instruction_prompts,
     train,
@@ -201,6 +203,47 @@ class PeakLiveBytes(TorchDispatchMode):
         self.refs = alive
         self.peak = max(self.peak, sum(live.values()))
         return out
+
+
+def test_depth_one_trains_alone_first(tiny, tiny8, tmp_path, monkeypatch):
+    """For the first ``depth1_share`` of the schedule only depth 1 trains (the later depths' weights stay as
+    they were made); then every depth, each on a cosine from its own start, all annealed at the end."""
+    from smcserve.engine import mtp_train
+
+    with_features = MTPHeads(tiny.model, MTPSpec("deepseek", depths=2, window=8, features=(1,)))
+    groups = depth_parameters(with_features)
+    assert sum(len(g) for g in groups) == len(list(with_features.parameters()))
+    assert any(p is with_features.f_proj.weight for p in groups[0])  # the features feed depth 1
+    assert any(p is with_features.blocks[1].mlp.up_proj.weight for p in groups[1])
+
+    cfg = TrainConfig(steps=10, batch=4, seq_len=16, lr=1e-2, checkpoint_every=1000, depth1_share=0.5)
+    assert depth_lr(cfg, 0, 0.0) == cfg.lr and depth_lr(cfg, 1, 0.49) == 0.0 and depth_lr(cfg, 1, 0.5) == cfg.lr
+    assert depth_lr(cfg, 0, 1.0) < 1e-9 and depth_lr(cfg, 1, 1.0) < 1e-9
+    assert depth_lr(cfg, 0, 0.75) < depth_lr(cfg, 1, 0.75)  # depth 2 started later: less far along its decay
+
+    trained: list[int] = []
+    step = mtp_train.train_step
+
+    def counted(*args, depths=None, **kw):
+        trained.append(depths)
+        return step(*args, depths=depths, **kw)
+
+    monkeypatch.setattr(mtp_train, "train_step", counted)
+    spec = MTPSpec("deepseek", depths=2, window=8)
+    result = train(
+        tiny8, spec, cfg, tmp_path / "w", tmp_path / "h.safetensors", show_progress=False, corpus=pattern_corpus(tiny8)
+    )
+    assert trained == [1] * 4 + [2] * 6, trained
+    assert len(result.losses) == 2
+    with pytest.raises(ValueError, match="depth1_share"):
+        train(
+            tiny8,
+            spec,
+            TrainConfig(depth1_share=1.0),
+            tmp_path / "w2",
+            show_progress=False,
+            corpus=pattern_corpus(tiny8),
+        )
 
 
 def test_training_step_memory_is_one_heads_logits(tiny):
