@@ -428,11 +428,14 @@ def train(
     # the held-out measurement after training comes out of the budget too
     budget = max(cfg.minutes - (HELDOUT_MINUTES if heldout else 0.0), cfg.minutes / 2) if cfg.minutes > 0 else 0.0
 
-    def spent() -> float:  # minutes of the budget spent: the corpus, earlier runs' training, this run's
-        return corpus.minutes + trained + (clock() - t1) / 60
-
-    def progress(step: int) -> float:  # how far along the schedule is: steps or time, whichever is further
-        return max(step / cfg.steps, spent() / budget if budget > 0 else 0.0)
+    def progress(step: int) -> float:
+        """How far along the schedule is: steps, or the training's minutes (earlier runs' and this one's) of
+        what the corpus left of the budget, whichever is further."""
+        if budget <= 0:
+            return step / cfg.steps
+        left = budget - corpus.minutes
+        by_time = (trained + (clock() - t1) / 60) / left if left > 0 else 1.0
+        return max(step / cfg.steps, by_time)
 
     with tqdm(total=cfg.steps, initial=start, desc=f"mtp {spec.style}", disable=not show_progress) as bar:
         for step in range(start + 1, cfg.steps + 1):
