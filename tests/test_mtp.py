@@ -134,6 +134,20 @@ def test_generate_corpus_keeps_the_trunks_hidden_states(tiny):
         torch.testing.assert_close(h, trunk_hidden(tiny, t.tolist()), atol=1e-4, rtol=1e-4)
 
 
+def test_generate_corpus_refills_a_finished_sequences_place(tiny):
+    """Decoded 2 at a time (a finished sequence's place going to the next prompt), the corpus is the one
+    decoded all at once: the same tokens, in the same order, with the trunk's hidden states."""
+    cfg = TrainConfig(completions=2, max_tokens=5)
+    prompts = ["Say hi.", "Count to three please.", "Name a colour."]
+    together = generate_corpus(tiny, prompts, cfg)
+    done: list[int] = []
+    two = generate_corpus(tiny, prompts, cfg, done.append, batch=2)
+    assert sum(done) == 6 and len(two.tokens) == 6
+    for a, b, h in zip(together.tokens, two.tokens, two.hidden):
+        assert a.tolist() == b.tolist()
+        torch.testing.assert_close(h, trunk_hidden(tiny, b.tolist()), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("style", ["deepseek", "gloeckle"])
 def test_training_learns_and_resumes(tiny8, tmp_path, style):
     tiny = tiny8
