@@ -109,7 +109,7 @@ def generate_corpus(
     the same config gives the same corpus). The decoder keeps the trunk's last hidden state of every
     position as it goes (a sequence's last token, never run, is left out): no second pass. With
     ``features``, each position's row also holds the outputs after those layers (``MTPSpec.features``).
-    (On 2 AVX2 cores the default corpus took 9.0 min so against 9.6 in static batches of 64: the gathers
+    (On 2 AVX2 cores the default corpus took 9.0 min against 9.6 in static batches of 64: the gathers
     of the longer KV over the wider batch eat most of what the larger products gain.)"""
     from smcserve.engine.block_manager import BlockManager
     from smcserve.engine.model_runner import ModelRunner
@@ -297,10 +297,16 @@ def depth_parameters(heads: MTPHeads) -> list[list[nn.Parameter]]:
     return groups
 
 
+def depth_start(cfg: TrainConfig, k: int) -> float:
+    """Where in the schedule depth ``k`` (0-based) starts training: depth 1 at once, the others after
+    ``cfg.depth1_share``."""
+    return cfg.depth1_share if k > 0 else 0.0
+
+
 def depth_lr(cfg: TrainConfig, k: int, done: float) -> float:
-    """Depth ``k``'s (0-based) learning rate when ``done`` of the schedule is: 0 before it starts (depth 1
-    at once, the others after ``cfg.depth1_share``), then a cosine decay to 0 at the schedule's end."""
-    start = cfg.depth1_share if k > 0 else 0.0
+    """Depth ``k``'s (0-based) learning rate when ``done`` of the schedule is: 0 before it starts
+    (:func:`depth_start`), then a cosine decay to 0 at the schedule's end."""
+    start = depth_start(cfg, k)
     if done < start:
         return 0.0
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min((done - start) / (1 - start), 1.0)))
@@ -458,7 +464,7 @@ def train(
                 g["lr"] = depth_lr(cfg, k, done)
             hidden, tokens = corpus.windows(rng, cfg.batch, seq_len)
             opt.zero_grad(set_to_none=True)
-            depths = heads.spec.depths if done >= cfg.depth1_share else 1
+            depths = sum(done >= depth_start(cfg, k) for k in range(heads.spec.depths))  # those started
             losses = train_step(heads, hidden, tokens, depths=depths)
             torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
             opt.step()
